@@ -1,0 +1,1 @@
+"""nanoinfer: a from-scratch LLM inference engine."""

@@ -1,0 +1,218 @@
+"""ModelConfig: the one normalized description of a decoder-only Transformer.
+
+Loaders (HF config.json, GGUF metadata) translate their formats into this object;
+every other part of nanoinfer reads model dimensions from here and nowhere else.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+from nanoinfer.errors import ModelLoadError
+
+SUPPORTED_ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3", "gemma3")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Architecture of one model. Families differ only by these fields."""
+
+    architecture: str  # one of SUPPORTED_ARCHITECTURES
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    max_position_embeddings: int
+    rms_norm_eps: float = 1e-6
+    rope_theta: float = 10000.0
+    # HF-style dict: {"rope_type": "linear"|"dynamic"|"llama3"|"yarn", "factor": ..., ...} or None.
+    rope_scaling: dict[str, Any] | None = None
+    tie_word_embeddings: bool = False
+    attention_bias: bool = False  # qwen2: bias on q/k/v
+    qk_norm: bool = False  # qwen3, gemma3: per-head RMSNorm on q and k before RoPE
+    norm_weight_offset: float = 0.0  # gemma: RMSNorm multiplies by (offset + w)
+    post_norms: bool = False  # gemma3: extra norms on attention and MLP outputs
+    activation: str = "silu"  # "silu" (SwiGLU) or "gelu_tanh" (GeGLU)
+    embedding_scale: float = 1.0  # gemma: embeddings times sqrt(hidden_size)
+    attention_scale: float | None = None  # None means head_dim ** -0.5
+    sliding_window: int | None = None  # window of the layers marked "sliding"
+    layer_types: tuple[str, ...] = ()  # per layer: "full" or "sliding"; empty means all full
+    rope_local_theta: float | None = None  # gemma3: rope base of sliding layers
+    final_logit_softcapping: float | None = None
+    torch_dtype: str = "float32"  # dtype the weights were saved in
+
+    def __post_init__(self) -> None:
+        if self.architecture not in SUPPORTED_ARCHITECTURES:
+            raise ModelLoadError(
+                f"unsupported architecture {self.architecture!r}; "
+                f"supported: {', '.join(SUPPORTED_ARCHITECTURES)}"
+            )
+        if self.num_heads % self.num_kv_heads:
+            raise ModelLoadError(
+                f"num_heads ({self.num_heads}) is not a multiple of num_kv_heads ({self.num_kv_heads})"
+            )
+        if not self.layer_types:
+            object.__setattr__(self, "layer_types", ("full",) * self.num_layers)
+        if len(self.layer_types) != self.num_layers:
+            raise ModelLoadError("layer_types must have one entry per layer")
+
+    @property
+    def q_size(self) -> int:
+        return self.num_heads * self.head_dim
+
+    @property
+    def kv_size(self) -> int:
+        return self.num_kv_heads * self.head_dim
+
+    @property
+    def scale(self) -> float:
+        return self.attention_scale if self.attention_scale is not None else self.head_dim**-0.5
+
+    def is_sliding(self, layer: int) -> bool:
+        return self.layer_types[layer] == "sliding" and self.sliding_window is not None
+
+    def replace(self, **changes: Any) -> "ModelConfig":
+        return dataclasses.replace(self, **changes)
+
+    @classmethod
+    def from_hf(cls, hf: dict[str, Any]) -> "ModelConfig":
+        """Normalize a transformers config.json dict."""
+        model_type = hf.get("model_type", "")
+        if model_type == "gemma3" and "text_config" in hf:  # multimodal wrapper
+            hf = {**hf["text_config"], "model_type": "gemma3"}
+        if model_type == "gemma3_text":
+            model_type = "gemma3"
+        if model_type not in SUPPORTED_ARCHITECTURES:
+            raise ModelLoadError(
+                f"unsupported architecture {model_type or hf.get('architectures')!r}; "
+                f"supported: {', '.join(SUPPORTED_ARCHITECTURES)}"
+            )
+        try:
+            hidden = hf["hidden_size"]
+            heads = hf["num_attention_heads"]
+            kv_heads = hf.get("num_key_value_heads") or heads
+            head_dim = hf.get("head_dim") or hidden // heads
+            num_layers = hf["num_hidden_layers"]
+            common = dict(
+                architecture=model_type,
+                vocab_size=hf["vocab_size"],
+                hidden_size=hidden,
+                intermediate_size=hf["intermediate_size"],
+                num_layers=num_layers,
+                num_heads=heads,
+                num_kv_heads=kv_heads,
+                head_dim=head_dim,
+                max_position_embeddings=hf.get("max_position_embeddings", 4096),
+                rms_norm_eps=hf.get("rms_norm_eps", 1e-6),
+                rope_theta=_rope_theta(hf),
+                rope_scaling=_rope_scaling(hf),
+                tie_word_embeddings=hf.get("tie_word_embeddings", model_type == "gemma3"),
+                torch_dtype=str(hf.get("torch_dtype") or hf.get("dtype") or "float32"),
+            )
+        except KeyError as e:
+            raise ModelLoadError(f"config.json lacks required field {e.args[0]!r}") from None
+        if model_type == "qwen2":
+            common["attention_bias"] = True
+        if model_type in ("llama", "mistral"):
+            common["attention_bias"] = bool(hf.get("attention_bias", False))
+        if model_type == "qwen3":
+            common["qk_norm"] = True
+            common["attention_bias"] = bool(hf.get("attention_bias", False))
+        if model_type == "mistral" and hf.get("sliding_window"):
+            common["sliding_window"] = hf["sliding_window"]
+            common["layer_types"] = ("sliding",) * num_layers
+        if model_type in ("qwen2", "qwen3") and hf.get("use_sliding_window") and hf.get("sliding_window"):
+            common["sliding_window"] = hf["sliding_window"]
+            max_window = hf.get("max_window_layers", num_layers)
+            common["layer_types"] = tuple("sliding" if i >= max_window else "full" for i in range(num_layers))
+        if model_type == "gemma3":
+            common.update(
+                qk_norm=True,
+                norm_weight_offset=1.0,
+                post_norms=True,
+                activation="gelu_tanh",
+                embedding_scale=math.sqrt(hidden),
+                attention_scale=hf.get("query_pre_attn_scalar", head_dim) ** -0.5,
+                sliding_window=hf.get("sliding_window"),
+                layer_types=_gemma3_layer_types(hf, num_layers),
+                rope_local_theta=hf.get("rope_local_base_freq", 10000.0),
+                final_logit_softcapping=hf.get("final_logit_softcapping"),
+            )
+        return cls(**common)
+
+
+def _rope_theta(hf: dict[str, Any]) -> float:
+    if "rope_theta" in hf:
+        return float(hf["rope_theta"])
+    # transformers 5 nests it: rope_parameters = {"rope_theta": ..., "rope_type": ...}
+    params = hf.get("rope_parameters") or {}
+    if "full_attention" in params:  # gemma3 in transformers 5: one entry per layer type
+        params = params["full_attention"]
+    return float(params.get("rope_theta", 10000.0))
+
+
+def _rope_scaling(hf: dict[str, Any]) -> dict[str, Any] | None:
+    scaling = hf.get("rope_scaling") or hf.get("rope_parameters")
+    if scaling and "full_attention" in scaling:
+        scaling = scaling["full_attention"]
+    if not scaling:
+        return None
+    kind = scaling.get("rope_type") or scaling.get("type")
+    if kind in (None, "default"):
+        return None
+    return {k: v for k, v in scaling.items() if k != "rope_theta"} | {"rope_type": kind}
+
+
+def _gemma3_layer_types(hf: dict[str, Any], num_layers: int) -> tuple[str, ...]:
+    if hf.get("layer_types"):
+        return tuple("sliding" if t == "sliding_attention" else "full" for t in hf["layer_types"])
+    pattern = hf.get("sliding_window_pattern", 6)
+    return tuple("full" if (i + 1) % pattern == 0 else "sliding" for i in range(num_layers))
+
+
+@dataclass(frozen=True)
+class GenerationDefaults:
+    """Defaults from generation_config.json (or GGUF metadata), used when a request does not set them."""
+
+    temperature: float | None = None
+    top_p: float | None = None
+    top_k: int | None = None
+    repetition_penalty: float | None = None
+    eos_token_ids: tuple[int, ...] = ()
+    bos_token_id: int | None = None
+    max_new_tokens: int | None = None
+
+    @classmethod
+    def from_hf(cls, gen: dict[str, Any]) -> "GenerationDefaults":
+        eos = gen.get("eos_token_id")
+        eos_ids = tuple(eos) if isinstance(eos, list) else ((eos,) if eos is not None else ())
+        return cls(
+            temperature=gen.get("temperature") if gen.get("do_sample", True) else 0.0,
+            top_p=gen.get("top_p"),
+            top_k=gen.get("top_k"),
+            repetition_penalty=gen.get("repetition_penalty"),
+            eos_token_ids=eos_ids,
+            bos_token_id=gen.get("bos_token_id"),
+            max_new_tokens=gen.get("max_new_tokens"),
+        )
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """Knobs of the serving engine (KV pool, batching, prefix cache)."""
+
+    block_size: int = 16
+    max_num_seqs: int = 64
+    max_num_batched_tokens: int = 2048
+    max_model_len: int | None = None  # None: the model's max_position_embeddings
+    kv_cache_memory: int | None = None  # bytes; None: max_model_len * max_num_seqs tokens
+    enable_prefix_cache: bool = True
+    dtype: str = "float32"
+    device: str = "cpu"
+    extra: dict[str, Any] = field(default_factory=dict)
