@@ -1,0 +1,140 @@
+"""ForwardBatch: one model step over many sequences, flattened, with the paged-KV addressing it needs.
+
+Rows are tokens. The first `num_decode` rows are single-token decode steps of distinct sequences
+(attended in one batched call); the rest are prefill chunks, one `PrefillSpan` each.
+Masks and slot indices are built once per step and shared by every layer.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+
+@dataclass
+class SequenceChunk:
+    """What the runner asks of one sequence this step."""
+
+    token_ids: list[int]  # the new tokens to compute (1 for decode)
+    start_pos: int  # tokens of this sequence already in the KV cache
+    block_table: list[int]  # KV blocks covering positions [0, start_pos + len(token_ids))
+    want_logits: bool = True  # False for a prefill chunk that does not end the prompt
+
+
+@dataclass
+class PrefillSpan:
+    start: int  # first row in the flat batch
+    length: int  # number of query rows
+    context_slots: torch.Tensor  # [ctx] KV slots of positions 0..ctx-1
+    mask: torch.Tensor | None  # [length, ctx] bool (True = attend); None = plain causal, no cached context
+    sliding_mask: torch.Tensor | None  # the same with the sliding window applied
+
+
+@dataclass
+class ForwardBatch:
+    input_ids: torch.Tensor  # [T]
+    positions: torch.Tensor  # [T]
+    slot_mapping: torch.Tensor  # [T] where each row's K/V is written
+    num_decode: int
+    decode_slots: torch.Tensor | None  # [D, max_ctx] KV slots per decode row (padded)
+    decode_mask: torch.Tensor | None  # [D, 1, 1, max_ctx] bool; None when no padding is needed
+    decode_sliding_mask: torch.Tensor | None
+    prefills: list[PrefillSpan] = field(default_factory=list)
+    logits_indices: torch.Tensor | None = None  # rows fed to the LM head; None = every row
+
+    @property
+    def num_tokens(self) -> int:
+        return self.input_ids.shape[0]
+
+    @classmethod
+    def build(
+        cls,
+        chunks: list[SequenceChunk],
+        block_size: int,
+        sliding_window: int | None = None,
+        device: torch.device | str = "cpu",
+        all_logits: bool = False,
+    ) -> "ForwardBatch":
+        """Flatten chunks (one-token chunks first, so they share one attention call) into one batch."""
+        # Any leading one-token chunk attends like a decode step, prefix-hit prompts included.
+        num_decode = 0
+        while num_decode < len(chunks) and len(chunks[num_decode].token_ids) == 1:
+            num_decode += 1
+        ids: list[int] = []
+        positions: list[int] = []
+        slots: list[int] = []
+        logits_rows: list[int] = []
+        for c in chunks:
+            row0 = len(ids)
+            ids.extend(c.token_ids)
+            new_pos = range(c.start_pos, c.start_pos + len(c.token_ids))
+            positions.extend(new_pos)
+            slots.extend(_slot(c.block_table, p, block_size) for p in new_pos)
+            if c.want_logits:
+                logits_rows.append(row0 + len(c.token_ids) - 1)
+        t = lambda xs: torch.tensor(xs, dtype=torch.long, device=device)  # noqa: E731
+        decode_slots = decode_mask = decode_sliding = None
+        if num_decode:
+            decode_slots, decode_mask, decode_sliding = _decode_addressing(
+                chunks[:num_decode], block_size, sliding_window, device
+            )
+        prefills = []
+        row = num_decode
+        for c in chunks[num_decode:]:
+            prefills.append(_prefill_span(c, row, block_size, sliding_window, device))
+            row += len(c.token_ids)
+        return cls(
+            input_ids=t(ids),
+            positions=t(positions),
+            slot_mapping=t(slots),
+            num_decode=num_decode,
+            decode_slots=decode_slots,
+            decode_mask=decode_mask,
+            decode_sliding_mask=decode_sliding,
+            prefills=prefills,
+            logits_indices=None if all_logits else t(logits_rows),
+        )
+
+
+def _slot(block_table: list[int], pos: int, block_size: int) -> int:
+    return block_table[pos // block_size] * block_size + pos % block_size
+
+
+def _context_slots(block_table: list[int], ctx: int, block_size: int) -> torch.Tensor:
+    blocks = torch.tensor(block_table[: (ctx + block_size - 1) // block_size], dtype=torch.long)
+    offsets = torch.arange(block_size, dtype=torch.long)
+    return (blocks.unsqueeze(1) * block_size + offsets).flatten()[:ctx]
+
+
+def _decode_addressing(
+    chunks: list[SequenceChunk], block_size: int, window: int | None, device
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    lens = [c.start_pos + 1 for c in chunks]
+    max_ctx = max(lens)
+    slots = torch.zeros(len(chunks), max_ctx, dtype=torch.long)
+    for i, c in enumerate(chunks):
+        slots[i, : lens[i]] = _context_slots(c.block_table, lens[i], block_size)
+    key_pos = torch.arange(max_ctx)
+    lens_t = torch.tensor(lens).unsqueeze(1)
+    valid = key_pos < lens_t  # [D, max_ctx]
+    mask = None if min(lens) == max_ctx else valid.view(len(chunks), 1, 1, max_ctx).to(device)
+    sliding = None
+    if window is not None and max_ctx > window:
+        # the query sits at position len-1; keys further back than the window drop out
+        sliding = (valid & (key_pos > lens_t - 1 - window)).view(len(chunks), 1, 1, max_ctx).to(device)
+    return slots.to(device), mask, sliding
+
+
+def _prefill_span(c: SequenceChunk, row: int, block_size: int, window: int | None, device) -> PrefillSpan:
+    q = len(c.token_ids)
+    ctx = c.start_pos + q
+    query_pos = torch.arange(c.start_pos, ctx).unsqueeze(1)
+    key_pos = torch.arange(ctx).unsqueeze(0)
+    causal = key_pos <= query_pos
+    mask = None if c.start_pos == 0 else causal.to(device)
+    sliding = None
+    if window is not None and ctx > window:
+        sliding = (causal & (key_pos > query_pos - window)).to(device)
+    slots = _context_slots(c.block_table, ctx, block_size).to(device)
+    return PrefillSpan(row, q, slots, mask, sliding)

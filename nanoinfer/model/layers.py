@@ -1,0 +1,106 @@
+"""Building blocks of the decoder layer: RMSNorm, attention over the paged KV cache, gated MLP."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from nanoinfer.config import ModelConfig
+from nanoinfer.engine.forward_batch import ForwardBatch
+from nanoinfer.model.rope import apply_rotary
+
+
+class RMSNorm(nn.Module):
+    """x / rms(x) * weight, computed in float32. Gemma's (1 + w) offset is folded into `weight` at load."""
+
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        # Kept in float32 whatever the model dtype: a bf16 (1 + w) would lose Gemma's small offsets.
+        self.weight = nn.Parameter(torch.ones(dim, dtype=torch.float32))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x32 = x.float()
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return (x32 * self.weight).to(x.dtype)
+
+
+class Attention(nn.Module):
+    """Multi-head attention with GQA/MQA; writes K/V into the paged cache and reads the context from it."""
+
+    def __init__(self, config: ModelConfig, layer: int):
+        super().__init__()
+        c = config
+        self.num_heads, self.num_kv_heads, self.head_dim = c.num_heads, c.num_kv_heads, c.head_dim
+        self.q_size, self.kv_size, self.scale = c.q_size, c.kv_size, c.scale
+        self.sliding = c.is_sliding(layer)
+        # q, k and v share one matmul: one kernel launch instead of three per layer.
+        self.qkv_proj = nn.Linear(c.hidden_size, c.q_size + 2 * c.kv_size, bias=c.attention_bias)
+        self.o_proj = nn.Linear(c.q_size, c.hidden_size, bias=False)
+        self.q_norm = RMSNorm(c.head_dim, c.rms_norm_eps) if c.qk_norm else None
+        self.k_norm = RMSNorm(c.head_dim, c.rms_norm_eps) if c.qk_norm else None
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        rope: tuple[torch.Tensor, torch.Tensor],
+        batch: ForwardBatch,
+        k_cache: torch.Tensor,
+        v_cache: torch.Tensor,
+    ) -> torch.Tensor:
+        T = x.shape[0]
+        q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        q = q.view(T, self.num_heads, self.head_dim)
+        k = k.view(T, self.num_kv_heads, self.head_dim)
+        v = v.view(T, self.num_kv_heads, self.head_dim)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
+        k_cache.index_copy_(0, batch.slot_mapping, k.to(k_cache.dtype))
+        v_cache.index_copy_(0, batch.slot_mapping, v.to(v_cache.dtype))
+        out = self._attend(q, k, v, batch, k_cache, v_cache)
+        return self.o_proj(out.reshape(T, self.q_size))
+
+    def _attend(self, q, k, v, batch: ForwardBatch, k_cache, v_cache) -> torch.Tensor:
+        out = torch.empty_like(q)
+        D = batch.num_decode
+        if D:
+            # [D, ctx, kv_heads, hd] -> [D, kv_heads, ctx, hd]; one SDPA call for every decode row.
+            keys = k_cache[batch.decode_slots].transpose(1, 2).to(q.dtype)
+            values = v_cache[batch.decode_slots].transpose(1, 2).to(q.dtype)
+            mask = batch.decode_sliding_mask if self.sliding and batch.decode_sliding_mask is not None else batch.decode_mask
+            o = F.scaled_dot_product_attention(
+                q[:D].unsqueeze(2), keys, values, attn_mask=mask, scale=self.scale, enable_gqa=True
+            )
+            out[:D] = o.squeeze(2)
+        for span in batch.prefills:
+            rows = slice(span.start, span.start + span.length)
+            mask = span.sliding_mask if self.sliding and span.sliding_mask is not None else span.mask
+            if span.mask is None:  # fresh prompt: its own K/V are the whole context
+                keys, values = k[rows].transpose(0, 1), v[rows].transpose(0, 1)
+            else:
+                keys = k_cache[span.context_slots].transpose(0, 1).to(q.dtype)
+                values = v_cache[span.context_slots].transpose(0, 1).to(q.dtype)
+            o = F.scaled_dot_product_attention(
+                q[rows].transpose(0, 1), keys, values,
+                attn_mask=mask, is_causal=mask is None, scale=self.scale, enable_gqa=True,
+            )
+            out[rows] = o.transpose(0, 1)
+        return out
+
+
+class MLP(nn.Module):
+    """Gated MLP: down(act(gate(x)) * up(x)); SwiGLU with silu, GeGLU with gelu-tanh."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.intermediate = config.intermediate_size
+        self.gate_up_proj = nn.Linear(config.hidden_size, 2 * config.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
+        self.gelu = config.activation == "gelu_tanh"
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = self.gate_up_proj(x).split(self.intermediate, dim=-1)
+        act = F.gelu(gate, approximate="tanh") if self.gelu else F.silu(gate)
+        return self.down_proj(act * up)

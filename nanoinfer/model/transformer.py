@@ -1,0 +1,167 @@
+"""The decoder-only Transformer: one class for every supported architecture, shaped by ModelConfig."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import torch
+from torch import nn
+
+from nanoinfer.config import ModelConfig
+from nanoinfer.engine.forward_batch import ForwardBatch, SequenceChunk
+from nanoinfer.errors import ModelLoadError
+from nanoinfer.model.layers import MLP, Attention, RMSNorm
+from nanoinfer.model.rope import RotaryEmbedding
+
+if TYPE_CHECKING:
+    from nanoinfer.engine.kv_cache import PagedKVCache
+    from nanoinfer.loading import ModelPackage
+
+
+class DecoderLayer(nn.Module):
+    """Pre-norm block: h = x + Attn(Norm(x)); out = h + MLP(Norm(h)), with Gemma's optional post-norms."""
+
+    def __init__(self, config: ModelConfig, layer: int):
+        super().__init__()
+        eps = config.rms_norm_eps
+        self.input_norm = RMSNorm(config.hidden_size, eps)
+        self.attn = Attention(config, layer)
+        self.pre_mlp_norm = RMSNorm(config.hidden_size, eps)
+        self.mlp = MLP(config)
+        self.post_attn_norm = RMSNorm(config.hidden_size, eps) if config.post_norms else None
+        self.post_mlp_norm = RMSNorm(config.hidden_size, eps) if config.post_norms else None
+
+    def forward(self, x, rope, batch: ForwardBatch, k_cache, v_cache) -> torch.Tensor:
+        h = self.attn(self.input_norm(x), rope, batch, k_cache, v_cache)
+        if self.post_attn_norm is not None:
+            h = self.post_attn_norm(h)
+        x = x + h
+        h = self.mlp(self.pre_mlp_norm(x))
+        if self.post_mlp_norm is not None:
+            h = self.post_mlp_norm(h)
+        return x + h
+
+
+class Transformer(nn.Module):
+    """embed -> N x DecoderLayer -> final norm -> LM head (on the rows that need logits only)."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        c = self.config = config
+        self.embed = nn.Embedding(c.vocab_size, c.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(c, i) for i in range(c.num_layers))
+        self.norm = RMSNorm(c.hidden_size, c.rms_norm_eps)
+        self.lm_head = None if c.tie_word_embeddings else nn.Linear(c.hidden_size, c.vocab_size, bias=False)
+        self.rope, self.local_rope = self._make_ropes()
+
+    def _make_ropes(self) -> tuple[RotaryEmbedding, RotaryEmbedding | None]:
+        c = self.config
+        rope = RotaryEmbedding(c.head_dim, c.rope_theta, c.rope_scaling, c.max_position_embeddings)
+        # Gemma 3's sliding layers rotate with their own base and no scaling.
+        local = None
+        if c.rope_local_theta is not None:
+            local = RotaryEmbedding(c.head_dim, c.rope_local_theta, None, c.max_position_embeddings)
+        return rope, local
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.embed.weight.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.embed.weight.device
+
+    @classmethod
+    def from_package(cls, package: "ModelPackage", dtype: torch.dtype = torch.float32, device="cpu") -> "Transformer":
+        """Build the model described by a loaded package and fill in its weights."""
+        with torch.device("meta"):  # no time spent on random init of weights we overwrite
+            model = cls(package.config)
+        model = model.to_empty(device=device)
+        model.load_weights(package.weights, dtype)
+        rope, local = model._make_ropes()  # buffers were left empty by to_empty
+        model.rope = rope.to(device)
+        model.local_rope = local.to(device) if local is not None else None
+        return model.eval()
+
+    @torch.inference_mode()
+    def forward(self, batch: ForwardBatch, kv: "PagedKVCache") -> torch.Tensor:
+        """Run one step; returns float32 logits [rows, vocab] for batch.logits_indices (or every row)."""
+        x = self.embed(batch.input_ids)
+        if self.config.embedding_scale != 1.0:
+            x = x * torch.tensor(self.config.embedding_scale, dtype=x.dtype)
+        rope = self.rope(batch.positions, x.dtype)
+        local = self.local_rope(batch.positions, x.dtype) if self.local_rope is not None else rope
+        for i, layer in enumerate(self.layers):
+            x = layer(x, local if layer.attn.sliding else rope, batch, kv.k[i], kv.v[i])
+        if batch.logits_indices is not None:
+            x = x[batch.logits_indices]
+        return self.compute_logits(self.norm(x))
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        weight = self.embed.weight if self.lm_head is None else self.lm_head.weight
+        logits = (hidden @ weight.t()).float()
+        cap = self.config.final_logit_softcapping
+        if cap:
+            logits = torch.tanh(logits / cap) * cap
+        return logits
+
+    @torch.inference_mode()
+    def score(self, input_ids: list[int]) -> torch.Tensor:
+        """Logits [T, vocab] for every position of one sequence, with a throwaway KV cache."""
+        from nanoinfer.engine.kv_cache import PagedKVCache
+
+        block_size = 16
+        num_blocks = (len(input_ids) + block_size - 1) // block_size
+        kv = PagedKVCache(self.config, num_blocks, block_size, self.dtype, self.device)
+        chunk = SequenceChunk(list(input_ids), 0, list(range(num_blocks)))
+        batch = ForwardBatch.build([chunk], block_size, self.config.sliding_window, self.device, all_logits=True)
+        return self.forward(batch, kv)
+
+    # ---- weights -------------------------------------------------------------------------------
+
+    def load_weights(self, weights: dict[str, torch.Tensor], dtype: torch.dtype) -> None:
+        """Copy canonical-named tensors in, fusing q/k/v and gate/up; norms stay float32."""
+        c = self.config
+        params = dict(self.named_parameters())
+
+        def put(target: str, tensor: torch.Tensor, rows: slice | None = None) -> None:
+            param = params[target]
+            dest = param.data if rows is None else param.data[rows]
+            if tuple(dest.shape) != tuple(tensor.shape):
+                raise ModelLoadError(
+                    f"weight {target} has shape {tuple(tensor.shape)}, the config expects {tuple(dest.shape)}"
+                )
+            dest.copy_(tensor.to(param.dtype))
+
+        self.to(dtype)
+        for module in self.modules():
+            if isinstance(module, RMSNorm):
+                module.weight.data = module.weight.data.float()
+        q, kv = c.q_size, c.kv_size
+        fused = {
+            "attn.q_proj": ("attn.qkv_proj", slice(0, q)),
+            "attn.k_proj": ("attn.qkv_proj", slice(q, q + kv)),
+            "attn.v_proj": ("attn.qkv_proj", slice(q + kv, q + 2 * kv)),
+            "mlp.gate_proj": ("mlp.gate_up_proj", slice(0, c.intermediate_size)),
+            "mlp.up_proj": ("mlp.gate_up_proj", slice(c.intermediate_size, 2 * c.intermediate_size)),
+        }
+        expected = {n: 1 for n in params}
+        for fused_name, pieces in (("qkv_proj", 3), ("gate_up_proj", 2)):
+            expected.update({n: pieces for n in params if f".{fused_name}." in n})
+        loaded: dict[str, int] = {}
+        for name, tensor in weights.items():
+            target, rows = name, None
+            for part, (fused_name, fused_rows) in fused.items():
+                if f".{part}." in name:
+                    target, rows = name.replace(part, fused_name), fused_rows
+            if target not in params:
+                if name == "lm_head.weight" and self.lm_head is None:
+                    continue  # a tied checkpoint may still carry a copy of the embedding
+                raise ModelLoadError(f"unexpected weight {name!r} for a {c.architecture} model")
+            if target.endswith("norm.weight") and c.norm_weight_offset:
+                tensor = tensor.float() + c.norm_weight_offset
+            put(target, tensor, rows)
+            loaded[target] = loaded.get(target, 0) + 1
+        missing = [n for n, count in expected.items() if loaded.get(n, 0) < count]
+        if missing:
+            raise ModelLoadError(f"checkpoint lacks {len(missing)} weight(s), e.g. {missing[0]!r}")
