@@ -1,1 +1,21 @@
-"""nanoinfer: a from-scratch LLM inference engine."""
+"""nanoinfer: a from-scratch LLM inference engine.
+
+    from nanoinfer import LLM, SamplingParams
+    llm = LLM("smollm2-135m-instruct")
+    print(llm.chat([{"role": "user", "content": "Hi"}], SamplingParams(max_tokens=32)).text)
+"""
+
+from nanoinfer.outputs import CompletionOutput, RequestOutput
+from nanoinfer.sampling_params import SamplingParams
+
+
+def __getattr__(name: str):
+    # LLM pulls in torch and the engine; keep `import nanoinfer` light for the CLI's --help.
+    if name == "LLM":
+        from nanoinfer.llm import LLM
+
+        return LLM
+    raise AttributeError(name)
+
+
+__all__ = ["LLM", "SamplingParams", "RequestOutput", "CompletionOutput"]

@@ -1,0 +1,215 @@
+"""`nanoinfer` command line: run, chat, inspect, serve."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from typing import Any
+
+from nanoinfer.errors import NanoInferError
+
+
+def _add_model_args(p: argparse.ArgumentParser) -> None:
+    from nanoinfer.loading.registry import BUILTIN_MODELS, DEFAULT_MODEL
+
+    p.add_argument("--model", "-m", default=DEFAULT_MODEL,
+                   help=f"built-in name ({', '.join(BUILTIN_MODELS)}), HF model directory or .gguf file "
+                        f"(default: {DEFAULT_MODEL})")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+
+
+def _add_engine_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--max-model-len", type=int, default=None, help="context window (default: the model's)")
+    p.add_argument("--max-num-seqs", type=int, default=64, help="sequences decoded together per step")
+    p.add_argument("--max-num-batched-tokens", type=int, default=2048, help="token budget of one step")
+    p.add_argument("--block-size", type=int, default=16, help="tokens per KV block")
+    p.add_argument("--kv-cache-memory", default=None, help="KV pool size, e.g. 2GiB (default: enough for "
+                   "max-model-len x max-num-seqs, at most 2GiB)")
+    p.add_argument("--no-prefix-cache", action="store_true", help="turn the radix prefix cache off")
+
+
+def _add_sampling_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--max-tokens", type=int, default=256)
+    p.add_argument("--temperature", type=float, default=None, help="0 = greedy (default: the model's)")
+    p.add_argument("--top-p", type=float, default=None)
+    p.add_argument("--top-k", type=int, default=None)
+    p.add_argument("--seed", type=int, default=None)
+
+
+def _engine_kwargs(args: argparse.Namespace) -> dict[str, Any]:
+    from nanoinfer.engine.kv_cache import parse_memory
+
+    kwargs: dict[str, Any] = {}
+    for name in ("max_model_len", "max_num_seqs", "max_num_batched_tokens", "block_size"):
+        if getattr(args, name, None) is not None:
+            kwargs[name] = getattr(args, name)
+    if getattr(args, "kv_cache_memory", None):
+        kwargs["kv_cache_memory"] = parse_memory(args.kv_cache_memory)
+    if getattr(args, "no_prefix_cache", False):
+        kwargs["enable_prefix_cache"] = False
+    return kwargs
+
+
+def _load_llm(args: argparse.Namespace):
+    from nanoinfer.llm import LLM
+
+    return LLM(args.model, dtype=args.dtype, **_engine_kwargs(args))
+
+
+def _sampling(llm, args: argparse.Namespace):
+    return llm.default_params(
+        max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, seed=args.seed
+    )
+
+
+def _stream_to_stdout(llm, prompt_ids: list[int], params) -> tuple[str, dict[str, float]]:
+    """Print the answer as it is generated; return its text and timing stats."""
+    start = time.perf_counter()
+    first = None
+    text, n_tokens = "", 0
+    for out in llm.stream(prompt_ids, params):
+        if first is None:
+            first = time.perf_counter()
+        piece = out.outputs[0].delta_text
+        text += piece
+        n_tokens = len(out.outputs[0].token_ids)
+        sys.stdout.write(piece)
+        sys.stdout.flush()
+    end = time.perf_counter()
+    first = first or end
+    decode_tokens = max(n_tokens - 1, 0)
+    return text, {
+        "prompt_tokens": len(prompt_ids),
+        "ttft": first - start,
+        "output_tokens": n_tokens,
+        "decode_tps": decode_tokens / (end - first) if end > first else 0.0,
+    }
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    llm = _load_llm(args)
+    if args.raw or not llm.tokenizer.chat_template:
+        ids = llm.tokenizer.encode(args.prompt)
+    else:
+        ids = llm.chat_prompt([{"role": "user", "content": args.prompt}])
+    _, stats = _stream_to_stdout(llm, ids, _sampling(llm, args))
+    sys.stdout.write("\n")
+    if args.verbose:
+        # One step prefills the whole prompt, so prefill time is the time to the first token.
+        print(
+            f"[stats] prompt tokens: {stats['prompt_tokens']}, prefill: {stats['ttft'] * 1000:.0f} ms "
+            f"({stats['prompt_tokens'] / max(stats['ttft'], 1e-9):.0f} tok/s), "
+            f"time to first token: {stats['ttft'] * 1000:.0f} ms, output tokens: {stats['output_tokens']}, "
+            f"decode: {stats['decode_tps']:.1f} tok/s",
+            file=sys.stderr,
+        )
+    return 0
+
+
+def cmd_chat(args: argparse.Namespace) -> int:
+    llm = _load_llm(args)
+    if not llm.tokenizer.chat_template:
+        raise NanoInferError(f"{args.model} has no chat template; use `nanoinfer run --raw` instead")
+    interactive = sys.stdin.isatty()
+    history: list[dict[str, str]] = [{"role": "system", "content": args.system}] if args.system else []
+    if interactive:
+        print("nanoinfer chat: /reset clears the history, /exit or Ctrl-D quits.", file=sys.stderr)
+    while True:
+        try:
+            line = input("> " if interactive else "")
+        except EOFError:
+            break
+        line = line.strip()
+        if not line:
+            continue
+        if line in ("/exit", "/quit"):
+            break
+        if line == "/reset":
+            history = history[:1] if args.system else []
+            continue
+        history.append({"role": "user", "content": line})
+        text, _ = _stream_to_stdout(llm, llm.chat_prompt(history), _sampling(llm, args))
+        sys.stdout.write("\n")
+        history.append({"role": "assistant", "content": text})
+    return 0
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    import dataclasses
+
+    from nanoinfer.loading import load_package
+    from nanoinfer.model.transformer import Transformer
+
+    package = load_package(args.model)
+    model = Transformer.from_package(package)
+    print(model)
+    n_params = sum(p.numel() for p in model.parameters())
+    print(f"\nparameters: {n_params:,} ({n_params / 1e6:.1f} M)")
+    print(f"source: {package.source} ({package.file_type})\n\nconfig:")
+    for field in dataclasses.fields(package.config):
+        print(f"  {field.name}: {getattr(package.config, field.name)}")
+    if args.tokens is not None:
+        ids = package.tokenizer.encode(args.tokens)
+        print(f"\ntokens ({len(ids)}):")
+        for i in ids:
+            print(f"  {i:>7}  {package.tokenizer.id_to_token(i)!r}")
+    return 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from nanoinfer.server.app import serve
+
+    serve(args, _engine_kwargs(args))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="nanoinfer", description="A from-scratch LLM inference engine.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    run = sub.add_parser("run", help="answer one prompt, streamed to stdout")
+    _add_model_args(run)
+    _add_engine_args(run)
+    _add_sampling_args(run)
+    run.add_argument("--raw", action="store_true", help="send the prompt as is, without the chat template")
+    run.add_argument("-v", "--verbose", action="store_true", help="print prefill/decode statistics to stderr")
+    run.add_argument("prompt")
+    run.set_defaults(func=cmd_run)
+
+    chat = sub.add_parser("chat", help="multi-turn chat in the terminal (stdin may be piped)")
+    _add_model_args(chat)
+    _add_engine_args(chat)
+    _add_sampling_args(chat)
+    chat.add_argument("--system", default=None, help="system prompt")
+    chat.set_defaults(func=cmd_chat)
+
+    inspect = sub.add_parser("inspect", help="module tree, parameter count, config, tokens")
+    _add_model_args(inspect)
+    inspect.add_argument("--tokens", default=None, metavar="TEXT", help="show the tokens of TEXT")
+    inspect.set_defaults(func=cmd_inspect)
+
+    serve = sub.add_parser("serve", help="OpenAI-compatible HTTP server")
+    _add_model_args(serve)
+    _add_engine_args(serve)
+    serve.add_argument("--host", default="127.0.0.1")
+    serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument("--api-key", default=None, help="require `Authorization: Bearer KEY`")
+    serve.add_argument("--served-model-name", default=None, help="model name clients use (default: --model)")
+    serve.set_defaults(func=cmd_serve)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (NanoInferError, ValueError) as e:
+        print(f"nanoinfer: error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,284 @@
+"""LLMEngine: add_request / step / abort over the scheduler, model runner and sampler.
+
+One step = schedule -> forward -> sample -> postprocess (stop checks, detokenize, cache, free).
+A single request is the seeds' loop as a special case: its first step prefills the whole prompt,
+each later step decodes one token reusing the KV cache.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+
+import torch
+
+from nanoinfer.config import EngineConfig
+from nanoinfer.engine.kv_cache import BlockAllocator, PagedKVCache, kv_bytes_per_token
+from nanoinfer.engine.metrics import EngineMetrics
+from nanoinfer.engine.radix_cache import RadixCache
+from nanoinfer.engine.runner import ModelRunner
+from nanoinfer.engine.sampler import Sampler, SamplingState
+from nanoinfer.engine.scheduler import ScheduledChunk, Scheduler
+from nanoinfer.engine.sequence import Sequence, SequenceStatus
+from nanoinfer.engine.stop import StopChecker
+from nanoinfer.errors import RequestError
+from nanoinfer.loading import ModelPackage, load_package
+from nanoinfer.model.transformer import Transformer
+from nanoinfer.outputs import CompletionOutput, RequestOutput
+from nanoinfer.sampling_params import SamplingParams
+from nanoinfer.tokenizer import IncrementalDetokenizer
+
+log = logging.getLogger(__name__)
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+# With neither --kv-cache-memory nor a small enough max_model_len x max_num_seqs, cap the pool here.
+DEFAULT_KV_CAP_BYTES = 2 << 30
+
+
+@dataclass
+class _Request:
+    request_id: str
+    prompt_ids: list[int]
+    params: SamplingParams
+    seqs: list[Sequence]
+    arrival_time: float
+
+
+class LLMEngine:
+    """The serving core. Not thread-safe: one thread calls step(); see AsyncEngine for the rest."""
+
+    def __init__(self, model: str | ModelPackage, config: EngineConfig | None = None):
+        self.config = config = config or EngineConfig()
+        package = load_package(model) if isinstance(model, str) else model
+        self.model_config = package.config
+        self.tokenizer = package.tokenizer
+        self.generation = package.generation
+        self.source = package.source
+        dtype = DTYPES[config.dtype]
+        self.model = Transformer.from_package(package, dtype, config.device)
+        self.max_model_len = min(config.max_model_len or package.config.max_position_embeddings,
+                                 package.config.max_position_embeddings)
+        kv = self._make_kv_cache(dtype)
+        if kv.num_slots < self.max_model_len:
+            log.warning("KV pool holds %d tokens; max_model_len lowered from %d", kv.num_slots, self.max_model_len)
+            self.max_model_len = kv.num_slots
+        self.runner = ModelRunner(self.model, kv)
+        self.allocator = BlockAllocator(kv.num_blocks)
+        self.prefix_cache = RadixCache(self.allocator, config.block_size, enabled=config.enable_prefix_cache)
+        self.scheduler = Scheduler(
+            self.allocator, self.prefix_cache, config.block_size, config.max_num_seqs, config.max_num_batched_tokens
+        )
+        self.sampler = Sampler()
+        self.metrics = EngineMetrics()
+        self.metrics.kv_blocks_total.set(kv.num_blocks)
+        self.eos_ids = set(self.generation.eos_token_ids) | set(self.tokenizer.eos_token_ids)
+        self.requests: dict[str, _Request] = {}
+
+    def _make_kv_cache(self, dtype: torch.dtype) -> PagedKVCache:
+        c = self.config
+        memory = c.kv_cache_memory
+        if memory is None:
+            wanted = kv_bytes_per_token(self.model_config, dtype) * self.max_model_len * c.max_num_seqs
+            memory = min(wanted, DEFAULT_KV_CAP_BYTES)
+        return PagedKVCache.for_memory(self.model_config, memory, c.block_size, dtype, c.device)
+
+    # ---- requests -----------------------------------------------------------------------------
+
+    def add_request(self, request_id: str, prompt: str | list[int], params: SamplingParams | None = None) -> None:
+        """Queue a request (text is encoded with the tokenizer's special tokens). Raises RequestError."""
+        params = params or SamplingParams()
+        if request_id in self.requests:
+            raise RequestError(f"request id {request_id!r} is already in use")
+        ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
+        self._validate_prompt(ids, params)
+        now = time.monotonic()
+        seq = self._new_sequence(request_id, 0, ids, params, now)
+        seq.num_forks_pending = params.n - 1
+        self.requests[request_id] = _Request(request_id, ids, params, [seq], now)
+        self.scheduler.add(seq)
+        self.metrics.prompt_tokens.inc(len(ids))
+
+    def _validate_prompt(self, ids: list[int], params: SamplingParams) -> None:
+        if not ids:
+            raise RequestError("the prompt is empty: at least one token is needed")
+        vocab = self.model_config.vocab_size
+        bad = next((t for t in ids if not isinstance(t, int) or not 0 <= t < vocab), None)
+        if bad is not None:
+            raise RequestError(f"prompt token id {bad!r} is out of range for a vocabulary of {vocab}")
+        if len(ids) >= self.max_model_len:
+            raise RequestError(
+                f"the prompt has {len(ids)} tokens, but the context window is {self.max_model_len} tokens "
+                f"(at least one must remain for the answer)"
+            )
+        params.check_vocab(vocab)
+
+    def _new_sequence(self, request_id: str, index: int, ids: list[int], params: SamplingParams, now: float) -> Sequence:
+        return Sequence(
+            request_id=request_id,
+            index=index,
+            prompt_ids=ids,
+            params=params,
+            sampling=SamplingState(params, ids, index),
+            detokenizer=IncrementalDetokenizer(self.tokenizer, skip_special_tokens=params.skip_special_tokens),
+            stop_checker=StopChecker(params.stop, params.include_stop_str_in_output),
+            arrival_time=now,
+        )
+
+    def abort(self, request_id: str) -> None:
+        """Stop a request wherever it is (waiting, prefilling, decoding) and free what it holds."""
+        request = self.requests.pop(request_id, None)
+        if request is None:
+            return
+        for seq in request.seqs:
+            if not seq.finished:
+                self.scheduler.finish(seq, "abort")
+
+    def has_unfinished_requests(self) -> bool:
+        return bool(self.requests)
+
+    # ---- one step -----------------------------------------------------------------------------
+
+    def step(self) -> list[RequestOutput]:
+        """Run one scheduling step; return an output for every request that made progress."""
+        chunks = self.scheduler.schedule()
+        if not chunks:
+            self._update_gauges()
+            return []
+        logits = self.runner.execute(chunks)
+        completing = [c for c in chunks if c.completes]
+        for chunk in chunks:
+            self.scheduler.commit(chunk)
+        rows, seqs = self._expand_forks(completing)
+        sampled = self.sampler.sample(logits[rows] if len(rows) != len(completing) else logits,
+                                      [s.sampling for s in seqs])
+        now = time.monotonic()
+        touched: dict[str, None] = {}
+        for seq, token, logprobs in zip(seqs, sampled.token_ids, sampled.logprobs):
+            self._append(seq, token, logprobs, now)
+            touched[seq.request_id] = None
+        self._update_gauges()
+        return [self._output(self.requests[r]) for r in touched if r in self.requests] + self._pop_finished(touched)
+
+    def _expand_forks(self, completing: list[ScheduledChunk]) -> tuple[list[int], list[Sequence]]:
+        """n > 1: when the prompt is computed, fork the siblings; all sample from the same logits row."""
+        rows: list[int] = []
+        seqs: list[Sequence] = []
+        for row, chunk in enumerate(completing):
+            seq = chunk.seq
+            rows.append(row)
+            seqs.append(seq)
+            if seq.num_forks_pending and not seq.output_ids:
+                for sibling in self._fork(seq):
+                    rows.append(row)
+                    seqs.append(sibling)
+        return rows, seqs
+
+    def _fork(self, parent: Sequence) -> list[Sequence]:
+        """Siblings share the parent's full prompt blocks; the partial last block is copied (copy-on-write)."""
+        request = self.requests[parent.request_id]
+        siblings = []
+        bs = self.config.block_size
+        for i in range(1, parent.num_forks_pending + 1):
+            sib = self._new_sequence(parent.request_id, i, parent.prompt_ids, parent.params, parent.arrival_time)
+            request.seqs.append(sib)
+            full = parent.num_computed // bs
+            shared = parent.block_table[:full]
+            own = []
+            if parent.num_computed % bs:
+                own = self._allocate_one()
+                if own is None:  # no memory to fork now: the sibling waits and recomputes its prompt
+                    self.scheduler.waiting.appendleft(sib)
+                    continue
+                self.runner.copy_block(parent.block_table[full], own[0])
+            for block in shared:
+                self.allocator.incref(block)
+            sib.block_table = shared + own
+            sib.num_computed = parent.num_computed
+            sib.num_cached_prompt = parent.num_cached_prompt
+            sib.prefix_node = parent.prefix_node
+            self.prefix_cache.lock(sib.prefix_node)
+            sib.status = SequenceStatus.RUNNING
+            self.scheduler.running.append(sib)
+            siblings.append(sib)
+        parent.num_forks_pending = 0
+        return siblings
+
+    def _allocate_one(self) -> list[int] | None:
+        if self.allocator.num_free == 0:
+            self.prefix_cache.evict(1)
+        return self.allocator.allocate(1) if self.allocator.num_free else None
+
+    def _append(self, seq: Sequence, token: int, logprobs: dict[int, float] | None, now: float) -> None:
+        """Add a sampled token, then decide whether seq stops and what text it may stream."""
+        seq.append_token(token)
+        if logprobs is not None:
+            seq.logprobs.append(logprobs)
+        self.metrics.generation_tokens.inc()
+        if seq.first_token_time is None:
+            seq.first_token_time = now
+            self.metrics.ttft.observe(now - seq.arrival_time)
+        else:
+            self.metrics.itl.observe(now - seq.last_token_time)
+        seq.last_token_time = now
+        start = len(seq.text)
+        seq.text += seq.detokenizer.add(token)
+        cut = seq.stop_checker.check(seq.text, start)
+        p = seq.params
+        if cut is not None:
+            seq.text = seq.text[:cut]
+            self.scheduler.finish(seq, "stop")
+        elif (token in self.eos_ids and not p.ignore_eos) or token in p.stop_token_ids:
+            self.scheduler.finish(seq, "stop")
+        elif (p.max_tokens is not None and len(seq.output_ids) >= p.max_tokens) or len(seq) >= self.max_model_len:
+            self.scheduler.finish(seq, "length")
+        if seq.finished and cut is None:
+            seq.text += seq.detokenizer.flush()
+
+    def _output(self, request: _Request) -> RequestOutput:
+        outputs = []
+        for seq in request.seqs:
+            visible = len(seq.text) if seq.finished else seq.stop_checker.safe_prefix_len(seq.text)
+            delta = seq.text[seq.num_streamed_chars : visible] if visible > seq.num_streamed_chars else ""
+            seq.num_streamed_chars = max(seq.num_streamed_chars, visible)
+            outputs.append(
+                CompletionOutput(
+                    index=seq.index,
+                    text=seq.text[:visible],
+                    token_ids=list(seq.output_ids),
+                    finish_reason=seq.finish_reason,
+                    logprobs=list(seq.logprobs) if seq.params.logprobs is not None else None,
+                    delta_text=delta,
+                )
+            )
+        finished = all(s.finished for s in request.seqs) and len(request.seqs) == request.params.n
+        head = request.seqs[0]
+        metrics = {"arrival_time": request.arrival_time}
+        if head.first_token_time is not None:
+            metrics["ttft"] = head.first_token_time - request.arrival_time
+        return RequestOutput(
+            request.request_id, request.prompt_ids, sorted(outputs, key=lambda o: o.index), finished,
+            num_cached_tokens=head.num_cached_prompt, metrics=metrics,
+        )
+
+    def _pop_finished(self, touched: dict[str, None]) -> list[RequestOutput]:
+        for rid in touched:
+            request = self.requests.get(rid)
+            if request and all(s.finished for s in request.seqs) and len(request.seqs) == request.params.n:
+                self.metrics.e2e.observe(time.monotonic() - request.arrival_time)
+                del self.requests[rid]
+        return []
+
+    def _update_gauges(self) -> None:
+        m, s = self.metrics, self.scheduler
+        m.num_requests_running.set(len(s.running))
+        m.num_requests_waiting.set(len(s.waiting))
+        total = self.allocator.num_total
+        m.kv_cache_usage_perc.set((total - self.allocator.num_free) / total)
+        held = s.block_refs_held()
+        m.kv_blocks_used.set(len(held))
+        m.kv_blocks_cached.set(total - self.allocator.num_free - len(held))
+
+    def check_integrity(self) -> None:
+        """Raise AssertionError unless every KV block is accounted for."""
+        self.scheduler.check_integrity()

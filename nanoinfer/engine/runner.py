@@ -1,0 +1,43 @@
+"""ModelRunner: turns scheduled chunks into a ForwardBatch, runs the model, returns logits."""
+
+from __future__ import annotations
+
+import torch
+
+from nanoinfer.engine.forward_batch import ForwardBatch, SequenceChunk
+from nanoinfer.engine.kv_cache import PagedKVCache
+from nanoinfer.engine.scheduler import ScheduledChunk
+from nanoinfer.model.transformer import Transformer
+
+
+class ModelRunner:
+    def __init__(self, model: Transformer, kv_cache: PagedKVCache):
+        self.model = model
+        self.kv_cache = kv_cache
+        self.sliding_window = model.config.sliding_window
+        self.num_forwarded_tokens = 0  # tokens run through the model, for tests and stats
+
+    def execute(self, chunks: list[ScheduledChunk]) -> torch.Tensor:
+        """Logits [k, vocab] for the k chunks that complete their sequence, in chunk order."""
+        batch = ForwardBatch.build(
+            [
+                SequenceChunk(
+                    token_ids=c.seq.token_ids[c.seq.num_computed : c.seq.num_computed + c.num_tokens],
+                    start_pos=c.seq.num_computed,
+                    block_table=c.seq.block_table,
+                    want_logits=c.completes,
+                )
+                for c in chunks
+            ],
+            self.kv_cache.block_size,
+            self.sliding_window,
+            self.model.device,
+        )
+        self.num_forwarded_tokens += batch.num_tokens
+        return self.model(batch, self.kv_cache)
+
+    def copy_block(self, src: int, dst: int) -> None:
+        """Copy one block's K/V in every layer (copy-on-write when n > 1 samples fork)."""
+        bs = self.kv_cache.block_size
+        for cache in (*self.kv_cache.k, *self.kv_cache.v):
+            cache[dst * bs : (dst + 1) * bs] = cache[src * bs : (src + 1) * bs]

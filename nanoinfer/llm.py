@@ -1,0 +1,88 @@
+"""LLM: the Python front door. Offline batch generation, chat, and streaming over one LLMEngine."""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Iterator
+from typing import Any
+
+from nanoinfer.config import EngineConfig
+from nanoinfer.engine.engine import LLMEngine
+from nanoinfer.loading.registry import DEFAULT_MODEL
+from nanoinfer.outputs import RequestOutput
+from nanoinfer.sampling_params import SamplingParams
+
+Prompt = str | list[int]
+
+
+class LLM:
+    """`LLM("smollm2-135m-instruct").generate(["Hello"], SamplingParams(max_tokens=32))`.
+
+    `model` is a built-in name, an HF model directory or a .gguf file; engine knobs
+    (block_size, max_num_seqs, kv_cache_memory, enable_prefix_cache, ...) pass through as kwargs.
+    """
+
+    def __init__(self, model: str = DEFAULT_MODEL, dtype: str = "float32", **engine_kwargs: Any):
+        self.engine = LLMEngine(model, EngineConfig(dtype=dtype, **engine_kwargs))
+        self.tokenizer = self.engine.tokenizer
+        self._ids = itertools.count()
+
+    def default_params(self, **overrides: Any) -> SamplingParams:
+        """SamplingParams with the model's generation_config defaults under explicit overrides."""
+        return SamplingParams.from_request(defaults=self.engine.generation, **overrides)
+
+    def generate(
+        self, prompts: Prompt | list[Prompt], params: SamplingParams | list[SamplingParams] | None = None
+    ) -> list[RequestOutput]:
+        """Generate for every prompt (text or token ids) in one continuous batch; outputs in prompt order."""
+        if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
+            prompts = [prompts]  # type: ignore[list-item]
+        params_list = params if isinstance(params, list) else [params or self.default_params()] * len(prompts)
+        if len(params_list) != len(prompts):
+            raise ValueError(f"got {len(prompts)} prompts but {len(params_list)} SamplingParams")
+        ids = [self._submit(p, sp) for p, sp in zip(prompts, params_list)]
+        finals: dict[str, RequestOutput] = {}
+        try:
+            while len(finals) < len(ids):
+                for out in self.engine.step():
+                    if out.finished:
+                        finals[out.request_id] = out
+        finally:
+            for rid in ids:
+                if rid not in finals:
+                    self.engine.abort(rid)
+        return [finals[rid] for rid in ids]
+
+    def stream(self, prompt: Prompt, params: SamplingParams | None = None) -> Iterator[RequestOutput]:
+        """Yield an output after every step that produced text for this prompt (see .outputs[i].delta_text)."""
+        rid = self._submit(prompt, params or self.default_params())
+        try:
+            while True:
+                for out in self.engine.step():
+                    if out.request_id == rid:
+                        yield out
+                        if out.finished:
+                            return
+        finally:
+            self.engine.abort(rid)
+
+    def chat(
+        self,
+        messages: list[dict[str, Any]],
+        params: SamplingParams | None = None,
+        add_generation_prompt: bool = True,
+        **template_vars: Any,
+    ) -> RequestOutput:
+        """Render the model's chat template, then generate the assistant's answer."""
+        return self.generate([self.chat_prompt(messages, add_generation_prompt, **template_vars)], params)[0]
+
+    def chat_prompt(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True, **template_vars: Any) -> list[int]:
+        """Token ids of messages rendered by the chat template."""
+        return self.tokenizer.apply_chat_template(
+            messages, add_generation_prompt=add_generation_prompt, tokenize=True, **template_vars
+        )
+
+    def _submit(self, prompt: Prompt, params: SamplingParams) -> str:
+        rid = f"llm-{next(self._ids)}"
+        self.engine.add_request(rid, prompt, params)
+        return rid
