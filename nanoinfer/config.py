@@ -85,7 +85,9 @@ class ModelConfig:
         """Normalize a transformers config.json dict."""
         model_type = hf.get("model_type", "")
         if model_type == "gemma3" and "text_config" in hf:  # multimodal wrapper
-            hf = {**hf["text_config"], "model_type": "gemma3"}
+            # tie_word_embeddings and dtype may sit on the outer config only
+            outer = {k: hf[k] for k in ("tie_word_embeddings", "torch_dtype", "dtype") if k in hf}
+            hf = {**outer, **hf["text_config"], "model_type": "gemma3"}
         if model_type == "gemma3_text":
             model_type = "gemma3"
         if model_type not in SUPPORTED_ARCHITECTURES:
@@ -130,7 +132,9 @@ class ModelConfig:
         if model_type in ("qwen2", "qwen3") and hf.get("use_sliding_window") and hf.get("sliding_window"):
             common["sliding_window"] = hf["sliding_window"]
             max_window = hf.get("max_window_layers", num_layers)
-            common["layer_types"] = tuple("sliding" if i >= max_window else "full" for i in range(num_layers))
+            default_types = tuple("sliding" if i >= max_window else "full" for i in range(num_layers))
+            # transformers 5 writes the per-layer list explicitly; it wins over max_window_layers
+            common["layer_types"] = _layer_types(hf) or default_types
         if model_type == "gemma3":
             common.update(
                 qk_norm=True,
@@ -141,7 +145,7 @@ class ModelConfig:
                 attention_scale=hf.get("query_pre_attn_scalar", head_dim) ** -0.5,
                 sliding_window=hf.get("sliding_window"),
                 layer_types=_gemma3_layer_types(hf, num_layers),
-                rope_local_theta=hf.get("rope_local_base_freq", 10000.0),
+                rope_local_theta=_gemma3_local_theta(hf),
                 final_logit_softcapping=hf.get("final_logit_softcapping"),
             )
         return cls(**common)
@@ -154,7 +158,17 @@ def _rope_theta(hf: dict[str, Any]) -> float:
     params = hf.get("rope_parameters") or {}
     if "full_attention" in params:  # gemma3 in transformers 5: one entry per layer type
         params = params["full_attention"]
-    return float(params.get("rope_theta", 10000.0))
+    # gemma3's global layers default to 1e6 in transformers; everyone else to 1e4
+    default = 1_000_000.0 if hf.get("model_type") in ("gemma3", "gemma3_text") else 10000.0
+    return float(params.get("rope_theta", default))
+
+
+def _gemma3_local_theta(hf: dict[str, Any]) -> float:
+    """RoPE base of gemma3's sliding layers (transformers 4: rope_local_base_freq; 5: nested)."""
+    if "rope_local_base_freq" in hf:
+        return float(hf["rope_local_base_freq"])
+    local = (hf.get("rope_parameters") or {}).get("sliding_attention") or {}
+    return float(local.get("rope_theta", 10000.0))
 
 
 def _rope_scaling(hf: dict[str, Any]) -> dict[str, Any] | None:
@@ -166,13 +180,24 @@ def _rope_scaling(hf: dict[str, Any]) -> dict[str, Any] | None:
     kind = scaling.get("rope_type") or scaling.get("type")
     if kind in (None, "default"):
         return None
-    return {k: v for k, v in scaling.items() if k != "rope_theta"} | {"rope_type": kind}
+    scaling = {k: v for k, v in scaling.items() if k not in ("rope_theta", "type")} | {"rope_type": kind}
+    if kind in ("llama3", "yarn", "longrope") and "original_max_position_embeddings" not in scaling:
+        # transformers fills this in from the model's context length when the config omits it
+        scaling["original_max_position_embeddings"] = hf.get(
+            "original_max_position_embeddings", hf.get("max_position_embeddings", 4096)
+        )
+    return scaling
+
+
+def _layer_types(hf: dict[str, Any]) -> tuple[str, ...]:
+    """Per-layer attention kinds from transformers' layer_types list; empty when absent."""
+    return tuple("sliding" if t == "sliding_attention" else "full" for t in hf.get("layer_types") or ())
 
 
 def _gemma3_layer_types(hf: dict[str, Any], num_layers: int) -> tuple[str, ...]:
     if hf.get("layer_types"):
-        return tuple("sliding" if t == "sliding_attention" else "full" for t in hf["layer_types"])
-    pattern = hf.get("sliding_window_pattern", 6)
+        return _layer_types(hf)
+    pattern = hf.get("sliding_window_pattern", hf.get("_sliding_window_pattern", 6))
     return tuple("full" if (i + 1) % pattern == 0 else "sliding" for i in range(num_layers))
 
 

@@ -1,0 +1,235 @@
+"""Batched token sampling with per-row parameters and per-request random generators.
+
+Order of operations on each row of logits [B, V] (computed in float32):
+  1. repetition penalty (HF: tokens in prompt + output; positive logits / p, negative * p)
+  2. presence / frequency penalties (OpenAI: output tokens only; logit -= f * count + p * [count > 0])
+  3. logit_bias (added)
+  4. greedy rows: argmax. Sampled rows: temperature, top-k, top-p, min-p, then one random draw.
+
+Logprobs are computed from log_softmax of the RAW model logits, before penalties, bias and
+temperature (vLLM's default), so they describe the model, not the sampling distribution.
+"""
+
+from __future__ import annotations
+
+import secrets
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from nanoinfer.sampling_params import SamplingParams
+
+# Exponential noise can be exactly 0; dividing by it would turn masked (p = 0) tokens into NaN.
+_TINY = torch.finfo(torch.float32).tiny
+
+
+def _derive_seed(seed: int | None, index: int) -> int:
+    """Seed of choice `index` of a request: the request's seed itself for choice 0."""
+    if seed is None:
+        return secrets.randbits(63)  # unseeded requests must differ between runs
+    if index == 0:
+        return seed % 2**64
+    # Distinct, fixed streams for the other choices of an n > 1 request.
+    return (seed * 0x9E3779B97F4A7C15 + index * 0xBF58476D1CE4E5B9) % 2**64
+
+
+class SamplingState:
+    """One sequence's sampling state: params, its own random generator, and token history.
+
+    The engine appends each emitted token to `output_ids` (the sampler never does); penalty
+    statistics are cached and updated incrementally from that list.
+    """
+
+    def __init__(self, params: SamplingParams, prompt_ids: Sequence[int] = (), index: int = 0) -> None:
+        self.params = params
+        self.prompt_ids = list(prompt_ids)
+        self.output_ids: list[int] = []
+        self.seed = _derive_seed(params.seed, index)
+        self._generator: torch.Generator | None = None
+        self._seen: torch.Tensor | None = None  # bool [V]: token occurs in prompt or output
+        self._counts: torch.Tensor | None = None  # float [V]: occurrences in output
+        self._counted = 0  # how many of output_ids are in _seen/_counts
+
+    def generator(self, device: torch.device) -> torch.Generator:
+        """This sequence's generator on `device`, created (and seeded) on first use."""
+        if self._generator is None or self._generator.device != device:
+            self._generator = torch.Generator(device=device)
+            self._generator.manual_seed(self.seed)
+        return self._generator
+
+    def penalty_stats(self, vocab_size: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """(seen mask over prompt+output, output counts), both [vocab_size], kept in sync with output_ids."""
+        stale = (
+            self._seen is None
+            or self._seen.device != device
+            or self._seen.numel() != vocab_size
+            or len(self.output_ids) < self._counted  # history was rewritten: rebuild
+        )
+        if stale:
+            self._seen = torch.zeros(vocab_size, dtype=torch.bool, device=device)
+            self._counts = torch.zeros(vocab_size, dtype=torch.float32, device=device)
+            if self.prompt_ids:
+                self._seen[torch.tensor(self.prompt_ids, dtype=torch.long, device=device)] = True
+            self._counted = 0
+        assert self._seen is not None and self._counts is not None
+        new = self.output_ids[self._counted :]
+        if new:
+            ids = torch.tensor(new, dtype=torch.long, device=device)
+            self._counts.index_add_(0, ids, torch.ones(len(new), device=device))  # repeats add up
+            self._seen[ids] = True
+            self._counted = len(self.output_ids)
+        return self._seen, self._counts
+
+
+@dataclass
+class SampleOutput:
+    """Chosen token per row, and per row a {token id: logprob} dict or None when not requested."""
+
+    token_ids: list[int]
+    logprobs: list[dict[int, float] | None]
+
+
+class Sampler:
+    """Chooses one token per row of a logits batch; stateless, all state lives in SamplingState."""
+
+    def sample(self, logits: torch.Tensor, states: Sequence[SamplingState]) -> SampleOutput:
+        """Pick the next token for each row of `logits` [B, V] under that row's state."""
+        batch, vocab = logits.shape
+        if len(states) != batch:
+            raise ValueError(f"got {batch} rows of logits but {len(states)} sampling states")
+        params = [s.params for s in states]
+        needs_processing = any(p.has_penalties or p.logit_bias or not p.greedy for p in params)
+        if not needs_processing:  # all plain greedy: skip the float copy
+            tokens = logits.argmax(dim=-1)
+        else:
+            x = logits.to(torch.float32, copy=True)  # never modify the caller's tensor
+            self._apply_penalties(x, states)
+            self._apply_logit_bias(x, params)
+            tokens = self._choose(x, states)
+        token_ids = tokens.tolist()
+        return SampleOutput(token_ids, self._logprobs(logits, params, tokens, token_ids))
+
+    @staticmethod
+    def _apply_penalties(x: torch.Tensor, states: Sequence[SamplingState]) -> None:
+        rows = [i for i, s in enumerate(states) if s.params.has_penalties]
+        if not rows:
+            return
+        device, vocab = x.device, x.shape[1]
+        stats = [states[i].penalty_stats(vocab, device) for i in rows]
+        seen = torch.stack([s for s, _ in stats])
+        counts = torch.stack([c for _, c in stats])
+        ps = [states[i].params for i in rows]
+
+        def column(values: list[float]) -> torch.Tensor:
+            return torch.tensor(values, dtype=torch.float32, device=device).unsqueeze(1)
+
+        idx = torch.tensor(rows, dtype=torch.long, device=device)
+        sub = x[idx]
+        rep = column([p.repetition_penalty for p in ps])
+        penalized = torch.where(sub > 0, sub / rep, sub * rep)
+        sub = torch.where(seen, penalized, sub)
+        sub -= counts * column([p.frequency_penalty for p in ps])
+        sub -= (counts > 0).float() * column([p.presence_penalty for p in ps])
+        x[idx] = sub
+
+    @staticmethod
+    def _apply_logit_bias(x: torch.Tensor, params: Sequence[SamplingParams]) -> None:
+        rows, cols, vals = [], [], []
+        vocab = x.shape[1]
+        for i, p in enumerate(params):
+            for token, bias in (p.logit_bias or {}).items():
+                if token < vocab:  # out-of-range ids are rejected earlier by check_vocab
+                    rows.append(i)
+                    cols.append(token)
+                    vals.append(bias)
+        if rows:
+            x.index_put_(
+                (torch.tensor(rows, device=x.device), torch.tensor(cols, device=x.device)),
+                torch.tensor(vals, dtype=x.dtype, device=x.device),
+                accumulate=True,
+            )
+
+    def _choose(self, x: torch.Tensor, states: Sequence[SamplingState]) -> torch.Tensor:
+        """Argmax for greedy rows; filtered random draw for the others."""
+        tokens = x.argmax(dim=-1)  # cheap next to the rest, and already right for greedy rows
+        rows = [i for i, s in enumerate(states) if not s.params.greedy]
+        if not rows:
+            return tokens
+        device = x.device
+        idx = torch.tensor(rows, dtype=torch.long, device=device)
+        ps = [states[i].params for i in rows]
+        temps = torch.tensor([p.temperature for p in ps], dtype=torch.float32, device=device)
+        sub = x[idx] / temps.unsqueeze(1)
+        _filter_top_k_top_p_min_p(sub, ps)
+        probs = torch.softmax(sub, dim=-1)
+        # Exponential race: argmax(p / E), E ~ Exp(1), draws token i with probability p_i.
+        # Each row's noise comes from its own generator, and always V draws per step, so a
+        # seeded request's tokens do not depend on its batch neighbours or its row position.
+        noise = torch.stack(
+            [
+                torch.empty(x.shape[1], dtype=torch.float32, device=device).exponential_(
+                    generator=states[i].generator(device)
+                )
+                for i in rows
+            ]
+        )
+        tokens[idx] = (probs / noise.clamp_min_(_TINY)).argmax(dim=-1)
+        return tokens
+
+    @staticmethod
+    def _logprobs(
+        logits: torch.Tensor,
+        params: Sequence[SamplingParams],
+        tokens: torch.Tensor,
+        token_ids: list[int],
+    ) -> list[dict[int, float] | None]:
+        out: list[dict[int, float] | None] = [None] * len(params)
+        rows = [i for i, p in enumerate(params) if p.logprobs is not None]
+        if not rows:
+            return out
+        idx = torch.tensor(rows, dtype=torch.long, device=logits.device)
+        lp = torch.log_softmax(logits[idx].float(), dim=-1)
+        chosen = lp.gather(1, tokens[idx].unsqueeze(1)).squeeze(1).tolist()
+        k = min(max(params[i].logprobs or 0 for i in rows), lp.shape[1])
+        top_vals, top_ids = lp.topk(k, dim=-1) if k else (lp[:, :0], lp[:, :0].long())
+        top_vals, top_ids = top_vals.tolist(), top_ids.tolist()
+        for j, i in enumerate(rows):
+            n = params[i].logprobs or 0
+            entry = {token_ids[i]: chosen[j]}  # the chosen token first, then the top n by rank
+            for token, value in zip(top_ids[j][:n], top_vals[j][:n]):
+                entry.setdefault(token, value)
+            out[i] = entry
+        return out
+
+
+def _filter_top_k_top_p_min_p(logits: torch.Tensor, params: Sequence[SamplingParams]) -> None:
+    """In place, set to -inf every logit that top-k, then top-p, then min-p drops (per row)."""
+    batch, vocab = logits.shape
+    ks = [p.top_k if 0 < p.top_k < vocab else vocab for p in params]
+    use_k = any(k < vocab for k in ks)
+    use_p = any(p.top_p < 1.0 for p in params)
+    use_min_p = any(p.min_p > 0.0 for p in params)
+    if not (use_k or use_p or use_min_p):
+        return
+    device = logits.device
+    sorted_logits, order = logits.sort(dim=-1, descending=True)
+    drop = torch.zeros_like(sorted_logits, dtype=torch.bool)
+    if use_k:
+        ranks = torch.arange(vocab, device=device).unsqueeze(0)
+        drop |= ranks >= torch.tensor(ks, device=device).unsqueeze(1)
+        sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
+    probs = torch.softmax(sorted_logits, dim=-1)  # renormalized over the top-k survivors
+    if use_p:
+        top_p = torch.tensor([p.top_p for p in params], dtype=torch.float32, device=device)
+        # Mass strictly before each token; keep while it is below top_p. The first token has
+        # mass 0 < top_p, so it always survives, and the kept set is the smallest with mass >= top_p.
+        cumulative = torch.cumsum(probs, dim=-1)
+        mass_before = torch.nn.functional.pad(cumulative[:, :-1], (1, 0))
+        drop |= mass_before >= top_p.unsqueeze(1)
+    if use_min_p:
+        # Relative threshold, so renormalizing after top-p would not change which tokens pass.
+        min_p = torch.tensor([p.min_p for p in params], dtype=torch.float32, device=device)
+        drop |= probs < min_p.unsqueeze(1) * probs[:, :1]
+    mask = torch.empty_like(drop).scatter_(1, order, drop)  # back to vocabulary order
+    logits.masked_fill_(mask, float("-inf"))

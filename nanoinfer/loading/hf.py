@@ -1,0 +1,255 @@
+"""Load a transformers-style model directory (config.json + safetensors + tokenizer) into a ModelPackage."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import re
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+from safetensors import SafetensorError, safe_open
+
+from nanoinfer.config import GenerationDefaults, ModelConfig
+from nanoinfer.errors import ModelLoadError
+
+if TYPE_CHECKING:
+    from nanoinfer.loading import ModelPackage
+
+SINGLE_FILE = "model.safetensors"
+INDEX_FILE = "model.safetensors.index.json"
+
+# Prefixes in front of the text model's names: plain causal LMs ("model."), gemma3 multimodal
+# checkpoints in transformers 5 ("model.language_model.") and 4 ("language_model.model.").
+_PREFIXES = ("model.language_model.", "language_model.model.", "language_model.", "model.")
+
+# Per-layer HF suffix -> canonical suffix; post_attention_layernorm is special-cased (see _layer_name).
+_LAYER_SUFFIXES = {
+    "input_layernorm.weight": "input_norm.weight",
+    "pre_feedforward_layernorm.weight": "pre_mlp_norm.weight",
+    "post_feedforward_layernorm.weight": "post_mlp_norm.weight",
+    **{f"self_attn.{p}_proj.{k}": f"attn.{p}_proj.{k}" for p in "qkvo" for k in ("weight", "bias")},
+    "self_attn.q_norm.weight": "attn.q_norm.weight",
+    "self_attn.k_norm.weight": "attn.k_norm.weight",
+    **{f"mlp.{p}_proj.weight": f"mlp.{p}_proj.weight" for p in ("gate", "up", "down")},
+}
+# Canonical suffix -> HF suffix, for messages; both post_attention_layernorm readings included.
+_HF_SUFFIXES = {canon: hf for hf, canon in _LAYER_SUFFIXES.items()} | {
+    "post_attn_norm.weight": "post_attention_layernorm.weight",
+}
+_TOP_LEVEL = {"embed_tokens.weight": "embed.weight", "norm.weight": "norm.weight", "lm_head.weight": "lm_head.weight"}
+_LAYER_RE = re.compile(r"layers\.(\d+)\.(.+)")
+
+
+def load_hf_dir(path: str | Path, dtype: torch.dtype | str | None = None) -> "ModelPackage":
+    """Read config, weights, tokenizer and generation defaults of a transformers model directory."""
+    root = Path(path)
+    if not root.is_dir():
+        raise ModelLoadError(f"{root} is not a directory")
+    hf_config = _read_json(root / "config.json", required=True)
+    config = ModelConfig.from_hf(hf_config)
+    weights = load_hf_weights(root, config, _torch_dtype(dtype))
+    tokenizer = _load_tokenizer(root)
+    generation = _generation_defaults(root, hf_config, tokenizer)
+    from nanoinfer.loading import ModelPackage  # late: the package module imports this one
+
+    return ModelPackage(
+        config=config,
+        weights=weights,
+        tokenizer=tokenizer,
+        generation=generation,
+        source=str(root),
+        file_type=config.torch_dtype,  # the dtype the checkpoint was saved in
+    )
+
+
+def load_hf_weights(root: Path, config: ModelConfig, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+    """Canonical name -> tensor for every weight the config needs, shape-checked, read one tensor at a time."""
+    expected = expected_shapes(config)
+    found = _locate_tensors(root, config)  # canonical -> (file, hf name)
+    for name in expected:
+        if name not in found:
+            raise ModelLoadError(f"weights in {root} lack tensor {_hf_name(name, config)!r} (canonical {name!r})")
+    weights: dict[str, torch.Tensor] = {}
+    by_file: dict[Path, list[str]] = {}
+    for name in expected:
+        by_file.setdefault(found[name][0], []).append(name)
+    for file, names in by_file.items():
+        with _open(file) as f:
+            for name in names:
+                weights[name] = _read_tensor(f, file, found[name][1], expected[name], dtype)
+    return weights
+
+
+def expected_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """Every canonical weight name the model needs, with the shape config implies."""
+    h, inter = config.hidden_size, config.intermediate_size
+    shapes: dict[str, tuple[int, ...]] = {"embed.weight": (config.vocab_size, h), "norm.weight": (h,)}
+    if not config.tie_word_embeddings:
+        shapes["lm_head.weight"] = (config.vocab_size, h)
+    for i in range(config.num_layers):
+        p = f"layers.{i}."
+        shapes |= {
+            p + "input_norm.weight": (h,),
+            p + "pre_mlp_norm.weight": (h,),
+            p + "attn.q_proj.weight": (config.q_size, h),
+            p + "attn.k_proj.weight": (config.kv_size, h),
+            p + "attn.v_proj.weight": (config.kv_size, h),
+            p + "attn.o_proj.weight": (h, config.q_size),
+            p + "mlp.gate_proj.weight": (inter, h),
+            p + "mlp.up_proj.weight": (inter, h),
+            p + "mlp.down_proj.weight": (h, inter),
+        }
+        if config.attention_bias:
+            shapes |= {p + "attn.q_proj.bias": (config.q_size,), p + "attn.k_proj.bias": (config.kv_size,)}
+            shapes[p + "attn.v_proj.bias"] = (config.kv_size,)
+        if config.qk_norm:
+            shapes |= {p + "attn.q_norm.weight": (config.head_dim,), p + "attn.k_norm.weight": (config.head_dim,)}
+        if config.post_norms:
+            shapes |= {p + "post_attn_norm.weight": (h,), p + "post_mlp_norm.weight": (h,)}
+    return shapes
+
+
+def canonical_name(hf_name: str, config: ModelConfig) -> str | None:
+    """Map one HF tensor name to its canonical name; None for tensors nanoinfer does not use."""
+    name = hf_name
+    for prefix in _PREFIXES:
+        if name.startswith(prefix):
+            name = name[len(prefix) :]
+            break
+    if name in _TOP_LEVEL:
+        return _TOP_LEVEL[name]
+    match = _LAYER_RE.fullmatch(name)
+    if not match:
+        return None  # vision tower, projector, rotary buffers of old checkpoints
+    suffix = _layer_suffix(match.group(2), config)
+    return f"layers.{match.group(1)}.{suffix}" if suffix else None
+
+
+def _layer_suffix(hf_suffix: str, config: ModelConfig) -> str | None:
+    """Canonical per-layer suffix; gemma3's post_attention_layernorm normalizes the attention output."""
+    if hf_suffix == "post_attention_layernorm.weight":
+        return "post_attn_norm.weight" if config.post_norms else "pre_mlp_norm.weight"
+    return _LAYER_SUFFIXES.get(hf_suffix)
+
+
+def _hf_name(canonical: str, config: ModelConfig) -> str:
+    """The usual HF name of a canonical weight, for error messages."""
+    if canonical == "lm_head.weight":
+        return canonical
+    top = {canon: hf for hf, canon in _TOP_LEVEL.items()}
+    if canonical in top:
+        return "model." + top[canonical]
+    _, layer, suffix = canonical.split(".", 2)
+    if suffix == "pre_mlp_norm.weight" and not config.post_norms:
+        suffix = "post_attention_layernorm.weight"  # llama-likes name their pre-MLP norm this way
+    return f"model.layers.{layer}.{_HF_SUFFIXES.get(suffix, suffix)}"
+
+
+def _locate_tensors(root: Path, config: ModelConfig) -> dict[str, tuple[Path, str]]:
+    """Canonical name -> (safetensors file, HF name), from the shard index or the single file."""
+    index_path = root / INDEX_FILE
+    if index_path.is_file():
+        weight_map = _read_json(index_path, required=True).get("weight_map")
+        if not isinstance(weight_map, dict):
+            raise ModelLoadError(f"{index_path} has no 'weight_map'")
+        files = {hf: root / shard for hf, shard in weight_map.items()}
+        for shard in sorted(set(files.values())):
+            if not shard.is_file():
+                raise ModelLoadError(f"{index_path} names shard {shard.name}, which is missing")
+    elif (root / SINGLE_FILE).is_file():
+        single = root / SINGLE_FILE
+        with _open(single) as f:
+            files = {hf: single for hf in f.keys()}
+    else:
+        other = " (PyTorch .bin checkpoints are not supported)" if any(root.glob("*.bin")) else ""
+        raise ModelLoadError(f"no {SINGLE_FILE} or {INDEX_FILE} in {root}{other}")
+    located: dict[str, tuple[Path, str]] = {}
+    for hf, file in files.items():
+        canon = canonical_name(hf, config)
+        if canon is not None:
+            located[canon] = (file, hf)
+    return located
+
+
+def _open(file: Path) -> Any:
+    """safe_open with safetensors' errors (truncated header, bad JSON) turned into ModelLoadError."""
+    try:
+        return safe_open(str(file), framework="pt")
+    except (SafetensorError, OSError, ValueError) as e:
+        raise ModelLoadError(f"cannot read {file}: {_one_line(e)}") from e
+
+
+def _read_tensor(f: Any, file: Path, hf_name: str, shape: tuple[int, ...], dtype: torch.dtype | None) -> torch.Tensor:
+    """One tensor, shape-checked before its data is read, cast to dtype if given."""
+    try:
+        found = tuple(f.get_slice(hf_name).get_shape())
+        if found != shape:
+            raise ModelLoadError(
+                f"tensor {hf_name!r} in {file.name} has shape {list(found)}, config expects {list(shape)}"
+            )
+        tensor = f.get_tensor(hf_name)
+    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+        raise ModelLoadError(f"cannot read tensor {hf_name!r} from {file}: {_one_line(e)}") from e
+    if dtype is not None and tensor.dtype != dtype:
+        tensor = tensor.to(dtype)
+    return tensor
+
+
+def _torch_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
+    """Accept torch dtypes or their names ('bfloat16', 'float16', 'float32'; 'auto' keeps the file's)."""
+    if dtype is None or isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype == "auto":
+        return None
+    resolved = getattr(torch, str(dtype).removeprefix("torch."), None)
+    if not isinstance(resolved, torch.dtype) or not resolved.is_floating_point:
+        raise ModelLoadError(f"unsupported dtype {dtype!r}; use float32, bfloat16 or float16")
+    return resolved
+
+
+def _load_tokenizer(root: Path) -> Any:
+    """The directory's tokenizer through nanoinfer's own Tokenizer class."""
+    from nanoinfer.tokenizer import Tokenizer  # late: keeps weight loading usable on its own
+
+    try:
+        return Tokenizer.from_hf_dir(root)
+    except ModelLoadError:
+        raise
+    except Exception as e:  # the tokenizers library raises bare exceptions on malformed files
+        raise ModelLoadError(f"cannot load tokenizer from {root}: {_one_line(e)}") from e
+
+
+def _generation_defaults(root: Path, hf_config: dict[str, Any], tokenizer: Any) -> GenerationDefaults:
+    """generation_config.json, with eos/bos falling back to config.json, then to the tokenizer."""
+    defaults = GenerationDefaults.from_hf(_read_json(root / "generation_config.json", required=False))
+    text_config = hf_config.get("text_config") or {}
+    changes: dict[str, Any] = {}
+    if not defaults.eos_token_ids:
+        eos = hf_config.get("eos_token_id", text_config.get("eos_token_id"))
+        from_config = GenerationDefaults.from_hf({"eos_token_id": eos}).eos_token_ids
+        changes["eos_token_ids"] = from_config or tuple(getattr(tokenizer, "eos_token_ids", ()))
+    if defaults.bos_token_id is None:
+        changes["bos_token_id"] = hf_config.get("bos_token_id", text_config.get("bos_token_id"))
+    return dataclasses.replace(defaults, **changes)
+
+
+def _read_json(path: Path, required: bool) -> dict[str, Any]:
+    """Parse a JSON object file; a missing optional file reads as {}."""
+    if not path.is_file():
+        if required:
+            raise ModelLoadError(f"no {path.name} in {path.parent}")
+        return {}
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ModelLoadError(f"cannot parse {path}: {_one_line(e)}") from e
+    if not isinstance(data, dict):
+        raise ModelLoadError(f"{path} does not hold a JSON object")
+    return data
+
+
+def _one_line(error: BaseException) -> str:
+    """Error text squeezed onto one line, since ModelLoadError messages are one line."""
+    return " ".join(str(error).split()) or type(error).__name__

@@ -1,0 +1,144 @@
+"""SamplingParams: how one request wants its tokens chosen and when to stop."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+from typing import Any
+
+from nanoinfer.errors import RequestError
+
+# Below this temperature, dividing logits would only amplify noise: treat it as argmax.
+GREEDY_EPS = 1e-5
+MAX_LOGPROBS = 20
+
+
+def _fail(message: str) -> None:
+    # RequestError subclasses ValueError, so callers may catch either.
+    raise RequestError(message)
+
+
+def _is_number(x: Any) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and not math.isnan(x)
+
+
+@dataclass
+class SamplingParams:
+    """Per-request sampling parameters (OpenAI/vLLM names and semantics).
+
+    After construction `stop` is a list, `stop_token_ids` a list and `logit_bias` a dict.
+    """
+
+    n: int = 1
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0  # 0 or -1: off
+    min_p: float = 0.0
+    repetition_penalty: float = 1.0  # HF semantics: over prompt and output tokens
+    presence_penalty: float = 0.0  # OpenAI semantics: over output tokens only
+    frequency_penalty: float = 0.0
+    seed: int | None = None
+    max_tokens: int | None = 16
+    stop: list[str] | str | None = None
+    stop_token_ids: list[int] | None = None
+    ignore_eos: bool = False
+    logprobs: int | None = None  # n top alternatives besides the chosen token; 0 = chosen only
+    logit_bias: dict[int, float] | None = None
+    skip_special_tokens: bool = True
+    include_stop_str_in_output: bool = False
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.n, int) or isinstance(self.n, bool) or self.n < 1:
+            _fail(f"n must be an integer >= 1, got {self.n!r}")
+        if not _is_number(self.temperature) or self.temperature < 0:
+            _fail(f"temperature must be >= 0, got {self.temperature!r}")
+        if not _is_number(self.top_p) or not 0 < self.top_p <= 1:
+            _fail(f"top_p must be in (0, 1], got {self.top_p!r}")
+        if not isinstance(self.top_k, int) or isinstance(self.top_k, bool) or self.top_k < -1:
+            _fail(f"top_k must be an integer >= -1 (0 or -1 disables it), got {self.top_k!r}")
+        if not _is_number(self.min_p) or not 0 <= self.min_p <= 1:
+            _fail(f"min_p must be in [0, 1], got {self.min_p!r}")
+        if not _is_number(self.repetition_penalty) or self.repetition_penalty <= 0:
+            _fail(f"repetition_penalty must be > 0, got {self.repetition_penalty!r}")
+        for name in ("presence_penalty", "frequency_penalty"):
+            value = getattr(self, name)
+            if not _is_number(value) or not -2 <= value <= 2:
+                _fail(f"{name} must be in [-2, 2], got {value!r}")
+        if self.seed is not None and (not isinstance(self.seed, int) or isinstance(self.seed, bool)):
+            _fail(f"seed must be an integer, got {self.seed!r}")
+        if self.max_tokens is not None and (
+            not isinstance(self.max_tokens, int) or isinstance(self.max_tokens, bool) or self.max_tokens < 1
+        ):
+            _fail(f"max_tokens must be an integer >= 1, got {self.max_tokens!r}")
+        if self.logprobs is not None and (
+            not isinstance(self.logprobs, int)
+            or isinstance(self.logprobs, bool)
+            or not 0 <= self.logprobs <= MAX_LOGPROBS
+        ):
+            _fail(f"logprobs must be an integer in [0, {MAX_LOGPROBS}], got {self.logprobs!r}")
+        self.stop = self._normalize_stop(self.stop)
+        self.stop_token_ids = self._normalize_stop_token_ids(self.stop_token_ids)
+        self.logit_bias = self._normalize_logit_bias(self.logit_bias)
+
+    @staticmethod
+    def _normalize_stop(stop: list[str] | str | None) -> list[str]:
+        stops = [] if stop is None else [stop] if isinstance(stop, str) else list(stop)
+        for s in stops:
+            if not isinstance(s, str):
+                _fail(f"stop strings must be strings, got {s!r}")
+            if not s:
+                _fail("stop strings must not be empty")
+        return stops
+
+    @staticmethod
+    def _normalize_stop_token_ids(ids: list[int] | None) -> list[int]:
+        ids = [] if ids is None else list(ids)
+        for t in ids:
+            if not isinstance(t, int) or isinstance(t, bool) or t < 0:
+                _fail(f"stop_token_ids must be non-negative integers, got {t!r}")
+        return ids
+
+    @staticmethod
+    def _normalize_logit_bias(bias: dict[int, float] | None) -> dict[int, float]:
+        out: dict[int, float] = {}
+        for token, value in (bias or {}).items():
+            # JSON object keys arrive as strings; the HTTP layer must convert them first.
+            if not isinstance(token, int) or isinstance(token, bool) or token < 0:
+                _fail(f"logit_bias keys must be non-negative integer token ids, got {token!r}")
+            if not _is_number(value) or not -100 <= value <= 100:
+                _fail(f"logit_bias values must be in [-100, 100], got {value!r} for token {token}")
+            out[token] = float(value)
+        return out
+
+    @property
+    def greedy(self) -> bool:
+        """True when the request asks for argmax decoding (temperature 0 or nearly)."""
+        return self.temperature < GREEDY_EPS
+
+    @property
+    def has_penalties(self) -> bool:
+        """True when any repetition, presence or frequency penalty is active."""
+        return self.repetition_penalty != 1.0 or self.presence_penalty != 0.0 or self.frequency_penalty != 0.0
+
+    def check_vocab(self, vocab_size: int) -> None:
+        """Raise RequestError if logit_bias or stop_token_ids name tokens outside the vocabulary."""
+        for t in [*self.logit_bias, *self.stop_token_ids]:  # type: ignore[misc]
+            if t >= vocab_size:
+                _fail(f"token id {t} is out of range for a vocabulary of {vocab_size}")
+
+    @classmethod
+    def from_request(cls, defaults: Any = None, **kwargs: Any) -> "SamplingParams":
+        """Build from request fields: given values win, then `defaults` attributes, then dataclass defaults."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(kwargs) - names)
+        if unknown:
+            _fail(f"unknown sampling parameter(s): {', '.join(unknown)}")
+        chosen: dict[str, Any] = {}
+        for name in names:
+            value = kwargs.get(name)
+            if value is None:
+                value = getattr(defaults, name, None)
+            if value is not None:  # still None: leave it to the dataclass default
+                chosen[name] = value
+        return cls(**chosen)

@@ -1,0 +1,196 @@
+"""The serving engine on tiny random models: batching, prefix cache, eviction, preemption, aborts, n > 1."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+
+from nanoinfer import LLM, SamplingParams
+from nanoinfer.engine.forward_batch import ForwardBatch, SequenceChunk
+from nanoinfer.engine.kv_cache import PagedKVCache, kv_bytes_per_token
+from nanoinfer.errors import RequestError
+
+GREEDY = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
+
+
+def _prompts(count: int, lo: int, hi: int, seed: int = 0) -> list[list[int]]:
+    rng = random.Random(seed)
+    return [[rng.randrange(3, 300) for _ in range(rng.randint(lo, hi))] for _ in range(count)]
+
+
+def _kv_memory(llm: LLM, tokens: int) -> int:
+    return kv_bytes_per_token(llm.engine.model_config, torch.float32) * tokens
+
+
+@pytest.fixture(scope="module")
+def model_dir(tiny_model):
+    return tiny_model("llama")[0]
+
+
+@pytest.fixture(scope="module")
+def reference(model_dir):
+    """Each prompt's greedy output computed alone, with a roomy KV pool and no prefix cache."""
+    llm = LLM(str(model_dir), enable_prefix_cache=False)
+    prompts = _prompts(32, 3, 60)
+    return prompts, [llm.generate([p], GREEDY)[0].token_ids for p in prompts]
+
+
+def test_batched_greedy_equals_alone(model_dir, reference):
+    prompts, alone = reference
+    llm = LLM(str(model_dir), block_size=4)
+    outs = llm.generate(prompts, GREEDY)
+    assert [o.token_ids for o in outs] == alone
+    assert all(o.finish_reason == "length" for o in outs)
+    llm.engine.check_integrity()
+    assert llm.engine.allocator.num_free + llm.engine.prefix_cache.cached_blocks() == llm.engine.allocator.num_total
+
+
+def test_chunked_prefill_equals_alone(model_dir, reference):
+    prompts, alone = reference
+    llm = LLM(str(model_dir), block_size=4, max_num_batched_tokens=16, max_num_seqs=5)
+    assert [o.token_ids for o in llm.generate(prompts, GREEDY)] == alone
+    llm.engine.check_integrity()
+
+
+def test_preemption_keeps_outputs(model_dir, reference):
+    prompts, alone = reference
+    llm = LLM(str(model_dir), block_size=4, kv_cache_memory=_kv_memory(llm_small(model_dir), 160))
+    outs = llm.generate(prompts, GREEDY)
+    assert llm.engine.scheduler.num_preemptions > 0
+    assert [o.token_ids for o in outs] == alone
+    llm.engine.check_integrity()
+
+
+def test_prefix_cache_computes_only_the_suffix(model_dir):
+    llm = LLM(str(model_dir), block_size=4)
+    system = _prompts(1, 80, 80, seed=1)[0]
+    first = llm.generate([system + [10, 11, 12]], GREEDY)[0]
+    assert first.num_cached_tokens == 0
+    before = llm.engine.runner.num_forwarded_tokens
+    second = llm.generate([system + [20, 21, 22, 23, 24]], GREEDY)[0]
+    forwarded = llm.engine.runner.num_forwarded_tokens - before
+    assert second.num_cached_tokens == 80  # whole blocks of the shared 80-token prefix
+    # the 5-token suffix is prefilled, then 23 decode steps
+    assert forwarded == 5 + (GREEDY.max_tokens - 1)
+    alone = LLM(str(model_dir), enable_prefix_cache=False).generate([system + [20, 21, 22, 23, 24]], GREEDY)[0]
+    assert second.token_ids == alone.token_ids
+    llm.engine.check_integrity()
+
+
+def test_eviction_under_small_budget(model_dir, reference):
+    prompts, alone = reference
+    pool_tokens = 400
+    llm = LLM(str(model_dir), block_size=4, max_num_seqs=4, kv_cache_memory=_kv_memory(llm_small(model_dir), pool_tokens))
+    # round two runs in reverse, so the most recently cached prompts come back first and hit
+    order = list(range(len(prompts))) + list(reversed(range(len(prompts))))
+    for i in order:
+        assert llm.generate([prompts[i]], GREEDY)[0].token_ids == alone[i]
+        llm.engine.check_integrity()
+    computed_blocks = sum((len(p) + GREEDY.max_tokens - 1) // 4 for p in prompts)
+    assert computed_blocks > llm.engine.allocator.num_total  # so the tree must have evicted
+    assert llm.engine.prefix_cache.hit_tokens > 0
+
+
+def llm_small(model_dir) -> LLM:
+    return LLM(str(model_dir), max_num_seqs=1)
+
+
+def test_abort_anywhere_frees_everything(model_dir):
+    llm = LLM(str(model_dir), block_size=4, max_num_batched_tokens=8, max_num_seqs=2)
+    engine = llm.engine
+    prompts = _prompts(4, 20, 30, seed=3)
+    for i, p in enumerate(prompts):
+        engine.add_request(f"r{i}", p, GREEDY)
+    engine.step()  # r0 prefilling (chunked), others waiting
+    engine.abort("r3")  # waiting
+    engine.abort("r0")  # mid-prefill
+    for _ in range(12):
+        engine.step()
+    engine.abort("r1")  # decoding
+    engine.check_integrity()
+    while engine.has_unfinished_requests():
+        engine.step()
+    engine.check_integrity()
+    assert not engine.scheduler.running and not engine.scheduler.waiting
+    assert engine.scheduler.block_refs_held() == {}
+
+
+def test_n_samples_share_the_prompt(model_dir):
+    llm = LLM(str(model_dir), block_size=4, enable_prefix_cache=False)
+    prompt = _prompts(1, 37, 37, seed=4)[0]
+    params = SamplingParams(n=3, temperature=1.0, seed=7, max_tokens=6, ignore_eos=True)
+    out = llm.generate([prompt], params)[0]
+    assert [o.index for o in out.outputs] == [0, 1, 2]
+    assert len({tuple(o.token_ids) for o in out.outputs}) > 1
+    # the prompt is prefilled once; then each of 3 choices decodes 5 more tokens
+    assert llm.engine.runner.num_forwarded_tokens == 37 + 3 * 5
+    again = llm.generate([prompt], params)[0]
+    assert [o.token_ids for o in again.outputs] == [o.token_ids for o in out.outputs]
+    llm.engine.check_integrity()
+
+
+def test_seeded_sample_independent_of_batch(model_dir):
+    llm = LLM(str(model_dir), block_size=4)
+    prompts = _prompts(6, 5, 30, seed=5)
+    params = [SamplingParams(temperature=0.9, top_p=0.9, seed=i, max_tokens=10, ignore_eos=True) for i in range(6)]
+    alone = [llm.generate([p], sp)[0].token_ids for p, sp in zip(prompts, params)]
+    together = [o.token_ids for o in llm.generate(prompts, params)]
+    assert alone == together
+
+
+def test_kv_cache_decode_matches_recompute(tiny_model):
+    """Decoding token by token through the paged cache gives the logits of a full recomputation."""
+    for case in ("llama", "gemma3"):  # gemma3 adds sliding-window layers
+        directory, _ = tiny_model(case)
+        model = LLM(str(directory)).engine.model
+        ids = _prompts(1, 40, 40, seed=6)[0]
+        full = model.score(ids)
+        block_size = 4
+        kv = PagedKVCache(model.config, 16, block_size, torch.float32)
+        table = list(range(15, -1, -1))  # deliberately non-contiguous blocks
+        prefill = ForwardBatch.build([SequenceChunk(ids[:8], 0, table)], block_size, model.config.sliding_window)
+        logits = [model(prefill, kv)[0]]
+        for pos in range(8, len(ids)):
+            step = ForwardBatch.build([SequenceChunk([ids[pos]], pos, table)], block_size, model.config.sliding_window)
+            logits.append(model(step, kv)[0])
+        torch.testing.assert_close(torch.stack(logits), full[7:], atol=1e-4, rtol=0)
+
+
+def test_stop_conditions(model_dir):
+    llm = LLM(str(model_dir))
+    prompt = _prompts(1, 10, 10, seed=8)[0]
+    free = llm.generate([prompt], GREEDY)[0]
+    assert len(free.token_ids) == GREEDY.max_tokens and free.finish_reason == "length"
+    # a stop string taken from the middle of the free-running text, possibly spanning tokens
+    text = free.text
+    stop = text[len(text) // 2 : len(text) // 2 + 3]
+    assert stop.strip(), "the tiny model produced whitespace only"
+    stopped = llm.generate([prompt], SamplingParams(temperature=0, max_tokens=24, ignore_eos=True, stop=[stop]))[0]
+    assert stopped.finish_reason == "stop"
+    assert stop not in stopped.text and text.startswith(stopped.text)
+    eos = free.token_ids[3]
+    by_token = llm.generate([prompt], SamplingParams(temperature=0, max_tokens=24, stop_token_ids=[eos]))[0]
+    assert by_token.finish_reason == "stop" and by_token.token_ids[-1] == eos
+    short = LLM(str(model_dir), max_model_len=16).generate([prompt], GREEDY)[0]
+    assert short.finish_reason == "length" and len(short.token_ids) == 16 - len(prompt)
+
+
+def test_streamed_deltas_join_to_text(model_dir):
+    llm = LLM(str(model_dir))
+    prompt = _prompts(1, 10, 10, seed=9)[0]
+    pieces = [o.outputs[0].delta_text for o in llm.stream(prompt, GREEDY)]
+    assert "".join(pieces) == llm.generate([prompt], GREEDY)[0].text
+
+
+def test_bad_prompts_raise(model_dir):
+    llm = LLM(str(model_dir), max_model_len=32)
+    with pytest.raises(RequestError, match="40 tokens.*32"):
+        llm.generate([[5] * 40], GREEDY)
+    with pytest.raises(RequestError, match="empty"):
+        llm.generate([[]], GREEDY)
+    with pytest.raises(RequestError, match="out of range"):
+        llm.generate([[5, 100000]], GREEDY)
+    assert not llm.engine.has_unfinished_requests()
+    llm.engine.check_integrity()
