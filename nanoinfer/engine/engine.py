@@ -74,6 +74,7 @@ class LLMEngine:
         self.metrics.kv_blocks_total.set(kv.num_blocks)
         self.eos_ids = set(self.generation.eos_token_ids) | set(self.tokenizer.eos_token_ids)
         self.requests: dict[str, _Request] = {}
+        self._synced = {"queries": 0, "hits": 0, "preemptions": 0}  # stats already counted in metrics
 
     def _make_kv_cache(self, dtype: torch.dtype) -> PagedKVCache:
         c = self.config
@@ -143,7 +144,7 @@ class LLMEngine:
         """Run one scheduling step; return an output for every request that made progress."""
         chunks = self.scheduler.schedule()
         if not chunks:
-            self._update_gauges()
+            self.update_metrics()
             return []
         logits = self.runner.execute(chunks)
         completing = [c for c in chunks if c.completes]
@@ -157,7 +158,7 @@ class LLMEngine:
         for seq, token, logprobs in zip(seqs, sampled.token_ids, sampled.logprobs):
             self._append(seq, token, logprobs, now)
             touched[seq.request_id] = None
-        self._update_gauges()
+        self.update_metrics()
         return [self._output(self.requests[r]) for r in touched if r in self.requests] + self._pop_finished(touched)
 
     def _expand_forks(self, completing: list[ScheduledChunk]) -> tuple[list[int], list[Sequence]]:
@@ -269,8 +270,16 @@ class LLMEngine:
                 del self.requests[rid]
         return []
 
-    def _update_gauges(self) -> None:
+    def update_metrics(self) -> None:
+        """Sync Prometheus gauges and counters with the scheduler, allocator and prefix cache."""
         m, s = self.metrics, self.scheduler
+        current = {"queries": self.prefix_cache.queried_tokens, "hits": self.prefix_cache.hit_tokens,
+                   "preemptions": s.num_preemptions}
+        counters = {"queries": m.prefix_cache_queries, "hits": m.prefix_cache_hits, "preemptions": m.num_preemptions}
+        for key, value in current.items():
+            last = self._synced[key]
+            counters[key].inc(value - last if value >= last else value)  # a reset source counts from zero
+        self._synced = current
         m.num_requests_running.set(len(s.running))
         m.num_requests_waiting.set(len(s.waiting))
         total = self.allocator.num_total

@@ -1,0 +1,61 @@
+"""Model loading: built-in names, HF directories and GGUF files all become one ModelPackage."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from nanoinfer.config import GenerationDefaults, ModelConfig
+from nanoinfer.errors import ModelLoadError
+
+if TYPE_CHECKING:
+    import torch
+
+    from nanoinfer.tokenizer import Tokenizer
+
+
+@dataclass
+class ModelPackage:
+    """Everything needed to serve one model: architecture, weights, tokenizer, generation defaults."""
+
+    config: ModelConfig
+    weights: dict[str, "torch.Tensor"]  # canonical names (docs/contracts.md) -> float tensors
+    tokenizer: "Tokenizer"
+    generation: GenerationDefaults = field(default_factory=GenerationDefaults)
+    source: str = ""  # the path (or built-in name) it was loaded from
+    file_type: str = ""  # e.g. "Q4_1", "Q4_K_M", "bfloat16"
+
+
+def load_package(name_or_path: str | Path) -> ModelPackage:
+    """Load a built-in model name, a HF model directory or a .gguf file."""
+    from nanoinfer.loading import registry
+
+    name = str(name_or_path)
+    if name in registry.BUILTIN_MODELS:
+        return registry.load_builtin(name)
+    path = Path(name).expanduser()
+    if not path.exists():
+        known = ", ".join(registry.BUILTIN_MODELS)
+        raise ModelLoadError(f"model {name!r} not found: no such file or directory, and not a built-in name ({known})")
+    if path.is_dir():
+        _check_hf_dir(path)
+        from nanoinfer.loading.hf import load_hf_dir  # lazy: only HF directories need it
+
+        return load_hf_dir(path)
+    if path.suffix.lower() == ".gguf":
+        from nanoinfer.loading.gguf import load_gguf
+
+        return load_gguf(path)
+    raise ModelLoadError(f"{path} is neither a model directory nor a .gguf file")
+
+
+def _check_hf_dir(path: Path) -> None:
+    if not (path / "config.json").is_file():
+        raise ModelLoadError(f"{path} is not a model directory: it has no config.json")
+    has_weights = any(path.glob("*.safetensors")) or any(path.glob("*.bin")) or any(path.glob("*.pt"))
+    if not has_weights:
+        raise ModelLoadError(f"{path} has no weight files (*.safetensors)")
+
+
+__all__ = ["ModelPackage", "load_package"]

@@ -1,0 +1,317 @@
+"""Load a llama.cpp GGUF file: metadata -> ModelConfig, dequantized tensors -> canonical weights."""
+
+from __future__ import annotations
+
+import logging
+import math
+import re
+import struct
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from nanoinfer.config import GenerationDefaults, ModelConfig
+from nanoinfer.errors import ModelLoadError
+from nanoinfer.loading import ModelPackage
+from nanoinfer.loading.gguf_reader import GGUFFile, GGUFFormatError
+from nanoinfer.tokenizer import Tokenizer
+
+log = logging.getLogger(__name__)
+
+GGUF_ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3", "gemma3")
+
+# GGUF tensor name (inside blk.N) -> canonical name (inside layers.N)
+_LAYER_NAMES = {
+    "attn_norm": "input_norm",
+    "attn_q": "attn.q_proj",
+    "attn_k": "attn.k_proj",
+    "attn_v": "attn.v_proj",
+    "attn_output": "attn.o_proj",
+    "attn_q_norm": "attn.q_norm",
+    "attn_k_norm": "attn.k_norm",
+    "post_attention_norm": "post_attn_norm",
+    "ffn_norm": "pre_mlp_norm",
+    "post_ffw_norm": "post_mlp_norm",
+    "ffn_gate": "mlp.gate_proj",
+    "ffn_up": "mlp.up_proj",
+    "ffn_down": "mlp.down_proj",
+}
+_GLOBAL_NAMES = {"token_embd": "embed", "output_norm": "norm", "output": "lm_head"}
+_IGNORED = {"rope_freqs.weight"}  # llama 3 precomputed rope factors; see config notes
+_BLOCK = re.compile(r"^blk\.(\d+)\.(\w+)\.(weight|bias)$")
+
+
+def load_gguf(path: str | Path) -> ModelPackage:
+    """Read a GGUF file into a ModelPackage (float32 weights in HF layout)."""
+    path = Path(path)
+    gf = open_gguf(path)
+    try:
+        meta = gf.metadata
+        arch = meta.get("general.architecture")
+        if arch not in GGUF_ARCHITECTURES:
+            raise ModelLoadError(
+                f"{path.name}: GGUF architecture {arch!r} is not supported; "
+                f"supported: {', '.join(GGUF_ARCHITECTURES)}"
+            )
+        shapes = {name: info.shape for name, info in gf.tensors.items()}
+        config = config_from_metadata(meta, shapes)
+        # Check shapes before the (slow) dequantization so a mismatched file fails fast.
+        check_shapes(config, {canonical_name(n) or n: s for n, s in shapes.items() if n not in _IGNORED}, path.name)
+        tokenizer = Tokenizer.from_gguf_metadata(meta, arch)
+        weights = _load_weights(gf, config, path)
+    finally:
+        gf.close()
+    generation = GenerationDefaults(
+        temperature=meta.get("general.sampling.temp"),
+        top_p=meta.get("general.sampling.top_p"),
+        top_k=meta.get("general.sampling.top_k"),
+        repetition_penalty=meta.get("general.sampling.penalty_repeat"),
+        eos_token_ids=tokenizer.eos_token_ids,
+        bos_token_id=tokenizer.bos_token_id,
+    )
+    return ModelPackage(config=config, weights=weights, tokenizer=tokenizer, generation=generation,
+                        source=str(path), file_type=_file_type(meta, gf))
+
+
+def load_gguf_tokenizer(path: str | Path) -> Tokenizer:
+    """Only the tokenizer of a GGUF file (no tensors are decoded)."""
+    gf = open_gguf(path)
+    try:
+        return Tokenizer.from_gguf_metadata(gf.metadata, str(gf.metadata.get("general.architecture", "")))
+    finally:
+        gf.close()
+
+
+def open_gguf(path: str | Path) -> GGUFFile:
+    """Parse a GGUF file's header; any malformation becomes a one-line ModelLoadError."""
+    path = Path(path)
+    if not path.is_file():
+        raise ModelLoadError(f"GGUF file {path} does not exist")
+    try:
+        return GGUFFile(path)
+    except GGUFFormatError as e:
+        raise ModelLoadError(f"{path} is not a valid GGUF file: {e}") from None
+    except (OSError, ValueError, UnicodeDecodeError, struct.error) as e:
+        raise ModelLoadError(f"{path} is not a valid GGUF file (truncated or corrupt?): {_one_line(e)}") from None
+
+
+def _one_line(e: Exception) -> str:
+    text = str(e).strip().splitlines()
+    return (text[0] if text else type(e).__name__)[:200]
+
+
+def _f32(x: Any) -> float:
+    # GGUF stores floats as float32; 1e-6 comes back as 9.99999997e-07. Round to float32 precision.
+    return float(f"{float(x):.7g}")
+
+
+def config_from_metadata(meta: dict[str, Any], shapes: dict[str, tuple[int, ...]]) -> ModelConfig:
+    """ModelConfig from GGUF metadata; `shapes` (tensor name -> HF-order shape) fills the gaps."""
+    arch = meta["general.architecture"]
+
+    def get(key: str, default: Any = None) -> Any:
+        return meta.get(f"{arch}.{key}", default)
+
+    try:
+        hidden = int(get("embedding_length"))
+        num_layers = int(get("block_count"))
+        heads = _scalar_per_layer(get("attention.head_count"), "attention.head_count")
+        kv_heads = _scalar_per_layer(get("attention.head_count_kv", heads), "attention.head_count_kv")
+        intermediate = _scalar_per_layer(get("feed_forward_length"), "feed_forward_length")
+    except (TypeError, ValueError):
+        raise ModelLoadError(f"GGUF metadata lacks the {arch} dimensions (embedding_length, block_count, ...)") from None
+    head_dim = int(get("attention.key_length") or hidden // heads)
+    rot = get("rope.dimension_count")
+    if rot is not None and int(rot) != head_dim:
+        raise ModelLoadError(f"partial rotary embeddings ({rot} of {head_dim} dims) are not supported")
+    if "token_embd.weight" not in shapes:
+        raise ModelLoadError("GGUF file has no token_embd.weight tensor")
+    if "rope_freqs.weight" in shapes:
+        log.warning("GGUF has llama3 rope frequency factors (rope_freqs.weight); they are not applied")
+    kwargs: dict[str, Any] = dict(
+        architecture=arch,
+        vocab_size=shapes["token_embd.weight"][0],
+        hidden_size=hidden,
+        intermediate_size=intermediate,
+        num_layers=num_layers,
+        num_heads=heads,
+        num_kv_heads=kv_heads,
+        head_dim=head_dim,
+        max_position_embeddings=int(get("context_length", 4096)),
+        rms_norm_eps=_f32(get("attention.layer_norm_rms_epsilon", 1e-6)),
+        rope_theta=_f32(get("rope.freq_base", 10000.0)),
+        rope_scaling=_rope_scaling(meta, arch),
+        tie_word_embeddings="output.weight" not in shapes,
+        attention_bias="blk.0.attn_q.bias" in shapes,
+        qk_norm="blk.0.attn_q_norm.weight" in shapes,
+        torch_dtype="float32",
+    )
+    window = get("attention.sliding_window")
+    if arch == "mistral" and window:
+        kwargs.update(sliding_window=int(window), layer_types=("sliding",) * num_layers)
+    if arch == "gemma3":
+        kwargs.update(_gemma3_fields(meta, hidden, heads, head_dim, num_layers))
+    return ModelConfig(**kwargs)
+
+
+def _scalar_per_layer(value: Any, key: str) -> int:
+    # Some files store one value per layer; nanoinfer supports uniform layers only.
+    if isinstance(value, (list, tuple)):
+        if len(set(value)) != 1:
+            raise ModelLoadError(f"per-layer {key} values {sorted(set(value))} are not supported")
+        value = value[0]
+    return int(value)
+
+
+def _gemma3_fields(meta: dict[str, Any], hidden: int, heads: int, head_dim: int, num_layers: int) -> dict[str, Any]:
+    pattern = int(meta.get("gemma3.attention.sliding_window_pattern") or 6)  # llama.cpp hard-codes 6 for gemma3
+    window = meta.get("gemma3.attention.sliding_window")
+    # llama.cpp: queries scaled by 1/sqrt(head_dim), except the 27B (62 layers) uses 1/sqrt(hidden/heads).
+    # This equals HF's query_pre_attn_scalar ** -0.5 (256 for the 270M/1B/4B/12B, 168 for the 27B).
+    scalar = hidden // heads if num_layers == 62 else head_dim
+    softcap = meta.get("gemma3.final_logit_softcapping")
+    return dict(
+        norm_weight_offset=1.0,
+        post_norms=True,
+        activation="gelu_tanh",
+        embedding_scale=math.sqrt(hidden),
+        attention_scale=scalar**-0.5,
+        sliding_window=int(window) if window else None,
+        layer_types=tuple("full" if (i + 1) % pattern == 0 else "sliding" for i in range(num_layers)),
+        rope_local_theta=10000.0,  # not stored in GGUF; llama.cpp uses 10000 for gemma3's local layers
+        final_logit_softcapping=_f32(softcap) if softcap else None,
+    )
+
+
+def _rope_scaling(meta: dict[str, Any], arch: str) -> dict[str, Any] | None:
+    kind = meta.get(f"{arch}.rope.scaling.type")
+    factor = meta.get(f"{arch}.rope.scaling.factor")
+    if kind in (None, "none") and not factor:
+        return None
+    if kind in (None, "none"):
+        kind = "linear"  # old files give only a factor
+    scaling: dict[str, Any] = {"rope_type": kind, "factor": _f32(factor or 1.0)}
+    extra = {
+        "original_context_length": "original_max_position_embeddings",
+        "attn_factor": "attention_factor",
+        "yarn_beta_fast": "beta_fast",
+        "yarn_beta_slow": "beta_slow",
+    }
+    for gguf_key, hf_key in extra.items():
+        value = meta.get(f"{arch}.rope.scaling.{gguf_key}")
+        if value is not None:
+            scaling[hf_key] = int(value) if hf_key.startswith("original") else _f32(value)
+    return scaling
+
+
+# ---------------------------------------------------------------------------------------------
+# Tensors
+# ---------------------------------------------------------------------------------------------
+
+
+def canonical_name(gguf_name: str) -> str | None:
+    """Canonical weight name for a GGUF tensor name (None when it is not a model weight)."""
+    m = _BLOCK.match(gguf_name)
+    if m:
+        layer, part, kind = m.groups()
+        return f"layers.{layer}.{_LAYER_NAMES[part]}.{kind}" if part in _LAYER_NAMES else None
+    base, _, kind = gguf_name.rpartition(".")
+    return f"{_GLOBAL_NAMES[base]}.{kind}" if base in _GLOBAL_NAMES else None
+
+
+def _unpermute(w: np.ndarray, n_heads: int) -> np.ndarray:
+    # llama.cpp's converter reorders each head's rows from rotate-half (HF) to interleaved pairs;
+    # this is its inverse: rows (head, pair, 2) -> (head, 2, pair).
+    rows = w.shape[0]
+    return w.reshape(n_heads, rows // n_heads // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def _load_weights(gf: GGUFFile, config: ModelConfig, path: Path) -> dict[str, torch.Tensor]:
+    from gguf import GGMLQuantizationType
+    from gguf.quants import dequantize
+
+    permute = config.architecture in ("llama", "mistral")
+    gemma = config.architecture == "gemma3"
+    weights: dict[str, torch.Tensor] = {}
+    for gname, info in gf.tensors.items():
+        name = canonical_name(gname)
+        if name is None:
+            if gname in _IGNORED:
+                continue
+            raise ModelLoadError(f"{path.name}: unexpected tensor {gname!r} for {config.architecture}")
+        qtype = GGMLQuantizationType(info.ggml_type)
+        try:
+            w = dequantize(gf.raw(gname), qtype)
+        except NotImplementedError:
+            raise ModelLoadError(f"{path.name}: tensor {gname} uses unsupported type {qtype.name}") from None
+        except Exception as e:
+            raise ModelLoadError(f"{path.name}: cannot decode tensor {gname}: {_one_line(e)}") from None
+        # Copy out of the file mapping (F32 tensors come back as read-only views of it).
+        w = np.array(w, dtype=np.float32, copy=True).reshape(info.shape)
+        if permute and name.endswith(("q_proj.weight", "q_proj.bias")):
+            w = _unpermute(w, config.num_heads)
+        elif permute and name.endswith(("k_proj.weight", "k_proj.bias")):
+            w = _unpermute(w, config.num_kv_heads)
+        if gemma and name.endswith("norm.weight"):
+            w = w - 1.0  # the converter stored (1 + w) for llama.cpp; the model adds the 1 itself
+        weights[name] = torch.from_numpy(np.ascontiguousarray(w))
+    return weights
+
+
+def expected_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """Canonical weight name -> shape this config requires."""
+    c = config
+    shapes: dict[str, tuple[int, ...]] = {"embed.weight": (c.vocab_size, c.hidden_size), "norm.weight": (c.hidden_size,)}
+    if not c.tie_word_embeddings:
+        shapes["lm_head.weight"] = (c.vocab_size, c.hidden_size)
+    for i in range(c.num_layers):
+        p = f"layers.{i}."
+        shapes.update({
+            p + "input_norm.weight": (c.hidden_size,),
+            p + "attn.q_proj.weight": (c.q_size, c.hidden_size),
+            p + "attn.k_proj.weight": (c.kv_size, c.hidden_size),
+            p + "attn.v_proj.weight": (c.kv_size, c.hidden_size),
+            p + "attn.o_proj.weight": (c.hidden_size, c.q_size),
+            p + "pre_mlp_norm.weight": (c.hidden_size,),
+            p + "mlp.gate_proj.weight": (c.intermediate_size, c.hidden_size),
+            p + "mlp.up_proj.weight": (c.intermediate_size, c.hidden_size),
+            p + "mlp.down_proj.weight": (c.hidden_size, c.intermediate_size),
+        })
+        if c.attention_bias:
+            shapes.update({p + "attn.q_proj.bias": (c.q_size,), p + "attn.k_proj.bias": (c.kv_size,),
+                           p + "attn.v_proj.bias": (c.kv_size,)})
+        if c.qk_norm:
+            shapes.update({p + "attn.q_norm.weight": (c.head_dim,), p + "attn.k_norm.weight": (c.head_dim,)})
+        if c.post_norms:
+            shapes.update({p + "post_attn_norm.weight": (c.hidden_size,), p + "post_mlp_norm.weight": (c.hidden_size,)})
+    return shapes
+
+
+def check_shapes(config: ModelConfig, weights: dict[str, Any], source: str) -> None:
+    """Raise ModelLoadError when weights (tensors or shapes) are missing, unexpected, or disagree with config."""
+    expected = expected_shapes(config)
+    missing = [n for n in expected if n not in weights]
+    if missing:
+        raise ModelLoadError(f"{source}: missing weights {missing[:3]}{' ...' if len(missing) > 3 else ''}")
+    extra = [n for n in weights if n not in expected]
+    if extra:
+        raise ModelLoadError(f"{source}: unexpected weights {extra[:3]}{' ...' if len(extra) > 3 else ''}")
+    for name, shape in expected.items():
+        got = tuple(getattr(weights[name], "shape", weights[name]))
+        if got != shape:
+            raise ModelLoadError(f"{source}: weight {name} has shape {got}, config implies {shape}")
+
+
+def _file_type(meta: dict[str, Any], gf: GGUFFile) -> str:
+    from gguf import GGMLQuantizationType, LlamaFileType
+
+    ftype = meta.get("general.file_type")
+    try:
+        return LlamaFileType(int(ftype)).name.removeprefix("MOSTLY_").removeprefix("ALL_")
+    except (TypeError, ValueError):
+        return "+".join(sorted({GGMLQuantizationType(t.ggml_type).name for t in gf.tensors.values()}))
+
+
+__all__ = ["load_gguf", "load_gguf_tokenizer", "open_gguf", "config_from_metadata", "canonical_name", "expected_shapes", "check_shapes"]

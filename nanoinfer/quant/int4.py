@@ -1,0 +1,154 @@
+"""Weight-only int4: group-wise asymmetric quantization and the Linear that runs on it.
+
+Our mapping (per group of `group_size` consecutive input features of one output row):
+    scale = (max - min) / 15,  zero_point = round(-min / scale)
+    q = clamp(round(w / scale) + zero_point, 0, 15),  w ~= (q - zero_point) * scale
+so every element is within scale / 2 of its original.
+
+torch's CPU kernel (`aten._weight_int4pack_mm_for_cpu`, torch 2.13) dequantizes as
+    w = (q - 8) * scale + zero
+with `scales_and_zeros` of shape [K / group, N, 2] ([..., 0] = scale, [..., 1] = zero) in the
+activation dtype. The two agree with zero = (8 - zero_point) * scale, the form stored here for
+both the kernel and the fallback layout. The zero point is folded into that float offset, so it
+need not fit in 4 bits: a group of all-positive weights keeps its full 16 levels.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+KERNEL_GROUP_SIZES = (32, 64, 128, 256)
+_KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+_MIN_SCALE = 1e-12  # a constant group has range 0; any positive scale then maps it exactly
+_KERNEL_OFFSET = 8  # the kernel's fixed integer offset: w = (q - 8) * scale + zero
+
+
+def quantize_int4(weight: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Group-wise asymmetric int4: (q uint8 [N, K] in 0..15, scales [N, G], zero_points [N, G]), float32."""
+    w = weight.detach().float()
+    n, k = w.shape
+    groups = -(-k // group_size)
+    pad = groups * group_size - k
+    if pad:  # repeat the last column so the padding cannot widen the last group's range
+        w = torch.cat([w, w[:, -1:].expand(n, pad)], dim=1)
+    wg = w.view(n, groups, group_size)
+    wmin, wmax = wg.amin(dim=-1), wg.amax(dim=-1)
+    scales = ((wmax - wmin) / 15.0).clamp_min(_MIN_SCALE)
+    zero_points = torch.round(-wmin / scales)
+    q = (torch.round(wg / scales[..., None]) + zero_points[..., None]).clamp_(0, 15)
+    return q.view(n, -1)[:, :k].to(torch.uint8), scales, zero_points
+
+
+def dequantize_int4(q: torch.Tensor, scales: torch.Tensor, zero_points: torch.Tensor, group_size: int) -> torch.Tensor:
+    """(q - zero_point) * scale, float32 [N, K]: the reference the kernels are checked against."""
+    k = q.shape[1]
+    s = scales.repeat_interleave(group_size, dim=1)[:, :k]
+    z = zero_points.repeat_interleave(group_size, dim=1)[:, :k]
+    return (q.float() - z) * s
+
+
+def to_scales_and_zeros(scales: torch.Tensor, zero_points: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Our (scale, zero_point) [N, G] as torch's [G, N, 2] (scale, zero) with w = (q - 8) * scale + zero."""
+    zeros = (_KERNEL_OFFSET - zero_points) * scales
+    return torch.stack([scales, zeros], dim=-1).transpose(0, 1).contiguous().to(dtype)
+
+
+def int4_kernel_fits(out_features: int, in_features: int, group_size: int) -> bool:
+    """Shape rules of torch's CPU int4 pack/mm ops (checked by experiment on torch 2.13)."""
+    return group_size in KERNEL_GROUP_SIZES and in_features % group_size == 0 and out_features % 16 == 0
+
+
+def _pack_nibbles(q: torch.Tensor) -> torch.Tensor:
+    """[N, K] values 0..15 -> [N, ceil(K/2)] uint8, even k in the low nibble (our portable layout)."""
+    if q.shape[1] % 2:
+        q = F.pad(q, (0, 1))
+    return (q[:, 0::2] | (q[:, 1::2] << 4)).to(torch.uint8)
+
+
+def _unpack_nibbles(packed: torch.Tensor, k: int) -> torch.Tensor:
+    """Inverse of _pack_nibbles: [N, ceil(K/2)] uint8 -> [N, K] uint8."""
+    q = torch.stack([packed & 0xF, packed >> 4], dim=-1)
+    return q.view(packed.shape[0], -1)[:, :k]
+
+
+class Int4Linear(nn.Module):
+    """Drop-in for nn.Linear with group-wise int4 weights.
+
+    On CPU with a shape the kernel accepts, the weight is held in torch's opaque packed layout
+    (`_convert_weight_to_int4pack_for_cpu`: uint8 [N, K/2], blocked over output rows) and the
+    matmul is `_weight_int4pack_mm_for_cpu`; otherwise it is held as plain nibbles and each call
+    dequantizes, then runs F.linear.
+    """
+
+    def __init__(
+        self,
+        q: torch.Tensor,
+        scales: torch.Tensor,
+        zero_points: torch.Tensor,
+        group_size: int,
+        bias: torch.Tensor | None,
+        dtype: torch.dtype,
+        use_kernel: bool = True,
+    ):
+        super().__init__()
+        self.out_features, self.in_features = q.shape
+        self.group_size = group_size
+        # The layout is fixed here: the kernel's packing is CPU-specific, so quantize on the target device.
+        self.kernel = (
+            use_kernel and q.device.type == "cpu" and int4_kernel_fits(self.out_features, self.in_features, group_size)
+        )
+        if self.kernel:
+            packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.to(torch.int32).contiguous(), 1)
+        else:
+            packed = _pack_nibbles(q)
+        self.register_buffer("packed", packed)
+        # In the model dtype: the kernel wants them in the activation dtype.
+        self.register_buffer("scales_and_zeros", to_scales_and_zeros(scales, zero_points, dtype))
+        self.register_buffer("bias", None if bias is None else bias.detach().to(dtype).clone())
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, group_size: int = 32, use_kernel: bool = True) -> "Int4Linear":
+        """Quantize an existing nn.Linear (its dtype becomes the compute dtype)."""
+        q, scales, zero_points = quantize_int4(linear.weight, group_size)
+        return cls(q, scales, zero_points, group_size, linear.bias, linear.weight.dtype, use_kernel)
+
+    def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """The float weight [N, K] this layer multiplies by."""
+        dtype = dtype or self.scales_and_zeros.dtype
+        if self.kernel:
+            # The packed layout is the kernel's business: read it back through the kernel with x = I.
+            eye = torch.eye(self.in_features, dtype=torch.float32, device=self.packed.device)
+            sz = self.scales_and_zeros.float()
+            w_t = torch.ops.aten._weight_int4pack_mm_for_cpu(eye, self.packed, self.group_size, sz)
+            return w_t.t().to(dtype)
+        q = _unpack_nibbles(self.packed, self.in_features).to(dtype)
+        sz = self.scales_and_zeros.to(dtype).repeat_interleave(self.group_size, dim=0)[: self.in_features]
+        return (q - _KERNEL_OFFSET) * sz[..., 0].t() + sz[..., 1].t()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        lead = x.shape[:-1]
+        x2 = x.reshape(-1, self.in_features)
+        bias = None if self.bias is None else self.bias.to(x.dtype)
+        if not self.kernel:
+            out = F.linear(x2, self.dequantize(x.dtype), bias)
+        elif x2.shape[0] == 0:
+            out = x2.new_empty(0, self.out_features)
+        else:
+            if x.device.type != "cpu":
+                raise RuntimeError("Int4Linear holds CPU-packed int4 weights; quantize on the device it runs on")
+            # The kernel takes f32/f16/bf16 only; anything else runs in the weight's dtype.
+            cdtype = x.dtype if x.dtype in _KERNEL_DTYPES else self.scales_and_zeros.dtype
+            sz = self.scales_and_zeros if self.scales_and_zeros.dtype == cdtype else self.scales_and_zeros.to(cdtype)
+            out = torch.ops.aten._weight_int4pack_mm_for_cpu(x2.to(cdtype).contiguous(), self.packed, self.group_size, sz)
+            out = out.to(x.dtype)
+            if bias is not None:
+                out = out + bias
+        return out.reshape(*lead, self.out_features)
+
+    def extra_repr(self) -> str:
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, group_size={self.group_size}, "
+            f"bias={self.bias is not None}, kernel={self.kernel}"
+        )

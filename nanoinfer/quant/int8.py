@@ -1,0 +1,78 @@
+"""Weight-only int8: per-output-channel symmetric quantization and the Linear that runs on it.
+
+Mapping: scale[n] = max_k |w[n, k]| / 127, zero point 0, q = round(w / scale) in [-127, 127],
+w ~= q * scale. On CPU the matmul is torch's `_weight_int8pack_mm(x [M, K], q int8 [N, K],
+scales [N])`, which wants x and scales in the same dtype (f32, f16 or bf16); elsewhere we
+dequantize and call F.linear.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+_KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+# A zero row would give scale 0 and 0/0 on quantize; any tiny positive scale maps it to q = 0.
+_MIN_SCALE = 1e-12
+
+
+def quantize_int8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-row symmetric int8: returns (q int8 [N, K], scales float32 [N])."""
+    w = weight.detach().float()
+    scales = (w.abs().amax(dim=1) / 127.0).clamp_min(_MIN_SCALE)
+    q = torch.round(w / scales[:, None]).clamp_(-127, 127).to(torch.int8)
+    return q, scales
+
+
+def dequantize_int8(q: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """q * scale per row, in `dtype`."""
+    return (q.to(dtype) * scales.to(dtype)[:, None]).to(dtype)
+
+
+def int8_kernel_supported(x: torch.Tensor, in_features: int) -> bool:
+    """Whether torch's CPU int8 kernel can run this activation."""
+    if x.device.type != "cpu" or x.dtype not in _KERNEL_DTYPES:
+        return False
+    # The bf16 path reads K in vectors of 8: other K gives garbage or a segfault (torch 2.13, AVX2).
+    return x.dtype != torch.bfloat16 or in_features % 8 == 0
+
+
+class Int8Linear(nn.Module):
+    """Drop-in for nn.Linear with int8 weights and per-output-channel scales."""
+
+    def __init__(self, q: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None, dtype: torch.dtype):
+        super().__init__()
+        self.out_features, self.in_features = q.shape
+        self.register_buffer("q", q.contiguous())
+        # Stored in the model's dtype because the kernel wants scales in the activation dtype;
+        # casting per call would add an op to every matmul.
+        self.register_buffer("scales", scales.to(dtype).contiguous())
+        self.register_buffer("bias", None if bias is None else bias.detach().to(dtype).clone())
+        self.use_kernel = True  # tests flip this to compare against the fallback path
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear) -> "Int8Linear":
+        """Quantize an existing nn.Linear (its dtype becomes the compute dtype)."""
+        q, scales = quantize_int8(linear.weight)
+        return cls(q, scales, linear.bias, linear.weight.dtype)
+
+    def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """The float weight [N, K] this layer multiplies by."""
+        return dequantize_int8(self.q, self.scales, dtype or self.scales.dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        lead = x.shape[:-1]
+        x2 = x.reshape(-1, self.in_features)
+        if self.use_kernel and int8_kernel_supported(x2, self.in_features) and x2.shape[0] > 0:
+            scales = self.scales if self.scales.dtype == x.dtype else self.scales.to(x.dtype)
+            out = torch._weight_int8pack_mm(x2.contiguous(), self.q, scales)
+            if self.bias is not None:
+                out = out + self.bias.to(x.dtype)
+        else:
+            bias = None if self.bias is None else self.bias.to(x.dtype)
+            out = F.linear(x2, self.dequantize(x.dtype), bias)
+        return out.reshape(*lead, self.out_features)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
