@@ -20,7 +20,8 @@ TEXTS = [
     "def add(a, b):\n    return a + b  # sum 12345 and 0.5\n\n\tprint(add(1, 2))",
     "Emoji: 😀🎉👍🏽 and flags 🇫🇷, family 👨‍👩‍👧",
     "  leading spaces, trailing   \n\n\nnewlines and   runs of spaces  ",
-    "Mixed: naïve café – “quotes” — § ≠ ∑; Ünïcödé, Ελληνικά, русский, العربية, हिन्दी",
+    "Mixed: naïve café – “quotes” — § ≠ ∑; Ünïcödé, "
+    "Ελληνικά, русский, العربية, हिन्दी",
     "I'm sure it's fine, they'll see; we've done it and you'd agree.",
 ]
 STREAM_TEXTS = [

@@ -59,3 +59,11 @@ def _check_hf_dir(path: Path) -> None:
 
 
 __all__ = ["ModelPackage", "load_package"]
+
+
+def resolve_model_path(name_or_path: str | Path) -> Path:
+    """The file or directory behind a model argument (built-in names resolve to their GGUF)."""
+    from nanoinfer.loading import registry
+
+    name = str(name_or_path)
+    return registry.builtin_path(name) if name in registry.BUILTIN_MODELS else Path(name).expanduser()

@@ -121,7 +121,9 @@ def config_from_metadata(meta: dict[str, Any], shapes: dict[str, tuple[int, ...]
         kv_heads = _scalar_per_layer(get("attention.head_count_kv", heads), "attention.head_count_kv")
         intermediate = _scalar_per_layer(get("feed_forward_length"), "feed_forward_length")
     except (TypeError, ValueError):
-        raise ModelLoadError(f"GGUF metadata lacks the {arch} dimensions (embedding_length, block_count, ...)") from None
+        raise ModelLoadError(
+            f"GGUF metadata lacks the {arch} dimensions (embedding_length, block_count, ...)"
+        ) from None
     head_dim = int(get("attention.key_length") or hidden // heads)
     rot = get("rope.dimension_count")
     if rot is not None and int(rot) != head_dim:
@@ -263,7 +265,10 @@ def _load_weights(gf: GGUFFile, config: ModelConfig, path: Path) -> dict[str, to
 def expected_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
     """Canonical weight name -> shape this config requires."""
     c = config
-    shapes: dict[str, tuple[int, ...]] = {"embed.weight": (c.vocab_size, c.hidden_size), "norm.weight": (c.hidden_size,)}
+    shapes: dict[str, tuple[int, ...]] = {
+        "embed.weight": (c.vocab_size, c.hidden_size),
+        "norm.weight": (c.hidden_size,),
+    }
     if not c.tie_word_embeddings:
         shapes["lm_head.weight"] = (c.vocab_size, c.hidden_size)
     for i in range(c.num_layers):
@@ -314,4 +319,12 @@ def _file_type(meta: dict[str, Any], gf: GGUFFile) -> str:
         return "+".join(sorted({GGMLQuantizationType(t.ggml_type).name for t in gf.tensors.values()}))
 
 
-__all__ = ["load_gguf", "load_gguf_tokenizer", "open_gguf", "config_from_metadata", "canonical_name", "expected_shapes", "check_shapes"]
+__all__ = [
+    "load_gguf",
+    "load_gguf_tokenizer",
+    "open_gguf",
+    "config_from_metadata",
+    "canonical_name",
+    "expected_shapes",
+    "check_shapes",
+]

@@ -218,7 +218,9 @@ def _sentencepiece_backend(tokens: Sequence[str], types: Sequence[int], meta: di
     return backend
 
 
-def _merges_from_vocab(tokens: Sequence[str], vocab: dict[str, int], priority: Sequence[float]) -> list[tuple[str, str]]:
+def _merges_from_vocab(
+    tokens: Sequence[str], vocab: dict[str, int], priority: Sequence[float]
+) -> list[tuple[str, str]]:
     """BPE merges implied by a SentencePiece vocabulary: every split of a token into two tokens."""
     found: list[tuple[float, int, int, str, str]] = []
     for token, prio in zip(tokens, priority):
