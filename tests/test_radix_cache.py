@@ -357,10 +357,23 @@ class RadixCacheMachine(RuleBasedStateMachine):
         self.touch(r.tokens, full // BS)
         return result
 
+    def node_prefixes(self) -> list[list[tuple[int, ...]]]:
+        """The cached prefixes of each node's blocks, one list per node (white-box: eviction
+        works on whole nodes, so its stopping rule can only be checked per node)."""
+        result = []
+        stack = [(self.cache.root, ())]
+        while stack:
+            node, prefix = stack.pop()
+            if node is not self.cache.root:
+                result.append([prefix + node.key[: (i + 1) * BS] for i in range(len(node.blocks))])
+            stack.extend((child, prefix + node.key) for child in node.children.values())
+        return result
+
     def evicted(self, n: int) -> None:
         before = self.cache.block_map()
         assert before == self.cached
         protected = self.protected()
+        nodes = self.node_prefixes()
         freed = self.cache.evict(n)
         after = self.cache.block_map()
         assert after.items() <= before.items()
@@ -373,6 +386,11 @@ class RadixCacheMachine(RuleBasedStateMachine):
             assert not dropped
         if freed < n:
             assert set(after) <= protected, "stopped early with evictable prefixes left"
+        dropped_nodes = [ps for ps in nodes if ps[0] in dropped]
+        assert all(set(ps) <= dropped for ps in dropped_nodes), "evicted part of a node"
+        if dropped_nodes:  # it stops once enough is freed: before its last node it had < n
+            most = max(sum(1 for p in ps if self.refs[before[p]] == 0) for ps in dropped_nodes)
+            assert freed - most < n, "evicted more than needed"
         kept = [self.tick[p] for p in after if p not in protected]
         if dropped and kept:
             assert max(self.tick[p] for p in dropped) <= min(kept), "not LRU"
