@@ -4,6 +4,11 @@ Mapping: scale[n] = max_k |w[n, k]| / 127, zero point 0, q = round(w / scale) in
 w ~= q * scale. On CPU the matmul is torch's `_weight_int8pack_mm(x [M, K], q int8 [N, K],
 scales [N])`, which wants x and scales in the same dtype (f32, f16 or bf16); elsewhere we
 dequantize and call F.linear.
+
+torch's float32 path of that kernel is scalar code on AVX2 (measured 2-70x slower than an fp32
+nn.Linear, worse as the batch grows), while its bf16 path is vectorized. So float32 activations
+are rounded to bf16 for the kernel and the result cast back, unless `exact_fp32` is set, which
+dequantizes to float32 and calls F.linear instead.
 """
 
 from __future__ import annotations
@@ -30,12 +35,12 @@ def dequantize_int8(q: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype = 
     return (q.to(dtype) * scales.to(dtype)[:, None]).to(dtype)
 
 
-def int8_kernel_supported(x: torch.Tensor, in_features: int) -> bool:
-    """Whether torch's CPU int8 kernel can run this activation."""
-    if x.device.type != "cpu" or x.dtype not in _KERNEL_DTYPES:
+def int8_kernel_supported(device: torch.device, dtype: torch.dtype, in_features: int) -> bool:
+    """Whether torch's CPU int8 kernel can run activations of this device and dtype."""
+    if device.type != "cpu" or dtype not in _KERNEL_DTYPES:
         return False
     # The bf16 path reads K in vectors of 8: other K gives garbage or a segfault (torch 2.13, AVX2).
-    return x.dtype != torch.bfloat16 or in_features % 8 == 0
+    return dtype != torch.bfloat16 or in_features % 8 == 0
 
 
 class Int8Linear(nn.Module):
@@ -49,7 +54,9 @@ class Int8Linear(nn.Module):
         # casting per call would add an op to every matmul.
         self.register_buffer("scales", scales.to(dtype).contiguous())
         self.register_buffer("bias", None if bias is None else bias.detach().to(dtype).clone())
-        self.use_kernel = True  # tests flip this to compare against the fallback path
+        self.use_kernel = True  # False forces dequantize-then-matmul (tests compare the two paths)
+        self.exact_fp32 = False  # True: fp32 activations skip the bf16 kernel (see module docstring)
+        self._scales_cast: dict[torch.dtype, torch.Tensor] = {}  # scales in other activation dtypes
 
     @classmethod
     def from_linear(cls, linear: nn.Linear) -> "Int8Linear":
@@ -64,9 +71,16 @@ class Int8Linear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         lead = x.shape[:-1]
         x2 = x.reshape(-1, self.in_features)
-        if self.use_kernel and int8_kernel_supported(x2, self.in_features) and x2.shape[0] > 0:
-            scales = self.scales if self.scales.dtype == x.dtype else self.scales.to(x.dtype)
-            out = torch._weight_int8pack_mm(x2.contiguous(), self.q, scales)
+        # fp32 goes through the bf16 kernel (fast) unless asked to stay exact (then: dequantize).
+        cdtype = torch.bfloat16 if x.dtype == torch.float32 else x.dtype
+        kernel = self.use_kernel and not (x.dtype == torch.float32 and self.exact_fp32)
+        if kernel and x2.shape[0] > 0 and int8_kernel_supported(x.device, cdtype, self.in_features):
+            scales = self.scales
+            if scales.dtype != cdtype:  # cast once: fp32 models run the bf16 kernel on every call
+                if cdtype not in self._scales_cast:
+                    self._scales_cast[cdtype] = self.scales.to(cdtype)
+                scales = self._scales_cast[cdtype]
+            out = torch._weight_int8pack_mm(x2.to(cdtype).contiguous(), self.q, scales).to(x.dtype)
             if self.bias is not None:
                 out = out + self.bias.to(x.dtype)
         else:
