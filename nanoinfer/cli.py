@@ -16,7 +16,10 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", "-m", default=DEFAULT_MODEL,
                    help=f"built-in name ({', '.join(BUILTIN_MODELS)}), HF model directory or .gguf file "
                         f"(default: {DEFAULT_MODEL})")
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
+                   help="activation dtype (default: float32)")
+    p.add_argument("--quantization", "-q", default=None, choices=["none", "int8", "int4"],
+                   help="weight-only quantization (default: the model's; int4 for the built-in GGUF models)")
 
 
 def _add_engine_args(p: argparse.ArgumentParser) -> None:
@@ -54,7 +57,7 @@ def _engine_kwargs(args: argparse.Namespace) -> dict[str, Any]:
 def _load_llm(args: argparse.Namespace):
     from nanoinfer.llm import LLM
 
-    return LLM(args.model, dtype=args.dtype, **_engine_kwargs(args))
+    return LLM(args.model, dtype=args.dtype, quantization=args.quantization, **_engine_kwargs(args))
 
 
 def _sampling(llm, args: argparse.Namespace):

@@ -26,6 +26,7 @@ from nanoinfer.errors import RequestError
 from nanoinfer.loading import ModelPackage, load_package
 from nanoinfer.model.transformer import Transformer
 from nanoinfer.outputs import CompletionOutput, RequestOutput
+from nanoinfer.quant import quantize_model
 from nanoinfer.sampling_params import SamplingParams
 from nanoinfer.tokenizer import IncrementalDetokenizer
 
@@ -57,6 +58,8 @@ class LLMEngine:
         self.source = package.source
         dtype = DTYPES[config.dtype]
         self.model = Transformer.from_package(package, dtype, config.device)
+        self.quantization = config.quantization or package.default_quantization
+        quantize_model(self.model, self.quantization, dense_above_rows=config.dense_above_rows)
         self.max_model_len = min(config.max_model_len or package.config.max_position_embeddings,
                                  package.config.max_position_embeddings)
         kv = self._make_kv_cache(dtype)

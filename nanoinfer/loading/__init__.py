@@ -25,6 +25,7 @@ class ModelPackage:
     generation: GenerationDefaults = field(default_factory=GenerationDefaults)
     source: str = ""  # the path (or built-in name) it was loaded from
     file_type: str = ""  # e.g. "Q4_1", "Q4_K_M", "bfloat16"
+    default_quantization: str = "none"  # weight format the engine uses unless told otherwise
 
 
 def load_package(name_or_path: str | Path) -> ModelPackage:

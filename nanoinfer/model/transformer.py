@@ -98,8 +98,8 @@ class Transformer(nn.Module):
         return self.compute_logits(self.norm(x))
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        weight = self.embed.weight if self.lm_head is None else self.lm_head.weight
-        logits = (hidden @ weight.t()).float()
+        # lm_head may be a quantized module (also for a tied head, as a quantized copy of embed)
+        logits = (hidden @ self.embed.weight.t() if self.lm_head is None else self.lm_head(hidden)).float()
         cap = self.config.final_logit_softcapping
         if cap:
             logits = torch.tanh(logits / cap) * cap

@@ -1,0 +1,234 @@
+"""One adapter per engine, each measuring the same workloads the same way.
+
+Every adapter offers:
+  prefill(ids) -> seconds for one forward over the prompt (batch 1)
+  decode(ids, n) -> seconds for n decode steps after the prompt (batch 1, EOS ignored)
+  serve(requests, concurrency) -> list[RequestTiming] for a closed loop of `concurrency` clients
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+
+@dataclass
+class Request:
+    prompt_ids: list[int]
+    output_len: int
+
+
+@dataclass
+class RequestTiming:
+    submit: float
+    first_token: float
+    finish: float
+    output_len: int
+
+    @property
+    def ttft(self) -> float:
+        return self.first_token - self.submit
+
+    @property
+    def tpot(self) -> float:
+        return (self.finish - self.first_token) / max(self.output_len - 1, 1)
+
+
+class NanoinferPeer:
+    name = "nanoinfer"
+
+    def __init__(self, model: str, dtype: str = "float32", quantization: str | None = None, **engine_kwargs: Any):
+        from nanoinfer import LLM
+
+        kwargs = dict(engine_kwargs)
+        if quantization is not None:
+            kwargs["quantization"] = quantization
+        self.model, self.dtype, self.kwargs = model, dtype, kwargs
+        self.llm = LLM(model, dtype=dtype, **kwargs)
+        self.engine = self.llm.engine
+
+    def describe(self) -> dict[str, Any]:
+        return {"dtype": self.dtype, **{k: v for k, v in self.kwargs.items() if isinstance(v, (str, int, bool))}}
+
+    def reconfigure(self, **engine_kwargs: Any) -> None:
+        """A fresh engine with other knobs (e.g. prefix cache off); weights are loaded again."""
+        from nanoinfer import LLM
+
+        self.llm = LLM(self.model, dtype=self.dtype, **{**self.kwargs, **engine_kwargs})
+        self.engine = self.llm.engine
+
+    def _params(self, n: int):
+        from nanoinfer import SamplingParams
+
+        return SamplingParams(temperature=0, max_tokens=n, ignore_eos=True)
+
+    def prefill(self, ids: list[int]) -> float:
+        self.engine.prefix_cache.reset()  # measure computing the prompt, not finding it cached
+        start = time.perf_counter()
+        self.llm.generate([ids], self._params(1))
+        return time.perf_counter() - start
+
+    def decode(self, ids: list[int], n: int) -> float:
+        self.engine.prefix_cache.reset()
+        first = None
+        for out in self.llm.stream(ids, self._params(n + 1)):
+            if first is None:
+                first = time.perf_counter()
+        return time.perf_counter() - first
+
+    def serve(self, requests: list[Request], concurrency: int, fresh_cache: bool = True) -> list[RequestTiming]:
+        """Closed loop; fresh_cache drops what earlier runs cached, so repetitions measure the same work."""
+        engine = self.engine
+        if fresh_cache:
+            engine.prefix_cache.reset()
+        pending = list(enumerate(requests))
+        timings: dict[int, RequestTiming] = {}
+        live: dict[str, int] = {}
+
+        def submit() -> None:
+            i, req = pending.pop(0)
+            rid = f"bench-{i}-{time.perf_counter_ns()}"
+            engine.add_request(rid, req.prompt_ids, self._params(req.output_len))
+            live[rid] = i
+            timings[i] = RequestTiming(time.perf_counter(), 0.0, 0.0, req.output_len)
+
+        while pending and len(live) < concurrency:
+            submit()
+        while live:
+            outputs = engine.step()
+            now = time.perf_counter()
+            for out in outputs:
+                t = timings[live[out.request_id]]
+                if not t.first_token:
+                    t.first_token = now
+                if out.finished:
+                    t.finish = now
+                    del live[out.request_id]
+                    if pending:
+                        submit()
+        return [timings[i] for i in range(len(requests))]
+
+
+class LlamaCppPeer:
+    """llama-cpp-python serving one request at a time, as its Python API does."""
+
+    name = "llama.cpp"
+
+    def __init__(self, gguf_path: Path, threads: int, n_ctx: int = 2048):
+        from llama_cpp import Llama
+
+        self.llm = Llama(model_path=str(gguf_path), n_ctx=n_ctx, n_threads=threads, n_threads_batch=threads,
+                         n_batch=512, verbose=False)
+        self.eos = self.llm.token_eos()
+
+    def describe(self) -> dict[str, Any]:
+        import llama_cpp
+
+        return {"version": llama_cpp.__version__, "threads": self.llm.n_threads}
+
+    def _complete(self, ids: list[int], n: int) -> tuple[float, float]:
+        """(time of first token, time of finish) for one greedy completion of n tokens, EOS banned."""
+        self.llm.reset()  # no reuse of the previous prompt's KV
+        first = None
+        for _ in self.llm.create_completion(
+            ids, max_tokens=n, temperature=0.0, stream=True, logit_bias={self.eos: -1e9}
+        ):
+            if first is None:
+                first = time.perf_counter()
+        return first or time.perf_counter(), time.perf_counter()
+
+    def prefill(self, ids: list[int]) -> float:
+        start = time.perf_counter()
+        self._complete(ids, 1)
+        return time.perf_counter() - start
+
+    def decode(self, ids: list[int], n: int) -> float:
+        first, end = self._complete(ids, n + 1)
+        return end - first
+
+    def serve(self, requests: list[Request], concurrency: int) -> list[RequestTiming]:
+        # One server, FIFO, `concurrency` closed-loop clients: a request is submitted when a slot
+        # frees, so its queueing time behind earlier requests counts in its TTFT.
+        slots_free_at = [time.perf_counter()] * concurrency
+        timings = []
+        for req in requests:
+            submit = min(slots_free_at)
+            first, end = self._complete(req.prompt_ids, req.output_len)
+            slots_free_at[slots_free_at.index(submit)] = end
+            timings.append(RequestTiming(submit, first, end, req.output_len))
+        return timings
+
+
+class TransformersPeer:
+    """transformers' model (loaded from the same GGUF), static padded batches of the concurrency size."""
+
+    name = "transformers"
+
+    def __init__(self, model_path: Path):
+        import transformers
+        from transformers import AutoConfig, AutoModelForCausalLM
+
+        transformers.utils.logging.disable_progress_bar()
+        if model_path.suffix == ".gguf":
+            from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
+
+            config = AutoConfig.from_pretrained(str(model_path.parent), gguf_file=model_path.name)
+            model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+            tensors = load_gguf_checkpoint(str(model_path), return_tensors=True, model_to_load=model)["tensors"]
+            model.load_state_dict(tensors, strict=False)
+            model.tie_weights()
+        else:
+            model = AutoModelForCausalLM.from_pretrained(str(model_path), dtype=torch.float32)
+        self.model = model.eval()
+
+    def describe(self) -> dict[str, Any]:
+        import transformers
+
+        return {"version": transformers.__version__, "dtype": "float32", "attn": self.model.config._attn_implementation}
+
+    @torch.inference_mode()
+    def _run(self, prompts: list[list[int]], out_lens: list[int]) -> tuple[float, list[float]]:
+        """Greedy decode of a left-padded batch; (first-token time, per-request finish times)."""
+        width = max(len(p) for p in prompts)
+        ids = torch.zeros(len(prompts), width, dtype=torch.long)
+        mask = torch.zeros(len(prompts), width, dtype=torch.long)
+        for i, p in enumerate(prompts):
+            ids[i, width - len(p):] = torch.tensor(p)
+            mask[i, width - len(p):] = 1
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True)
+        first = time.perf_counter()
+        finish = [first if n <= 1 else 0.0 for n in out_lens]
+        for step in range(1, max(out_lens)):
+            token = out.logits[:, -1].argmax(-1, keepdim=True)
+            mask = torch.cat([mask, torch.ones(len(prompts), 1, dtype=torch.long)], dim=1)
+            positions = positions[:, -1:] + 1
+            out = self.model(input_ids=token, attention_mask=mask, position_ids=positions,
+                             past_key_values=out.past_key_values, use_cache=True)
+            now = time.perf_counter()
+            for i, n in enumerate(out_lens):
+                if n == step + 1:
+                    finish[i] = now
+        return first, finish
+
+    def prefill(self, ids: list[int]) -> float:
+        start = time.perf_counter()
+        self._run([ids], [1])
+        return time.perf_counter() - start
+
+    def decode(self, ids: list[int], n: int) -> float:
+        first, finish = self._run([ids], [n + 1])
+        return finish[0] - first
+
+    def serve(self, requests: list[Request], concurrency: int) -> list[RequestTiming]:
+        timings = []
+        for i in range(0, len(requests), concurrency):
+            batch = requests[i : i + concurrency]
+            submit = time.perf_counter()
+            first, finish = self._run([r.prompt_ids for r in batch], [r.output_len for r in batch])
+            timings += [RequestTiming(submit, first, f, r.output_len) for r, f in zip(batch, finish)]
+        return timings

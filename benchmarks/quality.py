@@ -1,0 +1,64 @@
+"""Quality per weight format: perplexity on a fixed text, and greedy top-1 agreement with float32.
+
+    nanoinfer bench --quality [--model M]
+
+The text (benchmarks/data/quality.txt, written for this project) is scored in one forward pass
+per format; agreement counts the positions whose argmax equals float32's.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+from pathlib import Path
+
+import torch
+
+TEXT = Path(__file__).parent / "data" / "quality.txt"
+# (label, activation dtype, weight quantization)
+FORMATS = (("float32", "float32", "none"), ("bfloat16", "bfloat16", "none"),
+           ("int8", "bfloat16", "int8"), ("int4", "bfloat16", "int4"))
+
+
+def score_formats(model: str, max_tokens: int | None = None, formats=FORMATS) -> dict[str, dict[str, float]]:
+    """{label: {"perplexity", "top1_agreement", "tokens"}} for each format."""
+    from nanoinfer import LLM
+
+    results: dict[str, dict[str, float]] = {}
+    reference: torch.Tensor | None = None
+    ids: list[int] = []
+    for label, dtype, quantization in formats:
+        llm = LLM(model, dtype=dtype, quantization=quantization, max_num_seqs=1)
+        if not ids:
+            ids = llm.tokenizer.encode(TEXT.read_text(), add_special_tokens=True)[:max_tokens]
+        logits = llm.engine.model.score(ids)[:-1].float()
+        targets = torch.tensor(ids[1:])
+        nll = torch.nn.functional.cross_entropy(logits, targets).item()
+        top1 = logits.argmax(-1)
+        if reference is None:
+            reference = top1
+        results[label] = {
+            "perplexity": math.exp(nll),
+            "top1_agreement": (top1 == reference).float().mean().item(),
+            "tokens": len(ids),
+        }
+        del llm
+    return results
+
+
+def main(args: argparse.Namespace) -> int:
+    results = score_formats(args.model)
+    base = results["float32"]["perplexity"]
+    print(f"| format | perplexity | vs float32 | top-1 agreement with float32 |\n|---|---:|---:|---:|")
+    for label, r in results.items():
+        print(f"| {label} | {r['perplexity']:.3f} | {100 * (r['perplexity'] / base - 1):+.2f}% | "
+              f"{100 * r['top1_agreement']:.2f}% |")
+    print(f"\n{results['float32']['tokens']} tokens of {TEXT.name}, model {args.model}")
+    return 0
+
+
+if __name__ == "__main__":
+    from benchmarks.compare import parse_args
+
+    sys.exit(main(parse_args(sys.argv[1:] + ["--quality"])))

@@ -1,0 +1,102 @@
+"""Turn a benchmark result dict into latest.json, latest.md (table with ratios) and latest.png (bars)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+PEERS = ("llama.cpp", "transformers")
+
+
+def figures(result: dict[str, Any]) -> dict[str, tuple[float, bool]]:
+    """Flat {label: (value, higher_is_better)} for one engine."""
+    out: dict[str, tuple[float, bool]] = {}
+    if "pp512" in result:
+        out["pp512 (tok/s)"] = (result["pp512"]["tok_s"], True)
+    if "tg128" in result:
+        out["tg128 (tok/s)"] = (result["tg128"]["tok_s"], True)
+    for c, f in result.get("serving", {}).items():
+        out[f"serving c={c}: output tok/s"] = (f["output_tok_s"], True)
+        out[f"serving c={c}: TTFT p50 (ms)"] = (f["ttft_p50"] * 1000, False)
+        out[f"serving c={c}: TTFT p99 (ms)"] = (f["ttft_p99"] * 1000, False)
+        out[f"serving c={c}: TPOT p50 (ms)"] = (f["tpot_p50"] * 1000, False)
+        out[f"serving c={c}: TPOT p99 (ms)"] = (f["tpot_p99"] * 1000, False)
+    if "shared_prefix" in result:
+        sp = result["shared_prefix"]
+        out["shared prefix: mean TTFT, cache off (ms)"] = (sp["cache_off"]["mean_ttft_s"] * 1000, False)
+        out["shared prefix: mean TTFT, cache on (ms)"] = (sp["cache_on"]["mean_ttft_s"] * 1000, False)
+    return out
+
+
+def markdown(results: dict[str, Any]) -> str:
+    engines = results["engines"]
+    ours = figures(engines["nanoinfer"])
+    peers = [p for p in PEERS if p in engines]
+    theirs = {p: figures(engines[p]) for p in peers}
+    m = results["machine"]
+    lines = [
+        f"# nanoinfer vs peers: {results['model']}",
+        "",
+        f"Machine: {m['cpu']}, {m['cores']} cores, {m['threads']} threads; torch {m['torch']}. "
+        f"nanoinfer: {engines['nanoinfer']['info']}. "
+        + " ".join(f"{p}: {engines[p]['info']}." for p in peers),
+        "",
+        "Ratios are nanoinfer's advantage (>1 means nanoinfer is better: faster or lower latency).",
+        "",
+        "| figure | nanoinfer | " + " | ".join(peers) + " | " + " | ".join(f"vs {p}" for p in peers) + " |",
+        "|---|---:|" + "---:|" * (2 * len(peers)),
+    ]
+    for label, (value, higher) in ours.items():
+        cells = [f"{theirs[p][label][0]:.1f}" if label in theirs[p] else "–" for p in peers]
+        ratios = []
+        for p in peers:
+            if label in theirs[p] and theirs[p][label][0] > 0 and value > 0:
+                other = theirs[p][label][0]
+                ratios.append(f"{(value / other if higher else other / value):.2f}×")
+            else:
+                ratios.append("–")
+        lines.append(f"| {label} | {value:.1f} | " + " | ".join(cells) + " | " + " | ".join(ratios) + " |")
+    if "shared_prefix" in engines["nanoinfer"]:
+        lines += ["", f"Prefix cache TTFT speed-up on the shared-prefix workload: "
+                      f"{engines['nanoinfer']['shared_prefix']['speedup']:.1f}×"]
+    return "\n".join(lines) + "\n"
+
+
+def chart(results: dict[str, Any], path: Path) -> bool:
+    """Throughput bars per scenario and engine; False when matplotlib is not installed."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    engines = list(results["engines"])
+    labels = [label for label, (_, higher) in figures(results["engines"]["nanoinfer"]).items() if higher]
+    fig, ax = plt.subplots(figsize=(max(8, 1.6 * len(labels)), 4.5))
+    width = 0.8 / len(engines)
+    for i, engine in enumerate(engines):
+        f = figures(results["engines"][engine])
+        values = [f[label][0] if label in f else 0 for label in labels]
+        bars = ax.bar([x + i * width for x in range(len(labels))], values, width, label=engine)
+        ax.bar_label(bars, fmt="%.0f", fontsize=7)
+    ax.set_xticks([x + width * (len(engines) - 1) / 2 for x in range(len(labels))])
+    ax.set_xticklabels([label.replace(": output tok/s", "").replace(" (tok/s)", "") for label in labels])
+    ax.set_ylabel("tokens / s (higher is better)")
+    ax.set_title(f"{results['model']} on {results['machine']['cores']} CPU cores")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
+def write_reports(results: dict[str, Any], out_dir: Path) -> dict[str, Path]:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = {"json": out_dir / "latest.json", "md": out_dir / "latest.md"}
+    paths["json"].write_text(json.dumps(results, indent=2))
+    paths["md"].write_text(markdown(results))
+    if chart(results, out_dir / "latest.png"):
+        paths["png"] = out_dir / "latest.png"
+    return paths
