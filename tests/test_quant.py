@@ -214,7 +214,7 @@ def test_quantize_model_int8_keeps_top1(tiny_model, case_id: str) -> None:
     quantize_model(model, "int8")
     assert isinstance(model.layers[0].attn.qkv_proj, Int8Linear)
     assert isinstance(model.layers[-1].mlp.down_proj, Int8Linear)
-    assert isinstance(model.lm_head, nn.Linear)  # left alone by default
+    assert isinstance(model.lm_head, Int8Linear)  # the head is always int8
     assert weight_bytes(model) < before
     prompt = _prompt()
     ref, out = ref_model.score(prompt), model.score(prompt)
