@@ -242,6 +242,6 @@ class EngineConfig:
     quantization: str | None = None  # "none", "int8", "int4"; None: the model's default (see registry)
     # Quantized layers switch to a dequantized float copy above this many rows (None: never);
     # on CPUs without native bf16 GEMM the int kernels lose to fp32 GEMM on large batches.
-    dense_above_rows: int | None = None
+    dense_above_rows: int | None = 16
     device: str = "cpu"
     extra: dict[str, Any] = field(default_factory=dict)

@@ -73,13 +73,23 @@ def test_int4_round_trip_within_half_scale(group_size: int) -> None:
     w[1, :group_size] = torch.rand(group_size) + 5.0  # all positive, far from zero
     q, scales, zero_points = quantize_int4(w, group_size)
     assert q.dtype == torch.uint8 and q.max() <= 15 and q.shape == w.shape
-    assert torch.equal(zero_points, zero_points.round())
     per_elem = scales.repeat_interleave(group_size, dim=1)[:, :200]
     err = (dequantize_int4(q, scales, zero_points, group_size) - w).abs()
     assert (err <= per_elem / 2 * (1 + 1e-4) + 1e-6).all()
     assert err[0, :group_size].max() < 1e-6
     # the all-positive group still spans its own range with 16 levels
     assert scales[1, 0] <= (w[1, :group_size].max() - w[1, :group_size].min()) / 15 * 1.0001
+
+
+def test_int4_requantizes_4bit_groups_without_loss() -> None:
+    """Weights already on a 4-bit grid with a float minimum (GGUF Q4_1) come back exactly."""
+    levels = torch.randint(0, 16, (16, 64)).float()
+    levels[:, ::32] = 0  # every group uses the lowest and highest level, as Q4_1's quantizer ensures
+    levels[:, 1::32] = 15
+    scale, minimum = torch.rand(16, 2, 1) * 0.1 + 0.01, torch.randn(16, 2, 1)
+    w = (levels.view(16, 2, 32) * scale + minimum).view(16, 64)
+    q, scales, zero_points = quantize_int4(w, 32)
+    torch.testing.assert_close(dequantize_int4(q, scales, zero_points, 32), w, atol=1e-6, rtol=0)
 
 
 # ---- int8 kernel ------------------------------------------------------------------------------
