@@ -56,25 +56,26 @@ def quantize_model(
         parent = model.get_submodule(parent_path)
         linear = getattr(parent, attr)
         if isinstance(linear, nn.Linear):  # already-quantized modules are left as they are
-            setattr(parent, attr, _maybe_dense(_quantize_linear(linear, method, group_size), dense_above_rows))
+            quantized = _quantize_linear(linear, method, group_size)
+            setattr(parent, attr, _maybe_dense(quantized, linear, method, group_size, dense_above_rows))
     if quantize_head:
         head = model.lm_head
         if head is None:  # tied: the embedding table is the head
             head = nn.Linear(model.embed.weight.shape[1], model.embed.weight.shape[0], bias=False)
             head.weight = model.embed.weight
         if isinstance(head, nn.Linear):
-            model.lm_head = _maybe_dense(Int8Linear.from_linear(head), dense_above_rows)
+            model.lm_head = _maybe_dense(Int8Linear.from_linear(head), head, "int8", group_size, dense_above_rows)
     return model
 
 
 class DenseForLargeBatch(nn.Module):
     """A quantized linear for small batches (decode), a dequantized float copy for large ones."""
 
-    def __init__(self, quantized: nn.Module, dense_above_rows: int, dtype: torch.dtype = torch.float32):
+    def __init__(self, quantized: nn.Module, dense_weight: torch.Tensor, dense_above_rows: int):
         super().__init__()
         self.quantized = quantized
         self.dense_above_rows = dense_above_rows
-        self.register_buffer("dense", quantized.dequantize(dtype), persistent=False)
+        self.register_buffer("dense", dense_weight, persistent=False)
         self.bias = quantized.bias
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -84,8 +85,19 @@ class DenseForLargeBatch(nn.Module):
         return self.quantized(x)
 
 
-def _maybe_dense(module: nn.Module, dense_above_rows: int | None) -> nn.Module:
-    return module if dense_above_rows is None else DenseForLargeBatch(module, dense_above_rows)
+def _maybe_dense(
+    quantized: nn.Module, linear: nn.Linear, method: str, group_size: int, dense_above_rows: int | None
+) -> nn.Module:
+    if dense_above_rows is None:
+        return quantized
+    # The same quantized values, dequantized by the reference formula (cheap, unlike reading
+    # packed kernel weights back), so both paths multiply by identical weights.
+    w = linear.weight.detach()
+    if method == "int8":
+        dense = dequantize_int8(*quantize_int8(w))
+    else:
+        dense = dequantize_int4(*quantize_int4(w, group_size), group_size)
+    return DenseForLargeBatch(quantized, dense.to(w.dtype), dense_above_rows)
 
 
 def weight_bytes(model: nn.Module) -> int:
