@@ -7,6 +7,8 @@ TORCH  := torch==2.13.0
 
 .PHONY: run test setup bench clean
 
+BENCH_STAMP := $(VENV)/.bench-installed
+
 setup: $(STAMP)
 
 $(STAMP): pyproject.toml
@@ -26,6 +28,15 @@ run: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest -q
+
+# Benchmark-only peers: llama-cpp-python compiles llama.cpp from source (several minutes on 2 cores),
+# so it never belongs in run or test.
+$(BENCH_STAMP): $(STAMP)
+	CMAKE_BUILD_PARALLEL_LEVEL=2 $(PIP) install -q llama-cpp-python matplotlib
+	touch $(BENCH_STAMP)
+
+bench: $(BENCH_STAMP)
+	$(PY) -m benchmarks.compare $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV)

@@ -28,7 +28,7 @@ def _add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-num-batched-tokens", type=int, default=2048, help="token budget of one step")
     p.add_argument("--block-size", type=int, default=16, help="tokens per KV block")
     p.add_argument("--kv-cache-memory", default=None, help="KV pool size, e.g. 2GiB (default: enough for "
-                   "max-model-len x max-num-seqs, at most 2GiB)")
+                   "max-model-len x max-num-seqs; at most 2GiB when --max-model-len is not given)")
     p.add_argument("--no-prefix-cache", action="store_true", help="turn the radix prefix cache off")
 
 
@@ -167,6 +167,21 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parent.parent  # benchmarks/ sits beside the package in a checkout
+    if (repo / "benchmarks").is_dir() and str(repo) not in sys.path:
+        sys.path.insert(0, str(repo))
+    try:
+        from benchmarks.compare import main as bench_main
+    except ImportError:
+        raise NanoInferError("the benchmarks package is not importable: run from the repository root "
+                             "(or use `make bench`)") from None
+    rest = args.bench_args
+    return bench_main(rest[1:] if rest[:1] == ["--"] else rest)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="nanoinfer", description="A from-scratch LLM inference engine.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -200,10 +215,18 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--api-key", default=None, help="require `Authorization: Bearer KEY`")
     serve.add_argument("--served-model-name", default=None, help="model name clients use (default: --model)")
     serve.set_defaults(func=cmd_serve)
+
+    bench = sub.add_parser("bench", help="nanoinfer vs transformers vs llama-cpp-python, side by side "
+                                         "(all options of `python -m benchmarks.compare --help`)", add_help=False)
+    bench.add_argument("bench_args", nargs=argparse.REMAINDER)
+    bench.set_defaults(func=cmd_bench)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["bench"]:  # everything after `bench` belongs to the benchmark's own parser
+        argv = ["bench", "--", *argv[1:]]
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)

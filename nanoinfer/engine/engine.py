@@ -33,7 +33,7 @@ from nanoinfer.tokenizer import IncrementalDetokenizer
 log = logging.getLogger(__name__)
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-# With neither --kv-cache-memory nor a small enough max_model_len x max_num_seqs, cap the pool here.
+# With neither --kv-cache-memory nor --max-model-len given, the pool is capped here.
 DEFAULT_KV_CAP_BYTES = 2 << 30
 
 
@@ -83,8 +83,9 @@ class LLMEngine:
         c = self.config
         memory = c.kv_cache_memory
         if memory is None:
-            wanted = kv_bytes_per_token(self.model_config, dtype) * self.max_model_len * c.max_num_seqs
-            memory = min(wanted, DEFAULT_KV_CAP_BYTES)
+            memory = kv_bytes_per_token(self.model_config, dtype) * self.max_model_len * c.max_num_seqs
+            if c.max_model_len is None:  # the model's full window x 64 sequences can be tens of GiB
+                memory = min(memory, DEFAULT_KV_CAP_BYTES)
         return PagedKVCache.for_memory(self.model_config, memory, c.block_size, dtype, c.device)
 
     # ---- requests -----------------------------------------------------------------------------

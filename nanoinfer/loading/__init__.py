@@ -68,3 +68,35 @@ def resolve_model_path(name_or_path: str | Path) -> Path:
 
     name = str(name_or_path)
     return registry.builtin_path(name) if name in registry.BUILTIN_MODELS else Path(name).expanduser()
+
+
+def expected_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """Canonical weight name -> shape this config requires."""
+    c = config
+    shapes: dict[str, tuple[int, ...]] = {
+        "embed.weight": (c.vocab_size, c.hidden_size),
+        "norm.weight": (c.hidden_size,),
+    }
+    if not c.tie_word_embeddings:
+        shapes["lm_head.weight"] = (c.vocab_size, c.hidden_size)
+    for i in range(c.num_layers):
+        p = f"layers.{i}."
+        shapes.update({
+            p + "input_norm.weight": (c.hidden_size,),
+            p + "attn.q_proj.weight": (c.q_size, c.hidden_size),
+            p + "attn.k_proj.weight": (c.kv_size, c.hidden_size),
+            p + "attn.v_proj.weight": (c.kv_size, c.hidden_size),
+            p + "attn.o_proj.weight": (c.hidden_size, c.q_size),
+            p + "pre_mlp_norm.weight": (c.hidden_size,),
+            p + "mlp.gate_proj.weight": (c.intermediate_size, c.hidden_size),
+            p + "mlp.up_proj.weight": (c.intermediate_size, c.hidden_size),
+            p + "mlp.down_proj.weight": (c.hidden_size, c.intermediate_size),
+        })
+        if c.attention_bias:
+            shapes.update({p + "attn.q_proj.bias": (c.q_size,), p + "attn.k_proj.bias": (c.kv_size,),
+                           p + "attn.v_proj.bias": (c.kv_size,)})
+        if c.qk_norm:
+            shapes.update({p + "attn.q_norm.weight": (c.head_dim,), p + "attn.k_norm.weight": (c.head_dim,)})
+        if c.post_norms:
+            shapes.update({p + "post_attn_norm.weight": (c.hidden_size,), p + "post_mlp_norm.weight": (c.hidden_size,)})
+    return shapes

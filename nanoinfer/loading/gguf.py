@@ -14,7 +14,7 @@ import torch
 
 from nanoinfer.config import GenerationDefaults, ModelConfig
 from nanoinfer.errors import ModelLoadError
-from nanoinfer.loading import ModelPackage
+from nanoinfer.loading import ModelPackage, expected_shapes
 from nanoinfer.loading.gguf_reader import GGUFFile, GGUFFormatError
 from nanoinfer.tokenizer import Tokenizer
 
@@ -260,38 +260,6 @@ def _load_weights(gf: GGUFFile, config: ModelConfig, path: Path) -> dict[str, to
             w = w - 1.0  # the converter stored (1 + w) for llama.cpp; the model adds the 1 itself
         weights[name] = torch.from_numpy(np.ascontiguousarray(w))
     return weights
-
-
-def expected_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
-    """Canonical weight name -> shape this config requires."""
-    c = config
-    shapes: dict[str, tuple[int, ...]] = {
-        "embed.weight": (c.vocab_size, c.hidden_size),
-        "norm.weight": (c.hidden_size,),
-    }
-    if not c.tie_word_embeddings:
-        shapes["lm_head.weight"] = (c.vocab_size, c.hidden_size)
-    for i in range(c.num_layers):
-        p = f"layers.{i}."
-        shapes.update({
-            p + "input_norm.weight": (c.hidden_size,),
-            p + "attn.q_proj.weight": (c.q_size, c.hidden_size),
-            p + "attn.k_proj.weight": (c.kv_size, c.hidden_size),
-            p + "attn.v_proj.weight": (c.kv_size, c.hidden_size),
-            p + "attn.o_proj.weight": (c.hidden_size, c.q_size),
-            p + "pre_mlp_norm.weight": (c.hidden_size,),
-            p + "mlp.gate_proj.weight": (c.intermediate_size, c.hidden_size),
-            p + "mlp.up_proj.weight": (c.intermediate_size, c.hidden_size),
-            p + "mlp.down_proj.weight": (c.hidden_size, c.intermediate_size),
-        })
-        if c.attention_bias:
-            shapes.update({p + "attn.q_proj.bias": (c.q_size,), p + "attn.k_proj.bias": (c.kv_size,),
-                           p + "attn.v_proj.bias": (c.kv_size,)})
-        if c.qk_norm:
-            shapes.update({p + "attn.q_norm.weight": (c.head_dim,), p + "attn.k_norm.weight": (c.head_dim,)})
-        if c.post_norms:
-            shapes.update({p + "post_attn_norm.weight": (c.hidden_size,), p + "post_mlp_norm.weight": (c.hidden_size,)})
-    return shapes
 
 
 def check_shapes(config: ModelConfig, weights: dict[str, Any], source: str) -> None:

@@ -13,6 +13,7 @@ from safetensors import SafetensorError, safe_open
 
 from nanoinfer.config import GenerationDefaults, ModelConfig
 from nanoinfer.errors import ModelLoadError
+from nanoinfer.loading import expected_shapes
 
 if TYPE_CHECKING:
     from nanoinfer.loading import ModelPackage
@@ -80,35 +81,6 @@ def load_hf_weights(root: Path, config: ModelConfig, dtype: torch.dtype | None =
             for name in names:
                 weights[name] = _read_tensor(f, file, found[name][1], expected[name], dtype)
     return weights
-
-
-def expected_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
-    """Every canonical weight name the model needs, with the shape config implies."""
-    h, inter = config.hidden_size, config.intermediate_size
-    shapes: dict[str, tuple[int, ...]] = {"embed.weight": (config.vocab_size, h), "norm.weight": (h,)}
-    if not config.tie_word_embeddings:
-        shapes["lm_head.weight"] = (config.vocab_size, h)
-    for i in range(config.num_layers):
-        p = f"layers.{i}."
-        shapes |= {
-            p + "input_norm.weight": (h,),
-            p + "pre_mlp_norm.weight": (h,),
-            p + "attn.q_proj.weight": (config.q_size, h),
-            p + "attn.k_proj.weight": (config.kv_size, h),
-            p + "attn.v_proj.weight": (config.kv_size, h),
-            p + "attn.o_proj.weight": (h, config.q_size),
-            p + "mlp.gate_proj.weight": (inter, h),
-            p + "mlp.up_proj.weight": (inter, h),
-            p + "mlp.down_proj.weight": (h, inter),
-        }
-        if config.attention_bias:
-            shapes |= {p + "attn.q_proj.bias": (config.q_size,), p + "attn.k_proj.bias": (config.kv_size,)}
-            shapes[p + "attn.v_proj.bias"] = (config.kv_size,)
-        if config.qk_norm:
-            shapes |= {p + "attn.q_norm.weight": (config.head_dim,), p + "attn.k_norm.weight": (config.head_dim,)}
-        if config.post_norms:
-            shapes |= {p + "post_attn_norm.weight": (h,), p + "post_mlp_norm.weight": (h,)}
-    return shapes
 
 
 def canonical_name(hf_name: str, config: ModelConfig) -> str | None:

@@ -1,0 +1,29 @@
+"""The benchmark harness: peers measure the same workload, and the report shows ratios."""
+
+from __future__ import annotations
+
+from benchmarks.peers import NanoinferPeer, Request, TransformersPeer
+from benchmarks.report import markdown
+
+
+def test_serving_timings_and_report(tiny_model, tmp_path):
+    directory, _ = tiny_model("llama")
+    requests = [Request(list(range(10, 10 + n)), m) for n, m in ((20, 5), (30, 3), (12, 6))]
+    nano = NanoinferPeer(str(directory))
+    hf = TransformersPeer(directory)
+    for peer in (nano, hf):
+        timings = peer.serve(requests, concurrency=2)
+        assert [t.output_len for t in timings] == [5, 3, 6]
+        assert all(t.submit <= t.first_token <= t.finish for t in timings)
+        assert peer.prefill(list(range(10, 40))) > 0 and peer.decode(list(range(10, 20)), 4) > 0
+    serving = {"output_tok_s": 100.0, "ttft_p50": 0.1, "ttft_p99": 0.2, "tpot_p50": 0.01, "tpot_p99": 0.02}
+    results = {
+        "model": "tiny", "machine": {"cpu": "x", "cores": 2, "threads": 2, "torch": "2"},
+        "engines": {
+            "nanoinfer": {"info": {}, "tg128": {"tok_s": 50.0}, "serving": {"16": serving}},
+            "transformers": {"info": {}, "tg128": {"tok_s": 10.0}, "serving": {"16": {**serving, "output_tok_s": 25.0}}},
+        },
+    }
+    table = markdown(results)
+    assert "| tg128 (tok/s) | 50.0 | 10.0 | 5.00× |" in table
+    assert "| serving c=16: output tok/s | 100.0 | 25.0 | 4.00× |" in table
