@@ -52,7 +52,8 @@ class NanoinferPeer:
         self.engine = self.llm.engine
 
     def describe(self) -> dict[str, Any]:
-        return {"dtype": self.dtype, **{k: v for k, v in self.kwargs.items() if isinstance(v, (str, int, bool))}}
+        return {"dtype": self.dtype, "quantization": self.engine.quantization,
+                **{k: v for k, v in self.kwargs.items() if isinstance(v, (str, int, bool))}}
 
     def reconfigure(self, **engine_kwargs: Any) -> None:
         """A fresh engine with other knobs (e.g. prefix cache off); weights are loaded again."""

@@ -52,7 +52,7 @@ def _check(name: str, path, prompts: list[list[int]], llm: LLM) -> None:
 
 
 def test_smollm2_greedy_matches_transformers():
-    llm = LLM("smollm2-135m-instruct", dtype="float32")
+    llm = LLM("smollm2-135m-instruct", dtype="float32", quantization="none")
     chat = llm.chat_prompt([{"role": "user", "content": "What is the capital of France?"}])
     raw = llm.tokenizer.encode("The quick brown fox", add_special_tokens=True)
     _check("smollm2", registry.smollm2_path(), [chat, raw], llm)
@@ -62,6 +62,6 @@ def test_smollm2_greedy_matches_transformers():
 
 @pytest.mark.slow
 def test_gemma3_greedy_matches_transformers():
-    llm = LLM("gemma3-270m", dtype="float32")
+    llm = LLM("gemma3-270m", dtype="float32", quantization="none")
     raw = llm.tokenizer.encode("The capital of France is", add_special_tokens=True)
     _check("gemma3", registry.gemma3_path(), [raw], llm)
