@@ -163,7 +163,9 @@ class LLMEngine:
             self._append(seq, token, logprobs, now)
             touched[seq.request_id] = None
         self.update_metrics()
-        return [self._output(self.requests[r]) for r in touched if r in self.requests] + self._pop_finished(touched)
+        outputs = [self._output(self.requests[r]) for r in touched if r in self.requests]
+        self._retire_finished(touched)
+        return outputs
 
     def _expand_forks(self, completing: list[ScheduledChunk]) -> tuple[list[int], list[Sequence]]:
         """n > 1: when the prompt is computed, fork the siblings; all sample from the same logits row."""
@@ -266,13 +268,13 @@ class LLMEngine:
             num_cached_tokens=head.num_cached_prompt, metrics=metrics,
         )
 
-    def _pop_finished(self, touched: dict[str, None]) -> list[RequestOutput]:
+    def _retire_finished(self, touched: dict[str, None]) -> None:
+        """Forget requests whose every choice has finished, recording their latency."""
         for rid in touched:
             request = self.requests.get(rid)
             if request and all(s.finished for s in request.seqs) and len(request.seqs) == request.params.n:
                 self.metrics.e2e.observe(time.monotonic() - request.arrival_time)
                 del self.requests[rid]
-        return []
 
     def update_metrics(self) -> None:
         """Sync Prometheus gauges and counters with the scheduler, allocator and prefix cache."""
