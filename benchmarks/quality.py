@@ -50,7 +50,7 @@ def score_formats(model: str, max_tokens: int | None = None, formats=FORMATS) ->
 def main(args: argparse.Namespace) -> int:
     results = score_formats(args.model)
     base = results["float32"]["perplexity"]
-    print(f"| format | perplexity | vs float32 | top-1 agreement with float32 |\n|---|---:|---:|---:|")
+    print("| format | perplexity | vs float32 | top-1 agreement with float32 |\n|---|---:|---:|---:|")
     for label, r in results.items():
         print(f"| {label} | {r['perplexity']:.3f} | {100 * (r['perplexity'] / base - 1):+.2f}% | "
               f"{100 * r['top1_agreement']:.2f}% |")
