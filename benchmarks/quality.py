@@ -18,7 +18,7 @@ import torch
 TEXT = Path(__file__).parent / "data" / "quality.txt"
 # (label, activation dtype, weight quantization)
 FORMATS = (("float32", "float32", "none"), ("bfloat16", "bfloat16", "none"),
-           ("int8", "bfloat16", "int8"), ("int4", "bfloat16", "int4"))
+           ("int8", "float32", "int8"), ("int4", "float32", "int4"))
 
 
 def score_formats(model: str, max_tokens: int | None = None, formats=FORMATS) -> dict[str, dict[str, float]]:

@@ -41,6 +41,7 @@ class ForwardBatch:
     decode_mask: torch.Tensor | None  # [D, 1, 1, max_ctx] bool; None when no padding is needed
     decode_sliding_mask: torch.Tensor | None
     decode_ctx: int = 0  # longest decode context: keys past it are cut after the block gather
+    decode_ctx_lens: torch.Tensor | None = None  # [D] keys per decode row (its own token included)
     block_size: int = 16
     prefills: list[PrefillSpan] = field(default_factory=list)
     logits_indices: torch.Tensor | None = None  # rows fed to the LM head; None = every row
@@ -94,6 +95,7 @@ class ForwardBatch:
             num_decode=num_decode,
             decode_blocks=decode_blocks,
             decode_ctx=decode_ctx,
+            decode_ctx_lens=t([c.start_pos + 1 for c in chunks[:num_decode]]) if num_decode else None,
             block_size=block_size,
             decode_mask=decode_mask,
             decode_sliding_mask=decode_sliding,

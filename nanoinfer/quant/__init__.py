@@ -79,7 +79,7 @@ class DenseForLargeBatch(nn.Module):
         self.bias = quantized.bias
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.reshape(-1, x.shape[-1]).shape[0] > self.dense_above_rows:
+        if x.numel() > self.dense_above_rows * x.shape[-1]:  # more rows than the threshold
             bias = None if self.bias is None else self.bias.to(x.dtype)
             return F.linear(x, self.dense.to(x.dtype), bias)
         return self.quantized(x)

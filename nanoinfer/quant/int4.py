@@ -28,6 +28,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from nanoinfer.kernels import Q4_GROUP, kernels
+
 KERNEL_GROUP_SIZES = (32, 64, 128, 256)
 _KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _MIN_SCALE = 1e-12  # a constant group has range 0; any positive scale then maps it exactly
@@ -82,13 +84,40 @@ def _unpack_nibbles(packed: torch.Tensor, k: int) -> torch.Tensor:
     return q.view(packed.shape[0], -1)[:, :k]
 
 
-class Int4Linear(nn.Module):
-    """Drop-in for nn.Linear with group-wise int4 weights.
+def _pack_groups(q: torch.Tensor) -> torch.Tensor:
+    """[N, K] values 0..15 -> [N, ceil(G/2) * 32] uint8 in the C kernel's layout: groups of 32 in
+    pairs, byte j = element j of the even group (low nibble) | element j of the odd group << 4."""
+    n, k = q.shape
+    g = q.view(n, k // Q4_GROUP, Q4_GROUP).to(torch.uint8)
+    if g.shape[1] % 2:  # an odd last group pairs with zeros
+        g = torch.cat([g, torch.zeros_like(g[:, :1])], dim=1)
+    return (g[:, 0::2] | (g[:, 1::2] << 4)).reshape(n, -1).contiguous()
 
-    On CPU with a shape the kernel accepts, the weight is held in torch's opaque packed layout
-    (`_convert_weight_to_int4pack_for_cpu`: uint8 [N, K/2], blocked over output rows) and the
-    matmul is `_weight_int4pack_mm_for_cpu`; otherwise it is held as plain nibbles and each call
-    dequantizes, then runs F.linear.
+
+def _unpack_groups(packed: torch.Tensor, k: int) -> torch.Tensor:
+    """Inverse of _pack_groups: [N, K] values 0..15."""
+    n = packed.shape[0]
+    pairs = packed.view(n, -1, 1, Q4_GROUP)
+    return torch.cat([pairs & 0xF, pairs >> 4], dim=2).view(n, -1)[:, :k]
+
+
+def choose_int4_backend(out_features: int, in_features: int, group_size: int, device: torch.device) -> str:
+    """'c' (our kernel), 'torch' (aten's int4pack kernel) or 'dequant' (dequantize, then F.linear)."""
+    if device.type != "cpu":
+        return "dequant"
+    if group_size == Q4_GROUP and in_features % Q4_GROUP == 0 and kernels() is not None:
+        return "c"
+    return "torch" if int4_kernel_fits(out_features, in_features, group_size) else "dequant"
+
+
+class Int4Linear(nn.Module):
+    """Drop-in for nn.Linear with group-wise int4 weights; three ways to run it (`backend`).
+
+    - "c": our AVX2 kernel (nanoinfer/kernels): nibbles in its group layout, float32 scale and min
+      per group (w = q * scale + min). Activations are rounded to int8 per group of 32 inside the
+      kernel, so one instruction does 32 multiply-adds; results are float32.
+    - "torch": `_weight_int4pack_mm_for_cpu` on torch's opaque packed layout, activations in bf16.
+    - "dequant": plain nibbles; each call dequantizes, then runs F.linear (any device, any shape).
     """
 
     def __init__(
@@ -99,44 +128,55 @@ class Int4Linear(nn.Module):
         group_size: int,
         bias: torch.Tensor | None,
         dtype: torch.dtype,
-        use_kernel: bool = True,
+        backend: str | None = None,
     ):
         super().__init__()
         self.out_features, self.in_features = q.shape
         self.group_size = group_size
-        # The layout is fixed here: the kernel's packing is CPU-specific, so quantize on the target device.
-        self.kernel = (
-            use_kernel and q.device.type == "cpu" and int4_kernel_fits(self.out_features, self.in_features, group_size)
-        )
-        if self.kernel:
-            packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.to(torch.int32).contiguous(), 1)
+        self.dtype = dtype
+        self.backend = backend or choose_int4_backend(self.out_features, self.in_features, group_size, q.device)
+        if self.backend == "c":
+            self.register_buffer("packed", _pack_groups(q))
+            self.register_buffer("scales", scales.float().contiguous())
+            self.register_buffer("mins", (-zero_points * scales).float().contiguous())
         else:
-            packed = _pack_nibbles(q)
-        self.register_buffer("packed", packed)
-        # In the model dtype: the kernel wants them in the activation dtype.
-        self.register_buffer("scales_and_zeros", to_scales_and_zeros(scales, zero_points, dtype))
+            if self.backend == "torch":  # the kernel's packing is CPU-specific: quantize where it runs
+                packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.to(torch.int32).contiguous(), 1)
+            else:
+                packed = _pack_nibbles(q)
+            self.register_buffer("packed", packed)
+            # In the model dtype: torch's kernel wants them in the activation dtype.
+            self.register_buffer("scales_and_zeros", to_scales_and_zeros(scales, zero_points, dtype))
         self.register_buffer("bias", None if bias is None else bias.detach().to(dtype).clone())
-        self.exact_fp32 = False  # True: fp32 activations use the (slow) fp32 kernel, not bf16
+        self.exact_fp32 = False  # True: no activation rounding (dequantize and F.linear in fp32)
         # scales_and_zeros cast to another activation dtype, kept: a per-call cast of the head's
         # [K/32, 49152, 2] table costs a noticeable share of the matmul itself.
         self._sz_cast: dict[torch.dtype, torch.Tensor] = {}
 
+    @property
+    def kernel(self) -> bool:
+        """Whether a CPU kernel (ours or torch's) runs this layer rather than dequantize-and-matmul."""
+        return self.backend != "dequant"
+
     @classmethod
-    def from_linear(cls, linear: nn.Linear, group_size: int = 32, use_kernel: bool = True) -> "Int4Linear":
+    def from_linear(cls, linear: nn.Linear, group_size: int = 32, backend: str | None = None) -> "Int4Linear":
         """Quantize an existing nn.Linear (its dtype becomes the compute dtype)."""
         q, scales, zero_points = quantize_int4(linear.weight, group_size)
-        return cls(q, scales, zero_points, group_size, linear.bias, linear.weight.dtype, use_kernel)
+        return cls(q, scales, zero_points, group_size, linear.bias, linear.weight.dtype, backend)
 
     def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         """The float weight [N, K] this layer multiplies by."""
-        dtype = dtype or self.scales_and_zeros.dtype
-        if self.kernel:
+        dtype = dtype or self.dtype
+        n, k, gs = self.out_features, self.in_features, self.group_size
+        if self.backend == "c":
+            q = _unpack_groups(self.packed, k).view(n, -1, gs).float()
+            return (q * self.scales[..., None] + self.mins[..., None]).view(n, k).to(dtype)
+        if self.backend == "torch":
             # The packed layout is the kernel's business: read it back through the kernel with x = I.
             eye = torch.eye(self.in_features, dtype=torch.float32, device=self.packed.device)
             sz = self.scales_and_zeros.float()
             w_t = torch.ops.aten._weight_int4pack_mm_for_cpu(eye, self.packed, self.group_size, sz)
             return w_t.t().to(dtype)
-        n, k, gs = self.out_features, self.in_features, self.group_size
         groups = self.scales_and_zeros.shape[0]
         q = _unpack_nibbles(self.packed, k)
         if groups * gs != k:  # a partial last group: pad so every group has gs columns
@@ -154,29 +194,39 @@ class Int4Linear(nn.Module):
         return self._sz_cast[dtype]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.backend == "c" and x.dtype == torch.float32 and x.dim() == 2 and not self.exact_fp32:
+            # The decode hot path (~120 calls per token): straight to the kernel.
+            return kernels().q4_matmul(x.contiguous(), self.packed, self.scales, self.mins, self.bias)
         lead = x.shape[:-1]
         x2 = x.reshape(-1, self.in_features)
-        bias = None if self.bias is None else self.bias.to(x.dtype)
-        if not self.kernel:
+        if x2.shape[0] == 0:
+            return x.new_empty(*lead, self.out_features)
+        if self.backend == "dequant" or (self.exact_fp32 and x.dtype == torch.float32):
+            bias = None if self.bias is None else self.bias.to(x.dtype)
             out = F.linear(x2, self.dequantize(x.dtype), bias)
-        elif x2.shape[0] == 0:
-            out = x2.new_empty(0, self.out_features)
+        elif self.backend == "c":
+            bias = None if self.bias is None else self.bias.float()
+            out = kernels().q4_matmul(x2.float().contiguous(), self.packed, self.scales, self.mins, bias).to(x.dtype)
         else:
-            if x.device.type != "cpu":
-                raise RuntimeError("Int4Linear holds CPU-packed int4 weights; quantize on the device it runs on")
-            if x.dtype == torch.float32 and not self.exact_fp32:
-                cdtype = torch.bfloat16  # the fast path; see the module docstring
-            else:  # the kernel takes f32/f16/bf16 only; anything else runs in the weight's dtype
-                cdtype = x.dtype if x.dtype in _KERNEL_DTYPES else self.scales_and_zeros.dtype
-            x2 = x2.to(cdtype).contiguous()
-            out = torch.ops.aten._weight_int4pack_mm_for_cpu(x2, self.packed, self.group_size, self._sz_for(cdtype))
-            out = out.to(x.dtype)
-            if bias is not None:
-                out = out + bias
+            out = self._torch_kernel(x2)
         return out.reshape(*lead, self.out_features)
+
+    def _torch_kernel(self, x2: torch.Tensor) -> torch.Tensor:
+        if x2.device.type != "cpu":
+            raise RuntimeError("Int4Linear holds CPU-packed int4 weights; quantize on the device it runs on")
+        # torch's fp32 path is scalar code: fp32 activations run in bf16 (see the module docstring);
+        # the kernel takes f32/f16/bf16 only, anything else runs in the weight's dtype.
+        if x2.dtype == torch.float32:
+            cdtype = torch.bfloat16
+        else:
+            cdtype = x2.dtype if x2.dtype in _KERNEL_DTYPES else self.scales_and_zeros.dtype
+        out = torch.ops.aten._weight_int4pack_mm_for_cpu(
+            x2.to(cdtype).contiguous(), self.packed, self.group_size, self._sz_for(cdtype)
+        ).to(x2.dtype)
+        return out if self.bias is None else out + self.bias.to(x2.dtype)
 
     def extra_repr(self) -> str:
         return (
             f"in_features={self.in_features}, out_features={self.out_features}, group_size={self.group_size}, "
-            f"bias={self.bias is not None}, kernel={self.kernel}"
+            f"bias={self.bias is not None}, backend={self.backend}"
         )

@@ -1,9 +1,10 @@
 """Weight-only int8: per-output-channel symmetric quantization and the Linear that runs on it.
 
 Mapping: scale[n] = max_k |w[n, k]| / 127, zero point 0, q = round(w / scale) in [-127, 127],
-w ~= q * scale. On CPU the matmul is torch's `_weight_int8pack_mm(x [M, K], q int8 [N, K],
-scales [N])`, which wants x and scales in the same dtype (f32, f16 or bf16); elsewhere we
-dequantize and call F.linear.
+w ~= q * scale. On CPU the matmul is our C kernel (nanoinfer/kernels: float32 activations and
+accumulation, no rounding of x) when it could be built, else torch's `_weight_int8pack_mm(x [M, K],
+q int8 [N, K], scales [N])`, which wants x and scales in the same dtype (f32, f16 or bf16);
+elsewhere we dequantize and call F.linear.
 
 torch's float32 path of that kernel is scalar code on AVX2 (measured 2-70x slower than an fp32
 nn.Linear, worse as the batch grows), while its bf16 path is vectorized. So float32 activations
@@ -16,6 +17,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from nanoinfer.kernels import kernels
 
 _KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 # A zero row would give scale 0 and 0/0 on quantize; any tiny positive scale maps it to q = 0.
@@ -54,6 +57,7 @@ class Int8Linear(nn.Module):
         # casting per call would add an op to every matmul.
         self.register_buffer("scales", scales.to(dtype).contiguous())
         self.register_buffer("bias", None if bias is None else bias.detach().to(dtype).clone())
+        self.register_buffer("scales_f32", scales.float().contiguous(), persistent=False)  # for our kernel
         self.use_kernel = True  # False forces dequantize-then-matmul (tests compare the two paths)
         self.exact_fp32 = False  # True: fp32 activations skip the bf16 kernel (see module docstring)
         self._scales_cast: dict[torch.dtype, torch.Tensor] = {}  # scales in other activation dtypes
@@ -71,6 +75,11 @@ class Int8Linear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         lead = x.shape[:-1]
         x2 = x.reshape(-1, self.in_features)
+        ours = kernels() if self.use_kernel and x.device.type == "cpu" else None
+        if ours is not None and x2.shape[0] > 0:
+            bias = None if self.bias is None else self.bias.float()
+            out = ours.q8_matmul(x2.float().contiguous(), self.q, self.scales_f32, bias).to(x.dtype)
+            return out.reshape(*lead, self.out_features)
         # fp32 goes through the bf16 kernel (fast) unless asked to stay exact (then: dequantize).
         cdtype = torch.bfloat16 if x.dtype == torch.float32 else x.dtype
         kernel = self.use_kernel and not (x.dtype == torch.float32 and self.exact_fp32)

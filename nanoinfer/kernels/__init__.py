@@ -1,0 +1,166 @@
+"""Our CPU kernels (cpu_kernels.c): built with the host C compiler at first use, called through ctypes.
+
+Why C and not torch ops: at batch 1 a decode step is ~120 small matmuls plus attention, and
+torch 2.13's CPU int4/int8 kernels round activations to bf16 and run the int4 GEMV at about a
+third of what the machine can do (see benchmarks/results). A plain C file needs no torch headers,
+so it compiles in about a second; the shared library is cached under ~/.cache/nanoinfer/kernels
+keyed by a hash of the source, flags and compiler. Without a compiler (or with
+NANOINFER_KERNELS=0) `kernels()` returns None and callers keep their torch paths.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import logging
+import os
+import shutil
+import subprocess
+import tempfile
+import threading
+from pathlib import Path
+
+import torch
+
+log = logging.getLogger(__name__)
+
+SOURCE = Path(__file__).with_name("cpu_kernels.c")
+Q4_GROUP = 32  # the group size the C int4 kernel is written for
+_FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c11"]
+_lock = threading.Lock()
+_loaded: "CpuKernels | None | bool" = False  # False: not tried yet
+
+
+def cache_dir() -> Path:
+    root = os.environ.get("NANOINFER_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "nanoinfer")
+    return Path(root) / "kernels"
+
+
+def _compiler() -> str | None:
+    return os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+
+
+def _build() -> Path | None:
+    """Compile cpu_kernels.c once per (source, flags, compiler); returns the .so path or None."""
+    cc = _compiler()
+    if cc is None:
+        log.warning("no C compiler found: nanoinfer runs on torch's kernels only (slower)")
+        return None
+    version = subprocess.run([cc, "--version"], capture_output=True, text=True).stdout
+    key = hashlib.sha256(SOURCE.read_bytes() + " ".join(_FLAGS).encode() + version.encode()).hexdigest()[:16]
+    target = cache_dir() / f"cpu_kernels-{key}.so"
+    if target.exists():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    # Build beside the target and rename: concurrent processes never load a half-written file.
+    fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
+    os.close(fd)
+    result = subprocess.run([cc, *_FLAGS, "-o", tmp, str(SOURCE), "-lm"], capture_output=True, text=True)
+    if result.returncode != 0:
+        os.unlink(tmp)
+        log.warning("building nanoinfer's C kernels failed, using torch's kernels:\n%s", result.stderr[-2000:])
+        return None
+    os.replace(tmp, target)
+    return target
+
+
+def _ptr(t: torch.Tensor | None) -> int | None:
+    return None if t is None else t.data_ptr()
+
+
+class CpuKernels:
+    """ctypes bindings. Tensor arguments must be float32 (int64 for indices) CPU tensors laid out
+    as each method says; the wrappers are kept lean because a decode step calls them ~250 times."""
+
+    def __init__(self, path: Path):
+        lib = ctypes.CDLL(str(path))
+        i64, ptr, f32, i32 = ctypes.c_int64, ctypes.c_void_p, ctypes.c_float, ctypes.c_int
+        signatures = {
+            "q4_matmul": [ptr, i64, i64, ptr, ptr, ptr, i64, ptr, ptr, i32],
+            "q8_matmul": [ptr, i64, i64, ptr, ptr, i64, ptr, ptr, i32],
+            "paged_attention_decode": [ptr, i64, ptr, ptr, ptr, i64, ptr, i64, i64, i64, i64, i64, i64, f32, ptr, i32],
+            "rms_norm": [ptr, i64, i64, i64, ptr, f32, ptr],
+            "qk_rope_store": [ptr, i64, i64, i64, i64, i64, ptr, ptr, f32, ptr, ptr, ptr, ptr, ptr],
+            "gated_act": [ptr, i64, i64, i32, ptr],
+        }
+        for name, argtypes in signatures.items():
+            fn = getattr(lib, name)
+            fn.argtypes, fn.restype = argtypes, None
+        self.lib = lib
+        self.path = path
+
+    def q4_matmul(self, x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor,
+                  bias: torch.Tensor | None = None) -> torch.Tensor:
+        """x [M, K] contiguous @ int4 weight -> [M, N]. packed uint8 [N, K/2], scales/mins [N, K/32]."""
+        M, K = x.shape
+        N = packed.shape[0]
+        out = torch.empty(M, N)
+        self.lib.q4_matmul(x.data_ptr(), M, K, packed.data_ptr(), scales.data_ptr(), mins.data_ptr(), N,
+                           _ptr(bias), out.data_ptr(), torch.get_num_threads())
+        return out
+
+    def q8_matmul(self, x: torch.Tensor, q: torch.Tensor, scales: torch.Tensor,
+                  bias: torch.Tensor | None = None) -> torch.Tensor:
+        """x [M, K] contiguous @ int8 weight q [N, K] with per-row scales [N] -> [M, N]."""
+        M, K = x.shape
+        N = q.shape[0]
+        out = torch.empty(M, N)
+        self.lib.q8_matmul(x.data_ptr(), M, K, q.data_ptr(), scales.data_ptr(), N, _ptr(bias), out.data_ptr(),
+                           torch.get_num_threads())
+        return out
+
+    def paged_attention_decode(self, q: torch.Tensor, num_heads: int, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                               block_tables: torch.Tensor, ctx_lens: torch.Tensor, block_size: int,
+                               window: int, scale: float) -> torch.Tensor:
+        """q: B rows (row stride q.stride(0)) starting with num_heads heads of D; caches [slots, KVH, D];
+        block_tables [B, max_blocks], ctx_lens [B] int64. Returns [B, num_heads * D]."""
+        B = ctx_lens.shape[0]
+        _, kvh, D = k_cache.shape
+        out = torch.empty(B, num_heads * D)
+        self.lib.paged_attention_decode(
+            q.data_ptr(), q.stride(0), k_cache.data_ptr(), v_cache.data_ptr(), block_tables.data_ptr(),
+            block_tables.shape[1], ctx_lens.data_ptr(), B, num_heads, kvh, D, block_size, window, scale,
+            out.data_ptr(), torch.get_num_threads(),
+        )
+        return out
+
+    def rms_norm(self, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+        """RMSNorm over the last dim of a contiguous x."""
+        D = x.shape[-1]
+        out = torch.empty_like(x)
+        self.lib.rms_norm(x.data_ptr(), x.numel() // D, D, D, weight.data_ptr(), eps, out.data_ptr())
+        return out
+
+    def qk_rope_store(self, qkv: torch.Tensor, num_heads: int, num_kv_heads: int, head_dim: int,
+                      q_norm: torch.Tensor | None, k_norm: torch.Tensor | None, eps: float,
+                      cos: torch.Tensor, sin: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                      slots: torch.Tensor) -> None:
+        """In place on qkv [T, (H + 2 KVH) * D] (rows may be strided): norm and rotate q, k; store k, v."""
+        self.lib.qk_rope_store(
+            qkv.data_ptr(), qkv.shape[0], qkv.stride(0), num_heads, num_kv_heads, head_dim, _ptr(q_norm),
+            _ptr(k_norm), eps, cos.data_ptr(), sin.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(),
+            slots.data_ptr(),
+        )
+
+    def gated_act(self, gate_up: torch.Tensor, gelu: bool) -> torch.Tensor:
+        """act(gate) * up for a contiguous gate_up [T, 2I]; silu, or gelu-tanh."""
+        T, two_i = gate_up.shape
+        out = torch.empty(T, two_i // 2)
+        self.lib.gated_act(gate_up.data_ptr(), T, two_i // 2, int(gelu), out.data_ptr())
+        return out
+
+
+def kernels() -> CpuKernels | None:
+    """The built kernels, or None where they cannot be built or are switched off (NANOINFER_KERNELS=0)."""
+    global _loaded
+    if _loaded is False:
+        with _lock:
+            if _loaded is False:
+                _loaded = None
+                if os.environ.get("NANOINFER_KERNELS", "1") != "0":
+                    try:
+                        path = _build()
+                        _loaded = CpuKernels(path) if path is not None else None
+                    except OSError as exc:
+                        log.warning("loading nanoinfer's C kernels failed, using torch's kernels: %s", exc)
+    return _loaded or None

@@ -1,0 +1,300 @@
+/* nanoinfer's CPU kernels: the three loops that dominate a decode step on a small model.
+ *
+ *   q4_matmul   out[M, N] = x[M, K] @ W^T, W group-wise 4-bit (32 per group, w = q * scale + min)
+ *   q8_matmul   out[M, N] = x[M, K] @ W^T, W int8 per output row (w = q * scale)
+ *   paged_attention_decode   one query token per sequence against K/V read in place from the
+ *                            paged cache (no gather into a contiguous copy first)
+ *
+ * Activations, scales and results are float32 and every product is accumulated in float32,
+ * so these agree with "dequantize, then float32 matmul" to rounding order. Built at first use
+ * by nanoinfer/kernels/__init__.py with the host compiler (-O3 -march=native -fopenmp); the
+ * AVX2/FMA paths are taken when the compiler targets them, plain C loops otherwise.
+ * OpenMP: linked against the libgomp torch has already loaded, so there is one thread pool.
+ */
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+#ifdef __AVX2__
+#include <immintrin.h>
+#endif
+
+#define Q4_GROUP 32
+#define Q4_TILE 4 /* activation rows that share one dequantized weight group */
+
+#ifdef __AVX2__
+static inline float hsum256(__m256 v) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    return _mm_cvtss_f32(s);
+}
+#endif
+
+static inline float dot(const float *a, const float *b, int64_t D) {
+    int64_t d = 0;
+    float total = 0.f;
+#ifdef __AVX2__
+    __m256 acc = _mm256_setzero_ps();
+    for (; d + 8 <= D; d += 8) acc = _mm256_fmadd_ps(_mm256_loadu_ps(a + d), _mm256_loadu_ps(b + d), acc);
+    total = hsum256(acc);
+#endif
+    for (; d < D; d++) total += a[d] * b[d];
+    return total;
+}
+
+static inline void axpy(float alpha, const float *x, float *y, int64_t D) {
+    int64_t d = 0;
+#ifdef __AVX2__
+    __m256 a = _mm256_set1_ps(alpha);
+    for (; d + 8 <= D; d += 8) _mm256_storeu_ps(y + d, _mm256_fmadd_ps(a, _mm256_loadu_ps(x + d), _mm256_loadu_ps(y + d)));
+#endif
+    for (; d < D; d++) y[d] += alpha * x[d];
+}
+
+/* Activations for the int4 kernel: each 32-wide group of each row as int8 with one scale
+ * (x ~= xq * xs), plus the group's exact float sum for the min term. Integer products let one
+ * AVX2 instruction do 32 multiply-adds (maddubs) instead of the 8 of a float FMA; the rounding
+ * this adds is below the int4 weight error (see tests/test_kernels.py). */
+static void quantize_groups(const float *x, int64_t M, int64_t K, int8_t *xq, float *xs, float *xsum) {
+    int64_t G = K / Q4_GROUP;
+    for (int64_t i = 0; i < M * G; i++) {
+        const float *p = x + i * Q4_GROUP;
+        float amax = 0.f, sum = 0.f;
+        for (int j = 0; j < Q4_GROUP; j++) {
+            float a = fabsf(p[j]);
+            amax = a > amax ? a : amax;
+            sum += p[j];
+        }
+        float s = amax / 127.f, inv = amax > 0.f ? 127.f / amax : 0.f;
+        for (int j = 0; j < Q4_GROUP; j++) xq[i * Q4_GROUP + j] = (int8_t)lrintf(p[j] * inv);
+        xs[i] = s;
+        xsum[i] = sum;
+    }
+}
+
+/* One output row of the weight against up to Q4_TILE activation rows.
+ * Packed layout: groups in pairs, 32 bytes a pair; byte j holds element j of the even group in
+ * its low nibble and element j of the odd group in its high nibble (an odd last group leaves the
+ * high nibbles zero). One 32-byte load and three bit operations unpack 64 weights. */
+static void q4_row(const int8_t *xq, const float *xs, const float *xsum, int64_t rows, int64_t K,
+                   const uint8_t *wq, const float *scale, const float *mn, float *out, int64_t out_stride) {
+    int64_t G = K / Q4_GROUP;
+#ifdef __AVX2__
+    const __m256i low4 = _mm256_set1_epi8(0x0F);
+    const __m256i ones = _mm256_set1_epi16(1);
+    if (rows == 1) { /* decode: the same loop with registers only */
+        __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
+        int64_t g = 0;
+        for (; g + 2 <= G; g += 2) {
+            __m256i raw = _mm256_loadu_si256((const __m256i *)(wq + g * 16));
+            __m256i wa = _mm256_and_si256(raw, low4);
+            __m256i wb = _mm256_and_si256(_mm256_srli_epi16(raw, 4), low4);
+            __m256i da = _mm256_madd_epi16(_mm256_maddubs_epi16(wa, _mm256_loadu_si256((const __m256i *)(xq + g * 32))), ones);
+            __m256i db = _mm256_madd_epi16(_mm256_maddubs_epi16(wb, _mm256_loadu_si256((const __m256i *)(xq + g * 32 + 32))), ones);
+            acc0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(da), _mm256_set1_ps(scale[g] * xs[g]), acc0);
+            acc1 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(db), _mm256_set1_ps(scale[g + 1] * xs[g + 1]), acc1);
+        }
+        if (g < G) {
+            __m256i wa = _mm256_and_si256(_mm256_loadu_si256((const __m256i *)(wq + g * 16)), low4);
+            __m256i da = _mm256_madd_epi16(_mm256_maddubs_epi16(wa, _mm256_loadu_si256((const __m256i *)(xq + g * 32))), ones);
+            acc0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(da), _mm256_set1_ps(scale[g] * xs[g]), acc0);
+        }
+        out[0] = hsum256(_mm256_add_ps(acc0, acc1)) + dot(mn, xsum, G);
+        return;
+    }
+    float d[Q4_TILE][64]; /* scale * activation scale, for up to 64 groups at a time */
+    __m256 acc[Q4_TILE][2];
+    for (int r = 0; r < Q4_TILE; r++) acc[r][0] = acc[r][1] = _mm256_setzero_ps();
+    for (int64_t g0 = 0; g0 < G; g0 += 64) {
+        int64_t g1 = G - g0 < 64 ? G : g0 + 64;
+        for (int64_t r = 0; r < rows; r++)
+            for (int64_t g = g0; g < g1; g++) d[r][g - g0] = scale[g] * xs[r * G + g];
+        for (int64_t g = g0; g < g1; g += 2) {
+            __m256i raw = _mm256_loadu_si256((const __m256i *)(wq + g * 16));
+            __m256i wa = _mm256_and_si256(raw, low4);
+            __m256i wb = _mm256_and_si256(_mm256_srli_epi16(raw, 4), low4);
+            int pair = g + 1 < g1;
+            for (int64_t r = 0; r < rows; r++) {
+                const int8_t *xp = xq + r * K + g * Q4_GROUP;
+                __m256i da = _mm256_madd_epi16(_mm256_maddubs_epi16(wa, _mm256_loadu_si256((const __m256i *)xp)), ones);
+                acc[r][0] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(da), _mm256_broadcast_ss(&d[r][g - g0]), acc[r][0]);
+                if (pair) {
+                    __m256i db = _mm256_madd_epi16(
+                        _mm256_maddubs_epi16(wb, _mm256_loadu_si256((const __m256i *)(xp + Q4_GROUP))), ones);
+                    acc[r][1] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(db), _mm256_broadcast_ss(&d[r][g + 1 - g0]), acc[r][1]);
+                }
+            }
+        }
+    }
+    for (int64_t r = 0; r < rows; r++)
+        out[r * out_stride] = hsum256(_mm256_add_ps(acc[r][0], acc[r][1])) + dot(mn, xsum + r * G, G);
+#else
+    for (int64_t r = 0; r < rows; r++) {
+        float total = 0.f;
+        for (int64_t g = 0; g < G; g++) {
+            const int8_t *xp = xq + r * K + g * Q4_GROUP;
+            const uint8_t *b = wq + (g / 2) * 32;
+            int shift = (g % 2) * 4;
+            int32_t d = 0;
+            for (int j = 0; j < Q4_GROUP; j++) d += ((b[j] >> shift) & 15) * xp[j];
+            total += (float)d * scale[g] * xs[r * G + g] + mn[g] * xsum[r * G + g];
+        }
+        out[r * out_stride] = total;
+    }
+#endif
+}
+
+void q4_matmul(const float *x, int64_t M, int64_t K, const uint8_t *wq, const float *scales, const float *mins,
+               int64_t N, const float *bias, float *out, int nthreads) {
+    int64_t G = K / Q4_GROUP;
+    int8_t *xq = (int8_t *)malloc((size_t)(M * K));
+    float *xs = (float *)malloc(sizeof(float) * (size_t)(2 * M * G)), *xsum = xs + M * G;
+    quantize_groups(x, M, K, xq, xs, xsum);
+#pragma omp parallel for num_threads(nthreads) schedule(static)
+    for (int64_t n = 0; n < N; n++) {
+        for (int64_t m0 = 0; m0 < M; m0 += Q4_TILE) {
+            int64_t rows = M - m0 < Q4_TILE ? M - m0 : Q4_TILE;
+            q4_row(xq + m0 * K, xs + m0 * G, xsum + m0 * G, rows, K, wq + n * ((G + 1) / 2) * 32, scales + n * G,
+                   mins + n * G, out + m0 * N + n, N);
+        }
+        if (bias)
+            for (int64_t m = 0; m < M; m++) out[m * N + n] += bias[n];
+    }
+    free(xq);
+    free(xs);
+}
+
+void q8_matmul(const float *x, int64_t M, int64_t K, const int8_t *wq, const float *scales, int64_t N,
+               const float *bias, float *out, int nthreads) {
+#pragma omp parallel for num_threads(nthreads) schedule(static)
+    for (int64_t n = 0; n < N; n++) {
+        const int8_t *w = wq + n * K;
+        for (int64_t m = 0; m < M; m++) {
+            const float *xp = x + m * K;
+            float total = 0.f;
+            int64_t k = 0;
+#ifdef __AVX2__
+            __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
+            for (; k + 16 <= K; k += 16) {
+                __m128i raw = _mm_loadu_si128((const __m128i *)(w + k));
+                __m256 w0 = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(raw));
+                __m256 w1 = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(raw, 8)));
+                acc0 = _mm256_fmadd_ps(w0, _mm256_loadu_ps(xp + k), acc0);
+                acc1 = _mm256_fmadd_ps(w1, _mm256_loadu_ps(xp + k + 8), acc1);
+            }
+            total = hsum256(_mm256_add_ps(acc0, acc1));
+#endif
+            for (; k < K; k++) total += (float)w[k] * xp[k];
+            out[m * N + n] = total * scales[n] + (bias ? bias[n] : 0.f);
+        }
+    }
+}
+
+/* q: B rows q_stride floats apart, each H heads of D; out: [B, H, D]; caches: [slots, KVH, D] with slot = block * block_size + offset;
+ * block_tables: [B, max_blocks]; ctx_lens[b] keys per sequence (the query is the last of them);
+ * window > 0 keeps only the last `window` keys. One task per (sequence, KV head) serves all
+ * the query heads of that group, so each cached K/V row is read once per group. */
+void paged_attention_decode(const float *q, int64_t q_stride, const float *k_cache, const float *v_cache,
+                            const int64_t *block_tables, int64_t max_blocks, const int64_t *ctx_lens, int64_t B,
+                            int64_t H, int64_t KVH, int64_t D, int64_t block_size, int64_t window, float scale,
+                            float *out, int nthreads) {
+    int64_t group = H / KVH;
+    int64_t row = KVH * D; /* floats per slot */
+#pragma omp parallel for num_threads(nthreads) schedule(dynamic, 1)
+    for (int64_t task = 0; task < B * KVH; task++) {
+        int64_t b = task / KVH, kvh = task % KVH;
+        int64_t ctx = ctx_lens[b];
+        int64_t first = (window > 0 && ctx > window) ? ctx - window : 0;
+        int64_t n = ctx - first;
+        const int64_t *table = block_tables + b * max_blocks;
+        float *scores = (float *)malloc(sizeof(float) * (size_t)(group * n));
+        for (int64_t h = 0; h < group; h++) memset(out + (b * H + kvh * group + h) * D, 0, sizeof(float) * D);
+        for (int64_t i = 0; i < n; i++) {
+            int64_t pos = first + i;
+            const float *key = k_cache + (table[pos / block_size] * block_size + pos % block_size) * row + kvh * D;
+            for (int64_t h = 0; h < group; h++)
+                scores[h * n + i] = dot(q + b * q_stride + (kvh * group + h) * D, key, D) * scale;
+        }
+        for (int64_t h = 0; h < group; h++) {
+            float *s = scores + h * n, mx = -INFINITY, total = 0.f;
+            for (int64_t i = 0; i < n; i++) mx = s[i] > mx ? s[i] : mx;
+            for (int64_t i = 0; i < n; i++) total += (s[i] = expf(s[i] - mx));
+            float inv = 1.f / total;
+            for (int64_t i = 0; i < n; i++) s[i] *= inv;
+        }
+        for (int64_t i = 0; i < n; i++) {
+            int64_t pos = first + i;
+            const float *val = v_cache + (table[pos / block_size] * block_size + pos % block_size) * row + kvh * D;
+            for (int64_t h = 0; h < group; h++) axpy(scores[h * n + i], val, out + (b * H + kvh * group + h) * D, D);
+        }
+        free(scores);
+    }
+}
+
+/* out[t] = x[t] / sqrt(mean(x[t]^2) + eps) * w for T rows of D floats (rows x_stride apart). */
+void rms_norm(const float *x, int64_t T, int64_t D, int64_t x_stride, const float *w, float eps, float *out) {
+    for (int64_t t = 0; t < T; t++) {
+        const float *xr = x + t * x_stride;
+        float inv = 1.f / sqrtf(dot(xr, xr, D) / (float)D + eps);
+        float *o = out + t * D;
+        for (int64_t d = 0; d < D; d++) o[d] = xr[d] * inv * w[d];
+    }
+}
+
+/* Rotate-half RoPE in place: for each of T tokens (rows row_stride floats apart) and each of
+ * `heads` consecutive heads of D floats, x = x * cos + rotate_half(x) * sin with cos/sin [T, D]. */
+void rope_rotate(float *x, int64_t T, int64_t heads, int64_t D, int64_t row_stride, const float *cos_t,
+                 const float *sin_t) {
+    int64_t half = D / 2;
+    for (int64_t t = 0; t < T; t++) {
+        const float *c = cos_t + t * D, *s = sin_t + t * D;
+        for (int64_t h = 0; h < heads; h++) {
+            float *v = x + t * row_stride + h * D;
+            for (int64_t i = 0; i < half; i++) {
+                float a = v[i], b = v[i + half];
+                v[i] = a * c[i] - b * s[i];
+                v[i + half] = b * c[i + half] + a * s[i + half];
+            }
+        }
+    }
+}
+
+/* The per-layer work between the qkv projection and attention, for T tokens whose rows of
+ * `row_stride` floats hold [q: H heads | k: KVH heads | v: KVH heads] of D floats each:
+ * RMSNorm of q and k heads in place (when q_norm/k_norm are given), rotate-half RoPE of q and k
+ * in place with cos/sin [T, D], then K and V copied to their cache slots ([slots, KVH, D]). */
+static void norm_head(float *v, int64_t D, const float *w, float eps) {
+    float inv = 1.f / sqrtf(dot(v, v, D) / (float)D + eps);
+    for (int64_t d = 0; d < D; d++) v[d] = v[d] * inv * w[d];
+}
+
+void qk_rope_store(float *qkv, int64_t T, int64_t row_stride, int64_t H, int64_t KVH, int64_t D,
+                   const float *q_norm, const float *k_norm, float eps, const float *cos_t, const float *sin_t,
+                   float *k_cache, float *v_cache, const int64_t *slots) {
+    for (int64_t t = 0; t < T; t++) {
+        float *row = qkv + t * row_stride;
+        if (q_norm)
+            for (int64_t h = 0; h < H; h++) norm_head(row + h * D, D, q_norm, eps);
+        if (k_norm)
+            for (int64_t h = H; h < H + KVH; h++) norm_head(row + h * D, D, k_norm, eps);
+        rope_rotate(row, 1, H + KVH, D, 0, cos_t + t * D, sin_t + t * D);
+        memcpy(k_cache + slots[t] * KVH * D, row + H * D, sizeof(float) * KVH * D);
+        memcpy(v_cache + slots[t] * KVH * D, row + (H + KVH) * D, sizeof(float) * KVH * D);
+    }
+}
+
+/* out[t] = act(gate[t]) * up[t] from gate_up [T, 2I]; act = silu, or gelu-tanh when gelu != 0. */
+void gated_act(const float *gate_up, int64_t T, int64_t I, int gelu, float *out) {
+    for (int64_t t = 0; t < T; t++) {
+        const float *g = gate_up + t * 2 * I, *u = g + I;
+        float *o = out + t * I;
+        if (gelu)
+            for (int64_t i = 0; i < I; i++) {
+                float x = g[i];
+                o[i] = 0.5f * x * (1.f + tanhf(0.7978845608f * (x + 0.044715f * x * x * x))) * u[i];
+            }
+        else
+            for (int64_t i = 0; i < I; i++) o[i] = g[i] / (1.f + expf(-g[i])) * u[i];
+    }
+}

@@ -1,0 +1,163 @@
+"""Our C kernels against plain torch references, and the model with the kernels switched off."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import nanoinfer.kernels as kernels_module
+from nanoinfer.kernels import kernels
+from nanoinfer.model.rope import apply_rotary
+from nanoinfer.quant.int4 import _pack_groups, dequantize_int4, quantize_int4
+from nanoinfer.quant.int8 import dequantize_int8, quantize_int8
+
+ours = kernels()
+pytestmark = pytest.mark.skipif(ours is None, reason="no C compiler: the C kernels are not built")
+
+
+def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
+    return ((out - ref).abs().max() / ref.abs().max()).item()
+
+
+@pytest.mark.parametrize("rows", [1, 3, 4, 5, 16])
+@pytest.mark.parametrize("k", [96, 576])  # 96: an odd number of groups (3), the last one unpaired
+def test_q4_matmul_matches_dequantized_matmul(rows: int, k: int) -> None:
+    torch.manual_seed(rows)
+    w, x, bias = torch.randn(40, k) * 0.05, torch.randn(rows, k), torch.randn(40)
+    q, scales, zero_points = quantize_int4(w, 32)
+    w_deq = dequantize_int4(q, scales, zero_points, 32)
+    out = ours.q4_matmul(x, _pack_groups(q), scales, -zero_points * scales, bias)
+    # The kernel's documented numerics: x rounded to int8 per group of 32 (scale max|x| / 127),
+    # except in the min term, which uses the exact group sums of x.
+    groups = x.view(rows, -1, 32)
+    step = groups.abs().amax(-1, keepdim=True) / 127
+    x_int8 = (torch.round(groups / step) * step).view(rows, k)
+    mins = (-zero_points * scales).repeat_interleave(32, dim=1)
+    exact = x_int8 @ (w_deq - mins).t() + x @ mins.t() + bias
+    torch.testing.assert_close(out, exact, rtol=1e-4, atol=1e-4)
+    assert rel_err(out, x @ w_deq.t() + bias) < 2e-2  # and close to the float matmul
+
+
+def test_q4_matmul_zero_activations_give_bias() -> None:
+    q, scales, zero_points = quantize_int4(torch.randn(16, 64), 32)
+    out = ours.q4_matmul(torch.zeros(2, 64), _pack_groups(q), scales, -zero_points * scales, torch.arange(16.0))
+    assert torch.equal(out, torch.arange(16.0).expand(2, 16))
+
+
+@pytest.mark.parametrize("k", [64, 100])  # 100: a tail past the 16-wide vector loop
+def test_q8_matmul_is_exact_fp32(k: int) -> None:
+    w, x = torch.randn(24, k), torch.randn(3, k)
+    q, scales = quantize_int8(w)
+    ref = x @ dequantize_int8(q, scales).t()
+    torch.testing.assert_close(ours.q8_matmul(x, q, scales), ref, rtol=1e-5, atol=1e-5)
+
+
+def _reference_decode(q, k_cache, v_cache, tables, lens, block_size, window, scale):
+    """SDPA over each sequence's gathered context, one sequence at a time."""
+    outs = []
+    for b, n in enumerate(lens.tolist()):
+        pos = torch.arange(n)
+        slots = tables[b][pos // block_size] * block_size + pos % block_size
+        if window:
+            slots = slots[max(0, n - window):]
+        keys, values = k_cache[slots].transpose(0, 1), v_cache[slots].transpose(0, 1)
+        o = F.scaled_dot_product_attention(q[b].unsqueeze(1), keys, values, scale=scale, enable_gqa=True)
+        outs.append(o.squeeze(1).flatten())
+    return torch.stack(outs)
+
+
+@pytest.mark.parametrize("heads, kv_heads", [(4, 4), (6, 2), (3, 1)])
+@pytest.mark.parametrize("window", [0, 5])
+def test_paged_attention_decode_matches_sdpa(heads: int, kv_heads: int, window: int) -> None:
+    torch.manual_seed(heads + window)
+    block_size, num_blocks, D = 4, 32, 16
+    k_cache, v_cache = torch.randn(2, num_blocks * block_size, kv_heads, D).unbind(0)
+    lens = torch.tensor([1, 7, 13, 4])
+    tables = torch.stack([torch.randperm(num_blocks)[:4] for _ in lens])  # scattered, shared pool
+    # queries as rows of a wider buffer, as they sit in the fused qkv projection
+    qkv = torch.randn(len(lens), (heads + 2 * kv_heads) * D)
+    q = qkv[:, : heads * D].unflatten(-1, (heads, D))
+    out = ours.paged_attention_decode(qkv, heads, k_cache, v_cache, tables, lens, block_size, window, D**-0.5)
+    ref = _reference_decode(q, k_cache, v_cache, tables, lens, block_size, window, D**-0.5)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+
+
+def test_rms_norm_matches_torch() -> None:
+    x, w = torch.randn(5, 3, 64), torch.rand(64) + 0.5
+    torch.testing.assert_close(ours.rms_norm(x, w, 1e-6), F.rms_norm(x, (64,), w, 1e-6), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("qk_norm", [False, True])
+def test_qk_rope_store_matches_torch(qk_norm: bool) -> None:
+    torch.manual_seed(int(qk_norm))
+    T, H, KVH, D = 3, 4, 2, 8
+    qkv = torch.randn(T, (H + 2 * KVH) * D)
+    angles = torch.arange(T).float()[:, None] * (1.0 / 10000 ** (torch.arange(0, D, 2) / D))
+    angles = torch.cat([angles, angles], -1)[:, None]
+    cos, sin = angles.cos(), angles.sin()
+    qn, kn = (torch.rand(D) + 0.5, torch.rand(D) + 0.5) if qk_norm else (None, None)
+    q, k, v = (t.unflatten(-1, (-1, D)) for t in qkv.clone().split([H * D, KVH * D, KVH * D], -1))
+    if qk_norm:
+        q, k = F.rms_norm(q, (D,), qn, 1e-6), F.rms_norm(k, (D,), kn, 1e-6)
+    q_ref, k_ref = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+    k_cache, v_cache = torch.zeros(2, 10, KVH, D).unbind(0)
+    slots = torch.tensor([7, 2, 9])
+    ours.qk_rope_store(qkv, H, KVH, D, qn, kn, 1e-6, cos, sin, k_cache, v_cache, slots)
+    torch.testing.assert_close(qkv[:, : H * D].view(T, H, D), q_ref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(k_cache[slots], k_ref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(v_cache[slots], v)
+    assert k_cache[[0, 1, 3]].abs().sum() == 0  # nothing written outside the slots
+
+
+@pytest.mark.parametrize("gelu", [False, True])
+def test_gated_act_matches_torch(gelu: bool) -> None:
+    gate_up = torch.randn(3, 40) * 3
+    gate, up = gate_up.split(20, -1)
+    ref = (F.gelu(gate, approximate="tanh") if gelu else F.silu(gate)) * up
+    torch.testing.assert_close(ours.gated_act(gate_up, gelu), ref, rtol=1e-5, atol=1e-5)
+
+
+def test_build_is_cached(tmp_path, monkeypatch) -> None:
+    monkeypatch.setenv("NANOINFER_CACHE", str(tmp_path))
+    first = kernels_module._build()
+    assert first is not None and first.parent == tmp_path / "kernels"
+    mtime = first.stat().st_mtime_ns
+    assert kernels_module._build() == first and first.stat().st_mtime_ns == mtime  # not rebuilt
+
+
+@pytest.fixture
+def no_kernels(monkeypatch):
+    """Every module takes its torch path, as on a machine without a C compiler."""
+    monkeypatch.setattr(kernels_module, "_loaded", None)
+
+
+@pytest.mark.parametrize("case_id", ["llama", "gemma3"])
+def test_torch_path_equals_kernel_path(tiny_model, no_kernels, monkeypatch, case_id: str) -> None:
+    """The same logits with and without the C kernels (unquantized float32: no rounding differs)."""
+    from nanoinfer.loading import load_package
+    from nanoinfer.model.transformer import Transformer
+
+    path, _ = tiny_model(case_id)
+    model = Transformer.from_package(load_package(path))
+    prompt = list(range(5, 45))
+    without = model.score(prompt)
+    monkeypatch.setattr(kernels_module, "_loaded", ours)
+    with_kernels = model.score(prompt)
+    torch.testing.assert_close(with_kernels, without, rtol=1e-4, atol=1e-4)
+    assert math.isfinite(with_kernels.sum().item())
+
+
+@pytest.mark.parametrize("case_id", ["llama", "gemma3"])
+def test_torch_path_greedy_matches_transformers(tiny_model, no_kernels, case_id: str) -> None:
+    """Decode through the torch attention path (block gather + SDPA) still equals transformers."""
+    from nanoinfer import LLM, SamplingParams
+    from test_parity import NEW_TOKENS, hf_greedy, random_prompt
+
+    path, hf_model = tiny_model(case_id)
+    prompt = random_prompt(case_id)
+    llm = LLM(str(path), dtype="float32")
+    out = llm.generate([prompt], SamplingParams(temperature=0, max_tokens=NEW_TOKENS, ignore_eos=True))
+    assert list(out[0].token_ids) == hf_greedy(hf_model, prompt, NEW_TOKENS)
