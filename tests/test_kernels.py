@@ -161,3 +161,21 @@ def test_torch_path_greedy_matches_transformers(tiny_model, no_kernels, case_id:
     llm = LLM(str(path), dtype="float32")
     out = llm.generate([prompt], SamplingParams(temperature=0, max_tokens=NEW_TOKENS, ignore_eos=True))
     assert list(out[0].token_ids) == hf_greedy(hf_model, prompt, NEW_TOKENS)
+
+
+@pytest.mark.parametrize("case_id", ["llama", "qwen2", "qwen3", "mistral"])  # + bias, q/k norm, window
+def test_fused_decode_layer_equals_layer_by_layer(tiny_model, monkeypatch, case_id: str) -> None:
+    """int4 decode through one decode_layer call per layer gives the tokens the module-by-module path gives."""
+    from nanoinfer import LLM, SamplingParams
+    from nanoinfer.model.transformer import DecoderLayer
+
+    path, _ = tiny_model(case_id)
+    prompts = [list(range(5, 5 + n)) for n in (7, 20, 33)]  # three rows of different context lengths
+    params = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
+    # no prefix cache: the second run must compute its prompts exactly as the first did
+    llm = LLM(str(path), quantization="int4", enable_prefix_cache=False)
+    assert llm.engine.model.layers[0]._fused_plan() is not None
+    fused = [list(o.token_ids) for o in llm.generate(prompts, params)]
+    monkeypatch.setattr(DecoderLayer, "_fused_plan", lambda self: None)
+    layer_by_layer = [list(o.token_ids) for o in llm.generate(prompts, params)]
+    assert fused == layer_by_layer

@@ -68,6 +68,33 @@ def _ptr(t: torch.Tensor | None) -> int | None:
     return None if t is None else t.data_ptr()
 
 
+class Q4Weight(ctypes.Structure):
+    _fields_ = [("w", ctypes.c_void_p), ("scales", ctypes.c_void_p), ("mins", ctypes.c_void_p),
+                ("bias", ctypes.c_void_p), ("n", ctypes.c_int64)]
+
+
+class DecodeLayer(ctypes.Structure):
+    """Everything decode_layer needs of one layer: sizes, weights and that layer's KV cache."""
+
+    _fields_ = [*((name, ctypes.c_int64) for name in
+                  ("hidden", "heads", "kv_heads", "head_dim", "inter", "window", "gelu")),
+                ("eps", ctypes.c_float), ("scale", ctypes.c_float),
+                *((name, ctypes.c_void_p) for name in ("input_norm", "mlp_norm", "q_norm", "k_norm")),
+                *((name, Q4Weight) for name in ("qkv", "o", "gate_up", "down")),
+                ("k_cache", ctypes.c_void_p), ("v_cache", ctypes.c_void_p)]
+
+
+class DecodeStep(ctypes.Structure):
+    """The per-step addressing every layer shares: RoPE tables, KV slots, block tables."""
+
+    _fields_ = [*((name, ctypes.c_void_p) for name in ("cos_t", "sin_t", "slots", "block_tables", "ctx_lens")),
+                ("max_blocks", ctypes.c_int64), ("block_size", ctypes.c_int64)]
+
+
+def q4_weight(packed: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor, bias: torch.Tensor | None) -> Q4Weight:
+    return Q4Weight(packed.data_ptr(), scales.data_ptr(), mins.data_ptr(), _ptr(bias), packed.shape[0])
+
+
 class CpuKernels:
     """ctypes bindings. Tensor arguments must be float32 (int64 for indices) CPU tensors laid out
     as each method says; the wrappers are kept lean because a decode step calls them ~250 times."""
@@ -82,6 +109,7 @@ class CpuKernels:
             "rms_norm": [ptr, i64, i64, i64, ptr, f32, ptr],
             "qk_rope_store": [ptr, i64, i64, i64, i64, i64, ptr, ptr, f32, ptr, ptr, ptr, ptr, ptr],
             "gated_act": [ptr, i64, i64, i32, ptr],
+            "decode_layer": [ctypes.POINTER(DecodeLayer), ctypes.POINTER(DecodeStep), ptr, i64, i32],
         }
         for name, argtypes in signatures.items():
             fn = getattr(lib, name)
@@ -148,6 +176,11 @@ class CpuKernels:
         out = torch.empty(T, two_i // 2)
         self.lib.gated_act(gate_up.data_ptr(), T, two_i // 2, int(gelu), out.data_ptr())
         return out
+
+    def decode_layer(self, layer: DecodeLayer, step: DecodeStep, x: torch.Tensor) -> None:
+        """One decoder layer over the decode rows x [M, hidden] (contiguous), in place."""
+        self.lib.decode_layer(ctypes.byref(layer), ctypes.byref(step), x.data_ptr(), x.shape[0],
+                              torch.get_num_threads())
 
 
 def kernels() -> CpuKernels | None:

@@ -298,3 +298,52 @@ void gated_act(const float *gate_up, int64_t T, int64_t I, int gelu, float *out)
             for (int64_t i = 0; i < I; i++) o[i] = g[i] / (1.f + expf(-g[i])) * u[i];
     }
 }
+
+/* A whole decoder layer for M decode rows (pre-norm, no post-norms, int4 projections): the
+ * ~15 calls a layer makes from Python become one, which at batch 1 is most of the step's time
+ * outside the matmuls. Built from the kernels above; `x` [M, hidden] is updated in place. */
+typedef struct {
+    const uint8_t *w;
+    const float *scales, *mins, *bias;
+    int64_t n;
+} Q4Weight;
+
+typedef struct {
+    int64_t hidden, heads, kv_heads, head_dim, inter, window, gelu;
+    float eps, scale;
+    const float *input_norm, *mlp_norm, *q_norm, *k_norm;
+    Q4Weight qkv, o, gate_up, down;
+    float *k_cache, *v_cache;
+} DecodeLayer;
+
+typedef struct {
+    const float *cos_t, *sin_t;
+    const int64_t *slots, *block_tables, *ctx_lens;
+    int64_t max_blocks, block_size;
+} DecodeStep;
+
+static void q4_apply(const Q4Weight *w, const float *x, int64_t M, int64_t K, float *out, int nthreads) {
+    q4_matmul(x, M, K, w->w, w->scales, w->mins, w->n, w->bias, out, nthreads);
+}
+
+void decode_layer(const DecodeLayer *L, const DecodeStep *S, float *x, int64_t M, int nthreads) {
+    int64_t hid = L->hidden, qd = L->heads * L->head_dim;
+    size_t floats = (size_t)(M * (hid + L->qkv.n + qd + L->gate_up.n + L->inter + hid));
+    float *h = (float *)malloc(sizeof(float) * floats);
+    float *qkv = h + M * hid, *att = qkv + M * L->qkv.n, *gu = att + M * qd, *act = gu + M * L->gate_up.n;
+    float *tmp = act + M * L->inter;
+    rms_norm(x, M, hid, hid, L->input_norm, L->eps, h);
+    q4_apply(&L->qkv, h, M, hid, qkv, nthreads);
+    qk_rope_store(qkv, M, L->qkv.n, L->heads, L->kv_heads, L->head_dim, L->q_norm, L->k_norm, L->eps, S->cos_t,
+                  S->sin_t, L->k_cache, L->v_cache, S->slots);
+    paged_attention_decode(qkv, L->qkv.n, L->k_cache, L->v_cache, S->block_tables, S->max_blocks, S->ctx_lens, M,
+                           L->heads, L->kv_heads, L->head_dim, S->block_size, L->window, L->scale, att, nthreads);
+    q4_apply(&L->o, att, M, qd, tmp, nthreads);
+    for (int64_t i = 0; i < M * hid; i++) x[i] += tmp[i];
+    rms_norm(x, M, hid, hid, L->mlp_norm, L->eps, h);
+    q4_apply(&L->gate_up, h, M, hid, gu, nthreads);
+    gated_act(gu, M, L->inter, (int)L->gelu, act);
+    q4_apply(&L->down, act, M, L->inter, tmp, nthreads);
+    for (int64_t i = 0; i < M * hid; i++) x[i] += tmp[i];
+    free(h);
+}

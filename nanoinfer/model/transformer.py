@@ -12,6 +12,8 @@ from nanoinfer.engine.forward_batch import ForwardBatch, SequenceChunk
 from nanoinfer.errors import ModelLoadError
 from nanoinfer.model.layers import MLP, Attention, RMSNorm
 from nanoinfer.model.rope import RotaryEmbedding
+from nanoinfer.kernels import DecodeLayer, DecodeStep, kernels, q4_weight
+from nanoinfer.quant import DenseForLargeBatch, Int4Linear
 
 if TYPE_CHECKING:
     from nanoinfer.engine.kv_cache import PagedKVCache
@@ -30,8 +32,16 @@ class DecoderLayer(nn.Module):
         self.mlp = MLP(config)
         self.post_attn_norm = RMSNorm(config.hidden_size, eps) if config.post_norms else None
         self.post_mlp_norm = RMSNorm(config.hidden_size, eps) if config.post_norms else None
+        self._plan = False  # _fused_plan's answer, worked out on first use (False: not yet)
+        self._plan_modules: tuple = ()
+        self._fused_key: tuple | None = None
+        self._fused_layer: DecodeLayer | None = None
 
     def forward(self, x, rope, batch: ForwardBatch, k_cache, v_cache) -> torch.Tensor:
+        if batch.num_decode == x.shape[0] and x.dtype == k_cache.dtype == torch.float32:
+            fused = self._fused_decode(x, rope, batch, k_cache, v_cache)
+            if fused is not None:
+                return fused
         h = self.attn(self.input_norm(x), rope, batch, k_cache, v_cache)
         if self.post_attn_norm is not None:
             h = self.post_attn_norm(h)
@@ -40,6 +50,58 @@ class DecoderLayer(nn.Module):
         if self.post_mlp_norm is not None:
             h = self.post_mlp_norm(h)
         return x + h
+
+
+    def _fused_decode(self, x, rope, batch: ForwardBatch, k_cache, v_cache) -> torch.Tensor | None:
+        """The whole layer as one C call (`decode_layer`) when its shape allows; None otherwise."""
+        plan = self._fused_plan()
+        if plan is None or x.shape[0] > plan[1] or not x.is_contiguous():
+            return None
+        ours, max_rows, linears = plan[0], plan[1], plan[2]
+        key = (k_cache.data_ptr(), v_cache.data_ptr(), *(lin.packed.data_ptr() for lin in linears))
+        if self._fused_key != key:  # weights or cache moved: rebuild the pointer table
+            self._fused_layer, self._fused_key = self._describe(linears, k_cache, v_cache), key
+        steps = batch.kernel_steps
+        step = steps.get(id(rope[0]))
+        if step is None:
+            step = steps[id(rope[0])] = DecodeStep(
+                rope[0].data_ptr(), rope[1].data_ptr(), batch.slot_mapping.data_ptr(),
+                batch.decode_blocks.data_ptr(), batch.decode_ctx_lens.data_ptr(),
+                batch.decode_blocks.shape[1], batch.block_size,
+            )
+            steps[("keep", id(rope[0]))] = rope  # the pointers above must outlive this step
+        out = x.clone()
+        ours.decode_layer(self._fused_layer, step, out)
+        return out
+
+    def _fused_plan(self):
+        """(kernels, max rows, [qkv, o, gate_up, down] Int4Linear) if this layer can run fused, else None."""
+        modules = (self.attn.qkv_proj, self.attn.o_proj, self.mlp.gate_up_proj, self.mlp.down_proj)
+        if self._plan is False or self._plan_modules != modules:  # first use, or quantized since
+            self._plan, self._plan_modules, self._fused_key = None, modules, None
+            ours = kernels()
+            linears, max_rows = [], 1 << 30
+            for lin in modules:
+                if isinstance(lin, DenseForLargeBatch):
+                    max_rows = min(max_rows, lin.dense_above_rows)
+                    lin = lin.quantized
+                linears.append(lin)
+            if (ours is not None and self.post_attn_norm is None
+                    and all(isinstance(lin, Int4Linear) and lin.backend == "c" for lin in linears)):
+                self._plan = (ours, max_rows, linears)
+        return self._plan
+
+    def _describe(self, linears, k_cache: torch.Tensor, v_cache: torch.Tensor) -> DecodeLayer:
+        a, qn, kn = self.attn, self.attn.q_norm, self.attn.k_norm
+        qkv, o, gate_up, down = (q4_weight(lin.packed, lin.scales, lin.mins, lin.bias) for lin in linears)
+        return DecodeLayer(
+            hidden=self.input_norm.weight.shape[0], heads=a.num_heads, kv_heads=a.num_kv_heads,
+            head_dim=a.head_dim, inter=self.mlp.intermediate, window=a.window, gelu=int(self.mlp.gelu),
+            eps=self.input_norm.eps, scale=a.scale, input_norm=self.input_norm.weight.data_ptr(),
+            mlp_norm=self.pre_mlp_norm.weight.data_ptr(), q_norm=None if qn is None else qn.weight.data_ptr(),
+            k_norm=None if kn is None else kn.weight.data_ptr(), qkv=qkv, o=o, gate_up=gate_up, down=down,
+            k_cache=k_cache.data_ptr(), v_cache=v_cache.data_ptr(),
+        )
 
 
 class Transformer(nn.Module):

@@ -82,7 +82,7 @@ class DenseForLargeBatch(nn.Module):
         if x.numel() > self.dense_above_rows * x.shape[-1]:  # more rows than the threshold
             bias = None if self.bias is None else self.bias.to(x.dtype)
             return F.linear(x, self.dense.to(x.dtype), bias)
-        return self.quantized(x)
+        return self.quantized.forward(x)  # skips a second Module.__call__ on the per-token path
 
 
 def _maybe_dense(
