@@ -108,7 +108,7 @@ class CpuKernels:
             "paged_attention_decode": [ptr, i64, ptr, ptr, ptr, i64, ptr, i64, i64, i64, i64, i64, i64, f32, ptr, i32],
             "rms_norm": [ptr, i64, i64, i64, ptr, f32, ptr],
             "qk_rope_store": [ptr, i64, i64, i64, i64, i64, ptr, ptr, f32, ptr, ptr, ptr, ptr, ptr],
-            "gated_act": [ptr, i64, i64, i32, ptr],
+            "gated_act": [ptr, i64, i64, i32, ptr, i32],
             "decode_layer": [ctypes.POINTER(DecodeLayer), ctypes.POINTER(DecodeStep), ptr, i64, i32],
         }
         for name, argtypes in signatures.items():
@@ -174,7 +174,7 @@ class CpuKernels:
         """act(gate) * up for a contiguous gate_up [T, 2I]; silu, or gelu-tanh."""
         T, two_i = gate_up.shape
         out = torch.empty(T, two_i // 2)
-        self.lib.gated_act(gate_up.data_ptr(), T, two_i // 2, int(gelu), out.data_ptr())
+        self.lib.gated_act(gate_up.data_ptr(), T, two_i // 2, int(gelu), out.data_ptr(), torch.get_num_threads())
         return out
 
     def decode_layer(self, layer: DecodeLayer, step: DecodeStep, x: torch.Tensor) -> None:

@@ -103,6 +103,35 @@ static void q4_row(const int8_t *xq, const float *xs, const float *xsum, int64_t
         out[0] = hsum256(_mm256_add_ps(acc0, acc1)) + dot(mn, xsum, G);
         return;
     }
+    if (rows == 4) { /* small batches: each unpacked weight pair serves four rows from registers */
+        __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps(), a2 = _mm256_setzero_ps(), a3 = _mm256_setzero_ps();
+#define Q4_STEP(acc, r, wv, gg)                                                                               \
+    acc = _mm256_fmadd_ps(                                                                                    \
+        _mm256_cvtepi32_ps(_mm256_madd_epi16(                                                                 \
+            _mm256_maddubs_epi16(wv, _mm256_loadu_si256((const __m256i *)(xq + (r) * K + (gg) * Q4_GROUP))), ones)), \
+        _mm256_set1_ps(scale[gg] * xs[(r) * G + (gg)]), acc)
+        for (int64_t g = 0; g < G; g += 2) {
+            __m256i raw = _mm256_loadu_si256((const __m256i *)(wq + g * 16));
+            __m256i wa = _mm256_and_si256(raw, low4);
+            Q4_STEP(a0, 0, wa, g);
+            Q4_STEP(a1, 1, wa, g);
+            Q4_STEP(a2, 2, wa, g);
+            Q4_STEP(a3, 3, wa, g);
+            if (g + 1 < G) {
+                __m256i wb = _mm256_and_si256(_mm256_srli_epi16(raw, 4), low4);
+                Q4_STEP(a0, 0, wb, g + 1);
+                Q4_STEP(a1, 1, wb, g + 1);
+                Q4_STEP(a2, 2, wb, g + 1);
+                Q4_STEP(a3, 3, wb, g + 1);
+            }
+        }
+#undef Q4_STEP
+        out[0] = hsum256(a0) + dot(mn, xsum, G);
+        out[out_stride] = hsum256(a1) + dot(mn, xsum + G, G);
+        out[2 * out_stride] = hsum256(a2) + dot(mn, xsum + 2 * G, G);
+        out[3 * out_stride] = hsum256(a3) + dot(mn, xsum + 3 * G, G);
+        return;
+    }
     float d[Q4_TILE][64]; /* scale * activation scale, for up to 64 groups at a time */
     __m256 acc[Q4_TILE][2];
     for (int r = 0; r < Q4_TILE; r++) acc[r][0] = acc[r][1] = _mm256_setzero_ps();
@@ -165,29 +194,58 @@ void q4_matmul(const float *x, int64_t M, int64_t K, const uint8_t *wq, const fl
     free(xs);
 }
 
+/* Four activation rows against one int8 weight row: each weight vector is converted once. */
+static void q8_row4(const float *x, int64_t K, const int8_t *w, float out[4]) {
+    int64_t k = 0;
+    float t0 = 0.f, t1 = 0.f, t2 = 0.f, t3 = 0.f;
+#ifdef __AVX2__
+    __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps(), a2 = _mm256_setzero_ps(), a3 = _mm256_setzero_ps();
+    for (; k + 8 <= K; k += 8) {
+        __m256 wv = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)(w + k))));
+        a0 = _mm256_fmadd_ps(wv, _mm256_loadu_ps(x + k), a0);
+        a1 = _mm256_fmadd_ps(wv, _mm256_loadu_ps(x + K + k), a1);
+        a2 = _mm256_fmadd_ps(wv, _mm256_loadu_ps(x + 2 * K + k), a2);
+        a3 = _mm256_fmadd_ps(wv, _mm256_loadu_ps(x + 3 * K + k), a3);
+    }
+    t0 = hsum256(a0), t1 = hsum256(a1), t2 = hsum256(a2), t3 = hsum256(a3);
+#endif
+    for (; k < K; k++) {
+        float wk = (float)w[k];
+        t0 += wk * x[k], t1 += wk * x[K + k], t2 += wk * x[2 * K + k], t3 += wk * x[3 * K + k];
+    }
+    out[0] = t0, out[1] = t1, out[2] = t2, out[3] = t3;
+}
+
+static float q8_row1(const float *xp, int64_t K, const int8_t *w) {
+    float total = 0.f;
+    int64_t k = 0;
+#ifdef __AVX2__
+    __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
+    for (; k + 16 <= K; k += 16) {
+        __m128i raw = _mm_loadu_si128((const __m128i *)(w + k));
+        __m256 w0 = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(raw));
+        __m256 w1 = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(raw, 8)));
+        acc0 = _mm256_fmadd_ps(w0, _mm256_loadu_ps(xp + k), acc0);
+        acc1 = _mm256_fmadd_ps(w1, _mm256_loadu_ps(xp + k + 8), acc1);
+    }
+    total = hsum256(_mm256_add_ps(acc0, acc1));
+#endif
+    for (; k < K; k++) total += (float)w[k] * xp[k];
+    return total;
+}
+
 void q8_matmul(const float *x, int64_t M, int64_t K, const int8_t *wq, const float *scales, int64_t N,
                const float *bias, float *out, int nthreads) {
 #pragma omp parallel for num_threads(nthreads) schedule(static)
     for (int64_t n = 0; n < N; n++) {
         const int8_t *w = wq + n * K;
-        for (int64_t m = 0; m < M; m++) {
-            const float *xp = x + m * K;
-            float total = 0.f;
-            int64_t k = 0;
-#ifdef __AVX2__
-            __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
-            for (; k + 16 <= K; k += 16) {
-                __m128i raw = _mm_loadu_si128((const __m128i *)(w + k));
-                __m256 w0 = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(raw));
-                __m256 w1 = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(raw, 8)));
-                acc0 = _mm256_fmadd_ps(w0, _mm256_loadu_ps(xp + k), acc0);
-                acc1 = _mm256_fmadd_ps(w1, _mm256_loadu_ps(xp + k + 8), acc1);
-            }
-            total = hsum256(_mm256_add_ps(acc0, acc1));
-#endif
-            for (; k < K; k++) total += (float)w[k] * xp[k];
-            out[m * N + n] = total * scales[n] + (bias ? bias[n] : 0.f);
+        float b = bias ? bias[n] : 0.f, t[4];
+        int64_t m = 0;
+        for (; m + 4 <= M; m += 4) {
+            q8_row4(x + m * K, K, w, t);
+            for (int r = 0; r < 4; r++) out[(m + r) * N + n] = t[r] * scales[n] + b;
         }
+        for (; m < M; m++) out[m * N + n] = q8_row1(x + m * K, K, w) * scales[n] + b;
     }
 }
 
@@ -234,6 +292,7 @@ void paged_attention_decode(const float *q, int64_t q_stride, const float *k_cac
 
 /* out[t] = x[t] / sqrt(mean(x[t]^2) + eps) * w for T rows of D floats (rows x_stride apart). */
 void rms_norm(const float *x, int64_t T, int64_t D, int64_t x_stride, const float *w, float eps, float *out) {
+#pragma omp parallel for if (T > 64)
     for (int64_t t = 0; t < T; t++) {
         const float *xr = x + t * x_stride;
         float inv = 1.f / sqrtf(dot(xr, xr, D) / (float)D + eps);
@@ -285,7 +344,8 @@ void qk_rope_store(float *qkv, int64_t T, int64_t row_stride, int64_t H, int64_t
 }
 
 /* out[t] = act(gate[t]) * up[t] from gate_up [T, 2I]; act = silu, or gelu-tanh when gelu != 0. */
-void gated_act(const float *gate_up, int64_t T, int64_t I, int gelu, float *out) {
+void gated_act(const float *gate_up, int64_t T, int64_t I, int gelu, float *out, int nthreads) {
+#pragma omp parallel for num_threads(nthreads) if (T > 1)
     for (int64_t t = 0; t < T; t++) {
         const float *g = gate_up + t * 2 * I, *u = g + I;
         float *o = out + t * I;
@@ -342,7 +402,7 @@ void decode_layer(const DecodeLayer *L, const DecodeStep *S, float *x, int64_t M
     for (int64_t i = 0; i < M * hid; i++) x[i] += tmp[i];
     rms_norm(x, M, hid, hid, L->mlp_norm, L->eps, h);
     q4_apply(&L->gate_up, h, M, hid, gu, nthreads);
-    gated_act(gu, M, L->inter, (int)L->gelu, act);
+    gated_act(gu, M, L->inter, (int)L->gelu, act, nthreads);
     q4_apply(&L->down, act, M, L->inter, tmp, nthreads);
     for (int64_t i = 0; i < M * hid; i++) x[i] += tmp[i];
     free(h);

@@ -115,12 +115,21 @@ class Attention(nn.Module):
             else:
                 keys = k_cache[span.context_slots].transpose(0, 1).to(q.dtype)
                 values = v_cache[span.context_slots].transpose(0, 1).to(q.dtype)
-            o = F.scaled_dot_product_attention(
-                q[rows].transpose(0, 1), keys, values,
-                attn_mask=mask, is_causal=mask is None, scale=self.scale, enable_gqa=True,
-            )
-            out[rows] = o.transpose(0, 1)
+            out[rows] = self._prefill_sdpa(q[rows].transpose(0, 1), keys, values, mask).transpose(0, 1)
         return out
+
+    def _prefill_sdpa(self, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask) -> torch.Tensor:
+        """SDPA of q [H, T, hd] over keys/values [KVH, ctx, hd]. K/V heads are repeated and a batch
+        dim added: torch's CPU flash kernel takes only 4-D inputs with equal head counts, and is
+        ~3x faster than the 3-D enable_gqa path at 320-512 tokens (measured, torch 2.13)."""
+        group = self.num_heads // self.num_kv_heads
+        if group > 1:
+            keys, values = keys.repeat_interleave(group, 0), values.repeat_interleave(group, 0)
+        o = F.scaled_dot_product_attention(
+            q.unsqueeze(0), keys.unsqueeze(0), values.unsqueeze(0),
+            attn_mask=mask, is_causal=mask is None, scale=self.scale,
+        )
+        return o[0]
 
 
     def _gather_blocks(self, cache: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
