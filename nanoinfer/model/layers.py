@@ -131,7 +131,6 @@ class Attention(nn.Module):
         )
         return o[0]
 
-
     def _gather_blocks(self, cache: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
         """[D, kv_heads, ctx, hd] context of every decode row, read block by block from the cache."""
         D, bs = batch.num_decode, batch.block_size

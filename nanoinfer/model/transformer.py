@@ -51,7 +51,6 @@ class DecoderLayer(nn.Module):
             h = self.post_mlp_norm(h)
         return x + h
 
-
     def _fused_decode(self, x, rope, batch: ForwardBatch, k_cache, v_cache) -> torch.Tensor | None:
         """The whole layer as one C call (`decode_layer`) when its shape allows; None otherwise."""
         plan = self._fused_plan()
@@ -61,15 +60,15 @@ class DecoderLayer(nn.Module):
         key = (k_cache.data_ptr(), v_cache.data_ptr(), *(lin.packed.data_ptr() for lin in linears))
         if self._fused_key != key:  # weights or cache moved: rebuild the pointer table
             self._fused_layer, self._fused_key = self._describe(linears, k_cache, v_cache), key
-        steps = batch.kernel_steps
-        step = steps.get(id(rope[0]))
+        # One description per RoPE table per step (Gemma's sliding layers have their own); the
+        # tables live until Transformer.forward returns, as long as the step does.
+        step = batch.kernel_steps.get(id(rope[0]))
         if step is None:
-            step = steps[id(rope[0])] = DecodeStep(
+            step = batch.kernel_steps[id(rope[0])] = DecodeStep(
                 rope[0].data_ptr(), rope[1].data_ptr(), batch.slot_mapping.data_ptr(),
                 batch.decode_blocks.data_ptr(), batch.decode_ctx_lens.data_ptr(),
                 batch.decode_blocks.shape[1], batch.block_size,
             )
-            steps[("keep", id(rope[0]))] = rope  # the pointers above must outlive this step
         out = x.clone()
         ours.decode_layer(self._fused_layer, step, out)
         return out
