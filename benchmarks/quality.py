@@ -16,7 +16,8 @@ from pathlib import Path
 import torch
 
 TEXT = Path(__file__).parent / "data" / "quality.txt"
-# (label, activation dtype, weight quantization)
+# (label, --dtype, --quantization); on CPU --dtype bfloat16 stores float weights in bf16 and
+# keeps activations float32 (nanoinfer/quant/half.py)
 FORMATS = (("float32", "float32", "none"), ("bfloat16", "bfloat16", "none"),
            ("int8", "float32", "int8"), ("int4", "float32", "int4"))
 

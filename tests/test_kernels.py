@@ -55,6 +55,26 @@ def test_q8_matmul_is_exact_fp32(k: int) -> None:
     torch.testing.assert_close(ours.q8_matmul(x, q, scales), ref, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("rows", [1, 4, 5])
+@pytest.mark.parametrize("k", [64, 96])  # 96: three groups, an odd count
+def test_q8_matmul_group_wise_is_exact_fp32(rows: int, k: int) -> None:
+    torch.manual_seed(k + rows)
+    w, x, bias = torch.randn(24, k), torch.randn(rows, k), torch.randn(24)
+    q, scales = quantize_int8(w, 32)
+    assert scales.shape == (24, k // 32)
+    ref = x @ dequantize_int8(q, scales).t() + bias
+    torch.testing.assert_close(ours.q8_matmul(x, q, scales, bias), ref, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("rows", [1, 4, 7, 40])
+@pytest.mark.parametrize("k", [64, 100])  # 100: a tail past the vector loops
+def test_bf16_matmul_is_exact_fp32(rows: int, k: int) -> None:
+    torch.manual_seed(rows)
+    w, x, bias = torch.randn(24, k).bfloat16(), torch.randn(rows, k), torch.randn(24)
+    ref = x @ w.float().t() + bias  # widening bf16 to float32 is exact, so only the sum order differs
+    torch.testing.assert_close(ours.bf16_matmul(x, w, bias), ref, rtol=1e-5, atol=1e-5)
+
+
 def _reference_decode(q, k_cache, v_cache, tables, lens, block_size, window, scale):
     """SDPA over each sequence's gathered context, one sequence at a time."""
     outs = []

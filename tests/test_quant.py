@@ -7,6 +7,7 @@ import torch
 from torch import nn
 
 from nanoinfer.quant import (
+    HalfLinear,
     Int4Linear,
     Int8Linear,
     dequantize_int4,
@@ -14,8 +15,10 @@ from nanoinfer.quant import (
     quantize_int4,
     quantize_int8,
     quantize_model,
+    store_weights_16bit,
     weight_bytes,
 )
+from nanoinfer.quant.half import KERNEL_MAX_ROWS
 from tiny_models import VOCAB_SIZE
 
 DTYPES = (torch.float32, torch.bfloat16)
@@ -135,6 +138,44 @@ def test_int8_odd_in_features_bf16_falls_back() -> None:
     assert_close_rel(module(x), naive_int8(linear, module, x), 1e-2)
 
 
+def test_int8_group_wise_round_trips_q8_0_exactly() -> None:
+    # GGUF Q8_0: w = d * q per group of 32, with max |q| = 127 in each group
+    torch.manual_seed(0)
+    q = torch.randint(-127, 128, (8, 96))
+    q[:, ::32] = 127
+    w = q.float() * (torch.rand(8, 3) * 0.01 + 1e-3).repeat_interleave(32, dim=1)
+    q8, scales = quantize_int8(w, 32)
+    assert scales.shape == (8, 3)
+    assert torch.equal(q8, q.to(torch.int8))
+    torch.testing.assert_close(dequantize_int8(q8, scales), w, rtol=1e-6, atol=0)
+    per_channel = dequantize_int8(*quantize_int8(w))
+    assert (per_channel - w).abs().max() > 1e-4  # what the group-wise head saves
+
+
+def test_int8_group_wise_module_and_errors() -> None:
+    linear = make_linear(64, 40)
+    module = Int8Linear.from_linear(linear, group_size=32)
+    x = torch.randn(5, 64)
+    assert_close_rel(module(x), naive_int8(linear, module, x), 1e-5)
+    module.use_kernel = False  # dequantize-then-matmul: torch's int8 kernel has no group-wise form
+    assert_close_rel(module(x), naive_int8(linear, module, x), 1e-5)
+    with pytest.raises(ValueError, match="multiple of the int8 group size"):
+        quantize_int8(torch.randn(4, 40), 32)
+
+
+@pytest.mark.parametrize("rows", [1, 3, KERNEL_MAX_ROWS + 1])  # C kernel, and widen-then-GEMM
+@pytest.mark.parametrize("bias", [True, False])
+def test_half_linear_is_float32_math_on_16bit_weights(rows: int, bias: bool) -> None:
+    linear = make_linear(96, 40, bias=bias)
+    module = HalfLinear.from_linear(linear, torch.bfloat16)
+    assert module.weight.dtype == torch.bfloat16
+    x = torch.randn(2, rows, 96)
+    out = module(x)
+    assert out.dtype == torch.float32 and out.shape == (2, rows, 40)
+    ref = torch.nn.functional.linear(x, linear.weight.bfloat16().float(), linear.bias)
+    assert_close_rel(out, ref, 1e-5)
+
+
 def test_int8_empty_batch() -> None:
     module = Int8Linear.from_linear(make_linear(64, 32))
     assert module(torch.randn(0, 64)).shape == (0, 32)
@@ -230,7 +271,8 @@ def test_quantize_model_int8_keeps_top1(tiny_model, case_id: str) -> None:
     quantize_model(model, "int8")
     assert isinstance(model.layers[0].attn.qkv_proj, Int8Linear)
     assert isinstance(model.layers[-1].mlp.down_proj, Int8Linear)
-    assert isinstance(model.lm_head, Int8Linear)  # the head is always int8
+    assert isinstance(model.lm_head, Int8Linear)  # the head is always int8, in groups of 32
+    assert model.lm_head.scales.shape == (VOCAB_SIZE, model.config.hidden_size // 32)
     assert weight_bytes(model) < before
     prompt = _prompt()
     ref, out = ref_model.score(prompt), model.score(prompt)
@@ -261,3 +303,26 @@ def test_quantize_model_none_head_and_errors(tiny_model) -> None:
     assert isinstance(model.lm_head, Int8Linear)
     quantize_model(model, "int4")  # already quantized modules are not re-quantized
     assert isinstance(model.layers[0].attn.o_proj, Int8Linear)
+
+
+@pytest.mark.parametrize("case_id, method", [("llama", "none"), ("tied", "none"), ("llama", "int4")])
+def test_store_weights_16bit(tiny_model, case_id: str, method: str) -> None:
+    ref_model, model = _load_tiny(tiny_model, case_id), _load_tiny(tiny_model, case_id)
+    before = weight_bytes(model)
+    quantize_model(model, method)
+    store_weights_16bit(model, torch.bfloat16)
+    assert model.dtype == torch.float32  # activations stay float32
+    assert model.embed.weight.dtype == torch.bfloat16
+    if method == "none":
+        assert isinstance(model.layers[0].attn.qkv_proj, HalfLinear) and isinstance(model.lm_head, HalfLinear)
+        tied = model.lm_head.weight.data_ptr() == model.embed.weight.data_ptr()
+        assert tied == model.config.tie_word_embeddings  # a tied head keeps one 16-bit table
+        assert weight_bytes(model) <= before // 2 + 4096  # norms stay float32
+    else:
+        assert isinstance(model.layers[0].attn.qkv_proj, Int4Linear)
+        assert isinstance(model.lm_head, Int8Linear)
+    prompt = _prompt()
+    ref, out = ref_model.score(prompt), model.score(prompt)
+    assert out.dtype == torch.float32
+    cos = torch.nn.functional.cosine_similarity(ref, out, dim=-1)
+    assert cos.min() > (0.999 if method == "none" else 0.9), cos.min()

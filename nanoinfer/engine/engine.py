@@ -26,7 +26,7 @@ from nanoinfer.errors import RequestError
 from nanoinfer.loading import ModelPackage, load_package
 from nanoinfer.model.transformer import Transformer
 from nanoinfer.outputs import CompletionOutput, RequestOutput
-from nanoinfer.quant import quantize_model
+from nanoinfer.quant import quantize_model, store_weights_16bit
 from nanoinfer.sampling_params import SamplingParams
 from nanoinfer.tokenizer import IncrementalDetokenizer
 
@@ -35,6 +35,11 @@ log = logging.getLogger(__name__)
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 # With neither --kv-cache-memory nor --max-model-len given, the pool is capped here.
 DEFAULT_KV_CAP_BYTES = 2 << 30
+
+
+def activation_dtype(weight_dtype: torch.dtype, device: str | torch.device) -> torch.dtype:
+    """float32 on CPU whatever the weights' dtype (no 16-bit arithmetic there; see quant/half.py)."""
+    return torch.float32 if torch.device(device).type == "cpu" else weight_dtype
 
 
 @dataclass
@@ -56,10 +61,13 @@ class LLMEngine:
         self.tokenizer = package.tokenizer
         self.generation = package.generation
         self.source = package.source
-        dtype = DTYPES[config.dtype]
+        weight_dtype = DTYPES[config.dtype]
+        dtype = activation_dtype(weight_dtype, config.device)
         self.model = Transformer.from_package(package, dtype, config.device)
         self.quantization = config.quantization or package.default_quantization
         quantize_model(self.model, self.quantization, dense_above_rows=config.dense_above_rows)
+        if weight_dtype != dtype:
+            store_weights_16bit(self.model, weight_dtype)
         self.max_model_len = min(config.max_model_len or package.config.max_position_embeddings,
                                  package.config.max_position_embeddings)
         kv = self._make_kv_cache(dtype)

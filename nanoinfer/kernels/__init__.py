@@ -104,7 +104,8 @@ class CpuKernels:
         i64, ptr, f32, i32 = ctypes.c_int64, ctypes.c_void_p, ctypes.c_float, ctypes.c_int
         signatures = {
             "q4_matmul": [ptr, i64, i64, ptr, ptr, ptr, i64, ptr, ptr, i32],
-            "q8_matmul": [ptr, i64, i64, ptr, ptr, i64, ptr, ptr, i32],
+            "q8_matmul": [ptr, i64, i64, ptr, ptr, i64, i64, ptr, ptr, i32],
+            "bf16_matmul": [ptr, i64, i64, ptr, i64, ptr, ptr, i32],
             "paged_attention_decode": [ptr, i64, ptr, ptr, ptr, i64, ptr, i64, i64, i64, i64, i64, i64, f32, ptr, i32],
             "rms_norm": [ptr, i64, i64, i64, ptr, f32, ptr],
             "qk_rope_store": [ptr, i64, i64, i64, i64, i64, ptr, ptr, f32, ptr, ptr, ptr, ptr, ptr],
@@ -129,12 +130,22 @@ class CpuKernels:
 
     def q8_matmul(self, x: torch.Tensor, q: torch.Tensor, scales: torch.Tensor,
                   bias: torch.Tensor | None = None) -> torch.Tensor:
-        """x [M, K] contiguous @ int8 weight q [N, K] with per-row scales [N] -> [M, N]."""
+        """x [M, K] contiguous @ int8 weight q [N, K] with scales [N] (per row) or [N, K/G] (per group of G)."""
         M, K = x.shape
         N = q.shape[0]
+        group = K // (scales.numel() // N)
         out = torch.empty(M, N)
-        self.lib.q8_matmul(x.data_ptr(), M, K, q.data_ptr(), scales.data_ptr(), N, _ptr(bias), out.data_ptr(),
-                           torch.get_num_threads())
+        self.lib.q8_matmul(x.data_ptr(), M, K, q.data_ptr(), scales.data_ptr(), group, N, _ptr(bias),
+                           out.data_ptr(), torch.get_num_threads())
+        return out
+
+    def bf16_matmul(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        """x [M, K] contiguous float32 @ bfloat16 weight [N, K]^T -> float32 [M, N], products in float32."""
+        M, K = x.shape
+        N = weight.shape[0]
+        out = torch.empty(M, N)
+        self.lib.bf16_matmul(x.data_ptr(), M, K, weight.data_ptr(), N, _ptr(bias), out.data_ptr(),
+                             torch.get_num_threads())
         return out
 
     def paged_attention_decode(self, q: torch.Tensor, num_heads: int, k_cache: torch.Tensor, v_cache: torch.Tensor,

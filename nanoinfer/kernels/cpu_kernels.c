@@ -1,7 +1,8 @@
 /* nanoinfer's CPU kernels: the three loops that dominate a decode step on a small model.
  *
  *   q4_matmul   out[M, N] = x[M, K] @ W^T, W group-wise 4-bit (32 per group, w = q * scale + min)
- *   q8_matmul   out[M, N] = x[M, K] @ W^T, W int8 per output row (w = q * scale)
+ *   q8_matmul   out[M, N] = x[M, K] @ W^T, W int8 per output row or per group (w = q * scale)
+ *   bf16_matmul out[M, N] = x[M, K] @ W^T, W bfloat16 (widened to float32 exactly, x stays float32)
  *   paged_attention_decode   one query token per sequence against K/V read in place from the
  *                            paged cache (no gather into a contiguous copy first)
  *
@@ -194,14 +195,102 @@ void q4_matmul(const float *x, int64_t M, int64_t K, const uint8_t *wq, const fl
     free(xs);
 }
 
-/* Four activation rows against one int8 weight row: each weight vector is converted once. */
-static void q8_row4(const float *x, int64_t K, const int8_t *w, float out[4]) {
+/* Four activation rows against one int8 weight row of K / G groups with a scale each (G = K:
+ * one scale per row). Each weight vector is converted once for the four rows. */
+static void q8_row4(const float *x, int64_t K, int64_t G, const int8_t *w, const float *scales, float out[4]) {
+    float t0 = 0.f, t1 = 0.f, t2 = 0.f, t3 = 0.f;
+#ifdef __AVX2__
+    __m256 s0 = _mm256_setzero_ps(), s1 = _mm256_setzero_ps(), s2 = _mm256_setzero_ps(), s3 = _mm256_setzero_ps();
+#endif
+    for (int64_t g0 = 0; g0 < K; g0 += G) {
+        int64_t k = g0, end = g0 + G;
+        float sc = scales[g0 / G];
+#ifdef __AVX2__
+        __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps(), a2 = _mm256_setzero_ps(), a3 = _mm256_setzero_ps();
+        for (; k + 8 <= end; k += 8) {
+            __m256 wv = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)(w + k))));
+            a0 = _mm256_fmadd_ps(wv, _mm256_loadu_ps(x + k), a0);
+            a1 = _mm256_fmadd_ps(wv, _mm256_loadu_ps(x + K + k), a1);
+            a2 = _mm256_fmadd_ps(wv, _mm256_loadu_ps(x + 2 * K + k), a2);
+            a3 = _mm256_fmadd_ps(wv, _mm256_loadu_ps(x + 3 * K + k), a3);
+        }
+        __m256 scv = _mm256_set1_ps(sc);
+        s0 = _mm256_fmadd_ps(a0, scv, s0), s1 = _mm256_fmadd_ps(a1, scv, s1);
+        s2 = _mm256_fmadd_ps(a2, scv, s2), s3 = _mm256_fmadd_ps(a3, scv, s3);
+#endif
+        for (; k < end; k++) {
+            float wk = (float)w[k] * sc;
+            t0 += wk * x[k], t1 += wk * x[K + k], t2 += wk * x[2 * K + k], t3 += wk * x[3 * K + k];
+        }
+    }
+#ifdef __AVX2__
+    t0 += hsum256(s0), t1 += hsum256(s1), t2 += hsum256(s2), t3 += hsum256(s3);
+#endif
+    out[0] = t0, out[1] = t1, out[2] = t2, out[3] = t3;
+}
+
+static float q8_row1(const float *xp, int64_t K, int64_t G, const int8_t *w, const float *scales) {
+    float total = 0.f;
+#ifdef __AVX2__
+    __m256 sum = _mm256_setzero_ps();
+#endif
+    for (int64_t g0 = 0; g0 < K; g0 += G) {
+        int64_t k = g0, end = g0 + G;
+        float sc = scales[g0 / G];
+#ifdef __AVX2__
+        __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
+        for (; k + 16 <= end; k += 16) {
+            __m128i raw = _mm_loadu_si128((const __m128i *)(w + k));
+            __m256 w0 = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(raw));
+            __m256 w1 = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(raw, 8)));
+            acc0 = _mm256_fmadd_ps(w0, _mm256_loadu_ps(xp + k), acc0);
+            acc1 = _mm256_fmadd_ps(w1, _mm256_loadu_ps(xp + k + 8), acc1);
+        }
+        sum = _mm256_fmadd_ps(_mm256_add_ps(acc0, acc1), _mm256_set1_ps(sc), sum);
+#endif
+        for (; k < end; k++) total += (float)w[k] * sc * xp[k];
+    }
+#ifdef __AVX2__
+    total += hsum256(sum);
+#endif
+    return total;
+}
+
+/* scales: [N, K / G]; G = K gives the per-output-channel format, G = 32 the group-wise one. */
+void q8_matmul(const float *x, int64_t M, int64_t K, const int8_t *wq, const float *scales, int64_t G, int64_t N,
+               const float *bias, float *out, int nthreads) {
+#pragma omp parallel for num_threads(nthreads) schedule(static)
+    for (int64_t n = 0; n < N; n++) {
+        const int8_t *w = wq + n * K;
+        const float *sc = scales + n * (K / G);
+        float b = bias ? bias[n] : 0.f, t[4];
+        int64_t m = 0;
+        for (; m + 4 <= M; m += 4) {
+            q8_row4(x + m * K, K, G, w, sc, t);
+            for (int r = 0; r < 4; r++) out[(m + r) * N + n] = t[r] + b;
+        }
+        for (; m < M; m++) out[m * N + n] = q8_row1(x + m * K, K, G, w, sc) + b;
+    }
+}
+
+/* bfloat16 is the top half of a float32, so widening is a 16-bit shift and loses nothing. */
+#ifdef __AVX2__
+static inline __m256 bf16x8(const uint16_t *w) {
+    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)w)), 16));
+}
+#endif
+static inline float bf16_to_f32(uint16_t v) {
+    union { uint32_t u; float f; } bits = {(uint32_t)v << 16};
+    return bits.f;
+}
+
+static void bf16_row4(const float *x, int64_t K, const uint16_t *w, float out[4]) {
     int64_t k = 0;
     float t0 = 0.f, t1 = 0.f, t2 = 0.f, t3 = 0.f;
 #ifdef __AVX2__
     __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps(), a2 = _mm256_setzero_ps(), a3 = _mm256_setzero_ps();
     for (; k + 8 <= K; k += 8) {
-        __m256 wv = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)(w + k))));
+        __m256 wv = bf16x8(w + k);
         a0 = _mm256_fmadd_ps(wv, _mm256_loadu_ps(x + k), a0);
         a1 = _mm256_fmadd_ps(wv, _mm256_loadu_ps(x + K + k), a1);
         a2 = _mm256_fmadd_ps(wv, _mm256_loadu_ps(x + 2 * K + k), a2);
@@ -210,42 +299,39 @@ static void q8_row4(const float *x, int64_t K, const int8_t *w, float out[4]) {
     t0 = hsum256(a0), t1 = hsum256(a1), t2 = hsum256(a2), t3 = hsum256(a3);
 #endif
     for (; k < K; k++) {
-        float wk = (float)w[k];
+        float wk = bf16_to_f32(w[k]);
         t0 += wk * x[k], t1 += wk * x[K + k], t2 += wk * x[2 * K + k], t3 += wk * x[3 * K + k];
     }
     out[0] = t0, out[1] = t1, out[2] = t2, out[3] = t3;
 }
 
-static float q8_row1(const float *xp, int64_t K, const int8_t *w) {
+static float bf16_row1(const float *xp, int64_t K, const uint16_t *w) {
     float total = 0.f;
     int64_t k = 0;
 #ifdef __AVX2__
     __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
     for (; k + 16 <= K; k += 16) {
-        __m128i raw = _mm_loadu_si128((const __m128i *)(w + k));
-        __m256 w0 = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(raw));
-        __m256 w1 = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(raw, 8)));
-        acc0 = _mm256_fmadd_ps(w0, _mm256_loadu_ps(xp + k), acc0);
-        acc1 = _mm256_fmadd_ps(w1, _mm256_loadu_ps(xp + k + 8), acc1);
+        acc0 = _mm256_fmadd_ps(bf16x8(w + k), _mm256_loadu_ps(xp + k), acc0);
+        acc1 = _mm256_fmadd_ps(bf16x8(w + k + 8), _mm256_loadu_ps(xp + k + 8), acc1);
     }
     total = hsum256(_mm256_add_ps(acc0, acc1));
 #endif
-    for (; k < K; k++) total += (float)w[k] * xp[k];
+    for (; k < K; k++) total += bf16_to_f32(w[k]) * xp[k];
     return total;
 }
 
-void q8_matmul(const float *x, int64_t M, int64_t K, const int8_t *wq, const float *scales, int64_t N,
-               const float *bias, float *out, int nthreads) {
+void bf16_matmul(const float *x, int64_t M, int64_t K, const uint16_t *wb, int64_t N, const float *bias, float *out,
+                 int nthreads) {
 #pragma omp parallel for num_threads(nthreads) schedule(static)
     for (int64_t n = 0; n < N; n++) {
-        const int8_t *w = wq + n * K;
+        const uint16_t *w = wb + n * K;
         float b = bias ? bias[n] : 0.f, t[4];
         int64_t m = 0;
         for (; m + 4 <= M; m += 4) {
-            q8_row4(x + m * K, K, w, t);
-            for (int r = 0; r < 4; r++) out[(m + r) * N + n] = t[r] * scales[n] + b;
+            bf16_row4(x + m * K, K, w, t);
+            for (int r = 0; r < 4; r++) out[(m + r) * N + n] = t[r] + b;
         }
-        for (; m < M; m++) out[m * N + n] = q8_row1(x + m * K, K, w) * scales[n] + b;
+        for (; m < M; m++) out[m * N + n] = bf16_row1(x + m * K, K, w) + b;
     }
 }
 

@@ -114,6 +114,8 @@ class Transformer(nn.Module):
         self.norm = RMSNorm(c.hidden_size, c.rms_norm_eps)
         self.lm_head = None if c.tie_word_embeddings else nn.Linear(c.hidden_size, c.vocab_size, bias=False)
         self.rope, self.local_rope = self._make_ropes()
+        # Activations' dtype; weights may be stored narrower (see quant.store_weights_16bit).
+        self.activation_dtype = torch.float32
 
     def _make_ropes(self) -> tuple[RotaryEmbedding, RotaryEmbedding | None]:
         c = self.config
@@ -126,7 +128,8 @@ class Transformer(nn.Module):
 
     @property
     def dtype(self) -> torch.dtype:
-        return self.embed.weight.dtype
+        """The activations' (and KV cache's) dtype."""
+        return self.activation_dtype
 
     @property
     def device(self) -> torch.device:
@@ -147,7 +150,7 @@ class Transformer(nn.Module):
     @torch.inference_mode()
     def forward(self, batch: ForwardBatch, kv: "PagedKVCache") -> torch.Tensor:
         """Run one step; returns float32 logits [rows, vocab] for batch.logits_indices (or every row)."""
-        x = self.embed(batch.input_ids)
+        x = self.embed(batch.input_ids).to(self.activation_dtype)
         if self.config.embedding_scale != 1.0:
             x = x * torch.tensor(self.config.embedding_scale, dtype=x.dtype)
         rope = self.rope(batch.positions, x.dtype)
@@ -195,6 +198,7 @@ class Transformer(nn.Module):
             dest.copy_(tensor.to(param.dtype))
 
         self.to(dtype)
+        self.activation_dtype = dtype
         for module in self.modules():
             if isinstance(module, RMSNorm):
                 module.weight.data = module.weight.data.float()

@@ -6,16 +6,21 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from nanoinfer.quant.half import HalfLinear
 from nanoinfer.quant.int4 import Int4Linear, dequantize_int4, quantize_int4
 from nanoinfer.quant.int8 import Int8Linear, dequantize_int8, quantize_int8
 
 METHODS = ("none", "int8", "int4")
 DEFAULT_GROUP_SIZE = 32
+# The quantized head is int8 in groups of 32: GGUF embeddings are often Q8_0 (the same format),
+# which then round-trips exactly. Per-channel int8 here cost 1.2-2.9 points of top-1 agreement.
+HEAD_GROUP_SIZE = 32
 # The projections of every decoder layer; embeddings and norms stay in float.
 _LAYER_LINEARS = ("attn.qkv_proj", "attn.o_proj", "mlp.gate_up_proj", "mlp.down_proj")
 
 __all__ = [
     "METHODS",
+    "HalfLinear",
     "Int4Linear",
     "Int8Linear",
     "dequantize_int4",
@@ -23,12 +28,13 @@ __all__ = [
     "quantize_int4",
     "quantize_int8",
     "quantize_model",
+    "store_weights_16bit",
     "weight_bytes",
 ]
 
 
 def _quantize_linear(linear: nn.Linear, method: str, group_size: int) -> nn.Module:
-    """The quantized replacement of one nn.Linear."""
+    """The quantized replacement of one nn.Linear (int8: per output channel, whatever group_size)."""
     if method == "int8":
         return Int8Linear.from_linear(linear)
     return Int4Linear.from_linear(linear, group_size)
@@ -40,8 +46,9 @@ def quantize_model(
 ) -> nn.Module:
     """Replace each layer's qkv/o/gate_up/down nn.Linear, and the LM head, in place.
 
-    The head is always int8 (a 49k x 576 head in int4 costs noticeably more quality than it saves
-    time); a tied head becomes an int8 copy of the embedding, which stays in float for lookups.
+    The head is always group-wise int8 (a 49k x 576 head in int4 costs noticeably more quality
+    than it saves time); a tied head becomes an int8 copy of the embedding, which stays in float
+    for lookups.
     `dense_above_rows`: batches with more rows than this run a float copy of the dequantized
     weight, because on CPUs without native bf16 matmul the int kernels lose to fp32 GEMM at
     large batch (measured: 1.3-1.6x slower at 64 rows). Costs the float weights' memory.
@@ -57,14 +64,42 @@ def quantize_model(
         linear = getattr(parent, attr)
         if isinstance(linear, nn.Linear):  # already-quantized modules are left as they are
             quantized = _quantize_linear(linear, method, group_size)
-            setattr(parent, attr, _maybe_dense(quantized, linear, method, group_size, dense_above_rows))
+            setattr(parent, attr, _maybe_dense(quantized, linear, group_size, dense_above_rows))
     if quantize_head:
         head = model.lm_head
         if head is None:  # tied: the embedding table is the head
             head = nn.Linear(model.embed.weight.shape[1], model.embed.weight.shape[0], bias=False)
             head.weight = model.embed.weight
         if isinstance(head, nn.Linear):
-            model.lm_head = _maybe_dense(Int8Linear.from_linear(head), head, "int8", group_size, dense_above_rows)
+            group = HEAD_GROUP_SIZE if head.in_features % HEAD_GROUP_SIZE == 0 else None
+            quantized = Int8Linear.from_linear(head, group)
+            model.lm_head = _maybe_dense(quantized, head, group, dense_above_rows)
+    return model
+
+
+def store_weights_16bit(model: nn.Module, dtype: torch.dtype) -> nn.Module:
+    """Keep the float weights that quantization left (projections, head, embedding, the float
+    copies for large batches) in `dtype`.
+
+    Activations stay in the model's float32; see nanoinfer/quant/half.py for why. Norm weights
+    stay float32 (they are tiny, and Gemma's 1 + w offsets need the precision).
+    """
+    for layer in model.layers:
+        for name in _LAYER_LINEARS:
+            parent_path, _, attr = name.rpartition(".")
+            parent = layer.get_submodule(parent_path)
+            module = getattr(parent, attr)
+            if isinstance(module, nn.Linear):
+                setattr(parent, attr, HalfLinear.from_linear(module, dtype))
+            elif isinstance(module, DenseForLargeBatch):  # its float copy is widened per call
+                module.dense = module.dense.to(dtype)
+    model.embed.weight.data = model.embed.weight.data.to(dtype)
+    if model.lm_head is None:  # tied: one 16-bit table serves the lookup and the head
+        model.lm_head = HalfLinear(model.embed.weight.data, None)
+    elif isinstance(model.lm_head, nn.Linear):
+        model.lm_head = HalfLinear.from_linear(model.lm_head, dtype)
+    elif isinstance(model.lm_head, DenseForLargeBatch):
+        model.lm_head.dense = model.lm_head.dense.to(dtype)
     return model
 
 
@@ -86,24 +121,28 @@ class DenseForLargeBatch(nn.Module):
 
 
 def _maybe_dense(
-    quantized: nn.Module, linear: nn.Linear, method: str, group_size: int, dense_above_rows: int | None
+    quantized: nn.Module, linear: nn.Linear, group_size: int | None, dense_above_rows: int | None
 ) -> nn.Module:
     if dense_above_rows is None:
         return quantized
     # The same quantized values, dequantized by the reference formula (cheap, unlike reading
     # packed kernel weights back), so both paths multiply by identical weights.
     w = linear.weight.detach()
-    if method == "int8":
-        dense = dequantize_int8(*quantize_int8(w))
+    if isinstance(quantized, Int8Linear):
+        dense = dequantize_int8(*quantize_int8(w, None if quantized.scales.dim() == 1 else group_size))
     else:
         dense = dequantize_int4(*quantize_int4(w, group_size), group_size)
     return DenseForLargeBatch(quantized, dense.to(w.dtype), dense_above_rows)
 
 
 def weight_bytes(model: nn.Module) -> int:
-    """Bytes held by weights: every parameter plus the buffers of quantized modules (not RoPE tables)."""
-    total = sum(p.numel() * p.element_size() for p in model.parameters())
+    """Bytes held by weights: every parameter plus the buffers of quantized modules (not RoPE tables).
+
+    A tensor shared by two modules (a tied 16-bit head and the embedding) counts once.
+    """
+    tensors = list(model.parameters())
     for module in model.modules():
-        if isinstance(module, (Int8Linear, Int4Linear, DenseForLargeBatch)):
-            total += sum(b.numel() * b.element_size() for b in module.buffers(recurse=False))
-    return total
+        if isinstance(module, (Int8Linear, Int4Linear, DenseForLargeBatch, HalfLinear)):
+            tensors += [b for b in module.buffers(recurse=False) if b is not None]
+    unique = {t.data_ptr(): t.numel() * t.element_size() for t in tensors}
+    return sum(unique.values())

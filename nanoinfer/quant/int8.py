@@ -1,7 +1,9 @@
 """Weight-only int8: per-output-channel symmetric quantization and the Linear that runs on it.
 
 Mapping: scale[n] = max_k |w[n, k]| / 127, zero point 0, q = round(w / scale) in [-127, 127],
-w ~= q * scale. On CPU the matmul is our C kernel (nanoinfer/kernels: float32 activations and
+w ~= q * scale. With a group size G, each run of G weights in a row gets its own scale instead
+(GGUF's Q8_0 is this with G = 32): the quantized models' LM head uses it, because a Q8_0
+embedding then round-trips exactly. On CPU the matmul is our C kernel (nanoinfer/kernels: float32 activations and
 accumulation, no rounding of x) when it could be built, else torch's `_weight_int8pack_mm(x [M, K],
 q int8 [N, K], scales [N])`, which wants x and scales in the same dtype (f32, f16 or bf16);
 elsewhere we dequantize and call F.linear.
@@ -25,17 +27,24 @@ _KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _MIN_SCALE = 1e-12
 
 
-def quantize_int8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-row symmetric int8: returns (q int8 [N, K], scales float32 [N])."""
+def quantize_int8(weight: torch.Tensor, group_size: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric int8: (q int8 [N, K], scales float32 [N], or [N, K / group_size] given a group size)."""
     w = weight.detach().float()
-    scales = (w.abs().amax(dim=1) / 127.0).clamp_min(_MIN_SCALE)
-    q = torch.round(w / scales[:, None]).clamp_(-127, 127).to(torch.int8)
-    return q, scales
+    N, K = w.shape
+    if group_size is not None and K % group_size:
+        raise ValueError(f"in_features {K} is not a multiple of the int8 group size {group_size}")
+    groups = w.reshape(N, -1, group_size or K)
+    scales = (groups.abs().amax(dim=2) / 127.0).clamp_min(_MIN_SCALE)
+    q = torch.round(groups / scales[..., None]).clamp_(-127, 127).to(torch.int8).reshape(N, K)
+    return q, (scales if group_size else scales[:, 0])
 
 
 def dequantize_int8(q: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """q * scale per row, in `dtype`."""
-    return (q.to(dtype) * scales.to(dtype)[:, None]).to(dtype)
+    """q * scale per row (scales [N]) or per group (scales [N, groups]), in `dtype`."""
+    N, K = q.shape
+    groups = 1 if scales.dim() == 1 else scales.shape[1]
+    w = q.to(dtype).reshape(N, groups, K // groups) * scales.to(dtype).reshape(N, groups, 1)
+    return w.reshape(N, K).to(dtype)
 
 
 def int8_kernel_supported(device: torch.device, dtype: torch.dtype, in_features: int) -> bool:
@@ -47,7 +56,7 @@ def int8_kernel_supported(device: torch.device, dtype: torch.dtype, in_features:
 
 
 class Int8Linear(nn.Module):
-    """Drop-in for nn.Linear with int8 weights and per-output-channel scales."""
+    """Drop-in for nn.Linear with int8 weights and per-output-channel (or per-group) scales."""
 
     def __init__(self, q: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None, dtype: torch.dtype):
         super().__init__()
@@ -63,9 +72,9 @@ class Int8Linear(nn.Module):
         self._scales_cast: dict[torch.dtype, torch.Tensor] = {}  # scales in other activation dtypes
 
     @classmethod
-    def from_linear(cls, linear: nn.Linear) -> "Int8Linear":
+    def from_linear(cls, linear: nn.Linear, group_size: int | None = None) -> "Int8Linear":
         """Quantize an existing nn.Linear (its dtype becomes the compute dtype)."""
-        q, scales = quantize_int8(linear.weight)
+        q, scales = quantize_int8(linear.weight, group_size)
         return cls(q, scales, linear.bias, linear.weight.dtype)
 
     def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
@@ -82,7 +91,8 @@ class Int8Linear(nn.Module):
             return out.reshape(*lead, self.out_features)
         # fp32 goes through the bf16 kernel (fast) unless asked to stay exact (then: dequantize).
         cdtype = torch.bfloat16 if x.dtype == torch.float32 else x.dtype
-        kernel = self.use_kernel and not (x.dtype == torch.float32 and self.exact_fp32)
+        kernel = self.use_kernel and self.scales.dim() == 1  # torch's kernel has no group-wise form
+        kernel = kernel and not (x.dtype == torch.float32 and self.exact_fp32)
         if kernel and x2.shape[0] > 0 and int8_kernel_supported(x.device, cdtype, self.in_features):
             scales = self.scales
             if scales.dtype != cdtype:  # cast once: fp32 models run the bf16 kernel on every call
