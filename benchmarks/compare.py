@@ -30,7 +30,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="nanoinfer bench", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="smollm2-135m-instruct", help="built-in name, .gguf file or HF directory")
     p.add_argument("--engines", default="nanoinfer,transformers,llama.cpp")
-    p.add_argument("--dtype", default=None, help="nanoinfer activation dtype (default: the fastest measured)")
+    p.add_argument("--dtype", default=None, help="nanoinfer --dtype (default: the fastest measured)")
     p.add_argument("--quantization", default=None, choices=["none", "int8", "int4"],
                    help="nanoinfer weight format (default: the model's default)")
     p.add_argument("--threads", type=int, default=os.cpu_count())

@@ -17,7 +17,7 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
                    help=f"built-in name ({', '.join(BUILTIN_MODELS)}), HF model directory or .gguf file "
                         f"(default: {DEFAULT_MODEL})")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
-                   help="activation dtype (default: float32)")
+                   help="float weight dtype; activations too, except on CPU where they stay float32 (default: float32)")
     p.add_argument("--quantization", "-q", default=None, choices=["none", "int8", "int4"],
                    help="weight-only quantization (default: the model's; int4 for the built-in GGUF models)")
 

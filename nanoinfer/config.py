@@ -238,7 +238,7 @@ class EngineConfig:
     max_model_len: int | None = None  # None: the model's max_position_embeddings
     kv_cache_memory: int | None = None  # bytes; None: max_model_len * max_num_seqs tokens
     enable_prefix_cache: bool = True
-    dtype: str = "float32"  # activation (and unquantized weight) dtype
+    dtype: str = "float32"  # float weights; also activations, except on CPU (always float32 there)
     quantization: str | None = None  # "none", "int8", "int4"; None: the model's default (see registry)
     # Quantized layers switch to a dequantized float copy above this many rows (None: never);
     # on CPUs without native bf16 GEMM the int kernels lose to fp32 GEMM on large batches.
