@@ -204,6 +204,17 @@ def test_int4_default_backend_is_ours_for_group_32() -> None:
     assert Int4Linear.from_linear(make_linear(128, 32), 64).backend == "torch"
 
 
+def test_int4_backend_asked_for_by_name_must_fit() -> None:
+    linear = make_linear(100, 64)  # K = 100 is not a multiple of the group size, which both kernels need
+    with pytest.raises(ValueError, match="'c' int4 backend"):
+        Int4Linear.from_linear(linear, 32, backend="c")
+    with pytest.raises(ValueError, match="torch's int4 kernel cannot run"):
+        Int4Linear.from_linear(linear, 32, backend="torch")
+    with pytest.raises(ValueError, match="unknown int4 backend"):
+        Int4Linear.from_linear(linear, 32, backend="cuda")
+    assert Int4Linear.from_linear(linear, 32, backend="dequant").backend == "dequant"
+
+
 def test_int4_exact_fp32_is_tight() -> None:
     linear = make_linear(128, 64)
     module = Int4Linear.from_linear(linear, 32)

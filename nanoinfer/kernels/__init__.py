@@ -111,6 +111,7 @@ class CpuKernels:
             "qk_rope_store": [ptr, i64, i64, i64, i64, i64, ptr, ptr, f32, ptr, ptr, ptr, ptr, ptr],
             "gated_act": [ptr, i64, i64, i32, ptr, i32],
             "decode_layer": [ctypes.POINTER(DecodeLayer), ctypes.POINTER(DecodeStep), ptr, i64, i32],
+            "decode_layers": [ctypes.POINTER(DecodeLayer), i64, ctypes.POINTER(DecodeStep), ptr, i64, i32],
         }
         for name, argtypes in signatures.items():
             fn = getattr(lib, name)
@@ -192,6 +193,11 @@ class CpuKernels:
         """One decoder layer over the decode rows x [M, hidden] (contiguous), in place."""
         self.lib.decode_layer(ctypes.byref(layer), ctypes.byref(step), x.data_ptr(), x.shape[0],
                               torch.get_num_threads())
+
+    def decode_layers(self, layers: ctypes.Array, step: DecodeStep, x: torch.Tensor) -> None:
+        """Every layer of a ctypes DecodeLayer array in turn over the decode rows x, in place."""
+        self.lib.decode_layers(layers, len(layers), ctypes.byref(step), x.data_ptr(), x.shape[0],
+                               torch.get_num_threads())
 
 
 def kernels() -> CpuKernels | None:

@@ -61,15 +61,35 @@ static void quantize_groups(const float *x, int64_t M, int64_t K, int8_t *xq, fl
     int64_t G = K / Q4_GROUP;
     for (int64_t i = 0; i < M * G; i++) {
         const float *p = x + i * Q4_GROUP;
+        int8_t *q = xq + i * Q4_GROUP;
         float amax = 0.f, sum = 0.f;
+#ifdef __AVX2__
+        __m256 v0 = _mm256_loadu_ps(p), v1 = _mm256_loadu_ps(p + 8), v2 = _mm256_loadu_ps(p + 16),
+               v3 = _mm256_loadu_ps(p + 24);
+        __m256 sign = _mm256_set1_ps(-0.f);
+        __m256 m = _mm256_max_ps(_mm256_max_ps(_mm256_andnot_ps(sign, v0), _mm256_andnot_ps(sign, v1)),
+                                 _mm256_max_ps(_mm256_andnot_ps(sign, v2), _mm256_andnot_ps(sign, v3)));
+        __m128 h = _mm_max_ps(_mm256_castps256_ps128(m), _mm256_extractf128_ps(m, 1));
+        h = _mm_max_ps(h, _mm_movehl_ps(h, h));
+        amax = _mm_cvtss_f32(_mm_max_ss(h, _mm_movehdup_ps(h)));
+        sum = hsum256(_mm256_add_ps(_mm256_add_ps(v0, v1), _mm256_add_ps(v2, v3)));
+        __m256 inv = _mm256_set1_ps(amax > 0.f ? 127.f / amax : 0.f);
+        /* cvtps rounds to nearest even like lrintf; packs keep 128-bit lanes, the permute reorders */
+        __m256i i0 = _mm256_cvtps_epi32(_mm256_mul_ps(v0, inv)), i1 = _mm256_cvtps_epi32(_mm256_mul_ps(v1, inv));
+        __m256i i2 = _mm256_cvtps_epi32(_mm256_mul_ps(v2, inv)), i3 = _mm256_cvtps_epi32(_mm256_mul_ps(v3, inv));
+        __m256i b = _mm256_packs_epi16(_mm256_packs_epi32(i0, i1), _mm256_packs_epi32(i2, i3));
+        b = _mm256_permutevar8x32_epi32(b, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
+        _mm256_storeu_si256((__m256i *)q, b);
+#else
         for (int j = 0; j < Q4_GROUP; j++) {
             float a = fabsf(p[j]);
             amax = a > amax ? a : amax;
             sum += p[j];
         }
-        float s = amax / 127.f, inv = amax > 0.f ? 127.f / amax : 0.f;
-        for (int j = 0; j < Q4_GROUP; j++) xq[i * Q4_GROUP + j] = (int8_t)lrintf(p[j] * inv);
-        xs[i] = s;
+        float inv = amax > 0.f ? 127.f / amax : 0.f;
+        for (int j = 0; j < Q4_GROUP; j++) q[j] = (int8_t)lrintf(p[j] * inv);
+#endif
+        xs[i] = amax / 127.f;
         xsum[i] = sum;
     }
 }
@@ -508,4 +528,9 @@ void decode_layer(const DecodeLayer *L, const DecodeStep *S, float *x, int64_t M
     q4_apply(&L->down, act, M, L->inter, tmp, nthreads);
     for (int64_t i = 0; i < M * hid; i++) x[i] += tmp[i];
     free(h);
+}
+
+/* All n layers in turn: the model's whole decode stack for one step in a single call. */
+void decode_layers(const DecodeLayer *L, int64_t n, const DecodeStep *S, float *x, int64_t M, int nthreads) {
+    for (int64_t i = 0; i < n; i++) decode_layer(L + i, S, x, M, nthreads);
 }

@@ -110,6 +110,22 @@ def choose_int4_backend(out_features: int, in_features: int, group_size: int, de
     return "torch" if int4_kernel_fits(out_features, in_features, group_size) else "dequant"
 
 
+def _check_backend(backend: str, out_features: int, in_features: int, group_size: int, device: torch.device) -> None:
+    """A clear error for a backend asked for by name that cannot run this layer."""
+    if backend == "dequant":
+        return
+    if backend not in ("c", "torch"):
+        raise ValueError(f"unknown int4 backend {backend!r}; expected 'c', 'torch' or 'dequant'")
+    if device.type != "cpu":
+        raise ValueError(f"the int4 backend {backend!r} runs on CPU only, not {device.type}")
+    if backend == "c" and not (group_size == Q4_GROUP and in_features % Q4_GROUP == 0 and kernels() is not None):
+        raise ValueError(f"the 'c' int4 backend needs group size {Q4_GROUP}, in_features a multiple of it and "
+                         f"built kernels (got group {group_size}, in_features {in_features})")
+    if backend == "torch" and not int4_kernel_fits(out_features, in_features, group_size):
+        raise ValueError(f"torch's int4 kernel cannot run a {out_features}x{in_features} weight "
+                         f"with group size {group_size}")
+
+
 class Int4Linear(nn.Module):
     """Drop-in for nn.Linear with group-wise int4 weights; three ways to run it (`backend`).
 
@@ -134,6 +150,8 @@ class Int4Linear(nn.Module):
         self.out_features, self.in_features = q.shape
         self.group_size = group_size
         self.dtype = dtype
+        if backend is not None:
+            _check_backend(backend, self.out_features, self.in_features, group_size, q.device)
         self.backend = backend or choose_int4_backend(self.out_features, self.in_features, group_size, q.device)
         if self.backend == "c":
             self.register_buffer("packed", _pack_groups(q))
