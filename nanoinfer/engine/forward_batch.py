@@ -45,7 +45,6 @@ class ForwardBatch:
     block_size: int = 16
     prefills: list[PrefillSpan] = field(default_factory=list)
     logits_indices: torch.Tensor | None = None  # rows fed to the LM head; None = every row
-    kernel_steps: dict = field(default_factory=dict)  # C-kernel step descriptions, built once per step
 
     @property
     def num_tokens(self) -> int:

@@ -74,7 +74,7 @@ class Q4Weight(ctypes.Structure):
 
 
 class DecodeLayer(ctypes.Structure):
-    """Everything decode_layer needs of one layer: sizes, weights and that layer's KV cache."""
+    """Everything the C decode_layer needs of one layer: sizes, weights and that layer's KV cache."""
 
     _fields_ = [*((name, ctypes.c_int64) for name in
                   ("hidden", "heads", "kv_heads", "head_dim", "inter", "window", "gelu")),
@@ -110,7 +110,6 @@ class CpuKernels:
             "rms_norm": [ptr, i64, i64, i64, ptr, f32, ptr],
             "qk_rope_store": [ptr, i64, i64, i64, i64, i64, ptr, ptr, f32, ptr, ptr, ptr, ptr, ptr],
             "gated_act": [ptr, i64, i64, i32, ptr, i32],
-            "decode_layer": [ctypes.POINTER(DecodeLayer), ctypes.POINTER(DecodeStep), ptr, i64, i32],
             "decode_layers": [ctypes.POINTER(DecodeLayer), i64, ctypes.POINTER(DecodeStep), ptr, i64, i32],
         }
         for name, argtypes in signatures.items():
@@ -188,11 +187,6 @@ class CpuKernels:
         out = torch.empty(T, two_i // 2)
         self.lib.gated_act(gate_up.data_ptr(), T, two_i // 2, int(gelu), out.data_ptr(), torch.get_num_threads())
         return out
-
-    def decode_layer(self, layer: DecodeLayer, step: DecodeStep, x: torch.Tensor) -> None:
-        """One decoder layer over the decode rows x [M, hidden] (contiguous), in place."""
-        self.lib.decode_layer(ctypes.byref(layer), ctypes.byref(step), x.data_ptr(), x.shape[0],
-                              torch.get_num_threads())
 
     def decode_layers(self, layers: ctypes.Array, step: DecodeStep, x: torch.Tensor) -> None:
         """Every layer of a ctypes DecodeLayer array in turn over the decode rows x, in place."""

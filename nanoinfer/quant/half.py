@@ -17,9 +17,9 @@ from torch import nn
 
 from nanoinfer.kernels import kernels
 
-# Above this many rows, widening the whole weight once and calling fp32 GEMM beats the
-# row-tiled C kernel (measured on 576x1728 / 1536x576 / 576x49152: even at 64 rows, 2.5x
-# slower at 512; at 16 rows and below the kernel wins by 1.1-7x).
+# Above this many rows, widening the whole weight once and calling fp32 GEMM takes over from the
+# row-tiled C kernel (measured on 1728x576, 3072x576, 576x1536, 49152x576: the kernel is 1.1-7x
+# faster at 16 rows and below, about level at 64, 2.5-3x slower at 512).
 KERNEL_MAX_ROWS = 32
 
 

@@ -3,10 +3,12 @@
 Mapping: scale[n] = max_k |w[n, k]| / 127, zero point 0, q = round(w / scale) in [-127, 127],
 w ~= q * scale. With a group size G, each run of G weights in a row gets its own scale instead
 (GGUF's Q8_0 is this with G = 32): the quantized models' LM head uses it, because a Q8_0
-embedding then round-trips exactly. On CPU the matmul is our C kernel (nanoinfer/kernels: float32 activations and
-accumulation, no rounding of x) when it could be built, else torch's `_weight_int8pack_mm(x [M, K],
-q int8 [N, K], scales [N])`, which wants x and scales in the same dtype (f32, f16 or bf16);
-elsewhere we dequantize and call F.linear.
+embedding then round-trips exactly.
+
+On CPU the matmul is our C kernel (nanoinfer/kernels: float32 activations and accumulation, no
+rounding of x) when it could be built, else (per-channel only) torch's `_weight_int8pack_mm(x
+[M, K], q int8 [N, K], scales [N])`, which wants x and scales in the same dtype (f32, f16 or
+bf16); elsewhere we dequantize and call F.linear.
 
 torch's float32 path of that kernel is scalar code on AVX2 (measured 2-70x slower than an fp32
 nn.Linear, worse as the batch grows), while its bf16 path is vectorized. So float32 activations
