@@ -240,8 +240,8 @@ class EngineConfig:
     enable_prefix_cache: bool = True
     dtype: str = "float32"  # float weights; also activations, except on CPU (always float32 there)
     quantization: str | None = None  # "none", "int8", "int4"; None: the model's default (see registry)
-    # Quantized layers switch to a dequantized float copy above this many rows (None: never);
-    # on CPUs without native bf16 GEMM the int kernels lose to fp32 GEMM on large batches.
+    # int8 layers and the quantized head switch to a dequantized float copy above this many rows
+    # (None: never); on CPUs without native bf16 GEMM those kernels lose to fp32 GEMM there.
     dense_above_rows: int | None = 16
     device: str = "cpu"
     extra: dict[str, Any] = field(default_factory=dict)

@@ -198,7 +198,7 @@ def test_bad_prompts_raise(model_dir):
 
 @pytest.mark.parametrize("quantization", ["none", "int4"])
 def test_bfloat16_on_cpu_keeps_weights_16bit_and_activations_float32(model_dir, reference, quantization):
-    from nanoinfer.quant import DenseForLargeBatch, HalfLinear
+    from nanoinfer.quant import DenseForLargeBatch, HalfLinear, Int4Linear
 
     llm = LLM(str(model_dir), dtype="bfloat16", quantization=quantization, enable_prefix_cache=False)
     model = llm.engine.model
@@ -207,8 +207,9 @@ def test_bfloat16_on_cpu_keeps_weights_16bit_and_activations_float32(model_dir, 
     down = model.layers[0].mlp.down_proj
     if quantization == "none":
         assert isinstance(down, HalfLinear)
-    else:  # int4 for decode; the float copy for large batches is 16-bit too
-        assert isinstance(down, DenseForLargeBatch) and down.dense.dtype == torch.bfloat16
+    else:  # int4 at every batch size (no float copy); the head's float copy is 16-bit
+        assert isinstance(down, Int4Linear)
+        assert isinstance(model.lm_head, DenseForLargeBatch) and model.lm_head.dense.dtype == torch.bfloat16
     prompts, token_ids = reference
     out = llm.generate(prompts[:8], GREEDY)
     if quantization == "none":  # bf16 weights, float32 math: the first pick rarely moves

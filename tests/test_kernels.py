@@ -11,7 +11,7 @@ import torch.nn.functional as F
 import nanoinfer.kernels as kernels_module
 from nanoinfer.kernels import kernels
 from nanoinfer.model.rope import apply_rotary
-from nanoinfer.quant.int4 import _pack_groups, dequantize_int4, quantize_int4
+from nanoinfer.quant.int4 import _pack_panels, _unpack_panels, dequantize_int4, quantize_int4
 from nanoinfer.quant.int8 import dequantize_int8, quantize_int8
 
 ours = kernels()
@@ -22,28 +22,38 @@ def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
     return ((out - ref).abs().max() / ref.abs().max()).item()
 
 
-@pytest.mark.parametrize("rows", [1, 3, 4, 5, 16])
-@pytest.mark.parametrize("k", [96, 576])  # 96: an odd number of groups (3), the last one unpaired
-def test_q4_matmul_matches_dequantized_matmul(rows: int, k: int) -> None:
-    torch.manual_seed(rows)
-    w, x, bias = torch.randn(40, k) * 0.05, torch.randn(rows, k), torch.randn(40)
+def int8_groups(x: torch.Tensor) -> torch.Tensor:
+    """x rounded as the int4 kernel rounds it: int8 per group of 32, scale max|x| / 127."""
+    groups = x.view(x.shape[0], -1, 32)
+    step = groups.abs().amax(-1, keepdim=True) / 127
+    return (torch.round(groups / step) * step).view_as(x)
+
+
+@pytest.mark.parametrize("rows", [1, 2, 3, 5, 16])
+@pytest.mark.parametrize("n", [40, 37, 72, 64])  # 40: a 4-block chunk and a 1-block tail; 37: a partial block
+@pytest.mark.parametrize("k", [96, 576])
+def test_q4_matmul_matches_dequantized_matmul(rows: int, n: int, k: int) -> None:
+    torch.manual_seed(rows * n)
+    w, x, bias = torch.randn(n, k) * 0.05, torch.randn(rows, k), torch.randn(n)
     q, scales, zero_points = quantize_int4(w, 32)
     w_deq = dequantize_int4(q, scales, zero_points, 32)
-    out = ours.q4_matmul(x, _pack_groups(q), scales, -zero_points * scales, bias)
-    # The kernel's documented numerics: x rounded to int8 per group of 32 (scale max|x| / 127),
-    # except in the min term, which uses the exact group sums of x.
-    groups = x.view(rows, -1, 32)
-    step = groups.abs().amax(-1, keepdim=True) / 127
-    x_int8 = (torch.round(groups / step) * step).view(rows, k)
-    mins = (-zero_points * scales).repeat_interleave(32, dim=1)
-    exact = x_int8 @ (w_deq - mins).t() + x @ mins.t() + bias
-    torch.testing.assert_close(out, exact, rtol=1e-4, atol=1e-4)
+    out = ours.q4_matmul(x, _pack_panels(q, scales, -zero_points * scales), n, bias)
+    # The kernel's documented numerics: x rounded to int8 per group, the weight exact.
+    torch.testing.assert_close(out, int8_groups(x) @ w_deq.t() + bias, rtol=1e-4, atol=1e-4)
     assert rel_err(out, x @ w_deq.t() + bias) < 2e-2  # and close to the float matmul
+
+
+def test_q4_panels_round_trip() -> None:
+    q, scales, zero_points = quantize_int4(torch.randn(13, 64), 32)
+    packed = _pack_panels(q, scales, -zero_points * scales)
+    assert packed.numel() == 2 * 2 * (128 + 64)  # 2 blocks (13 columns padded to 16) x 2 groups
+    q2, scales2, mins2 = _unpack_panels(packed, 13, 64)
+    assert torch.equal(q2, q) and torch.equal(scales2, scales) and torch.equal(mins2, -zero_points * scales)
 
 
 def test_q4_matmul_zero_activations_give_bias() -> None:
     q, scales, zero_points = quantize_int4(torch.randn(16, 64), 32)
-    out = ours.q4_matmul(torch.zeros(2, 64), _pack_groups(q), scales, -zero_points * scales, torch.arange(16.0))
+    out = ours.q4_matmul(torch.zeros(2, 64), _pack_panels(q, scales, -zero_points * scales), 16, torch.arange(16.0))
     assert torch.equal(out, torch.arange(16.0).expand(2, 16))
 
 

@@ -26,6 +26,8 @@ log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("cpu_kernels.c")
 Q4_GROUP = 32  # the group size the C int4 kernel is written for
+Q4_COLS = 8  # output columns per block of its weight layout
+Q4_CHUNK = 4  # blocks per chunk (one sequential record per group)
 _FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c11"]
 _lock = threading.Lock()
 _loaded: "CpuKernels | None | bool" = False  # False: not tried yet
@@ -69,8 +71,7 @@ def _ptr(t: torch.Tensor | None) -> int | None:
 
 
 class Q4Weight(ctypes.Structure):
-    _fields_ = [("w", ctypes.c_void_p), ("scales", ctypes.c_void_p), ("mins", ctypes.c_void_p),
-                ("bias", ctypes.c_void_p), ("n", ctypes.c_int64)]
+    _fields_ = [("w", ctypes.c_void_p), ("bias", ctypes.c_void_p), ("n", ctypes.c_int64)]
 
 
 class DecodeLayer(ctypes.Structure):
@@ -91,8 +92,8 @@ class DecodeStep(ctypes.Structure):
                 ("max_blocks", ctypes.c_int64), ("block_size", ctypes.c_int64)]
 
 
-def q4_weight(packed: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor, bias: torch.Tensor | None) -> Q4Weight:
-    return Q4Weight(packed.data_ptr(), scales.data_ptr(), mins.data_ptr(), _ptr(bias), packed.shape[0])
+def q4_weight(packed: torch.Tensor, out_features: int, bias: torch.Tensor | None) -> Q4Weight:
+    return Q4Weight(packed.data_ptr(), _ptr(bias), out_features)
 
 
 class CpuKernels:
@@ -103,7 +104,7 @@ class CpuKernels:
         lib = ctypes.CDLL(str(path))
         i64, ptr, f32, i32 = ctypes.c_int64, ctypes.c_void_p, ctypes.c_float, ctypes.c_int
         signatures = {
-            "q4_matmul": [ptr, i64, i64, ptr, ptr, ptr, i64, ptr, ptr, i32],
+            "q4_matmul": [ptr, i64, i64, ptr, i64, ptr, ptr, i32],
             "q8_matmul": [ptr, i64, i64, ptr, ptr, i64, i64, ptr, ptr, i32],
             "bf16_matmul": [ptr, i64, i64, ptr, i64, ptr, ptr, i32],
             "paged_attention_decode": [ptr, i64, ptr, ptr, ptr, i64, ptr, i64, i64, i64, i64, i64, i64, f32, ptr, i32],
@@ -118,14 +119,13 @@ class CpuKernels:
         self.lib = lib
         self.path = path
 
-    def q4_matmul(self, x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor,
+    def q4_matmul(self, x: torch.Tensor, packed: torch.Tensor, out_features: int,
                   bias: torch.Tensor | None = None) -> torch.Tensor:
-        """x [M, K] contiguous @ int4 weight -> [M, N]. packed uint8 [N, K/2], scales/mins [N, K/32]."""
+        """x [M, K] contiguous @ int4 weight -> [M, N]; `packed` as quant.int4._pack_panels lays it out."""
         M, K = x.shape
-        N = packed.shape[0]
-        out = torch.empty(M, N)
-        self.lib.q4_matmul(x.data_ptr(), M, K, packed.data_ptr(), scales.data_ptr(), mins.data_ptr(), N,
-                           _ptr(bias), out.data_ptr(), torch.get_num_threads())
+        out = torch.empty(M, out_features)
+        self.lib.q4_matmul(x.data_ptr(), M, K, packed.data_ptr(), out_features, _ptr(bias), out.data_ptr(),
+                           torch.get_num_threads())
         return out
 
     def q8_matmul(self, x: torch.Tensor, q: torch.Tensor, scales: torch.Tensor,

@@ -1,13 +1,14 @@
-/* nanoinfer's CPU kernels: the three loops that dominate a decode step on a small model.
+/* nanoinfer's CPU kernels: the loops that dominate a step on a small model.
  *
- *   q4_matmul   out[M, N] = x[M, K] @ W^T, W group-wise 4-bit (32 per group, w = q * scale + min)
+ *   q4_matmul   out[M, N] = x[M, K] @ W^T, W group-wise 4-bit (32 per group, w = q * scale + min),
+ *               x rounded to int8 per group of 32 (as llama.cpp's Q8_1), integer dot products
  *   q8_matmul   out[M, N] = x[M, K] @ W^T, W int8 per output row or per group (w = q * scale)
  *   bf16_matmul out[M, N] = x[M, K] @ W^T, W bfloat16 (widened to float32 exactly, x stays float32)
  *   paged_attention_decode   one query token per sequence against K/V read in place from the
  *                            paged cache (no gather into a contiguous copy first)
  *
- * Activations, scales and results are float32 and every product is accumulated in float32,
- * so these agree with "dequantize, then float32 matmul" to rounding order. Built at first use
+ * Elsewhere activations, scales and results are float32 and every product is accumulated in
+ * float32, so those agree with "dequantize, then float32 matmul" to rounding order. Built at first use
  * by nanoinfer/kernels/__init__.py with the host compiler (-O3 -march=native -fopenmp); the
  * AVX2/FMA paths are taken when the compiler targets them, plain C loops otherwise.
  * OpenMP: linked against the libgomp torch has already loaded, so there is one thread pool.
@@ -21,7 +22,6 @@
 #endif
 
 #define Q4_GROUP 32
-#define Q4_TILE 4 /* activation rows that share one dequantized weight group */
 
 #ifdef __AVX2__
 static inline float hsum256(__m256 v) {
@@ -54,11 +54,14 @@ static inline void axpy(float alpha, const float *x, float *y, int64_t D) {
 }
 
 /* Activations for the int4 kernel: each 32-wide group of each row as int8 with one scale
- * (x ~= xq * xs), plus the group's exact float sum for the min term. Integer products let one
- * AVX2 instruction do 32 multiply-adds (maddubs) instead of the 8 of a float FMA; the rounding
- * this adds is below the int4 weight error (see tests/test_kernels.py). */
-static void quantize_groups(const float *x, int64_t M, int64_t K, int8_t *xq, float *xs, float *xsum) {
+ * (x ~= xq * xs), plus the sum of the rounded group (xs * sum(xq)) for the min term. Integer
+ * products let one AVX2 instruction do 32 multiply-adds (maddubs) instead of the 8 of a float FMA.
+ * The min term must see the same rounded x as the q term: then the error is sum(w * dx), whereas
+ * the exact float sum leaves sum((w - min) * dx), 2.5x larger on SmolLM2 (w - min = q * scale is
+ * all positive, so the rounding errors stop cancelling), which cost 4.4 points of top-1 agreement. */
+static void quantize_groups(const float *x, int64_t M, int64_t K, int8_t *xq, float *xs, float *xsum, int nthreads) {
     int64_t G = K / Q4_GROUP;
+#pragma omp parallel for num_threads(nthreads) schedule(static) if (M * G >= 1024)
     for (int64_t i = 0; i < M * G; i++) {
         const float *p = x + i * Q4_GROUP;
         int8_t *q = xq + i * Q4_GROUP;
@@ -72,11 +75,12 @@ static void quantize_groups(const float *x, int64_t M, int64_t K, int8_t *xq, fl
         __m128 h = _mm_max_ps(_mm256_castps256_ps128(m), _mm256_extractf128_ps(m, 1));
         h = _mm_max_ps(h, _mm_movehl_ps(h, h));
         amax = _mm_cvtss_f32(_mm_max_ss(h, _mm_movehdup_ps(h)));
-        sum = hsum256(_mm256_add_ps(_mm256_add_ps(v0, v1), _mm256_add_ps(v2, v3)));
         __m256 inv = _mm256_set1_ps(amax > 0.f ? 127.f / amax : 0.f);
         /* cvtps rounds to nearest even like lrintf; packs keep 128-bit lanes, the permute reorders */
         __m256i i0 = _mm256_cvtps_epi32(_mm256_mul_ps(v0, inv)), i1 = _mm256_cvtps_epi32(_mm256_mul_ps(v1, inv));
         __m256i i2 = _mm256_cvtps_epi32(_mm256_mul_ps(v2, inv)), i3 = _mm256_cvtps_epi32(_mm256_mul_ps(v3, inv));
+        __m256i isum = _mm256_add_epi32(_mm256_add_epi32(i0, i1), _mm256_add_epi32(i2, i3));
+        sum = hsum256(_mm256_cvtepi32_ps(isum)); /* exact: |sum| <= 32 * 127 */
         __m256i b = _mm256_packs_epi16(_mm256_packs_epi32(i0, i1), _mm256_packs_epi32(i2, i3));
         b = _mm256_permutevar8x32_epi32(b, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
         _mm256_storeu_si256((__m256i *)q, b);
@@ -84,132 +88,137 @@ static void quantize_groups(const float *x, int64_t M, int64_t K, int8_t *xq, fl
         for (int j = 0; j < Q4_GROUP; j++) {
             float a = fabsf(p[j]);
             amax = a > amax ? a : amax;
-            sum += p[j];
         }
         float inv = amax > 0.f ? 127.f / amax : 0.f;
-        for (int j = 0; j < Q4_GROUP; j++) q[j] = (int8_t)lrintf(p[j] * inv);
+        for (int j = 0; j < Q4_GROUP; j++) {
+            q[j] = (int8_t)lrintf(p[j] * inv);
+            sum += q[j];
+        }
 #endif
         xs[i] = amax / 127.f;
-        xsum[i] = sum;
+        xsum[i] = sum * xs[i];
     }
 }
 
-/* One output row of the weight against up to Q4_TILE activation rows.
- * Packed layout: groups in pairs, 32 bytes a pair; byte j holds element j of the even group in
- * its low nibble and element j of the odd group in its high nibble (an odd last group leaves the
- * high nibbles zero). One 32-byte load and three bit operations unpack 64 weights. */
-static void q4_row(const int8_t *xq, const float *xs, const float *xsum, int64_t rows, int64_t K,
-                   const uint8_t *wq, const float *scale, const float *mn, float *out, int64_t out_stride) {
-    int64_t G = K / Q4_GROUP;
+/* The int4 weight in panels of Q4_COLS output columns: for column block b and group g, 128 bytes
+ * in four 32-byte rows jj; byte 4c + i of row jj holds column 8b + c at k = 32g + 4jj + i in its
+ * low nibble and at k + 16 in its high one. So one 32-byte load unpacks (and, shift) to two
+ * vectors, each 8 columns x 4 consecutive k: maddubs against an activation quad broadcast to all
+ * lanes gives 8 columns' partial dot products at once, with no horizontal sums.
+ * Blocks go in chunks of Q4_CHUNK (the last may be short, C blocks), and a chunk is one
+ * sequential record per group: C x 128 weight bytes, then C x 8 float scales, C x 8 float mins.
+ * One stream per chunk matters at batch 1, where every weight comes from memory once per step
+ * (separate weight/scale/min arrays per block ran 25% slower there). N is padded to a whole
+ * block with zero weights, scales and mins. */
+#define Q4_COLS 8
+#define Q4_ROWS 2   /* activation rows per tile: the broadcasts are shared by Q4_CHUNK blocks */
+#define Q4_CHUNK 4  /* column blocks per tile: each unpacked weight vector serves Q4_ROWS rows */
+#define Q4_RECORD (128 + 2 * Q4_COLS * 4) /* bytes per block and group: weights, scales, mins */
+
+/* out[r, 8c..8c+8) for R rows and C column blocks. Products of 4-bit q (0..15) and int8 x
+ * (|x| <= 127) fit int16 for a whole group: 16 per lane, at most 16 * 15 * 127 = 30480. */
+static inline __attribute__((always_inline)) void q4_tile(
+    const int R, const int C, const int8_t *xq, int64_t K, const float *xs, const float *xsum, int64_t G,
+    const uint8_t *chunk, float *out, int64_t ldo) {
+    const int64_t record = C * Q4_RECORD;
 #ifdef __AVX2__
-    const __m256i low4 = _mm256_set1_epi8(0x0F);
-    const __m256i ones = _mm256_set1_epi16(1);
-    if (rows == 1) { /* decode: the same loop with registers only */
-        __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
-        int64_t g = 0;
-        for (; g + 2 <= G; g += 2) {
-            __m256i raw = _mm256_loadu_si256((const __m256i *)(wq + g * 16));
-            __m256i wa = _mm256_and_si256(raw, low4);
-            __m256i wb = _mm256_and_si256(_mm256_srli_epi16(raw, 4), low4);
-            __m256i da = _mm256_madd_epi16(_mm256_maddubs_epi16(wa, _mm256_loadu_si256((const __m256i *)(xq + g * 32))), ones);
-            __m256i db = _mm256_madd_epi16(_mm256_maddubs_epi16(wb, _mm256_loadu_si256((const __m256i *)(xq + g * 32 + 32))), ones);
-            acc0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(da), _mm256_set1_ps(scale[g] * xs[g]), acc0);
-            acc1 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(db), _mm256_set1_ps(scale[g + 1] * xs[g + 1]), acc1);
-        }
-        if (g < G) {
-            __m256i wa = _mm256_and_si256(_mm256_loadu_si256((const __m256i *)(wq + g * 16)), low4);
-            __m256i da = _mm256_madd_epi16(_mm256_maddubs_epi16(wa, _mm256_loadu_si256((const __m256i *)(xq + g * 32))), ones);
-            acc0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(da), _mm256_set1_ps(scale[g] * xs[g]), acc0);
-        }
-        out[0] = hsum256(_mm256_add_ps(acc0, acc1)) + dot(mn, xsum, G);
-        return;
-    }
-    if (rows == 4) { /* small batches: each unpacked weight pair serves four rows from registers */
-        __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps(), a2 = _mm256_setzero_ps(), a3 = _mm256_setzero_ps();
-#define Q4_STEP(acc, r, wv, gg)                                                                               \
-    acc = _mm256_fmadd_ps(                                                                                    \
-        _mm256_cvtepi32_ps(_mm256_madd_epi16(                                                                 \
-            _mm256_maddubs_epi16(wv, _mm256_loadu_si256((const __m256i *)(xq + (r) * K + (gg) * Q4_GROUP))), ones)), \
-        _mm256_set1_ps(scale[gg] * xs[(r) * G + (gg)]), acc)
-        for (int64_t g = 0; g < G; g += 2) {
-            __m256i raw = _mm256_loadu_si256((const __m256i *)(wq + g * 16));
-            __m256i wa = _mm256_and_si256(raw, low4);
-            Q4_STEP(a0, 0, wa, g);
-            Q4_STEP(a1, 1, wa, g);
-            Q4_STEP(a2, 2, wa, g);
-            Q4_STEP(a3, 3, wa, g);
-            if (g + 1 < G) {
-                __m256i wb = _mm256_and_si256(_mm256_srli_epi16(raw, 4), low4);
-                Q4_STEP(a0, 0, wb, g + 1);
-                Q4_STEP(a1, 1, wb, g + 1);
-                Q4_STEP(a2, 2, wb, g + 1);
-                Q4_STEP(a3, 3, wb, g + 1);
+    const __m256i low4 = _mm256_set1_epi8(0x0F), ones = _mm256_set1_epi16(1);
+    __m256 acc[Q4_ROWS][Q4_CHUNK];
+    for (int r = 0; r < R; r++)
+        for (int c = 0; c < C; c++) acc[r][c] = _mm256_setzero_ps();
+    for (int64_t g = 0; g < G; g++) {
+        __m256i dot16[Q4_ROWS][Q4_CHUNK];
+        for (int r = 0; r < R; r++)
+            for (int c = 0; c < C; c++) dot16[r][c] = _mm256_setzero_si256();
+        const uint8_t *wp = chunk + g * record;
+        const float *sp = (const float *)(wp + C * 128), *mp = sp + C * Q4_COLS;
+        for (int jj = 0; jj < 4; jj++) {
+            __m256i lo[Q4_CHUNK], hi[Q4_CHUNK];
+            for (int c = 0; c < C; c++) {
+                __m256i raw = _mm256_loadu_si256((const __m256i *)(wp + c * 128 + jj * 32));
+                lo[c] = _mm256_and_si256(raw, low4);
+                hi[c] = _mm256_and_si256(_mm256_srli_epi16(raw, 4), low4);
+            }
+            for (int r = 0; r < R; r++) {
+                const int8_t *xp = xq + r * K + g * Q4_GROUP + jj * 4;
+                int32_t quad_lo, quad_hi;
+                memcpy(&quad_lo, xp, 4);
+                memcpy(&quad_hi, xp + 16, 4);
+                __m256i xl = _mm256_set1_epi32(quad_lo), xh = _mm256_set1_epi32(quad_hi);
+                for (int c = 0; c < C; c++)
+                    dot16[r][c] = _mm256_add_epi16(dot16[r][c], _mm256_add_epi16(_mm256_maddubs_epi16(lo[c], xl),
+                                                                                   _mm256_maddubs_epi16(hi[c], xh)));
             }
         }
-#undef Q4_STEP
-        out[0] = hsum256(a0) + dot(mn, xsum, G);
-        out[out_stride] = hsum256(a1) + dot(mn, xsum + G, G);
-        out[2 * out_stride] = hsum256(a2) + dot(mn, xsum + 2 * G, G);
-        out[3 * out_stride] = hsum256(a3) + dot(mn, xsum + 3 * G, G);
-        return;
-    }
-    float d[Q4_TILE][64]; /* scale * activation scale, for up to 64 groups at a time */
-    __m256 acc[Q4_TILE][2];
-    for (int r = 0; r < Q4_TILE; r++) acc[r][0] = acc[r][1] = _mm256_setzero_ps();
-    for (int64_t g0 = 0; g0 < G; g0 += 64) {
-        int64_t g1 = G - g0 < 64 ? G : g0 + 64;
-        for (int64_t r = 0; r < rows; r++)
-            for (int64_t g = g0; g < g1; g++) d[r][g - g0] = scale[g] * xs[r * G + g];
-        for (int64_t g = g0; g < g1; g += 2) {
-            __m256i raw = _mm256_loadu_si256((const __m256i *)(wq + g * 16));
-            __m256i wa = _mm256_and_si256(raw, low4);
-            __m256i wb = _mm256_and_si256(_mm256_srli_epi16(raw, 4), low4);
-            int pair = g + 1 < g1;
-            for (int64_t r = 0; r < rows; r++) {
-                const int8_t *xp = xq + r * K + g * Q4_GROUP;
-                __m256i da = _mm256_madd_epi16(_mm256_maddubs_epi16(wa, _mm256_loadu_si256((const __m256i *)xp)), ones);
-                acc[r][0] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(da), _mm256_broadcast_ss(&d[r][g - g0]), acc[r][0]);
-                if (pair) {
-                    __m256i db = _mm256_madd_epi16(
-                        _mm256_maddubs_epi16(wb, _mm256_loadu_si256((const __m256i *)(xp + Q4_GROUP))), ones);
-                    acc[r][1] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(db), _mm256_broadcast_ss(&d[r][g + 1 - g0]), acc[r][1]);
-                }
+        for (int c = 0; c < C; c++) {
+            __m256 sv = _mm256_loadu_ps(sp + c * Q4_COLS), mv = _mm256_loadu_ps(mp + c * Q4_COLS);
+            for (int r = 0; r < R; r++) {
+                __m256 d = _mm256_cvtepi32_ps(_mm256_madd_epi16(dot16[r][c], ones));
+                acc[r][c] = _mm256_fmadd_ps(d, _mm256_mul_ps(sv, _mm256_set1_ps(xs[r * G + g])), acc[r][c]);
+                acc[r][c] = _mm256_fmadd_ps(mv, _mm256_set1_ps(xsum[r * G + g]), acc[r][c]);
             }
         }
     }
-    for (int64_t r = 0; r < rows; r++)
-        out[r * out_stride] = hsum256(_mm256_add_ps(acc[r][0], acc[r][1])) + dot(mn, xsum + r * G, G);
+    for (int r = 0; r < R; r++)
+        for (int c = 0; c < C; c++) _mm256_storeu_ps(out + r * ldo + c * Q4_COLS, acc[r][c]);
 #else
-    for (int64_t r = 0; r < rows; r++) {
-        float total = 0.f;
-        for (int64_t g = 0; g < G; g++) {
-            const int8_t *xp = xq + r * K + g * Q4_GROUP;
-            const uint8_t *b = wq + (g / 2) * 32;
-            int shift = (g % 2) * 4;
-            int32_t d = 0;
-            for (int j = 0; j < Q4_GROUP; j++) d += ((b[j] >> shift) & 15) * xp[j];
-            total += (float)d * scale[g] * xs[r * G + g] + mn[g] * xsum[r * G + g];
-        }
-        out[r * out_stride] = total;
-    }
+    for (int r = 0; r < R; r++)
+        for (int c = 0; c < C; c++)
+            for (int j = 0; j < Q4_COLS; j++) {
+                float total = 0.f;
+                for (int64_t g = 0; g < G; g++) {
+                    const uint8_t *b = chunk + g * record + c * 128;
+                    const float *sp = (const float *)(chunk + g * record + C * 128), *mp = sp + C * Q4_COLS;
+                    const int8_t *xp = xq + r * K + g * Q4_GROUP;
+                    int32_t d = 0;
+                    for (int jj = 0; jj < 4; jj++)
+                        for (int i = 0; i < 4; i++) {
+                            uint8_t byte = b[jj * 32 + j * 4 + i];
+                            d += (byte & 15) * xp[jj * 4 + i] + (byte >> 4) * xp[16 + jj * 4 + i];
+                        }
+                    total += (float)d * sp[c * Q4_COLS + j] * xs[r * G + g] + mp[c * Q4_COLS + j] * xsum[r * G + g];
+                }
+                out[r * ldo + c * Q4_COLS + j] = total;
+            }
 #endif
 }
 
-void q4_matmul(const float *x, int64_t M, int64_t K, const uint8_t *wq, const float *scales, const float *mins,
-               int64_t N, const float *bias, float *out, int nthreads) {
-    int64_t G = K / Q4_GROUP;
+/* Constant R and C let the compiler keep the tile in registers; the tails take the smaller ones. */
+static void q4_tile_any(int R, int C, const int8_t *xq, int64_t K, const float *xs, const float *xsum,
+                        int64_t G, const uint8_t *chunk, float *out, int64_t ldo) {
+#define Q4_CASE(r, c) \
+    if (R == r && C == c) return q4_tile(r, c, xq, K, xs, xsum, G, chunk, out, ldo)
+    Q4_CASE(2, 4); Q4_CASE(1, 4); Q4_CASE(2, 3); Q4_CASE(1, 3); Q4_CASE(2, 2); Q4_CASE(1, 2);
+    Q4_CASE(2, 1); Q4_CASE(1, 1);
+#undef Q4_CASE
+}
+
+void q4_matmul(const float *x, int64_t M, int64_t K, const uint8_t *wq, int64_t N, const float *bias, float *out,
+               int nthreads) {
+    int64_t G = K / Q4_GROUP, blocks = (N + Q4_COLS - 1) / Q4_COLS;
+    int64_t chunks = (blocks + Q4_CHUNK - 1) / Q4_CHUNK;
     int8_t *xq = (int8_t *)malloc((size_t)(M * K));
     float *xs = (float *)malloc(sizeof(float) * (size_t)(2 * M * G)), *xsum = xs + M * G;
-    quantize_groups(x, M, K, xq, xs, xsum);
+    quantize_groups(x, M, K, xq, xs, xsum, nthreads);
 #pragma omp parallel for num_threads(nthreads) schedule(static)
-    for (int64_t n = 0; n < N; n++) {
-        for (int64_t m0 = 0; m0 < M; m0 += Q4_TILE) {
-            int64_t rows = M - m0 < Q4_TILE ? M - m0 : Q4_TILE;
-            q4_row(xq + m0 * K, xs + m0 * G, xsum + m0 * G, rows, K, wq + n * ((G + 1) / 2) * 32, scales + n * G,
-                   mins + n * G, out + m0 * N + n, N);
+    for (int64_t ch = 0; ch < chunks; ch++) {
+        int64_t b = ch * Q4_CHUNK, C = blocks - b < Q4_CHUNK ? blocks - b : Q4_CHUNK;
+        int64_t n0 = b * Q4_COLS, width = N - n0 < C * Q4_COLS ? N - n0 : C * Q4_COLS;
+        const uint8_t *chunk = wq + b * G * Q4_RECORD;
+        float padded[Q4_ROWS * Q4_CHUNK * Q4_COLS]; /* the last chunk when N is not a whole block */
+        for (int64_t m = 0; m < M; m += Q4_ROWS) {
+            int R = M - m < Q4_ROWS ? (int)(M - m) : Q4_ROWS;
+            const int8_t *xr = xq + m * K;
+            if (width == C * Q4_COLS) {
+                q4_tile_any(R, (int)C, xr, K, xs + m * G, xsum + m * G, G, chunk, out + m * N + n0, N);
+            } else {
+                q4_tile_any(R, (int)C, xr, K, xs + m * G, xsum + m * G, G, chunk, padded, C * Q4_COLS);
+                for (int r = 0; r < R; r++) memcpy(out + (m + r) * N + n0, padded + r * C * Q4_COLS, sizeof(float) * width);
+            }
         }
         if (bias)
-            for (int64_t m = 0; m < M; m++) out[m * N + n] += bias[n];
+            for (int64_t m = 0; m < M; m++)
+                for (int64_t n = n0; n < n0 + width; n++) out[m * N + n] += bias[n];
     }
     free(xq);
     free(xs);
@@ -486,7 +495,7 @@ void gated_act(const float *gate_up, int64_t T, int64_t I, int gelu, float *out,
  * outside the matmuls. Built from the kernels above; `x` [M, hidden] is updated in place. */
 typedef struct {
     const uint8_t *w;
-    const float *scales, *mins, *bias;
+    const float *bias;
     int64_t n;
 } Q4Weight;
 
@@ -505,7 +514,7 @@ typedef struct {
 } DecodeStep;
 
 static void q4_apply(const Q4Weight *w, const float *x, int64_t M, int64_t K, float *out, int nthreads) {
-    q4_matmul(x, M, K, w->w, w->scales, w->mins, w->n, w->bias, out, nthreads);
+    q4_matmul(x, M, K, w->w, w->n, w->bias, out, nthreads);
 }
 
 void decode_layer(const DecodeLayer *L, const DecodeStep *S, float *x, int64_t M, int nthreads) {

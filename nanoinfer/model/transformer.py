@@ -65,7 +65,7 @@ class DecoderLayer(nn.Module):
 
     def _describe(self, linears, k_cache: torch.Tensor, v_cache: torch.Tensor) -> DecodeLayer:
         a, qn, kn = self.attn, self.attn.q_norm, self.attn.k_norm
-        qkv, o, gate_up, down = (q4_weight(lin.packed, lin.scales, lin.mins, lin.bias) for lin in linears)
+        qkv, o, gate_up, down = (q4_weight(lin.packed, lin.out_features, lin.bias) for lin in linears)
         return DecodeLayer(
             hidden=self.input_norm.weight.shape[0], heads=a.num_heads, kv_heads=a.num_kv_heads,
             head_dim=a.head_dim, inter=self.mlp.intermediate, window=a.window, gelu=int(self.mlp.gelu),

@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from nanoinfer.kernels import Q4_GROUP, kernels
+from nanoinfer.kernels import Q4_CHUNK, Q4_COLS, Q4_GROUP, kernels
 
 KERNEL_GROUP_SIZES = (32, 64, 128, 256)
 _KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -84,21 +84,58 @@ def _unpack_nibbles(packed: torch.Tensor, k: int) -> torch.Tensor:
     return q.view(packed.shape[0], -1)[:, :k]
 
 
-def _pack_groups(q: torch.Tensor) -> torch.Tensor:
-    """[N, K] values 0..15 -> [N, ceil(G/2) * 32] uint8 in the C kernel's layout: groups of 32 in
-    pairs, byte j = element j of the even group (low nibble) | element j of the odd group << 4."""
+def _pack_panels(q: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor) -> torch.Tensor:
+    """q [N, K] in 0..15, scales/mins [N, K/32] -> the C kernel's layout as one uint8 tensor.
+
+    Per block of 8 output columns and group g: 128 bytes whose byte 4c + i of 32-byte row jj is
+    q[8b + c, 32g + 4jj + i] | q[8b + c, 32g + 16 + 4jj + i] << 4, and 8 float scales and mins.
+    Blocks are chunked by Q4_CHUNK (the last chunk may be short); each chunk stores, group by
+    group, its blocks' weight bytes, then their scales, then their mins (see cpu_kernels.c).
+    """
     n, k = q.shape
-    g = q.view(n, k // Q4_GROUP, Q4_GROUP).to(torch.uint8)
-    if g.shape[1] % 2:  # an odd last group pairs with zeros
-        g = torch.cat([g, torch.zeros_like(g[:, :1])], dim=1)
-    return (g[:, 0::2] | (g[:, 1::2] << 4)).reshape(n, -1).contiguous()
+    blocks, groups = -(-n // Q4_COLS), k // Q4_GROUP
+    pad = blocks * Q4_COLS - n  # zero columns complete the last block
+    q, scales, mins = (F.pad(t, (0, 0, 0, pad)) for t in (q.to(torch.uint8), scales.float(), mins.float()))
+    v = q.view(blocks, Q4_COLS, groups, 2, 4, 4).permute(0, 2, 3, 4, 1, 5)  # b, g, half, jj, c, i
+    weight = v[:, :, 0] | (v[:, :, 1] << 4)  # [B, G, 4, 8, 4]
+    parts = [weight.reshape(blocks, groups, 128)] + [
+        t.view(blocks, Q4_COLS, groups).transpose(1, 2).contiguous().view(torch.uint8) for t in (scales, mins)]
+    spans = _chunk_spans(blocks)
+    return torch.cat([torch.cat([_chunked(t[b0:b1], c) for t in parts], dim=-1).reshape(-1) for b0, b1, c in spans])
 
 
-def _unpack_groups(packed: torch.Tensor, k: int) -> torch.Tensor:
-    """Inverse of _pack_groups: [N, K] values 0..15."""
-    n = packed.shape[0]
-    pairs = packed.view(n, -1, 1, Q4_GROUP)
-    return torch.cat([pairs & 0xF, pairs >> 4], dim=2).view(n, -1)[:, :k]
+def _chunk_spans(blocks: int) -> list[tuple[int, int, int]]:
+    """(first block, end block, blocks per chunk): the whole chunks, then a short last one."""
+    whole = blocks // Q4_CHUNK * Q4_CHUNK
+    return [span for span in ((0, whole, Q4_CHUNK), (whole, blocks, blocks - whole)) if span[1] > span[0]]
+
+
+def _chunked(t: torch.Tensor, c: int) -> torch.Tensor:
+    """[chunks * c, G, X] -> [chunks, G, c * X]: each group's rows of c blocks side by side."""
+    _, groups, x = t.shape
+    return t.view(-1, c, groups, x).transpose(1, 2).reshape(-1, groups, c * x)
+
+
+def _unpack_panels(packed: torch.Tensor, n: int, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Inverse of _pack_panels: (q [N, K] uint8, scales [N, K/32], mins [N, K/32])."""
+    blocks, groups = -(-n // Q4_COLS), k // Q4_GROUP
+    record = 128 + 2 * 4 * Q4_COLS  # bytes per block and group
+    pieces, at = [], 0
+    for b0, b1, c in _chunk_spans(blocks):
+        size = (b1 - b0) * groups * record
+        rec = packed[at:at + size].view(-1, groups, c * record)
+        at += size
+        w = rec[..., :c * 128].reshape(-1, groups, c, 128)
+        sm = rec[..., c * 128:].contiguous().view(torch.float32).view(-1, groups, 2, c, Q4_COLS)
+        pieces.append((w.transpose(1, 2).reshape(-1, groups, 128),
+                       sm.permute(0, 3, 2, 1, 4).reshape(-1, 2, groups, Q4_COLS)))
+    w = torch.cat([p[0] for p in pieces])  # [B, G, 128]
+    sm = torch.cat([p[1] for p in pieces])  # [B, 2, G, 8]
+    v = w.view(blocks, groups, 4, Q4_COLS, 4)  # b, g, jj, c, i
+    halves = torch.stack([v & 0xF, v >> 4], dim=2)  # b, g, half, jj, c, i
+    q = halves.permute(0, 4, 1, 2, 3, 5).reshape(blocks * Q4_COLS, k)[:n]
+    scales, mins = (sm[:, j].transpose(1, 2).reshape(-1, groups)[:n] for j in (0, 1))
+    return q, scales, mins
 
 
 def choose_int4_backend(out_features: int, in_features: int, group_size: int, device: torch.device) -> str:
@@ -154,9 +191,8 @@ class Int4Linear(nn.Module):
             _check_backend(backend, self.out_features, self.in_features, group_size, q.device)
         self.backend = backend or choose_int4_backend(self.out_features, self.in_features, group_size, q.device)
         if self.backend == "c":
-            self.register_buffer("packed", _pack_groups(q))
-            self.register_buffer("scales", scales.float().contiguous())
-            self.register_buffer("mins", (-zero_points * scales).float().contiguous())
+            # weight nibbles, scales and mins interleaved in one buffer (see _pack_panels)
+            self.register_buffer("packed", _pack_panels(q, scales, -zero_points * scales))
         else:
             if self.backend == "torch":  # the kernel's packing is CPU-specific: quantize where it runs
                 packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.to(torch.int32).contiguous(), 1)
@@ -187,8 +223,8 @@ class Int4Linear(nn.Module):
         dtype = dtype or self.dtype
         n, k, gs = self.out_features, self.in_features, self.group_size
         if self.backend == "c":
-            q = _unpack_groups(self.packed, k).view(n, -1, gs).float()
-            return (q * self.scales[..., None] + self.mins[..., None]).view(n, k).to(dtype)
+            q, scales, mins = _unpack_panels(self.packed, n, k)
+            return (q.view(n, -1, gs).float() * scales[..., None] + mins[..., None]).view(n, k).to(dtype)
         if self.backend == "torch":
             # The packed layout is the kernel's business: read it back through the kernel with x = I.
             eye = torch.eye(self.in_features, dtype=torch.float32, device=self.packed.device)
@@ -214,7 +250,7 @@ class Int4Linear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.backend == "c" and x.dtype == torch.float32 and x.dim() == 2 and not self.exact_fp32:
             # The decode hot path (~120 calls per token): straight to the kernel.
-            return kernels().q4_matmul(x.contiguous(), self.packed, self.scales, self.mins, self.bias)
+            return kernels().q4_matmul(x.contiguous(), self.packed, self.out_features, self.bias)
         lead = x.shape[:-1]
         x2 = x.reshape(-1, self.in_features)
         if x2.shape[0] == 0:
@@ -224,7 +260,7 @@ class Int4Linear(nn.Module):
             out = F.linear(x2, self.dequantize(x.dtype), bias)
         elif self.backend == "c":
             bias = None if self.bias is None else self.bias.float()
-            out = kernels().q4_matmul(x2.float().contiguous(), self.packed, self.scales, self.mins, bias).to(x.dtype)
+            out = kernels().q4_matmul(x2.float().contiguous(), self.packed, self.out_features, bias).to(x.dtype)
         else:
             out = self._torch_kernel(x2)
         return out.reshape(*lead, self.out_features)
