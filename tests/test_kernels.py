@@ -100,13 +100,14 @@ def _reference_decode(q, k_cache, v_cache, tables, lens, block_size, window, sca
 
 
 @pytest.mark.parametrize("heads, kv_heads", [(4, 4), (6, 2), (3, 1)])
-@pytest.mark.parametrize("window", [0, 5])
-def test_paged_attention_decode_matches_sdpa(heads: int, kv_heads: int, window: int) -> None:
-    torch.manual_seed(heads + window)
-    block_size, num_blocks, D = 4, 32, 16
+@pytest.mark.parametrize("window", [0, 5, 40])
+@pytest.mark.parametrize("D", [16, 64, 136])  # 64: the register-blocked value loop; 136: it plus a tail
+def test_paged_attention_decode_matches_sdpa(heads: int, kv_heads: int, window: int, D: int) -> None:
+    torch.manual_seed(heads + window + D)
+    block_size, num_blocks = 4, 64
     k_cache, v_cache = torch.randn(2, num_blocks * block_size, kv_heads, D).unbind(0)
-    lens = torch.tensor([1, 7, 13, 4])
-    tables = torch.stack([torch.randperm(num_blocks)[:4] for _ in lens])  # scattered, shared pool
+    lens = torch.tensor([1, 7, 13, 4, 61, 100])  # keys in blocks of eight, and the tails
+    tables = torch.stack([torch.randperm(num_blocks)[:25] for _ in lens])  # scattered, shared pool
     # queries as rows of a wider buffer, as they sit in the fused qkv projection
     qkv = torch.randn(len(lens), (heads + 2 * kv_heads) * D)
     q = qkv[:, : heads * D].unflatten(-1, (heads, D))
