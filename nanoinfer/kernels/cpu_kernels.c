@@ -129,8 +129,8 @@ static void quantize_groups(const float *x, int64_t M, int64_t K, int8_t *xq, fl
  * Blocks go in chunks of Q4_CHUNK (the last may be short, C blocks), and a chunk is one
  * sequential record per group: C x 128 weight bytes, then C x 8 float scales, C x 8 float mins.
  * One stream per chunk matters at batch 1, where every weight comes from memory once per step
- * (separate weight/scale/min arrays per block ran 25% slower there). N is padded to a whole
- * block with zero weights, scales and mins. */
+ * (with separate weight, scale and min arrays a model's 120 matmuls took 4.9-5.6 ms instead of
+ * 2.7). N is padded to a whole block with zero weights, scales and mins. */
 #define Q4_COLS 8
 #define Q4_ROWS 2   /* activation rows per tile: the broadcasts are shared by Q4_CHUNK blocks */
 #define Q4_CHUNK 4  /* column blocks per tile: each unpacked weight vector serves Q4_ROWS rows */
