@@ -99,7 +99,7 @@ def _reference_decode(q, k_cache, v_cache, tables, lens, block_size, window, sca
     return torch.stack(outs)
 
 
-@pytest.mark.parametrize("heads, kv_heads", [(4, 4), (6, 2), (3, 1)])
+@pytest.mark.parametrize("heads, kv_heads", [(4, 4), (6, 2), (3, 1), (8, 2)])  # (8, 2): groups of 4 run as 3 + 1
 @pytest.mark.parametrize("window", [0, 5, 40])
 @pytest.mark.parametrize("D", [16, 64, 136])  # 64: the register-blocked value loop; 136: it plus a tail
 def test_paged_attention_decode_matches_sdpa(heads: int, kv_heads: int, window: int, D: int) -> None:
