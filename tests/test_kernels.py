@@ -43,6 +43,17 @@ def test_q4_matmul_matches_dequantized_matmul(rows: int, n: int, k: int) -> None
     assert rel_err(out, x @ w_deq.t() + bias) < 2e-2  # and close to the float matmul
 
 
+def test_q4_matmul_int16_sums_do_not_saturate() -> None:
+    # The worst case of the int16 group sums: every q = 15 against every x = 127 (30480 per lane).
+    w = torch.ones(8, 64)
+    w[:, 0::32] = 0  # one zero per group keeps the range, so all the others quantize to 15
+    q, scales, zero_points = quantize_int4(w, 32)
+    assert (q[:, 1:32] == 15).all()
+    x = torch.ones(2, 64)
+    out = ours.q4_matmul(x, _pack_panels(q, scales, -zero_points * scales), 8)
+    torch.testing.assert_close(out, x @ w.t())
+
+
 def test_q4_panels_round_trip() -> None:
     q, scales, zero_points = quantize_int4(torch.randn(13, 64), 32)
     packed = _pack_panels(q, scales, -zero_points * scales)

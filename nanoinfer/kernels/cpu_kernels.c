@@ -401,18 +401,14 @@ void bf16_matmul(const float *x, int64_t M, int64_t K, const uint16_t *wb, int64
     }
 }
 
-/* q: B rows q_stride floats apart, each H heads of D; out: [B, H, D]; caches: [slots, KVH, D] with slot = block * block_size + offset;
- * block_tables: [B, max_blocks]; ctx_lens[b] keys per sequence (the query is the last of them);
- * window > 0 keeps only the last `window` keys. One task per (sequence, KV head) serves all
- * the query heads of that group, so each cached K/V row is read once per group. */
-/* Attention for one sequence and KV head, `nh` (<= ATT_HEADS) of its query heads at a time: each
- * key and value row is loaded once for all of them (GQA), which halved the time per head.
+/* Attention for one sequence and KV head, `nh` (<= ATT_HEADS) of its query heads at a time (their
+ * queries D floats apart): each key and value row is loaded once for all of them (GQA).
  * slot[i] is key i's row in the cache, looked up once per task. */
 #define ATT_HEADS 3
 
-/* s[h * n + i] = scale * q_h . key(i) for nh heads whose queries are q_stride floats apart. */
+/* s[h * n + i] = scale * q_h . key(i) for nh heads. */
 static inline __attribute__((always_inline)) void attention_scores(
-    const int nh, const float *q, int64_t q_stride, const float *k_cache, const int64_t *slot, int64_t n,
+    const int nh, const float *q, const float *k_cache, const int64_t *slot, int64_t n,
     int64_t row, int64_t D, float scale, float *s) {
     int64_t i = 0;
 #ifdef __AVX2__
@@ -425,7 +421,7 @@ static inline __attribute__((always_inline)) void attention_scores(
                 for (int j = 0; j < 4; j++) acc[h][j] = _mm256_setzero_ps();
             for (int64_t d = 0; d < D; d += 8) {
                 __m256 qv[ATT_HEADS];
-                for (int h = 0; h < nh; h++) qv[h] = _mm256_loadu_ps(q + h * q_stride + d);
+                for (int h = 0; h < nh; h++) qv[h] = _mm256_loadu_ps(q + h * D + d);
                 for (int j = 0; j < 4; j++) {
                     __m256 kv = _mm256_loadu_ps(key[j] + d);
                     for (int h = 0; h < nh; h++) acc[h][j] = _mm256_fmadd_ps(qv[h], kv, acc[h][j]);
@@ -439,7 +435,7 @@ static inline __attribute__((always_inline)) void attention_scores(
         }
 #endif
     for (; i < n; i++)
-        for (int h = 0; h < nh; h++) s[h * n + i] = dot(q + h * q_stride, k_cache + slot[i] * row, D) * scale;
+        for (int h = 0; h < nh; h++) s[h * n + i] = dot(q + h * D, k_cache + slot[i] * row, D) * scale;
 }
 
 /* s <- softmax(s) over n entries. */
@@ -492,11 +488,11 @@ static inline __attribute__((always_inline)) void attention_values(
 }
 
 /* Constant head counts let the compiler keep the accumulators in registers. */
-static void attention_heads(int nh, const float *q, int64_t q_stride, const float *k_cache, const float *v_cache,
+static void attention_heads(int nh, const float *q, const float *k_cache, const float *v_cache,
                             const int64_t *slot, int64_t n, int64_t row, int64_t D, float scale, float *s, float *out) {
 #define ATT_CASE(c)                                                         \
     if (nh == c) {                                                          \
-        attention_scores(c, q, q_stride, k_cache, slot, n, row, D, scale, s); \
+        attention_scores(c, q, k_cache, slot, n, row, D, scale, s);           \
         for (int h = 0; h < c; h++) softmax_inplace(s + h * n, n);           \
         attention_values(c, s, v_cache, slot, n, row, D, out);              \
         return;                                                             \
@@ -505,6 +501,9 @@ static void attention_heads(int nh, const float *q, int64_t q_stride, const floa
 #undef ATT_CASE
 }
 
+/* q: B rows q_stride floats apart, each H heads of D; out: [B, H, D]; caches: [slots, KVH, D] with slot = block * block_size + offset;
+ * block_tables: [B, max_blocks]; ctx_lens[b] keys per sequence (the query is the last of them);
+ * window > 0 keeps only the last `window` keys. */
 void paged_attention_decode(const float *q, int64_t q_stride, const float *k_cache, const float *v_cache,
                             const int64_t *block_tables, int64_t max_blocks, const int64_t *ctx_lens, int64_t B,
                             int64_t H, int64_t KVH, int64_t D, int64_t block_size, int64_t window, float scale,
@@ -527,7 +526,7 @@ void paged_attention_decode(const float *q, int64_t q_stride, const float *k_cac
         }
         for (int64_t h = kvh * group; h < (kvh + 1) * group; h += ATT_HEADS) {
             int nh = (kvh + 1) * group - h < ATT_HEADS ? (int)((kvh + 1) * group - h) : ATT_HEADS;
-            attention_heads(nh, q + b * q_stride + h * D, D, k_cache + kvh * D, v_cache + kvh * D, slot, n, row, D,
+            attention_heads(nh, q + b * q_stride + h * D, k_cache + kvh * D, v_cache + kvh * D, slot, n, row, D,
                             scale, scores, out + (b * H + h) * D);
         }
         free(slot);

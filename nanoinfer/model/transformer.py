@@ -13,7 +13,7 @@ from nanoinfer.errors import ModelLoadError
 from nanoinfer.model.layers import MLP, Attention, RMSNorm
 from nanoinfer.model.rope import RotaryEmbedding
 from nanoinfer.kernels import DecodeLayer, DecodeStep, kernels, q4_weight
-from nanoinfer.quant import DenseForLargeBatch, Int4Linear
+from nanoinfer.quant import Int4Linear
 
 if TYPE_CHECKING:
     from nanoinfer.engine.kv_cache import PagedKVCache
@@ -46,21 +46,15 @@ class DecoderLayer(nn.Module):
         return x + h
 
     def _fused_plan(self):
-        """(kernels, max rows, [qkv, o, gate_up, down] Int4Linear) if this layer can run in the C
+        """(kernels, [qkv, o, gate_up, down] Int4Linear) if this layer can run in the C
         `decode_layer` (see Transformer._fused_stack), else None."""
         modules = (self.attn.qkv_proj, self.attn.o_proj, self.mlp.gate_up_proj, self.mlp.down_proj)
         if self._plan is False or self._plan_modules != modules:  # first use, or quantized since
             self._plan, self._plan_modules = None, modules
             ours = kernels()
-            linears, max_rows = [], 1 << 30
-            for lin in modules:
-                if isinstance(lin, DenseForLargeBatch):
-                    max_rows = min(max_rows, lin.dense_above_rows)
-                    lin = lin.quantized
-                linears.append(lin)
             if (ours is not None and self.post_attn_norm is None
-                    and all(isinstance(lin, Int4Linear) and lin.backend == "c" for lin in linears)):
-                self._plan = (ours, max_rows, linears)
+                    and all(isinstance(lin, Int4Linear) and lin.backend == "c" for lin in modules)):
+                self._plan = (ours, list(modules))
         return self._plan
 
     def _describe(self, linears, k_cache: torch.Tensor, v_cache: torch.Tensor) -> DecodeLayer:
@@ -150,11 +144,11 @@ class Transformer(nn.Module):
                 or kv.k[0].dtype != torch.float32 or not x.is_contiguous()):
             return None
         plans = [layer._fused_plan() for layer in self.layers]  # cached; rechecks the modules
-        if any(plan is None or x.shape[0] > plan[1] for plan in plans):
+        if any(plan is None for plan in plans):
             return None
-        key = (*(t.data_ptr() for t in (*kv.k, *kv.v)), *(lin.packed.data_ptr() for p in plans for lin in p[2]))
+        key = (*(t.data_ptr() for t in (*kv.k, *kv.v)), *(lin.packed.data_ptr() for p in plans for lin in p[1]))
         if self._stack_key != key:  # weights or cache moved: rebuild the pointer table
-            layers = [layer._describe(p[2], kv.k[i], kv.v[i]) for i, (layer, p) in enumerate(zip(self.layers, plans))]
+            layers = [layer._describe(p[1], kv.k[i], kv.v[i]) for i, (layer, p) in enumerate(zip(self.layers, plans))]
             self._stack, self._stack_key = (DecodeLayer * len(layers))(*layers), key
         # The RoPE tables live until forward returns, as long as this description is used.
         step = DecodeStep(rope[0].data_ptr(), rope[1].data_ptr(), batch.slot_mapping.data_ptr(),

@@ -53,7 +53,7 @@ def quantize_model(
     weight, because on CPUs without native bf16 matmul the int8 kernels lose to fp32 GEMM at
     large batch (measured: 1.3-1.6x slower at 64 rows). Costs the float weights' memory. Our C
     int4 kernel needs no copy: its integer dot products beat fp32 GEMM at every batch size
-    (1.5-2.4x, 1 to 512 rows).
+    (1.4-2.0x at 64 to 512 rows, `python -m benchmarks.kernels`).
     """
     if method not in METHODS:
         raise ValueError(f"unknown quantization method {method!r}; expected one of {', '.join(METHODS)}")
