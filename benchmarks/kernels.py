@@ -63,7 +63,7 @@ def decode_attention(ours, seqs: int = 64, ctx: int = 450, layers: int = 30) -> 
     tables = torch.randperm(seqs * blocks).view(seqs, blocks)  # scattered blocks, as a served pool
     lens = torch.full((seqs,), ctx, dtype=torch.long)
     q = torch.randn(seqs, (heads + 2 * kv_heads) * d)
-    t = _seconds(lambda: [ours.paged_attention_decode(q, heads, k, v, tables, lens, block, 0, d**-0.5)
+    t = _seconds(lambda: [ours.paged_attention(q, heads, k, v, tables, lens, block, 0, d**-0.5)
                           for k, v in caches], repeats=3)
     print(f"decode attention, {seqs} sequences x {ctx} tokens x {layers} layers: {t * 1e3:.1f} ms a step")
 

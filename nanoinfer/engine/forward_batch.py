@@ -45,6 +45,10 @@ class ForwardBatch:
     block_size: int = 16
     prefills: list[PrefillSpan] = field(default_factory=list)
     logits_indices: torch.Tensor | None = None  # rows fed to the LM head; None = every row
+    # For the C attention kernel when prompt rows are present: every chunk's block table [S, blocks]
+    # and, per row, which of them it reads; a row's keys are positions 0..its own (ctx = position + 1).
+    row_tables: torch.Tensor | None = None
+    table_of_row: torch.Tensor | None = None
 
     @property
     def num_tokens(self) -> int:
@@ -88,6 +92,9 @@ class ForwardBatch:
         for c in chunks[num_decode:]:
             prefills.append(_prefill_span(c, row, block_size, sliding_window, device))
             row += len(c.token_ids)
+        row_tables = table_of_row = None
+        if prefills:
+            row_tables, table_of_row = _row_tables(chunks, block_size, device)
         return cls(
             input_ids=t(ids),
             positions=t(positions),
@@ -101,6 +108,8 @@ class ForwardBatch:
             decode_sliding_mask=decode_sliding,
             prefills=prefills,
             logits_indices=None if all_logits else t(logits_rows),
+            row_tables=row_tables,
+            table_of_row=table_of_row,
         )
 
 
@@ -112,6 +121,16 @@ def _context_slots(block_table: list[int], ctx: int, block_size: int) -> torch.T
     blocks = torch.tensor(block_table[: (ctx + block_size - 1) // block_size], dtype=torch.long)
     offsets = torch.arange(block_size, dtype=torch.long)
     return (blocks.unsqueeze(1) * block_size + offsets).flatten()[:ctx]
+
+
+def _row_tables(chunks: list[SequenceChunk], block_size: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Every chunk's blocks up to its last new token (zero-padded to the longest), and per row its chunk."""
+    used = [-(-(c.start_pos + len(c.token_ids)) // block_size) for c in chunks]
+    tables = torch.zeros(len(chunks), max(used), dtype=torch.long)
+    for i, c in enumerate(chunks):
+        tables[i, : used[i]] = torch.tensor(c.block_table[: used[i]], dtype=torch.long)
+    lengths = torch.tensor([len(c.token_ids) for c in chunks])
+    return tables.to(device), torch.repeat_interleave(torch.arange(len(chunks)), lengths).to(device)
 
 
 def _decode_addressing(

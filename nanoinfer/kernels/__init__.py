@@ -38,13 +38,14 @@ def cache_dir() -> Path:
     return Path(root) / "kernels"
 
 
-def _compiler() -> str | None:
+def find_compiler() -> str | None:
+    """The C compiler the kernels are built with: $CC, else cc or gcc on PATH; None if there is none."""
     return os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
 
 
 def _build() -> Path | None:
     """Compile cpu_kernels.c once per (source, flags, compiler); returns the .so path or None."""
-    cc = _compiler()
+    cc = find_compiler()
     if cc is None:
         log.warning("no C compiler found: nanoinfer runs on torch's kernels only (slower)")
         return None
@@ -107,7 +108,7 @@ class CpuKernels:
             "q4_matmul": [ptr, i64, i64, ptr, i64, ptr, ptr, i32],
             "q8_matmul": [ptr, i64, i64, ptr, ptr, i64, i64, ptr, ptr, i32],
             "bf16_matmul": [ptr, i64, i64, ptr, i64, ptr, ptr, i32],
-            "paged_attention_decode": [ptr, i64, ptr, ptr, ptr, i64, ptr, i64, i64, i64, i64, i64, i64, f32, ptr, i32],
+            "paged_attention": [ptr, i64, ptr, ptr, ptr, i64, ptr, ptr, i64, i64, i64, i64, i64, i64, f32, ptr, i32],
             "rms_norm": [ptr, i64, i64, i64, ptr, f32, ptr],
             "qk_rope_store": [ptr, i64, i64, i64, i64, i64, ptr, ptr, f32, ptr, ptr, ptr, ptr, ptr],
             "gated_act": [ptr, i64, i64, i32, ptr, i32],
@@ -148,18 +149,22 @@ class CpuKernels:
                              torch.get_num_threads())
         return out
 
-    def paged_attention_decode(self, q: torch.Tensor, num_heads: int, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                               block_tables: torch.Tensor, ctx_lens: torch.Tensor, block_size: int,
-                               window: int, scale: float) -> torch.Tensor:
-        """q: B rows (row stride q.stride(0)) starting with num_heads heads of D; caches [slots, KVH, D];
-        block_tables [B, max_blocks], ctx_lens [B] int64. Returns [B, num_heads * D]."""
+    def paged_attention(self, q: torch.Tensor, num_heads: int, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                        block_tables: torch.Tensor, ctx_lens: torch.Tensor, block_size: int, window: int,
+                        scale: float, row_table: torch.Tensor | None = None) -> torch.Tensor:
+        """Attention of B query rows against the paged cache, each row causal by its ctx_lens (its own
+        token the last key): decode steps and prompt rows alike.
+
+        q: B rows (row stride q.stride(0)) starting with num_heads heads of D; caches [slots, KVH, D];
+        block_tables [S, max_blocks]; row_table [B] (which table row each query reads; None: row b
+        reads row b) and ctx_lens [B], int64. Returns [B, num_heads * D]."""
         B = ctx_lens.shape[0]
         _, kvh, D = k_cache.shape
         out = torch.empty(B, num_heads * D)
-        self.lib.paged_attention_decode(
+        self.lib.paged_attention(
             q.data_ptr(), q.stride(0), k_cache.data_ptr(), v_cache.data_ptr(), block_tables.data_ptr(),
-            block_tables.shape[1], ctx_lens.data_ptr(), B, num_heads, kvh, D, block_size, window, scale,
-            out.data_ptr(), torch.get_num_threads(),
+            block_tables.shape[1], _ptr(row_table), ctx_lens.data_ptr(), B, num_heads, kvh, D, block_size, window,
+            scale, out.data_ptr(), torch.get_num_threads(),
         )
         return out
 
