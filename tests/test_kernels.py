@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 import nanoinfer.kernels as kernels_module
-from nanoinfer.kernels import find_compiler, kernels
+from nanoinfer.kernels import find_compiler, kernels, pack_f32_panels, unpack_f32_panels
 from nanoinfer.model.rope import apply_rotary
 from nanoinfer.quant.int4 import _pack_panels, _unpack_panels, dequantize_int4, quantize_int4
 from nanoinfer.quant.int8 import dequantize_int8, quantize_int8
@@ -100,6 +100,17 @@ def test_bf16_matmul_is_exact_fp32(rows: int, k: int) -> None:
     w, x, bias = torch.randn(24, k).bfloat16(), torch.randn(rows, k), torch.randn(24)
     ref = x @ w.float().t() + bias  # widening bf16 to float32 is exact, so only the sum order differs
     torch.testing.assert_close(ours.bf16_matmul(x, w, bias), ref, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("rows", [1, 6, 7, 13, 64])  # whole 6-row tiles and every tail
+@pytest.mark.parametrize("n", [48, 40])  # 40: a panel padded with zero columns
+def test_f32_matmul_matches_linear(rows: int, n: int) -> None:
+    torch.manual_seed(rows + n)
+    w, x, bias = torch.randn(n, 100), torch.randn(rows, 100), torch.randn(n)
+    panels = pack_f32_panels(w)
+    assert torch.equal(unpack_f32_panels(panels, n), w)
+    torch.testing.assert_close(ours.f32_matmul(x, panels, n, bias), F.linear(x, w, bias), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(ours.f32_matmul(x, panels, n), x @ w.t(), rtol=1e-5, atol=1e-5)
 
 
 def _reference_decode(q, k_cache, v_cache, tables, lens, block_size, window, scale):

@@ -337,3 +337,24 @@ def test_store_weights_16bit(tiny_model, case_id: str, method: str) -> None:
     assert out.dtype == torch.float32
     cos = torch.nn.functional.cosine_similarity(ref, out, dim=-1)
     assert cos.min() > (0.999 if method == "none" else 0.9), cos.min()
+
+
+@pytest.mark.parametrize("to_16bit", [False, True])
+def test_dense_copy_for_large_batches_matches_the_quantized_weights(to_16bit: bool) -> None:
+    """Above the threshold the float copy runs (f32_matmul panels, or F.linear once 16-bit) and
+    multiplies by exactly the quantized weights; at or below it the int8 kernel does."""
+    from nanoinfer.quant import DenseForLargeBatch, _maybe_dense
+
+    torch.manual_seed(0)
+    linear = nn.Linear(96, 40)
+    module = _maybe_dense(Int8Linear.from_linear(linear, 32), linear, 32, dense_above_rows=4)
+    assert isinstance(module, DenseForLargeBatch)
+    if to_16bit:
+        module.to_16bit(torch.bfloat16)
+        assert module.panels is None and module.dense.dtype == torch.bfloat16
+    weight = dequantize_int8(*quantize_int8(linear.weight, 32))
+    tol = 1e-2 if to_16bit else 1e-5
+    for rows in (3, 4, 5, 13):
+        x = torch.randn(rows, 96)
+        ref = torch.nn.functional.linear(x, weight, linear.bias)
+        torch.testing.assert_close(module(x), ref, rtol=tol, atol=tol)

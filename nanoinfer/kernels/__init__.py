@@ -71,6 +71,22 @@ def _ptr(t: torch.Tensor | None) -> int | None:
     return None if t is None else t.data_ptr()
 
 
+F32_COLS = 16  # output columns per panel of f32_matmul's weight (cpu_kernels.c)
+
+
+def pack_f32_panels(weight: torch.Tensor) -> torch.Tensor:
+    """float32 W [N, K] -> f32_matmul's layout [ceil(N / 16), K, 16] (zero columns pad the last)."""
+    n, k = weight.shape
+    pad = -n % F32_COLS
+    w = torch.nn.functional.pad(weight.detach().float(), (0, 0, 0, pad))
+    return w.view(-1, F32_COLS, k).transpose(1, 2).contiguous()
+
+
+def unpack_f32_panels(panels: torch.Tensor, out_features: int) -> torch.Tensor:
+    """Inverse of pack_f32_panels: W [N, K]."""
+    return panels.transpose(1, 2).reshape(-1, panels.shape[1])[:out_features].contiguous()
+
+
 class Q4Weight(ctypes.Structure):
     _fields_ = [("w", ctypes.c_void_p), ("bias", ctypes.c_void_p), ("n", ctypes.c_int64)]
 
@@ -108,6 +124,7 @@ class CpuKernels:
             "q4_matmul": [ptr, i64, i64, ptr, i64, ptr, ptr, i32],
             "q8_matmul": [ptr, i64, i64, ptr, ptr, i64, i64, ptr, ptr, i32],
             "bf16_matmul": [ptr, i64, i64, ptr, i64, ptr, ptr, i32],
+            "f32_matmul": [ptr, i64, i64, ptr, i64, ptr, ptr, i32],
             "paged_attention": [ptr, i64, ptr, ptr, ptr, i64, ptr, ptr, i64, i64, i64, i64, i64, i64, f32, ptr, i32],
             "rms_norm": [ptr, i64, i64, i64, ptr, f32, ptr],
             "qk_rope_store": [ptr, i64, i64, i64, i64, i64, ptr, ptr, f32, ptr, ptr, ptr, ptr, ptr],
@@ -147,6 +164,15 @@ class CpuKernels:
         out = torch.empty(M, N)
         self.lib.bf16_matmul(x.data_ptr(), M, K, weight.data_ptr(), N, _ptr(bias), out.data_ptr(),
                              torch.get_num_threads())
+        return out
+
+    def f32_matmul(self, x: torch.Tensor, panels: torch.Tensor, out_features: int,
+                   bias: torch.Tensor | None = None) -> torch.Tensor:
+        """x [M, K] contiguous float32 @ W^T, W packed by `pack_f32_panels` -> float32 [M, N]."""
+        M, K = x.shape
+        out = torch.empty(M, out_features)
+        self.lib.f32_matmul(x.data_ptr(), M, K, panels.data_ptr(), out_features, _ptr(bias), out.data_ptr(),
+                            torch.get_num_threads())
         return out
 
     def paged_attention(self, q: torch.Tensor, num_heads: int, k_cache: torch.Tensor, v_cache: torch.Tensor,
