@@ -7,6 +7,9 @@
 - one decode step's 120 int4 matmuls, every weight distinct, so they stream from memory as in a
   real step.
 - paged decode attention for 64 sequences x 450 tokens over 30 layers.
+- paged attention over a prompt's rows vs torch's SDPA (what the prompt path ran before).
+- the fp32 panel kernel vs F.linear on the 49k x 576 LM head: the float copy of a large-batch
+  int8 head (DenseForLargeBatch).
 """
 
 from __future__ import annotations
@@ -16,7 +19,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from nanoinfer.kernels import kernels
+from nanoinfer.kernels import kernels, pack_f32_panels
 from nanoinfer.quant.int4 import _pack_panels, quantize_int4
 
 SHAPES = ((960, 576), (576, 576), (3072, 576), (576, 1536))  # qkv, o, gate_up, down: (N, K)
@@ -68,6 +71,39 @@ def decode_attention(ours, seqs: int = 64, ctx: int = 450, layers: int = 30) -> 
     print(f"decode attention, {seqs} sequences x {ctx} tokens x {layers} layers: {t * 1e3:.1f} ms a step")
 
 
+def prompt_attention(ours) -> None:
+    heads, kv_heads, d, block = 9, 3, 64, 16
+    print("\n| prompt tokens | paged_attention ms | SDPA ms | ratio |\n|---:|---:|---:|---:|")
+    for n in (128, 320, 512):
+        qkv = torch.randn(n, (heads + 2 * kv_heads) * d)
+        k, v = torch.randn(2, n, kv_heads, d).unbind(0)
+        blocks = -(-n // block)
+        k_cache, v_cache = (F.pad(t, (0, 0, 0, 0, 0, blocks * block - n)) for t in (k, v))
+        tables, rows, lens = torch.arange(blocks)[None], torch.zeros(n, dtype=torch.long), torch.arange(1, n + 1)
+        q = qkv[:, : heads * d].view(n, heads, d).transpose(0, 1)[None]
+        group = heads // kv_heads
+
+        def sdpa():  # 4-D with K/V heads repeated: torch's CPU flash kernel, as the torch path runs it
+            keys, values = (t.transpose(0, 1).repeat_interleave(group, 0)[None] for t in (k, v))
+            return F.scaled_dot_product_attention(q, keys, values, is_causal=True, scale=d**-0.5)
+
+        t_ours = _seconds(lambda: ours.paged_attention(qkv, heads, k_cache, v_cache, tables, lens, block, 0,
+                                                       d**-0.5, rows))
+        t_sdpa = _seconds(sdpa)
+        print(f"| {n} | {t_ours * 1e3:.2f} | {t_sdpa * 1e3:.2f} | {t_sdpa / t_ours:.2f}x |")
+
+
+def head_f32_vs_linear(ours, vocab: int = 49152, hidden: int = 576) -> None:
+    w = torch.randn(vocab, hidden)
+    panels = pack_f32_panels(w)
+    print("\n| rows | f32_matmul ms | F.linear ms | ratio |\n|---:|---:|---:|---:|")
+    for rows in (17, 32, 64):
+        x = torch.randn(rows, hidden)
+        t_ours = _seconds(lambda: ours.f32_matmul(x, panels, vocab), repeats=5)
+        t_torch = _seconds(lambda: F.linear(x, w), repeats=5)
+        print(f"| {rows} | {t_ours * 1e3:.1f} | {t_torch * 1e3:.1f} | {t_torch / t_ours:.2f}x |")
+
+
 def main() -> int:
     ours = kernels()
     if ours is None:
@@ -77,6 +113,8 @@ def main() -> int:
     matmul_vs_fp32(ours)
     decode_step_matmuls(ours)
     decode_attention(ours)
+    prompt_attention(ours)
+    head_f32_vs_linear(ours)
     return 0
 
 

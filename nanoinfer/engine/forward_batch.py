@@ -37,18 +37,19 @@ class ForwardBatch:
     positions: torch.Tensor  # [T]
     slot_mapping: torch.Tensor  # [T] where each row's K/V is written
     num_decode: int
-    decode_blocks: torch.Tensor | None  # [D, ceil(max_ctx / block_size)] KV blocks per decode row (padded)
+    # Paged addressing of every row: each chunk's KV blocks up to its last new token, zero-padded
+    # ([chunks, blocks]; the first D belong to the decode rows), which table each row reads (None
+    # when every chunk is one row, so row b reads table b), and each row's keys, its own token
+    # the last of them (ctx_lens = positions + 1): causality needs no mask.
+    block_tables: torch.Tensor
+    table_of_row: torch.Tensor | None
+    ctx_lens: torch.Tensor  # [T]
     decode_mask: torch.Tensor | None  # [D, 1, 1, max_ctx] bool; None when no padding is needed
     decode_sliding_mask: torch.Tensor | None
     decode_ctx: int = 0  # longest decode context: keys past it are cut after the block gather
-    decode_ctx_lens: torch.Tensor | None = None  # [D] keys per decode row (its own token included)
     block_size: int = 16
     prefills: list[PrefillSpan] = field(default_factory=list)
     logits_indices: torch.Tensor | None = None  # rows fed to the LM head; None = every row
-    # For the C attention kernel when prompt rows are present: every chunk's block table [S, blocks]
-    # and, per row, which of them it reads; a row's keys are positions 0..its own (ctx = position + 1).
-    row_tables: torch.Tensor | None = None
-    table_of_row: torch.Tensor | None = None
 
     @property
     def num_tokens(self) -> int:
@@ -81,35 +82,31 @@ class ForwardBatch:
             if c.want_logits:
                 logits_rows.append(row0 + len(c.token_ids) - 1)
         t = lambda xs: torch.tensor(xs, dtype=torch.long, device=device)  # noqa: E731
-        decode_blocks = decode_mask = decode_sliding = None
+        decode_mask = decode_sliding = None
         decode_ctx = max((c.start_pos + 1 for c in chunks[:num_decode]), default=0)
         if num_decode:
-            decode_blocks, decode_mask, decode_sliding = _decode_addressing(
-                chunks[:num_decode], block_size, sliding_window, device
-            )
+            decode_mask, decode_sliding = _decode_masks(chunks[:num_decode], sliding_window, device)
         prefills = []
         row = num_decode
         for c in chunks[num_decode:]:
             prefills.append(_prefill_span(c, row, block_size, sliding_window, device))
             row += len(c.token_ids)
-        row_tables = table_of_row = None
-        if prefills:
-            row_tables, table_of_row = _row_tables(chunks, block_size, device)
+        block_tables, table_of_row = _block_tables(chunks, block_size, device)
+        positions_t = t(positions)
         return cls(
             input_ids=t(ids),
-            positions=t(positions),
+            positions=positions_t,
             slot_mapping=t(slots),
             num_decode=num_decode,
-            decode_blocks=decode_blocks,
+            block_tables=block_tables,
+            table_of_row=table_of_row if prefills else None,
+            ctx_lens=positions_t + 1,
             decode_ctx=decode_ctx,
-            decode_ctx_lens=t([c.start_pos + 1 for c in chunks[:num_decode]]) if num_decode else None,
             block_size=block_size,
             decode_mask=decode_mask,
             decode_sliding_mask=decode_sliding,
             prefills=prefills,
             logits_indices=None if all_logits else t(logits_rows),
-            row_tables=row_tables,
-            table_of_row=table_of_row,
         )
 
 
@@ -123,7 +120,7 @@ def _context_slots(block_table: list[int], ctx: int, block_size: int) -> torch.T
     return (blocks.unsqueeze(1) * block_size + offsets).flatten()[:ctx]
 
 
-def _row_tables(chunks: list[SequenceChunk], block_size: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+def _block_tables(chunks: list[SequenceChunk], block_size: int, device) -> tuple[torch.Tensor, torch.Tensor]:
     """Every chunk's blocks up to its last new token (zero-padded to the longest), and per row its chunk."""
     used = [-(-(c.start_pos + len(c.token_ids)) // block_size) for c in chunks]
     tables = torch.zeros(len(chunks), max(used), dtype=torch.long)
@@ -133,17 +130,12 @@ def _row_tables(chunks: list[SequenceChunk], block_size: int, device) -> tuple[t
     return tables.to(device), torch.repeat_interleave(torch.arange(len(chunks)), lengths).to(device)
 
 
-def _decode_addressing(
-    chunks: list[SequenceChunk], block_size: int, window: int | None, device
-) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
-    # Whole blocks are gathered (one contiguous copy per block, not one per token).
+def _decode_masks(
+    chunks: list[SequenceChunk], window: int | None, device
+) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """SDPA masks over the decode rows' padded contexts (the torch path)."""
     lens = [c.start_pos + 1 for c in chunks]
     max_ctx = max(lens)
-    num_blocks = -(-max_ctx // block_size)
-    blocks = torch.zeros(len(chunks), num_blocks, dtype=torch.long)
-    for i, c in enumerate(chunks):
-        used = -(-lens[i] // block_size)
-        blocks[i, :used] = torch.tensor(c.block_table[:used], dtype=torch.long)
     key_pos = torch.arange(max_ctx)
     lens_t = torch.tensor(lens).unsqueeze(1)
     valid = key_pos < lens_t  # [D, max_ctx]
@@ -152,7 +144,7 @@ def _decode_addressing(
     if window is not None and max_ctx > window:
         # the query sits at position len-1; keys further back than the window drop out
         sliding = (valid & (key_pos > lens_t - 1 - window)).view(len(chunks), 1, 1, max_ctx).to(device)
-    return blocks.to(device), mask, sliding
+    return mask, sliding
 
 
 def _prefill_span(c: SequenceChunk, row: int, block_size: int, window: int | None, device) -> PrefillSpan:

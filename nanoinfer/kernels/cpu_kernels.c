@@ -137,6 +137,19 @@ static void quantize_groups(const float *x, int64_t M, int64_t K, int8_t *xq, fl
 #define Q4_CHUNK 4  /* column blocks per tile: each unpacked weight vector serves Q4_ROWS rows */
 #define Q4_RECORD (128 + 2 * Q4_COLS * 4) /* bytes per block and group: weights, scales, mins */
 
+#ifndef __AVX2__
+/* Column j of one block's 128 group bytes against the group's 32 int8 activations (portable path). */
+static int32_t q4_column_dot(const uint8_t *b, int j, const int8_t *xp) {
+    int32_t d = 0;
+    for (int jj = 0; jj < 4; jj++)
+        for (int i = 0; i < 4; i++) {
+            uint8_t byte = b[jj * 32 + j * 4 + i];
+            d += (byte & 15) * xp[jj * 4 + i] + (byte >> 4) * xp[16 + jj * 4 + i];
+        }
+    return d;
+}
+#endif
+
 /* out[r, 8c..8c+8) for R rows and C column blocks. Products of 4-bit q (0..15) and int8 x
  * (|x| <= 127) fit int16 for a whole group: 16 per lane, at most 16 * 15 * 127 = 30480. */
 static inline __attribute__((always_inline)) void q4_tile(
@@ -191,13 +204,7 @@ static inline __attribute__((always_inline)) void q4_tile(
                 for (int64_t g = 0; g < G; g++) {
                     const uint8_t *b = chunk + g * record + c * 128;
                     const float *sp = (const float *)(chunk + g * record + C * 128), *mp = sp + C * Q4_COLS;
-                    const int8_t *xp = xq + r * K + g * Q4_GROUP;
-                    int32_t d = 0;
-                    for (int jj = 0; jj < 4; jj++)
-                        for (int i = 0; i < 4; i++) {
-                            uint8_t byte = b[jj * 32 + j * 4 + i];
-                            d += (byte & 15) * xp[jj * 4 + i] + (byte >> 4) * xp[16 + jj * 4 + i];
-                        }
+                    int32_t d = q4_column_dot(b, j, xq + r * K + g * Q4_GROUP);
                     total += (float)d * sp[c * Q4_COLS + j] * xs[r * G + g] + mp[c * Q4_COLS + j] * xsum[r * G + g];
                 }
                 out[r * ldo + c * Q4_COLS + j] = total;
@@ -262,14 +269,7 @@ static inline __attribute__((always_inline)) void q4_strip(
         for (int j = 0; j < Q4_COLS; j++) {
             float total = 0.f;
             for (int64_t g = 0; g < G; g++) {
-                const uint8_t *b = w + g * record;
-                const int8_t *xp = xq + r * K + g * Q4_GROUP;
-                int32_t d = 0;
-                for (int jj = 0; jj < 4; jj++)
-                    for (int i = 0; i < 4; i++) {
-                        uint8_t byte = b[jj * 32 + j * 4 + i];
-                        d += (byte & 15) * xp[jj * 4 + i] + (byte >> 4) * xp[16 + jj * 4 + i];
-                    }
+                int32_t d = q4_column_dot(w + g * record, j, xq + r * K + g * Q4_GROUP);
                 const float *sg = (const float *)((const uint8_t *)sp + g * record), *mg = (const float *)((const uint8_t *)mp + g * record);
                 total += (float)d * sg[j] * xs[r * G + g] + mg[j] * xsum[r * G + g];
             }

@@ -59,7 +59,8 @@ class Attention(nn.Module):
         if ours is not None:
             # One C call for norm + RoPE + cache write, in place on the fused projection; then every
             # row, decode step or prompt token, attends in place over the paged cache with its
-            # queries read straight from qkv (1.5-2x torch's SDPA on prompts of 128-512 tokens).
+            # queries read straight from qkv (1.25-2x torch's SDPA on prompts of 128-512 tokens,
+            # `python -m benchmarks.kernels`).
             qn, kn = self.q_norm, self.k_norm
             ours.qk_rope_store(
                 qkv, self.num_heads, self.num_kv_heads, self.head_dim,
@@ -87,13 +88,9 @@ class Attention(nn.Module):
 
     def _attention_kernel(self, ours, qkv: torch.Tensor, batch: ForwardBatch, k_cache, v_cache) -> torch.Tensor:
         """[T, H * hd] attention of every row of qkv, reading K/V in place from the cache blocks."""
-        if batch.num_decode == qkv.shape[0]:
-            tables, table_of_row, ctx_lens = batch.decode_blocks, None, batch.decode_ctx_lens
-        else:
-            tables, table_of_row, ctx_lens = batch.row_tables, batch.table_of_row, batch.positions + 1
         return ours.paged_attention(
-            qkv, self.num_heads, k_cache, v_cache, tables, ctx_lens, batch.block_size, self.window, self.scale,
-            table_of_row,
+            qkv, self.num_heads, k_cache, v_cache, batch.block_tables, batch.ctx_lens, batch.block_size,
+            self.window, self.scale, batch.table_of_row,
         )
 
     def _attend(self, q, k, v, batch: ForwardBatch, k_cache, v_cache) -> torch.Tensor:
@@ -138,7 +135,8 @@ class Attention(nn.Module):
         D, bs = batch.num_decode, batch.block_size
         # index_select over rows of whole blocks: 2.7x faster than advanced indexing in a microbenchmark
         rows = cache.view(-1, bs * self.num_kv_heads * self.head_dim)
-        blocks = torch.index_select(rows, 0, batch.decode_blocks.flatten())
+        tables = batch.block_tables[:D, : -(-batch.decode_ctx // bs)]  # prompt chunks may be longer
+        blocks = torch.index_select(rows, 0, tables.flatten())
         return blocks.view(D, -1, self.num_kv_heads, self.head_dim)[:, : batch.decode_ctx].transpose(1, 2)
 
 

@@ -152,8 +152,8 @@ class Transformer(nn.Module):
             self._stack, self._stack_key = (DecodeLayer * len(layers))(*layers), key
         # The RoPE tables live until forward returns, as long as this description is used.
         step = DecodeStep(rope[0].data_ptr(), rope[1].data_ptr(), batch.slot_mapping.data_ptr(),
-                          batch.decode_blocks.data_ptr(), batch.decode_ctx_lens.data_ptr(),
-                          batch.decode_blocks.shape[1], batch.block_size)
+                          batch.block_tables.data_ptr(), batch.ctx_lens.data_ptr(),
+                          batch.block_tables.shape[1], batch.block_size)
         out = x.clone()
         plans[0][0].decode_layers(self._stack, step, out)
         return out
