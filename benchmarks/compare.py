@@ -33,6 +33,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--dtype", default=None, help="nanoinfer --dtype (default: the fastest measured)")
     p.add_argument("--quantization", default=None, choices=["none", "int8", "int4"],
                    help="nanoinfer weight format (default: the model's default)")
+    p.add_argument("--kv-cache-dtype", default="auto", choices=["auto", "float32", "float16", "bfloat16"],
+                   help="nanoinfer KV cache storage (default auto: float16 on CPU)")
     p.add_argument("--threads", type=int, default=os.cpu_count())
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--num-requests", type=int, default=64)
@@ -157,7 +159,8 @@ def main(argv: list[str] | None = None) -> int:
 
     model_path = resolve_model_path(args.model)
     engines = args.engines.split(",")
-    nano_kwargs: dict[str, Any] = {"max_num_seqs": max(int(c) for c in args.concurrency.split(","))}
+    nano_kwargs: dict[str, Any] = {"max_num_seqs": max(int(c) for c in args.concurrency.split(",")),
+                                   "kv_cache_dtype": args.kv_cache_dtype}
     nano = NanoinferPeer(args.model, dtype=args.dtype or "float32", quantization=args.quantization, **nano_kwargs)
     vocab = list(range(1000, min(nano.engine.model_config.vocab_size, 20000)))  # ordinary tokens, no specials
     results: dict[str, Any] = {"model": args.model, "model_path": str(model_path), "machine": machine_info(args.threads),

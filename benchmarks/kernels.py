@@ -6,7 +6,7 @@
   batches (nanoinfer/quant/__init__.py).
 - one decode step's 120 int4 matmuls, every weight distinct, so they stream from memory as in a
   real step.
-- paged decode attention for 64 sequences x 450 tokens over 30 layers.
+- paged decode attention for 64 sequences x 450 tokens over 30 layers, float32 and float16 caches.
 - paged attention over a prompt's rows vs torch's SDPA (what the prompt path ran before).
 - the fp32 panel kernel vs F.linear on the 49k x 576 LM head: the float copy of a large-batch
   int8 head (DenseForLargeBatch).
@@ -60,15 +60,21 @@ def decode_step_matmuls(ours, layers: int = 30) -> None:
 
 
 def decode_attention(ours, seqs: int = 64, ctx: int = 450, layers: int = 30) -> None:
+    """Per KV cache dtype: the whole cache streams from memory every step, so half the bytes pay."""
     heads, kv_heads, d, block = 9, 3, 64, 16
     blocks = -(-ctx // block)
-    caches = [torch.randn(2, seqs * blocks * block, kv_heads, d).unbind(0) for _ in range(layers)]
     tables = torch.randperm(seqs * blocks).view(seqs, blocks)  # scattered blocks, as a served pool
     lens = torch.full((seqs,), ctx, dtype=torch.long)
     q = torch.randn(seqs, (heads + 2 * kv_heads) * d)
-    t = _seconds(lambda: [ours.paged_attention(q, heads, k, v, tables, lens, block, 0, d**-0.5)
-                          for k, v in caches], repeats=3)
-    print(f"decode attention, {seqs} sequences x {ctx} tokens x {layers} layers: {t * 1e3:.1f} ms a step")
+    times = {}
+    for dtype in (torch.float32, torch.float16):
+        caches = [torch.randn(2, seqs * blocks * block, kv_heads, d).to(dtype).unbind(0) for _ in range(layers)]
+        times[dtype] = _seconds(lambda: [ours.paged_attention(q, heads, k, v, tables, lens, block, 0, d**-0.5)
+                                         for k, v in caches], repeats=3)
+        del caches
+    print(f"decode attention, {seqs} sequences x {ctx} tokens x {layers} layers, ms a step: "
+          f"float32 cache {times[torch.float32] * 1e3:.1f}, float16 cache {times[torch.float16] * 1e3:.1f} "
+          f"({times[torch.float32] / times[torch.float16]:.2f}x)")
 
 
 def prompt_attention(ours) -> None:

@@ -11,6 +11,7 @@ from nanoinfer import LLM, SamplingParams
 from nanoinfer.engine.forward_batch import ForwardBatch, SequenceChunk
 from nanoinfer.engine.kv_cache import PagedKVCache, kv_bytes_per_token
 from nanoinfer.errors import RequestError
+from nanoinfer.kernels import kernels
 
 GREEDY = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
 
@@ -140,7 +141,9 @@ def test_seeded_sample_independent_of_batch(model_dir):
     assert alone == together
 
 
-def test_kv_cache_decode_matches_recompute(tiny_model):
+# float16 rounds each stored K and V to 11 significant bits; the logits move by ~1e-3 here
+@pytest.mark.parametrize("cache_dtype, atol", [(torch.float32, 1e-4), (torch.float16, 1e-2)])
+def test_kv_cache_decode_matches_recompute(tiny_model, cache_dtype, atol):
     """Decoding token by token through the paged cache gives the logits of a full recomputation."""
     for case in ("llama", "gemma3"):  # gemma3 adds sliding-window layers
         directory, _ = tiny_model(case)
@@ -148,14 +151,32 @@ def test_kv_cache_decode_matches_recompute(tiny_model):
         ids = _prompts(1, 40, 40, seed=6)[0]
         full = model.score(ids)
         block_size = 4
-        kv = PagedKVCache(model.config, 16, block_size, torch.float32)
+        kv = PagedKVCache(model.config, 16, block_size, cache_dtype)
         table = list(range(15, -1, -1))  # deliberately non-contiguous blocks
         prefill = ForwardBatch.build([SequenceChunk(ids[:8], 0, table)], block_size, model.config.sliding_window)
         logits = [model(prefill, kv)[0]]
         for pos in range(8, len(ids)):
             step = ForwardBatch.build([SequenceChunk([ids[pos]], pos, table)], block_size, model.config.sliding_window)
             logits.append(model(step, kv)[0])
-        torch.testing.assert_close(torch.stack(logits), full[7:], atol=1e-4, rtol=0)
+        torch.testing.assert_close(torch.stack(logits), full[7:], atol=atol, rtol=0)
+
+
+def test_kv_cache_dtype_auto_and_explicit(model_dir, reference):
+    """auto stores K/V in float16 where our C attention reads them, else in the activations' dtype;
+    an explicit dtype is honoured on either path, and an unknown one is refused."""
+    auto = LLM(str(model_dir), enable_prefix_cache=False)
+    assert auto.engine.runner.kv_cache.k[0].dtype == (torch.float16 if kernels() else torch.float32)
+    prompts, token_ids = reference
+    for name in ("float32", "bfloat16"):  # bfloat16: not a kernel dtype, so the torch attention path
+        llm = LLM(str(model_dir), enable_prefix_cache=False, kv_cache_dtype=name)
+        assert llm.engine.runner.kv_cache.k[0].dtype == getattr(torch, name)
+        out = llm.generate(prompts[:8], GREEDY)
+        assert all(len(o.token_ids) == GREEDY.max_tokens for o in out)
+        # 16-bit K/V against the reference's (auto): the first pick rarely moves
+        agree = sum(o.token_ids[0] == ref[0] for o, ref in zip(out, token_ids[:8]))
+        assert agree >= 7, f"{agree}/8 first tokens equal with a {name} cache"
+    with pytest.raises(ValueError, match="kv_cache_dtype"):
+        LLM(str(model_dir), kv_cache_dtype="int3")
 
 
 def test_stop_conditions(model_dir):
@@ -202,7 +223,8 @@ def test_bfloat16_on_cpu_keeps_weights_16bit_and_activations_float32(model_dir, 
 
     llm = LLM(str(model_dir), dtype="bfloat16", quantization=quantization, enable_prefix_cache=False)
     model = llm.engine.model
-    assert model.dtype == torch.float32 and llm.engine.runner.kv_cache.k[0].dtype == torch.float32
+    assert model.dtype == torch.float32
+    assert llm.engine.runner.kv_cache.k[0].dtype == (torch.float16 if kernels() else torch.float32)  # "auto"
     assert model.embed.weight.dtype == torch.bfloat16
     down = model.layers[0].mlp.down_proj
     if quantization == "none":

@@ -130,26 +130,29 @@ def _reference_decode(q, k_cache, v_cache, tables, lens, block_size, window, sca
 @pytest.mark.parametrize("heads, kv_heads", [(4, 4), (6, 2), (3, 1), (8, 2)])  # (8, 2): groups of 4 run as 3 + 1
 @pytest.mark.parametrize("window", [0, 5, 40])
 @pytest.mark.parametrize("D", [16, 64, 136])  # 64: the register-blocked value loop; 136: it plus a tail
-def test_paged_attention_decode_rows_match_sdpa(heads: int, kv_heads: int, window: int, D: int) -> None:
+@pytest.mark.parametrize("cache_dtype", [torch.float32, torch.float16])
+def test_paged_attention_decode_rows_match_sdpa(heads: int, kv_heads: int, window: int, D: int, cache_dtype) -> None:
+    """Half caches are widened exactly, so both dtypes match SDPA over the same stored values."""
     torch.manual_seed(heads + window + D)
     block_size, num_blocks = 4, 64
-    k_cache, v_cache = torch.randn(2, num_blocks * block_size, kv_heads, D).unbind(0)
+    k_cache, v_cache = torch.randn(2, num_blocks * block_size, kv_heads, D).to(cache_dtype).unbind(0)
     lens = torch.tensor([1, 7, 13, 4, 61, 100])  # keys in blocks of eight, and the tails
     tables = torch.stack([torch.randperm(num_blocks)[:25] for _ in lens])  # scattered, shared pool
     # queries as rows of a wider buffer, as they sit in the fused qkv projection
     qkv = torch.randn(len(lens), (heads + 2 * kv_heads) * D)
     q = qkv[:, : heads * D].unflatten(-1, (heads, D))
     out = ours.paged_attention(qkv, heads, k_cache, v_cache, tables, lens, block_size, window, D**-0.5)
-    ref = _reference_decode(q, k_cache, v_cache, tables, lens, block_size, window, D**-0.5)
+    ref = _reference_decode(q, k_cache.float(), v_cache.float(), tables, lens, block_size, window, D**-0.5)
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("window", [0, 6])
-def test_paged_attention_prompt_rows_share_a_table(window: int) -> None:
+@pytest.mark.parametrize("cache_dtype", [torch.float32, torch.float16])
+def test_paged_attention_prompt_rows_share_a_table(window: int, cache_dtype) -> None:
     """Prompt rows: each reads its sequence's table through row_table, causal by its own ctx_len."""
     torch.manual_seed(window)
     heads, kv_heads, D, block_size, num_blocks = 6, 2, 64, 4, 32
-    k_cache, v_cache = torch.randn(2, num_blocks * block_size, kv_heads, D).unbind(0)
+    k_cache, v_cache = torch.randn(2, num_blocks * block_size, kv_heads, D).to(cache_dtype).unbind(0)
     tables = torch.stack([torch.randperm(num_blocks)[:8] for _ in range(2)])
     # sequence 0: a fresh 9-token prompt; sequence 1: 5 new tokens after 14 cached ones
     row_table = torch.tensor([0] * 9 + [1] * 5)
@@ -157,7 +160,7 @@ def test_paged_attention_prompt_rows_share_a_table(window: int) -> None:
     qkv = torch.randn(len(lens), (heads + 2 * kv_heads) * D)
     q = qkv[:, : heads * D].unflatten(-1, (heads, D))
     out = ours.paged_attention(qkv, heads, k_cache, v_cache, tables, lens, block_size, window, 0.125, row_table)
-    ref = _reference_decode(q, k_cache, v_cache, tables[row_table], lens, block_size, window, 0.125)
+    ref = _reference_decode(q, k_cache.float(), v_cache.float(), tables[row_table], lens, block_size, window, 0.125)
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
 
 
@@ -186,6 +189,25 @@ def test_qk_rope_store_matches_torch(qk_norm: bool) -> None:
     torch.testing.assert_close(k_cache[slots], k_ref, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(v_cache[slots], v)
     assert k_cache[[0, 1, 3]].abs().sum() == 0  # nothing written outside the slots
+
+
+def test_qk_rope_store_narrows_to_a_half_cache_as_torch_rounds() -> None:
+    """A float16 cache gets exactly torch's .half() of the rotated k and of v, specials included."""
+    torch.manual_seed(0)
+    T, H, KVH, D = 4, 2, 1, 20  # 20: two vectors of 8 and a scalar tail per row
+    qkv = torch.randn(T, (H + 2 * KVH) * D) * 3
+    # v of row 0: overflow to inf, values that round to the largest half and to subnormals, 0, nan
+    qkv[0, (H + KVH) * D:(H + KVH) * D + 8] = torch.tensor([7e4, 65519.0, -65505.0, 3e-6, -1e-7, 6e-8, 0.0, math.nan])
+    qkv[0, -1] = 65520.0  # the tail's scalar path: rounds to inf
+    cos, sin = torch.ones(T, D), torch.zeros(T, D)  # no rotation: k is stored as projected
+    k_cache, v_cache = torch.zeros(2, 6, KVH, D, dtype=torch.float16).unbind(0)
+    slots = torch.tensor([5, 0, 3, 1])
+    k, v = qkv[:, H * D:(H + KVH) * D].clone(), qkv[:, (H + KVH) * D:].clone()
+    ours.qk_rope_store(qkv, H, KVH, D, None, None, 0.0, cos, sin, k_cache, v_cache, slots)
+    assert torch.equal(k_cache[slots].flatten(1), k.half())
+    stored, expected = v_cache[slots].flatten(1), v.half()
+    assert torch.equal(stored.isnan(), expected.isnan())
+    assert torch.equal(stored[~stored.isnan()], expected[~expected.isnan()])
 
 
 @pytest.mark.parametrize("gelu", [False, True])

@@ -106,7 +106,16 @@ class DecodeStep(ctypes.Structure):
     """The per-step addressing every layer shares: RoPE tables, KV slots, block tables."""
 
     _fields_ = [*((name, ctypes.c_void_p) for name in ("cos_t", "sin_t", "slots", "block_tables", "ctx_lens")),
-                ("max_blocks", ctypes.c_int64), ("block_size", ctypes.c_int64)]
+                ("max_blocks", ctypes.c_int64), ("block_size", ctypes.c_int64), ("kv_half", ctypes.c_int64)]
+
+
+# KV cache dtypes the C attention reads: float32, or IEEE half for half the memory traffic.
+KV_DTYPES = (torch.float32, torch.float16)
+
+
+def kv_half(cache: torch.Tensor) -> int:
+    """The kernels' kv_half flag for a cache tensor (1: it holds float16)."""
+    return int(cache.dtype == torch.float16)
 
 
 def q4_weight(packed: torch.Tensor, out_features: int, bias: torch.Tensor | None) -> Q4Weight:
@@ -125,9 +134,9 @@ class CpuKernels:
             "q8_matmul": [ptr, i64, i64, ptr, ptr, i64, i64, ptr, ptr, i32],
             "bf16_matmul": [ptr, i64, i64, ptr, i64, ptr, ptr, i32],
             "f32_matmul": [ptr, i64, i64, ptr, i64, ptr, ptr, i32],
-            "paged_attention": [ptr, i64, ptr, ptr, ptr, i64, ptr, ptr, i64, i64, i64, i64, i64, i64, f32, ptr, i32],
+            "paged_attention": [ptr, i64, ptr, ptr, i32, ptr, i64, ptr, ptr, i64, i64, i64, i64, i64, i64, f32, ptr, i32],
             "rms_norm": [ptr, i64, i64, i64, ptr, f32, ptr],
-            "qk_rope_store": [ptr, i64, i64, i64, i64, i64, ptr, ptr, f32, ptr, ptr, ptr, ptr, ptr],
+            "qk_rope_store": [ptr, i64, i64, i64, i64, i64, ptr, ptr, f32, ptr, ptr, ptr, ptr, i32, ptr],
             "gated_act": [ptr, i64, i64, i32, ptr, i32],
             "decode_layers": [ctypes.POINTER(DecodeLayer), i64, ctypes.POINTER(DecodeStep), ptr, i64, i32],
         }
@@ -181,14 +190,15 @@ class CpuKernels:
         """Attention of B query rows against the paged cache, each row causal by its ctx_lens (its own
         token the last key): decode steps and prompt rows alike.
 
-        q: B rows (row stride q.stride(0)) starting with num_heads heads of D; caches [slots, KVH, D];
+        q: B rows (row stride q.stride(0)) starting with num_heads heads of D; caches [slots, KVH, D],
+        float32 or float16 (KV_DTYPES);
         block_tables [S, max_blocks]; row_table [B] (which table row each query reads; None: row b
         reads row b) and ctx_lens [B], int64. Returns [B, num_heads * D]."""
         B = ctx_lens.shape[0]
         _, kvh, D = k_cache.shape
         out = torch.empty(B, num_heads * D)
         self.lib.paged_attention(
-            q.data_ptr(), q.stride(0), k_cache.data_ptr(), v_cache.data_ptr(), block_tables.data_ptr(),
+            q.data_ptr(), q.stride(0), k_cache.data_ptr(), v_cache.data_ptr(), kv_half(k_cache), block_tables.data_ptr(),
             block_tables.shape[1], _ptr(row_table), ctx_lens.data_ptr(), B, num_heads, kvh, D, block_size, window,
             scale, out.data_ptr(), torch.get_num_threads(),
         )
@@ -205,11 +215,12 @@ class CpuKernels:
                       q_norm: torch.Tensor | None, k_norm: torch.Tensor | None, eps: float,
                       cos: torch.Tensor, sin: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                       slots: torch.Tensor) -> None:
-        """In place on qkv [T, (H + 2 KVH) * D] (rows may be strided): norm and rotate q, k; store k, v."""
+        """In place on qkv [T, (H + 2 KVH) * D] (rows may be strided): norm and rotate q, k; store k, v
+        (narrowed to the cache's dtype, float32 or float16)."""
         self.lib.qk_rope_store(
             qkv.data_ptr(), qkv.shape[0], qkv.stride(0), num_heads, num_kv_heads, head_dim, _ptr(q_norm),
             _ptr(k_norm), eps, cos.data_ptr(), sin.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(),
-            slots.data_ptr(),
+            kv_half(k_cache), slots.data_ptr(),
         )
 
     def gated_act(self, gate_up: torch.Tensor, gelu: bool) -> torch.Tensor:

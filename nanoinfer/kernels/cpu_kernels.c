@@ -6,7 +6,8 @@
  *   bf16_matmul out[M, N] = x[M, K] @ W^T, W bfloat16 (widened to float32 exactly, x stays float32)
  *   f32_matmul  out[M, N] = x[M, K] @ W^T, W float32 in 16-column panels (6 x 16 register tiles)
  *   paged_attention  query rows (decode steps and prompt rows alike) against K/V read in place
- *                    from the paged cache (no gather into a contiguous copy first)
+ *                    from the paged cache (no gather into a contiguous copy first); the cache
+ *                    holds float32 or IEEE half (kv_half), widened to float32 as it is read
  *
  * Elsewhere activations, scales and results are float32 and every product is accumulated in
  * float32, so those agree with "dequantize, then float32 matmul" to rounding order. Built at first use
@@ -74,6 +75,75 @@ static inline void axpy(float alpha, const float *x, float *y, int64_t D) {
 #endif
     for (; d < D; d++) y[d] += alpha * x[d];
 }
+
+/* The KV cache stores float32, or IEEE half when kv_half is set: half the bytes that decode
+ * attention streams from memory. Conversions round to nearest even, as torch's .half() does. */
+static inline float half_to_float(uint16_t h) {
+    uint32_t sign = (uint32_t)(h & 0x8000) << 16, exp = (h >> 10) & 0x1f, man = h & 0x3ff, bits;
+    float f;
+    if (exp == 0x1f) bits = sign | 0x7f800000 | (man << 13); /* inf, nan */
+    else if (exp) bits = sign | ((exp + 112) << 23) | (man << 13);
+    else { /* zero and subnormals: man * 2^-24 is exact in float */
+        f = (float)man * 0x1p-24f;
+        memcpy(&bits, &f, 4);
+        bits |= sign;
+    }
+    memcpy(&f, &bits, 4);
+    return f;
+}
+
+static inline uint16_t float_to_half(float f) {
+    uint32_t x, ax;
+    memcpy(&x, &f, 4);
+    uint16_t sign = (uint16_t)((x >> 16) & 0x8000);
+    ax = x & 0x7fffffff;
+    if (ax > 0x7f800000) return sign | 0x7e00;  /* nan */
+    if (ax >= 0x477ff000) return sign | 0x7c00; /* 65520 and up round to inf */
+    if (ax < 0x38800000) {                      /* below the smallest normal half: units of 2^-24 */
+        float a;
+        memcpy(&a, &ax, 4);
+        return sign | (uint16_t)lrintf(a * 0x1p24f);
+    }
+    return sign | (uint16_t)((ax + 0xfff + ((ax >> 13) & 1) - 0x38000000) >> 13);
+}
+
+/* The address of element `i` of a cache holding floats or halves. */
+static inline const void *kv_at(const void *cache, int64_t i, int half) {
+    return (const char *)cache + i * (half ? 2 : 4);
+}
+
+static inline float kv_get(const void *row, int64_t d, int half) {
+    return half ? half_to_float(((const uint16_t *)row)[d]) : ((const float *)row)[d];
+}
+
+/* n floats from src into cache row dst, narrowed to half when kv_half. */
+static void kv_put(void *dst, const float *src, int64_t n, int half) {
+    if (!half) {
+        memcpy(dst, src, sizeof(float) * (size_t)n);
+        return;
+    }
+    uint16_t *h = (uint16_t *)dst;
+    int64_t i = 0;
+#ifdef __F16C__
+    for (; i + 8 <= n; i += 8)
+        _mm_storeu_si128((__m128i *)(h + i), _mm256_cvtps_ph(_mm256_loadu_ps(src + i), _MM_FROUND_TO_NEAREST_INT));
+#endif
+    for (; i < n; i++) h[i] = float_to_half(src[i]);
+}
+
+#ifdef __AVX2__
+/* 8 elements of a cache row, widened to float32. */
+static inline __m256 kv_load8(const void *row, int64_t d, int half) {
+    if (!half) return _mm256_loadu_ps((const float *)row + d);
+#ifdef __F16C__
+    return _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)((const uint16_t *)row + d)));
+#else
+    float t[8];
+    for (int i = 0; i < 8; i++) t[i] = half_to_float(((const uint16_t *)row)[d + i]);
+    return _mm256_loadu_ps(t);
+#endif
+}
+#endif
 
 /* Activations for the int4 kernel: each 32-wide group of each row as int8 with one scale
  * (x ~= xq * xs), plus the sum of the rounded group (xs * sum(xq)) for the min term. Integer
@@ -579,7 +649,8 @@ void bf16_matmul(const float *x, int64_t M, int64_t K, const uint16_t *wb, int64
 
 /* Attention for one sequence and KV head, `nh` (<= ATT_HEADS) of its query heads at a time (their
  * queries D floats apart): each key and value row is loaded once for all of them (GQA).
- * slot[i] is key i's row in the cache, looked up once per task. */
+ * slot[i] is key i's row in the cache, looked up once per task; rows are `row` elements apart,
+ * float32 or half (`half`, a constant in each specialisation). */
 #define ATT_HEADS 3
 
 /* Keys and values sit in scattered blocks the hardware prefetchers cannot follow. Rows with a
@@ -590,40 +661,41 @@ void bf16_matmul(const float *x, int64_t M, int64_t K, const uint16_t *wb, int64
 #ifndef ATT_PREFETCH
 #define ATT_PREFETCH 16
 #endif
-static inline void prefetch_row(const float *p, int64_t D, int into_l1) {
-    for (int64_t d = 0; d < D; d += 16) {
-        if (into_l1) __builtin_prefetch(p + d, 0, 3);
-        else __builtin_prefetch(p + d, 0, 2);
+static inline void prefetch_row(const void *p, int64_t bytes, int into_l1) {
+    for (int64_t b = 0; b < bytes; b += 64) {
+        if (into_l1) __builtin_prefetch((const char *)p + b, 0, 3);
+        else __builtin_prefetch((const char *)p + b, 0, 2);
     }
 }
 
 /* s[h * n + i] = scale * q_h . key(i) for nh heads. */
 static inline __attribute__((always_inline)) void attention_scores(
-    const int nh, const float *q, const float *k_cache, const float *v_cache, const int64_t *slot, int64_t n,
-    int64_t row, int64_t D, float scale, int prefetch, float *s) {
+    const int nh, const int half, const float *q, const void *k_cache, const void *v_cache, const int64_t *slot,
+    int64_t n, int64_t row, int64_t D, float scale, int prefetch, float *s) {
     int64_t i = 0;
 #ifdef __AVX2__
+    const int64_t row_bytes = D * (half ? 2 : 4);
     if (D % 8 == 0) /* four keys at a time, their four sums per head reduced together */
         for (; i + 4 <= n; i += 4) {
-            const float *key[4];
+            const void *key[4];
             __m256 acc[ATT_HEADS][4];
-            for (int j = 0; j < 4; j++) key[j] = k_cache + slot[i + j] * row;
+            for (int j = 0; j < 4; j++) key[j] = kv_at(k_cache, slot[i + j] * row, half);
             if (prefetch && i + ATT_PREFETCH + 4 <= n)
                 for (int j = 0; j < 4; j++) {
-                    prefetch_row(k_cache + slot[i + ATT_PREFETCH + j] * row, D, 1);
-                    prefetch_row(v_cache + slot[i + ATT_PREFETCH + j] * row, D, 0);
+                    prefetch_row(kv_at(k_cache, slot[i + ATT_PREFETCH + j] * row, half), row_bytes, 1);
+                    prefetch_row(kv_at(v_cache, slot[i + ATT_PREFETCH + j] * row, half), row_bytes, 0);
                 }
             for (int h = 0; h < nh; h++)
                 for (int j = 0; j < 4; j++) acc[h][j] = _mm256_setzero_ps();
             for (int64_t d = 0; d < D; d += 8) {
                 __m256 qv[ATT_HEADS];
                 for (int h = 0; h < nh; h++) qv[h] = _mm256_loadu_ps(q + h * D + d);
-                /* 12 sums + 3 queries + a key fill all 16 registers; left alone, gcc reloads
-                 * the queries for every key (2 loads per FMA) instead of reading keys from memory
-                 * operands: pinning them here made this pass 1.4x faster. */
+                /* 12 sums + 3 queries + a key fill all 16 registers. Left alone, gcc reloads the
+                 * queries for every key, or folds a load of the key into each head's FMA: pinning
+                 * both in registers made this pass 1.4x (queries) and 1.17x (keys) faster. */
                 if (nh == 3) __asm__("" : "+x"(qv[0]), "+x"(qv[1]), "+x"(qv[2]));
                 for (int j = 0; j < 4; j++) {
-                    __m256 kv = _mm256_loadu_ps(key[j] + d);
+                    __m256 kv = kv_load8(key[j], d, half);
                     __asm__("" : "+x"(kv));
                     for (int h = 0; h < nh; h++) acc[h][j] = _mm256_fmadd_ps(qv[h], kv, acc[h][j]);
                 }
@@ -635,8 +707,14 @@ static inline __attribute__((always_inline)) void attention_scores(
             }
         }
 #endif
-    for (; i < n; i++)
-        for (int h = 0; h < nh; h++) s[h * n + i] = dot(q + h * D, k_cache + slot[i] * row, D) * scale;
+    for (; i < n; i++) {
+        const void *key = kv_at(k_cache, slot[i] * row, half);
+        for (int h = 0; h < nh; h++) {
+            float total = 0.f;
+            for (int64_t d = 0; d < D; d++) total += q[h * D + d] * kv_get(key, d, half);
+            s[h * n + i] = total * scale;
+        }
+    }
 }
 
 /* s <- exp(s - max(s)) over n entries; returns 1 / sum, which the values pass applies. */
@@ -668,8 +746,8 @@ static float softmax_unnormalized(float *s, int64_t n) {
 /* out_h = inv[h] * sum_i p[h * n + i] * value(i) for nh heads (outputs D floats apart), 32 dims at
  * a time so the nh x 4 accumulators stay in registers. */
 static inline __attribute__((always_inline)) void attention_values(
-    const int nh, const float *p, const float *inv, const float *v_cache, const int64_t *slot, int64_t n,
-    int64_t row, int64_t D, float *out) {
+    const int nh, const int half, const float *p, const float *inv, const void *v_cache, const int64_t *slot,
+    int64_t n, int64_t row, int64_t D, float *out) {
     int64_t d0 = 0;
 #ifdef __AVX2__
     for (; d0 + 32 <= D; d0 += 32) {
@@ -677,12 +755,12 @@ static inline __attribute__((always_inline)) void attention_values(
         for (int h = 0; h < nh; h++)
             for (int c = 0; c < 4; c++) acc[h][c] = _mm256_setzero_ps();
         for (int64_t i = 0; i < n; i++) {
-            const float *val = v_cache + slot[i] * row + d0;
-            if (d0 == 0 && i + 16 < n) prefetch_row(v_cache + slot[i + 16] * row, D, 1);
+            const void *val = kv_at(v_cache, slot[i] * row + d0, half);
+            if (d0 == 0 && i + 16 < n) prefetch_row(kv_at(v_cache, slot[i + 16] * row, half), D * (half ? 2 : 4), 1);
             __m256 w[ATT_HEADS];
             for (int h = 0; h < nh; h++) w[h] = _mm256_broadcast_ss(p + h * n + i);
             for (int c = 0; c < 4; c++) {
-                __m256 v = _mm256_loadu_ps(val + 8 * c);
+                __m256 v = kv_load8(val, 8 * c, half);
                 __asm__("" : "+x"(v));
                 for (int h = 0; h < nh; h++) acc[h][c] = _mm256_fmadd_ps(w[h], v, acc[h][c]);
             }
@@ -693,41 +771,45 @@ static inline __attribute__((always_inline)) void attention_values(
     }
 #endif
     for (int h = 0; h < nh && d0 < D; h++) {
-        float *o = out + h * D + d0;
-        memset(o, 0, sizeof(float) * (size_t)(D - d0));
-        for (int64_t i = 0; i < n; i++) axpy(p[h * n + i], v_cache + slot[i] * row + d0, o, D - d0);
-        for (int64_t d = 0; d < D - d0; d++) o[d] *= inv[h];
+        float *o = out + h * D;
+        for (int64_t d = d0; d < D; d++) o[d] = 0.f;
+        for (int64_t i = 0; i < n; i++) {
+            const void *val = kv_at(v_cache, slot[i] * row, half);
+            float w = p[h * n + i];
+            for (int64_t d = d0; d < D; d++) o[d] += w * kv_get(val, d, half);
+        }
+        for (int64_t d = d0; d < D; d++) o[d] *= inv[h];
     }
 }
 
-/* Constant head counts let the compiler keep the accumulators in registers. */
-static void attention_heads(int nh, const float *q, const float *k_cache, const float *v_cache,
+/* Constant head counts and storage let the compiler keep the accumulators in registers. */
+static void attention_heads(int nh, int half, const float *q, const void *k_cache, const void *v_cache,
                             const int64_t *slot, int64_t n, int64_t row, int64_t D, float scale, int prefetch,
                             float *s, float *out) {
-#define ATT_CASE(c)                                                         \
-    if (nh == c) {                                                          \
-        float inv[c];                                                       \
-        attention_scores(c, q, k_cache, v_cache, slot, n, row, D, scale, prefetch, s); \
-        for (int h = 0; h < c; h++) inv[h] = softmax_unnormalized(s + h * n, n); \
-        attention_values(c, s, inv, v_cache, slot, n, row, D, out);         \
-        return;                                                             \
+#define ATT_CASE(c, hf)                                                                   \
+    if (nh == c && half == hf) {                                                          \
+        float inv[c];                                                                     \
+        attention_scores(c, hf, q, k_cache, v_cache, slot, n, row, D, scale, prefetch, s); \
+        for (int h = 0; h < c; h++) inv[h] = softmax_unnormalized(s + h * n, n);          \
+        attention_values(c, hf, s, inv, v_cache, slot, n, row, D, out);                   \
+        return;                                                                           \
     }
-    ATT_CASE(3) ATT_CASE(2) ATT_CASE(1)
+    ATT_CASE(3, 0) ATT_CASE(2, 0) ATT_CASE(1, 0) ATT_CASE(3, 1) ATT_CASE(2, 1) ATT_CASE(1, 1)
 #undef ATT_CASE
 }
 
 /* Attention of B query rows against their sequences' K/V, read in place from the paged cache.
  * q: B rows q_stride floats apart, each H heads of D; out: [B, H, D]; caches: [slots, KVH, D] with
- * slot = block * block_size + offset; block_tables: [S, max_blocks]; row b reads table
- * row_table[b] (row b itself when row_table is NULL) and the first ctx_lens[b] keys of it, its own
- * token the last of them: decode rows and the rows of a prompt alike (causal by construction).
- * window > 0 keeps only the last `window` keys. */
-void paged_attention(const float *q, int64_t q_stride, const float *k_cache, const float *v_cache,
+ * slot = block * block_size + offset, float32 or half (kv_half); block_tables: [S, max_blocks];
+ * row b reads table row_table[b] (row b itself when row_table is NULL) and the first ctx_lens[b]
+ * keys of it, its own token the last of them: decode rows and the rows of a prompt alike (causal
+ * by construction). window > 0 keeps only the last `window` keys. */
+void paged_attention(const float *q, int64_t q_stride, const void *k_cache, const void *v_cache, int kv_half,
                      const int64_t *block_tables, int64_t max_blocks, const int64_t *row_table,
                      const int64_t *ctx_lens, int64_t B, int64_t H, int64_t KVH, int64_t D, int64_t block_size,
                      int64_t window, float scale, float *out, int nthreads) {
     int64_t group = H / KVH;
-    int64_t row = KVH * D; /* floats per slot */
+    int64_t row = KVH * D; /* elements per slot */
     /* One task per row and KV head: its query heads share each K and V row read. */
 #pragma omp parallel for num_threads(nthreads) schedule(dynamic, 1)
     for (int64_t task = 0; task < B * KVH; task++) {
@@ -744,8 +826,9 @@ void paged_attention(const float *q, int64_t q_stride, const float *k_cache, con
         }
         for (int64_t h = kvh * group; h < (kvh + 1) * group; h += ATT_HEADS) {
             int nh = (kvh + 1) * group - h < ATT_HEADS ? (int)((kvh + 1) * group - h) : ATT_HEADS;
-            attention_heads(nh, q + b * q_stride + h * D, k_cache + kvh * D, v_cache + kvh * D, slot, n, row, D,
-                            scale, row_table == NULL, scores, out + (b * H + h) * D);
+            attention_heads(nh, kv_half, q + b * q_stride + h * D, kv_at(k_cache, kvh * D, kv_half),
+                            kv_at(v_cache, kvh * D, kv_half), slot, n, row, D, scale, row_table == NULL, scores,
+                            out + (b * H + h) * D);
         }
         free(slot);
     }
@@ -791,7 +874,7 @@ static void norm_head(float *v, int64_t D, const float *w, float eps) {
 
 void qk_rope_store(float *qkv, int64_t T, int64_t row_stride, int64_t H, int64_t KVH, int64_t D,
                    const float *q_norm, const float *k_norm, float eps, const float *cos_t, const float *sin_t,
-                   float *k_cache, float *v_cache, const int64_t *slots) {
+                   void *k_cache, void *v_cache, int kv_half, const int64_t *slots) {
     for (int64_t t = 0; t < T; t++) {
         float *row = qkv + t * row_stride;
         if (q_norm)
@@ -799,8 +882,8 @@ void qk_rope_store(float *qkv, int64_t T, int64_t row_stride, int64_t H, int64_t
         if (k_norm)
             for (int64_t h = H; h < H + KVH; h++) norm_head(row + h * D, D, k_norm, eps);
         rope_rotate(row, 1, H + KVH, D, 0, cos_t + t * D, sin_t + t * D);
-        memcpy(k_cache + slots[t] * KVH * D, row + H * D, sizeof(float) * KVH * D);
-        memcpy(v_cache + slots[t] * KVH * D, row + (H + KVH) * D, sizeof(float) * KVH * D);
+        kv_put((void *)kv_at(k_cache, slots[t] * KVH * D, kv_half), row + H * D, KVH * D, kv_half);
+        kv_put((void *)kv_at(v_cache, slots[t] * KVH * D, kv_half), row + (H + KVH) * D, KVH * D, kv_half);
     }
 }
 
@@ -843,13 +926,13 @@ typedef struct {
     float eps, scale;
     const float *input_norm, *mlp_norm, *q_norm, *k_norm;
     Q4Weight qkv, o, gate_up, down;
-    float *k_cache, *v_cache;
+    void *k_cache, *v_cache;
 } DecodeLayer;
 
 typedef struct {
     const float *cos_t, *sin_t;
     const int64_t *slots, *block_tables, *ctx_lens;
-    int64_t max_blocks, block_size;
+    int64_t max_blocks, block_size, kv_half; /* kv_half: the caches hold IEEE half */
 } DecodeStep;
 
 static void q4_apply(const Q4Weight *w, const float *x, int64_t M, int64_t K, float *out, int nthreads) {
@@ -865,8 +948,8 @@ void decode_layer(const DecodeLayer *L, const DecodeStep *S, float *x, int64_t M
     rms_norm(x, M, hid, hid, L->input_norm, L->eps, h);
     q4_apply(&L->qkv, h, M, hid, qkv, nthreads);
     qk_rope_store(qkv, M, L->qkv.n, L->heads, L->kv_heads, L->head_dim, L->q_norm, L->k_norm, L->eps, S->cos_t,
-                  S->sin_t, L->k_cache, L->v_cache, S->slots);
-    paged_attention(qkv, L->qkv.n, L->k_cache, L->v_cache, S->block_tables, S->max_blocks, NULL, S->ctx_lens, M,
+                  S->sin_t, L->k_cache, L->v_cache, (int)S->kv_half, S->slots);
+    paged_attention(qkv, L->qkv.n, L->k_cache, L->v_cache, (int)S->kv_half, S->block_tables, S->max_blocks, NULL, S->ctx_lens, M,
                     L->heads, L->kv_heads, L->head_dim, S->block_size, L->window, L->scale, att, nthreads);
     q4_apply(&L->o, att, M, qd, tmp, nthreads);
     for (int64_t i = 0; i < M * hid; i++) x[i] += tmp[i];

@@ -8,7 +8,7 @@ from torch import nn
 
 from nanoinfer.config import ModelConfig
 from nanoinfer.engine.forward_batch import ForwardBatch
-from nanoinfer.kernels import kernels
+from nanoinfer.kernels import KV_DTYPES, kernels
 from nanoinfer.model.rope import apply_rotary
 
 
@@ -55,7 +55,8 @@ class Attention(nn.Module):
     ) -> torch.Tensor:
         T = x.shape[0]
         qkv = self.qkv_proj(x)
-        ours = kernels() if qkv.dtype == k_cache.dtype == torch.float32 and qkv.device.type == "cpu" else None
+        on_cpu = qkv.dtype == torch.float32 and qkv.device.type == "cpu" and k_cache.dtype in KV_DTYPES
+        ours = kernels() if on_cpu else None
         if ours is not None:
             # One C call for norm + RoPE + cache write, in place on the fused projection; then every
             # row, decode step or prompt token, attends in place over the paged cache with its

@@ -12,7 +12,7 @@ from nanoinfer.engine.forward_batch import ForwardBatch, SequenceChunk
 from nanoinfer.errors import ModelLoadError
 from nanoinfer.model.layers import MLP, Attention, RMSNorm
 from nanoinfer.model.rope import RotaryEmbedding
-from nanoinfer.kernels import DecodeLayer, DecodeStep, kernels, q4_weight
+from nanoinfer.kernels import KV_DTYPES, DecodeLayer, DecodeStep, kernels, kv_half, q4_weight
 from nanoinfer.quant import Int4Linear
 
 if TYPE_CHECKING:
@@ -141,7 +141,7 @@ class Transformer(nn.Module):
         post-norms. At batch 1 per-layer calls from Python cost ~0.45 ms of a ~7.5 ms step.
         """
         if (self.local_rope is not None or batch.num_decode != x.shape[0] or x.dtype != torch.float32
-                or kv.k[0].dtype != torch.float32 or not x.is_contiguous()):
+                or kv.k[0].dtype not in KV_DTYPES or not x.is_contiguous()):
             return None
         plans = [layer._fused_plan() for layer in self.layers]  # cached; rechecks the modules
         if any(plan is None for plan in plans):
@@ -153,7 +153,7 @@ class Transformer(nn.Module):
         # The RoPE tables live until forward returns, as long as this description is used.
         step = DecodeStep(rope[0].data_ptr(), rope[1].data_ptr(), batch.slot_mapping.data_ptr(),
                           batch.block_tables.data_ptr(), batch.ctx_lens.data_ptr(),
-                          batch.block_tables.shape[1], batch.block_size)
+                          batch.block_tables.shape[1], batch.block_size, kv_half(kv.k[0]))
         out = x.clone()
         plans[0][0].decode_layers(self._stack, step, out)
         return out
