@@ -16,10 +16,13 @@ from pathlib import Path
 import torch
 
 TEXT = Path(__file__).parent / "data" / "quality.txt"
-# (label, --dtype, --quantization); on CPU --dtype bfloat16 stores float weights in bf16 and
-# keeps activations float32 (nanoinfer/quant/half.py)
-FORMATS = (("float32", "float32", "none"), ("bfloat16", "bfloat16", "none"),
-           ("int8", "float32", "int8"), ("int4", "float32", "int4"))
+# (label, --dtype, --quantization, KV cache dtype); on CPU --dtype bfloat16 stores float weights
+# in bf16 and keeps activations float32 (nanoinfer/quant/half.py). Weight formats are scored with
+# a float32 cache, so they are compared alone; the last row is what serving's default float16
+# cache costs on its own.
+FORMATS = (("float32", "float32", "none", torch.float32), ("bfloat16", "bfloat16", "none", torch.float32),
+           ("int8", "float32", "int8", torch.float32), ("int4", "float32", "int4", torch.float32),
+           ("float16 KV cache", "float32", "none", torch.float16))
 
 
 def score_formats(model: str, max_tokens: int | None = None, formats=FORMATS) -> dict[str, dict[str, float]]:
@@ -29,11 +32,11 @@ def score_formats(model: str, max_tokens: int | None = None, formats=FORMATS) ->
     results: dict[str, dict[str, float]] = {}
     reference: torch.Tensor | None = None
     ids: list[int] = []
-    for label, dtype, quantization in formats:
+    for label, dtype, quantization, kv_dtype in formats:
         llm = LLM(model, dtype=dtype, quantization=quantization, max_num_seqs=1)
         if not ids:
             ids = llm.tokenizer.encode(TEXT.read_text(), add_special_tokens=True)[:max_tokens]
-        logits = llm.engine.model.score(ids)[:-1].float()
+        logits = llm.engine.model.score(ids, kv_dtype)[:-1].float()
         targets = torch.tensor(ids[1:])
         nll = torch.nn.functional.cross_entropy(logits, targets).item()
         top1 = logits.argmax(-1)

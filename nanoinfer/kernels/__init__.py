@@ -146,14 +146,17 @@ class CpuKernels:
         self.lib = lib
         self.path = path
 
+    def _matmul(self, fn, x: torch.Tensor, weight: torch.Tensor, N: int, bias: torch.Tensor | None) -> torch.Tensor:
+        """The kernels with signature (x, M, K, weight, N, bias, out, threads) -> out [M, N]."""
+        M, K = x.shape
+        out = torch.empty(M, N)
+        fn(x.data_ptr(), M, K, weight.data_ptr(), N, _ptr(bias), out.data_ptr(), torch.get_num_threads())
+        return out
+
     def q4_matmul(self, x: torch.Tensor, packed: torch.Tensor, out_features: int,
                   bias: torch.Tensor | None = None) -> torch.Tensor:
         """x [M, K] contiguous @ int4 weight -> [M, N]; `packed` as quant.int4._pack_panels lays it out."""
-        M, K = x.shape
-        out = torch.empty(M, out_features)
-        self.lib.q4_matmul(x.data_ptr(), M, K, packed.data_ptr(), out_features, _ptr(bias), out.data_ptr(),
-                           torch.get_num_threads())
-        return out
+        return self._matmul(self.lib.q4_matmul, x, packed, out_features, bias)
 
     def q8_matmul(self, x: torch.Tensor, q: torch.Tensor, scales: torch.Tensor,
                   bias: torch.Tensor | None = None) -> torch.Tensor:
@@ -168,21 +171,12 @@ class CpuKernels:
 
     def bf16_matmul(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         """x [M, K] contiguous float32 @ bfloat16 weight [N, K]^T -> float32 [M, N], products in float32."""
-        M, K = x.shape
-        N = weight.shape[0]
-        out = torch.empty(M, N)
-        self.lib.bf16_matmul(x.data_ptr(), M, K, weight.data_ptr(), N, _ptr(bias), out.data_ptr(),
-                             torch.get_num_threads())
-        return out
+        return self._matmul(self.lib.bf16_matmul, x, weight, weight.shape[0], bias)
 
     def f32_matmul(self, x: torch.Tensor, panels: torch.Tensor, out_features: int,
                    bias: torch.Tensor | None = None) -> torch.Tensor:
         """x [M, K] contiguous float32 @ W^T, W packed by `pack_f32_panels` -> float32 [M, N]."""
-        M, K = x.shape
-        out = torch.empty(M, out_features)
-        self.lib.f32_matmul(x.data_ptr(), M, K, panels.data_ptr(), out_features, _ptr(bias), out.data_ptr(),
-                            torch.get_num_threads())
-        return out
+        return self._matmul(self.lib.f32_matmul, x, panels, out_features, bias)
 
     def paged_attention(self, q: torch.Tensor, num_heads: int, k_cache: torch.Tensor, v_cache: torch.Tensor,
                         block_tables: torch.Tensor, ctx_lens: torch.Tensor, block_size: int, window: int,

@@ -658,9 +658,7 @@ void bf16_matmul(const float *x, int64_t M, int64_t K, const uint16_t *wb, int64
  * (into L1) and value (into L2) rows ATT_PREFETCH keys ahead: 1.3x faster decode attention at 64
  * sequences x 450 keys. Prompt rows share their chunk's keys, warm in L2 after the first row,
  * where the extra instructions cost 15%. The values pass prefetches 16 rows ahead either way. */
-#ifndef ATT_PREFETCH
 #define ATT_PREFETCH 16
-#endif
 static inline void prefetch_row(const void *p, int64_t bytes, int into_l1) {
     for (int64_t b = 0; b < bytes; b += 64) {
         if (into_l1) __builtin_prefetch((const char *)p + b, 0, 3);

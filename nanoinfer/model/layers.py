@@ -55,8 +55,8 @@ class Attention(nn.Module):
     ) -> torch.Tensor:
         T = x.shape[0]
         qkv = self.qkv_proj(x)
-        on_cpu = qkv.dtype == torch.float32 and qkv.device.type == "cpu" and k_cache.dtype in KV_DTYPES
-        ours = kernels() if on_cpu else None
+        kernel_dtypes = qkv.dtype == torch.float32 and qkv.device.type == "cpu" and k_cache.dtype in KV_DTYPES
+        ours = kernels() if kernel_dtypes else None
         if ours is not None:
             # One C call for norm + RoPE + cache write, in place on the fused projection; then every
             # row, decode step or prompt token, attends in place over the paged cache with its

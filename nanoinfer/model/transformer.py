@@ -167,13 +167,14 @@ class Transformer(nn.Module):
         return logits
 
     @torch.inference_mode()
-    def score(self, input_ids: list[int]) -> torch.Tensor:
-        """Logits [T, vocab] for every position of one sequence, with a throwaway KV cache."""
+    def score(self, input_ids: list[int], kv_dtype: torch.dtype | None = None) -> torch.Tensor:
+        """Logits [T, vocab] for every position of one sequence, with a throwaway KV cache (in the
+        activations' dtype unless `kv_dtype` is given)."""
         from nanoinfer.engine.kv_cache import PagedKVCache
 
         block_size = 16
         num_blocks = (len(input_ids) + block_size - 1) // block_size
-        kv = PagedKVCache(self.config, num_blocks, block_size, self.dtype, self.device)
+        kv = PagedKVCache(self.config, num_blocks, block_size, kv_dtype or self.dtype, self.device)
         chunk = SequenceChunk(list(input_ids), 0, list(range(num_blocks)))
         batch = ForwardBatch.build([chunk], block_size, self.config.sliding_window, self.device, all_logits=True)
         return self.forward(batch, kv)
