@@ -136,7 +136,8 @@ def test_paged_attention_decode_rows_match_sdpa(heads: int, kv_heads: int, windo
     torch.manual_seed(heads + window + D)
     block_size, num_blocks = 4, 64
     k_cache, v_cache = torch.randn(2, num_blocks * block_size, kv_heads, D).to(cache_dtype).unbind(0)
-    lens = torch.tensor([1, 7, 13, 4, 61, 100])  # keys in blocks of eight, and the tails
+    # keys in groups of three or four (by head count), and tails of 1, 2 and 3 keys after them
+    lens = torch.tensor([1, 7, 13, 4, 61, 100, 6, 8, 99])
     tables = torch.stack([torch.randperm(num_blocks)[:25] for _ in lens])  # scattered, shared pool
     # queries as rows of a wider buffer, as they sit in the fused qkv projection
     qkv = torch.randn(len(lens), (heads + 2 * kv_heads) * D)
