@@ -35,7 +35,8 @@ def int8_groups(x: torch.Tensor) -> torch.Tensor:
     return (torch.round(groups * (127 / amax)) * (amax / 127)).view_as(x)
 
 
-@pytest.mark.parametrize("rows", [1, 2, 3, 5, 8, 9, 10, 11, 16, 300])  # 1-7: tiles; 8+: 4-row strips and tails; 300: two passes
+# rows 1-7: tiles; 8+: 5-row strips and tails of 1-4 rows; 300: two passes over the weights
+@pytest.mark.parametrize("rows", [1, 2, 3, 5, 8, 9, 10, 11, 12, 16, 300])
 @pytest.mark.parametrize("n", [40, 37, 72, 64])  # 40: a 4-block chunk and a 1-block tail; 37: a partial block
 @pytest.mark.parametrize("k", [96, 576])
 def test_q4_matmul_matches_dequantized_matmul(rows: int, n: int, k: int) -> None:
