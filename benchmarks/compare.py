@@ -22,6 +22,7 @@ from typing import Any
 import torch
 
 from benchmarks.peers import LlamaCppPeer, NanoinferPeer, Request, RequestTiming, TransformersPeer
+from nanoinfer.config import KV_CACHE_DTYPES
 
 RESULTS = Path(__file__).parent / "results"
 
@@ -33,7 +34,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--dtype", default=None, help="nanoinfer --dtype (default: the fastest measured)")
     p.add_argument("--quantization", default=None, choices=["none", "int8", "int4"],
                    help="nanoinfer weight format (default: the model's default)")
-    p.add_argument("--kv-cache-dtype", default="auto", choices=["auto", "float32", "float16", "bfloat16"],
+    p.add_argument("--kv-cache-dtype", default="auto", choices=KV_CACHE_DTYPES,
                    help="nanoinfer KV cache storage (default auto: float16 on CPU)")
     p.add_argument("--threads", type=int, default=os.cpu_count())
     p.add_argument("--repeats", type=int, default=3)

@@ -228,6 +228,9 @@ class GenerationDefaults:
         )
 
 
+KV_CACHE_DTYPES = ("auto", "float32", "float16", "bfloat16")  # EngineConfig.kv_cache_dtype
+
+
 @dataclass(frozen=True)
 class EngineConfig:
     """Knobs of the serving engine (KV pool, batching, prefix cache)."""
@@ -239,8 +242,8 @@ class EngineConfig:
     kv_cache_memory: int | None = None  # bytes; None: max_model_len * max_num_seqs tokens
     enable_prefix_cache: bool = True
     dtype: str = "float32"  # float weights; also activations, except on CPU (always float32 there)
-    # "auto", "float32", "float16" or "bfloat16"; auto: float16 where our C attention reads the
-    # cache (CPU), else the activations' dtype (see engine.kv_cache_dtype)
+    # one of KV_CACHE_DTYPES; auto: float16 where our C attention reads the cache (CPU), else the
+    # activations' dtype (see engine.kv_cache_dtype)
     kv_cache_dtype: str = "auto"
     quantization: str | None = None  # "none", "int8", "int4"; None: the model's default (see registry)
     # int8 layers and the quantized head switch to a dequantized float copy above this many rows

@@ -67,15 +67,6 @@ static inline float dot(const float *a, const float *b, int64_t D) {
     return total;
 }
 
-static inline void axpy(float alpha, const float *x, float *y, int64_t D) {
-    int64_t d = 0;
-#ifdef __AVX2__
-    __m256 a = _mm256_set1_ps(alpha);
-    for (; d + 8 <= D; d += 8) _mm256_storeu_ps(y + d, _mm256_fmadd_ps(a, _mm256_loadu_ps(x + d), _mm256_loadu_ps(y + d)));
-#endif
-    for (; d < D; d++) y[d] += alpha * x[d];
-}
-
 /* The KV cache stores float32, or IEEE half when kv_half is set: half the bytes that decode
  * attention streams from memory. Conversions round to nearest even, as torch's .half() does. */
 static inline float half_to_float(uint16_t h) {
