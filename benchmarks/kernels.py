@@ -68,8 +68,8 @@ def decode_attention(ours, seqs: int = 64, ctx: int = 450, layers: int = 30) -> 
     q = torch.randn(seqs, (heads + 2 * kv_heads) * d)
     times = {}
     for dtype in (torch.float32, torch.float16):
-        caches = [torch.randn(2, seqs * blocks * block, kv_heads, d).to(dtype).unbind(0) for _ in range(layers)]
-        times[dtype] = _seconds(lambda: [ours.paged_attention(q, heads, k, v, tables, lens, block, 0, d**-0.5)
+        caches = [torch.randn(2, seqs * blocks, kv_heads, block, d).to(dtype).unbind(0) for _ in range(layers)]
+        times[dtype] = _seconds(lambda: [ours.paged_attention(q, heads, k, v, tables, lens, 0, d**-0.5)
                                          for k, v in caches], repeats=3)
         del caches
     print(f"decode attention, {seqs} sequences x {ctx} tokens x {layers} layers, ms a step: "
@@ -84,7 +84,9 @@ def prompt_attention(ours) -> None:
         qkv = torch.randn(n, (heads + 2 * kv_heads) * d)
         k, v = torch.randn(2, n, kv_heads, d).unbind(0)
         blocks = -(-n // block)
-        k_cache, v_cache = (F.pad(t, (0, 0, 0, 0, 0, blocks * block - n)) for t in (k, v))
+        # [n, kv_heads, d] -> the cache's [blocks, kv_heads, block, d]
+        k_cache, v_cache = (F.pad(t, (0, 0, 0, 0, 0, blocks * block - n)).view(blocks, block, kv_heads, d)
+                            .transpose(1, 2).contiguous() for t in (k, v))
         tables, rows, lens = torch.arange(blocks)[None], torch.zeros(n, dtype=torch.long), torch.arange(1, n + 1)
         q = qkv[:, : heads * d].view(n, heads, d).transpose(0, 1)[None]
         group = heads // kv_heads
@@ -93,8 +95,7 @@ def prompt_attention(ours) -> None:
             keys, values = (t.transpose(0, 1).repeat_interleave(group, 0)[None] for t in (k, v))
             return F.scaled_dot_product_attention(q, keys, values, is_causal=True, scale=d**-0.5)
 
-        t_ours = _seconds(lambda: ours.paged_attention(qkv, heads, k_cache, v_cache, tables, lens, block, 0,
-                                                       d**-0.5, rows))
+        t_ours = _seconds(lambda: ours.paged_attention(qkv, heads, k_cache, v_cache, tables, lens, 0, d**-0.5, rows))
         t_sdpa = _seconds(sdpa)
         print(f"| {n} | {t_ours * 1e3:.2f} | {t_sdpa * 1e3:.2f} | {t_sdpa / t_ours:.2f}x |")
 

@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 
 import nanoinfer.kernels as kernels_module
+from nanoinfer.engine.kv_cache import read_slots
 from nanoinfer.kernels import find_compiler, kernels, pack_f32_panels, unpack_f32_panels
 from nanoinfer.model.rope import apply_rotary
 from nanoinfer.quant.int4 import _pack_panels, _unpack_panels, dequantize_int4, quantize_int4
@@ -122,7 +123,7 @@ def _reference_decode(q, k_cache, v_cache, tables, lens, block_size, window, sca
         slots = tables[b][pos // block_size] * block_size + pos % block_size
         if window:
             slots = slots[max(0, n - window):]
-        keys, values = k_cache[slots].transpose(0, 1), v_cache[slots].transpose(0, 1)
+        keys, values = read_slots(k_cache, slots).transpose(0, 1), read_slots(v_cache, slots).transpose(0, 1)
         o = F.scaled_dot_product_attention(q[b].unsqueeze(1), keys, values, scale=scale, enable_gqa=True)
         outs.append(o.squeeze(1).flatten())
     return torch.stack(outs)
@@ -136,14 +137,14 @@ def test_paged_attention_decode_rows_match_sdpa(heads: int, kv_heads: int, windo
     """Half caches are widened exactly, so both dtypes match SDPA over the same stored values."""
     torch.manual_seed(heads + window + D)
     block_size, num_blocks = 4, 64
-    k_cache, v_cache = torch.randn(2, num_blocks * block_size, kv_heads, D).to(cache_dtype).unbind(0)
+    k_cache, v_cache = torch.randn(2, num_blocks, kv_heads, block_size, D).to(cache_dtype).unbind(0)
     # keys in groups of three or four (by head count), and tails of 1, 2 and 3 keys after them
     lens = torch.tensor([1, 7, 13, 4, 61, 100, 6, 8, 99])
     tables = torch.stack([torch.randperm(num_blocks)[:25] for _ in lens])  # scattered, shared pool
     # queries as rows of a wider buffer, as they sit in the fused qkv projection
     qkv = torch.randn(len(lens), (heads + 2 * kv_heads) * D)
     q = qkv[:, : heads * D].unflatten(-1, (heads, D))
-    out = ours.paged_attention(qkv, heads, k_cache, v_cache, tables, lens, block_size, window, D**-0.5)
+    out = ours.paged_attention(qkv, heads, k_cache, v_cache, tables, lens, window, D**-0.5)
     ref = _reference_decode(q, k_cache.float(), v_cache.float(), tables, lens, block_size, window, D**-0.5)
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
 
@@ -154,14 +155,14 @@ def test_paged_attention_prompt_rows_share_a_table(window: int, cache_dtype) -> 
     """Prompt rows: each reads its sequence's table through row_table, causal by its own ctx_len."""
     torch.manual_seed(window)
     heads, kv_heads, D, block_size, num_blocks = 6, 2, 64, 4, 32
-    k_cache, v_cache = torch.randn(2, num_blocks * block_size, kv_heads, D).to(cache_dtype).unbind(0)
+    k_cache, v_cache = torch.randn(2, num_blocks, kv_heads, block_size, D).to(cache_dtype).unbind(0)
     tables = torch.stack([torch.randperm(num_blocks)[:8] for _ in range(2)])
     # sequence 0: a fresh 9-token prompt; sequence 1: 5 new tokens after 14 cached ones
     row_table = torch.tensor([0] * 9 + [1] * 5)
     lens = torch.cat([torch.arange(1, 10), torch.arange(15, 20)])
     qkv = torch.randn(len(lens), (heads + 2 * kv_heads) * D)
     q = qkv[:, : heads * D].unflatten(-1, (heads, D))
-    out = ours.paged_attention(qkv, heads, k_cache, v_cache, tables, lens, block_size, window, 0.125, row_table)
+    out = ours.paged_attention(qkv, heads, k_cache, v_cache, tables, lens, window, 0.125, row_table)
     ref = _reference_decode(q, k_cache.float(), v_cache.float(), tables[row_table], lens, block_size, window, 0.125)
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
 
@@ -184,13 +185,15 @@ def test_qk_rope_store_matches_torch(qk_norm: bool) -> None:
     if qk_norm:
         q, k = F.rms_norm(q, (D,), qn, 1e-6), F.rms_norm(k, (D,), kn, 1e-6)
     q_ref, k_ref = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-    k_cache, v_cache = torch.zeros(2, 10, KVH, D).unbind(0)
+    k_cache, v_cache = torch.zeros(2, 5, KVH, 2, D).unbind(0)  # 10 slots in blocks of 2
     slots = torch.tensor([7, 2, 9])
     ours.qk_rope_store(qkv, H, KVH, D, qn, kn, 1e-6, cos, sin, k_cache, v_cache, slots)
     torch.testing.assert_close(qkv[:, : H * D].view(T, H, D), q_ref, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(k_cache[slots], k_ref, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(v_cache[slots], v)
-    assert k_cache[[0, 1, 3]].abs().sum() == 0  # nothing written outside the slots
+    torch.testing.assert_close(read_slots(k_cache, slots), k_ref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(read_slots(v_cache, slots), v)
+    others = torch.tensor([s for s in range(10) if s not in slots.tolist()])
+    assert read_slots(k_cache, others).abs().sum() == 0  # nothing written outside the slots
+    assert read_slots(v_cache, others).abs().sum() == 0
 
 
 def test_qk_rope_store_narrows_to_a_half_cache_as_torch_rounds() -> None:
@@ -202,12 +205,12 @@ def test_qk_rope_store_narrows_to_a_half_cache_as_torch_rounds() -> None:
     qkv[0, (H + KVH) * D:(H + KVH) * D + 8] = torch.tensor([7e4, 65519.0, -65505.0, 3e-6, -1e-7, 6e-8, 0.0, math.nan])
     qkv[0, -1] = 65520.0  # the tail's scalar path: rounds to inf
     cos, sin = torch.ones(T, D), torch.zeros(T, D)  # no rotation: k is stored as projected
-    k_cache, v_cache = torch.zeros(2, 6, KVH, D, dtype=torch.float16).unbind(0)
+    k_cache, v_cache = torch.zeros(2, 2, KVH, 3, D, dtype=torch.float16).unbind(0)  # 6 slots in blocks of 3
     slots = torch.tensor([5, 0, 3, 1])
     k, v = qkv[:, H * D:(H + KVH) * D].clone(), qkv[:, (H + KVH) * D:].clone()
     ours.qk_rope_store(qkv, H, KVH, D, None, None, 0.0, cos, sin, k_cache, v_cache, slots)
-    assert torch.equal(k_cache[slots].flatten(1), k.half())
-    stored, expected = v_cache[slots].flatten(1), v.half()
+    assert torch.equal(read_slots(k_cache, slots).flatten(1), k.half())
+    stored, expected = read_slots(v_cache, slots).flatten(1), v.half()
     assert torch.equal(stored.isnan(), expected.isnan())
     assert torch.equal(stored[~stored.isnan()], expected[~expected.isnan()])
 

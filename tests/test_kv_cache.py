@@ -13,6 +13,8 @@ from nanoinfer.engine.kv_cache import (
     kv_bytes_per_token,
     kv_cache_bytes,
     parse_memory,
+    read_slots,
+    write_slots,
 )
 from nanoinfer.errors import NanoInferError
 
@@ -141,13 +143,26 @@ def test_paged_kv_cache_shapes(config: ModelConfig) -> None:
     assert (cache.num_blocks, cache.block_size, cache.num_slots) == (5, 4, 20)
     assert len(cache.k) == len(cache.v) == config.num_layers
     for t in cache.k + cache.v:
-        assert t.shape == (20, config.num_kv_heads, config.head_dim)
+        assert t.shape == (5, config.num_kv_heads, 4, config.head_dim)
         assert t.dtype == torch.float16 and t.device.type == "cpu"
         assert not t.any()
     # Layers own separate storage (writing one must not alias another).
     cache.k[0][3] = 1.0
     assert not cache.k[1].any() and not cache.v[0].any()
     assert cache.nbytes == kv_cache_bytes(config, torch.float16, 20)
+
+
+def test_slots_address_block_head_offset(config: ModelConfig) -> None:
+    """Slot block * block_size + offset of head h lies at cache[block, h, offset]."""
+    cache = PagedKVCache(config, num_blocks=3, block_size=4, dtype=torch.float32, device="cpu")
+    slots = torch.tensor([9, 0, 6])
+    rows = torch.randn(3, config.num_kv_heads, config.head_dim)
+    write_slots(cache.k[0], slots, rows)
+    torch.testing.assert_close(read_slots(cache.k[0], slots), rows)
+    for slot, row in zip(slots.tolist(), rows):
+        for h in range(config.num_kv_heads):
+            torch.testing.assert_close(cache.k[0][slot // 4, h, slot % 4], row[h])
+    assert int((cache.k[0] != 0).sum()) == rows.numel()  # nothing else written
 
 
 def test_for_memory_rounds_down_to_whole_blocks(config: ModelConfig) -> None:

@@ -1,7 +1,8 @@
 """Paged KV cache: sizing helpers, a reference-counted block allocator, and the KV tensors.
 
-The KV pool is a flat array of *slots*, one slot per cached token, grouped into fixed-size
-*blocks* of ``block_size`` slots: ``slot = block * block_size + offset``. Blocks are the unit
+The KV pool holds one *slot* per cached token, grouped into fixed-size *blocks* of
+``block_size`` slots: ``slot = block * block_size + offset`` (how a block lies in memory is
+``PagedKVCache``'s business). Blocks are the unit
 of allocation and of sharing (the radix prefix cache shares whole blocks between requests),
 so every block carries a reference count (see ``BlockAllocator``).
 """
@@ -164,12 +165,27 @@ class BlockAllocator:
             raise ValueError(f"block id {block} out of range [0, {len(self._refcounts)})")
 
 
+def read_slots(cache: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
+    """The K or V rows [n, num_kv_heads, head_dim] of the tokens in ``slots``."""
+    block_size = cache.shape[2]
+    return cache[slots // block_size, :, slots % block_size]
+
+
+def write_slots(cache: torch.Tensor, slots: torch.Tensor, rows: torch.Tensor) -> None:
+    """Store rows [n, num_kv_heads, head_dim] at ``slots``, narrowed to the cache's dtype."""
+    block_size = cache.shape[2]
+    cache[slots // block_size, :, slots % block_size] = rows.to(cache.dtype)
+
+
 class PagedKVCache:
     """Preallocated K and V tensors for every layer, addressed by slot.
 
-    ``k[layer]`` and ``v[layer]`` have shape ``[num_blocks * block_size, num_kv_heads, head_dim]``
+    ``k[layer]`` and ``v[layer]`` have shape ``[num_blocks, num_kv_heads, block_size, head_dim]``
     and start zeroed; slot ``block * block_size + offset`` holds the token at ``offset`` in
-    ``block``. This class only owns memory: which blocks belong to whom is the business of a
+    ``block`` (``read_slots``/``write_slots``). Within a block each KV head's keys lie together:
+    decode attention, one task per sequence and KV head, then reads 2 KB runs (block 16, head_dim
+    64, float16) instead of 128 bytes every 384, which took 1.3-1.5x as long on this 2-core machine.
+    This class only owns memory: which blocks belong to whom is the business of a
     ``BlockAllocator`` of the same ``num_blocks``.
     """
 
@@ -190,7 +206,7 @@ class PagedKVCache:
         self.block_size = block_size
         self.dtype = dtype
         self.device = torch.device(device)
-        shape = (num_blocks * block_size, config.num_kv_heads, config.head_dim)
+        shape = (num_blocks, config.num_kv_heads, block_size, config.head_dim)
         self.k: list[torch.Tensor] = [
             torch.zeros(shape, dtype=dtype, device=self.device) for _ in range(config.num_layers)
         ]

@@ -38,6 +38,5 @@ class ModelRunner:
 
     def copy_block(self, src: int, dst: int) -> None:
         """Copy one block's K/V in every layer (copy-on-write when n > 1 samples fork)."""
-        bs = self.kv_cache.block_size
         for cache in (*self.kv_cache.k, *self.kv_cache.v):
-            cache[dst * bs : (dst + 1) * bs] = cache[src * bs : (src + 1) * bs]
+            cache[dst] = cache[src]

@@ -136,7 +136,7 @@ class CpuKernels:
             "f32_matmul": [ptr, i64, i64, ptr, i64, ptr, ptr, i32],
             "paged_attention": [ptr, i64, ptr, ptr, i32, ptr, i64, ptr, ptr, i64, i64, i64, i64, i64, i64, f32, ptr, i32],
             "rms_norm": [ptr, i64, i64, i64, ptr, f32, ptr],
-            "qk_rope_store": [ptr, i64, i64, i64, i64, i64, ptr, ptr, f32, ptr, ptr, ptr, ptr, i32, ptr],
+            "qk_rope_store": [ptr, i64, i64, i64, i64, i64, ptr, ptr, f32, ptr, ptr, ptr, ptr, i32, ptr, i64],
             "gated_act": [ptr, i64, i64, i32, ptr, i32],
             "decode_layers": [ctypes.POINTER(DecodeLayer), i64, ctypes.POINTER(DecodeStep), ptr, i64, i32],
         }
@@ -179,17 +179,17 @@ class CpuKernels:
         return self._matmul(self.lib.f32_matmul, x, panels, out_features, bias)
 
     def paged_attention(self, q: torch.Tensor, num_heads: int, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                        block_tables: torch.Tensor, ctx_lens: torch.Tensor, block_size: int, window: int,
+                        block_tables: torch.Tensor, ctx_lens: torch.Tensor, window: int,
                         scale: float, row_table: torch.Tensor | None = None) -> torch.Tensor:
         """Attention of B query rows against the paged cache, each row causal by its ctx_lens (its own
         token the last key): decode steps and prompt rows alike.
 
-        q: B rows (row stride q.stride(0)) starting with num_heads heads of D; caches [slots, KVH, D],
-        float32 or float16 (KV_DTYPES);
+        q: B rows (row stride q.stride(0)) starting with num_heads heads of D; caches
+        [blocks, KVH, block_size, D] (PagedKVCache), float32 or float16 (KV_DTYPES);
         block_tables [S, max_blocks]; row_table [B] (which table row each query reads; None: row b
         reads row b) and ctx_lens [B], int64. Returns [B, num_heads * D]."""
         B = ctx_lens.shape[0]
-        _, kvh, D = k_cache.shape
+        _, kvh, block_size, D = k_cache.shape
         out = torch.empty(B, num_heads * D)
         self.lib.paged_attention(
             q.data_ptr(), q.stride(0), k_cache.data_ptr(), v_cache.data_ptr(), kv_half(k_cache), block_tables.data_ptr(),
@@ -210,11 +210,11 @@ class CpuKernels:
                       cos: torch.Tensor, sin: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                       slots: torch.Tensor) -> None:
         """In place on qkv [T, (H + 2 KVH) * D] (rows may be strided): norm and rotate q, k; store k, v
-        (narrowed to the cache's dtype, float32 or float16)."""
+        (narrowed to the cache's dtype, float32 or float16; caches as PagedKVCache lays them out)."""
         self.lib.qk_rope_store(
             qkv.data_ptr(), qkv.shape[0], qkv.stride(0), num_heads, num_kv_heads, head_dim, _ptr(q_norm),
             _ptr(k_norm), eps, cos.data_ptr(), sin.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(),
-            kv_half(k_cache), slots.data_ptr(),
+            kv_half(k_cache), slots.data_ptr(), k_cache.shape[2],
         )
 
     def gated_act(self, gate_up: torch.Tensor, gelu: bool) -> torch.Tensor:

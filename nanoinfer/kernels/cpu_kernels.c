@@ -103,6 +103,12 @@ static inline const void *kv_at(const void *cache, int64_t i, int half) {
     return (const char *)cache + i * (half ? 2 : 4);
 }
 
+/* The row (of head_dim elements) holding `head` of the token in `slot` = block * block_size + offset:
+ * caches are [blocks, KVH, block_size, D], each head's rows of a block together. */
+static inline int64_t kv_row(int64_t slot, int64_t head, int64_t KVH, int64_t block_size) {
+    return (slot / block_size * KVH + head) * block_size + slot % block_size;
+}
+
 static inline float kv_get(const void *row, int64_t d, int half) {
     return half ? half_to_float(((const uint16_t *)row)[d]) : ((const float *)row)[d];
 }
@@ -643,8 +649,8 @@ void bf16_matmul(const float *x, int64_t M, int64_t K, const uint16_t *wb, int64
 
 /* Attention for one sequence and KV head, `nh` (<= ATT_HEADS) of its query heads at a time (their
  * queries D floats apart): each key and value row is loaded once for all of them (GQA).
- * slot[i] is key i's row in the cache, looked up once per task; rows are `row` elements apart,
- * float32 or half (`half`, a constant in each specialisation). */
+ * rows[i] is key i's row of D elements in the cache (kv_row), looked up once per task; float32 or
+ * half (`half`, a constant in each specialisation). */
 #define ATT_HEADS 3
 
 /* Keys and values sit in scattered blocks the hardware prefetchers cannot follow. Rows with a
@@ -662,8 +668,8 @@ static inline void prefetch_row(const void *p, int64_t bytes, int into_l1) {
 
 /* s[h * n + i] = scale * q_h . key(i) for nh heads. */
 static inline __attribute__((always_inline)) void attention_scores(
-    const int nh, const int half, const float *q, const void *k_cache, const void *v_cache, const int64_t *slot,
-    int64_t n, int64_t row, int64_t D, float scale, int prefetch, float *s) {
+    const int nh, const int half, const float *q, const void *k_cache, const void *v_cache, const int64_t *rows,
+    int64_t n, int64_t D, float scale, int prefetch, float *s) {
     int64_t i = 0;
 #ifdef __AVX2__
     const int64_t row_bytes = D * (half ? 2 : 4);
@@ -675,11 +681,11 @@ static inline __attribute__((always_inline)) void attention_scores(
         for (; i + 4 <= n; i += KB) { /* i + 4: the stores below write four lanes */
             const void *key[4];
             __m256 acc[ATT_HEADS][4];
-            for (int j = 0; j < KB; j++) key[j] = kv_at(k_cache, slot[i + j] * row, half);
+            for (int j = 0; j < KB; j++) key[j] = kv_at(k_cache, rows[i + j] * D, half);
             if (prefetch && i + ATT_PREFETCH + 4 <= n)
                 for (int j = 0; j < KB; j++) {
-                    prefetch_row(kv_at(k_cache, slot[i + ATT_PREFETCH + j] * row, half), row_bytes, 1);
-                    prefetch_row(kv_at(v_cache, slot[i + ATT_PREFETCH + j] * row, half), row_bytes, 0);
+                    prefetch_row(kv_at(k_cache, rows[i + ATT_PREFETCH + j] * D, half), row_bytes, 1);
+                    prefetch_row(kv_at(v_cache, rows[i + ATT_PREFETCH + j] * D, half), row_bytes, 0);
                 }
             for (int h = 0; h < nh; h++)
                 for (int j = 0; j < 4; j++) acc[h][j] = _mm256_setzero_ps();
@@ -706,7 +712,7 @@ static inline __attribute__((always_inline)) void attention_scores(
     /* The last keys one at a time: left to the scalar loop below, 130 keys took 1.1-1.3x as long as 128. */
     if (D % 8 == 0)
         for (; i < n; i++) {
-            const void *key = kv_at(k_cache, slot[i] * row, half);
+            const void *key = kv_at(k_cache, rows[i] * D, half);
             __m256 acc[ATT_HEADS];
             for (int h = 0; h < nh; h++) acc[h] = _mm256_setzero_ps();
             for (int64_t d = 0; d < D; d += 8) {
@@ -717,7 +723,7 @@ static inline __attribute__((always_inline)) void attention_scores(
         }
 #endif
     for (; i < n; i++) {
-        const void *key = kv_at(k_cache, slot[i] * row, half);
+        const void *key = kv_at(k_cache, rows[i] * D, half);
         for (int h = 0; h < nh; h++) {
             float total = 0.f;
             for (int64_t d = 0; d < D; d++) total += q[h * D + d] * kv_get(key, d, half);
@@ -755,8 +761,8 @@ static float softmax_unnormalized(float *s, int64_t n) {
 /* out_h = inv[h] * sum_i p[h * n + i] * value(i) for nh heads (outputs D floats apart), 32 dims at
  * a time so the nh x 4 accumulators stay in registers. */
 static inline __attribute__((always_inline)) void attention_values(
-    const int nh, const int half, const float *p, const float *inv, const void *v_cache, const int64_t *slot,
-    int64_t n, int64_t row, int64_t D, float *out) {
+    const int nh, const int half, const float *p, const float *inv, const void *v_cache, const int64_t *rows,
+    int64_t n, int64_t D, float *out) {
     int64_t d0 = 0;
 #ifdef __AVX2__
     for (; d0 + 32 <= D; d0 += 32) {
@@ -764,8 +770,8 @@ static inline __attribute__((always_inline)) void attention_values(
         for (int h = 0; h < nh; h++)
             for (int c = 0; c < 4; c++) acc[h][c] = _mm256_setzero_ps();
         for (int64_t i = 0; i < n; i++) {
-            const void *val = kv_at(v_cache, slot[i] * row + d0, half);
-            if (d0 == 0 && i + 16 < n) prefetch_row(kv_at(v_cache, slot[i + 16] * row, half), D * (half ? 2 : 4), 1);
+            const void *val = kv_at(v_cache, rows[i] * D + d0, half);
+            if (d0 == 0 && i + 16 < n) prefetch_row(kv_at(v_cache, rows[i + 16] * D, half), D * (half ? 2 : 4), 1);
             __m256 w[ATT_HEADS];
             for (int h = 0; h < nh; h++) w[h] = _mm256_broadcast_ss(p + h * n + i);
             for (int c = 0; c < 4; c++) {
@@ -783,7 +789,7 @@ static inline __attribute__((always_inline)) void attention_values(
         float *o = out + h * D;
         for (int64_t d = d0; d < D; d++) o[d] = 0.f;
         for (int64_t i = 0; i < n; i++) {
-            const void *val = kv_at(v_cache, slot[i] * row, half);
+            const void *val = kv_at(v_cache, rows[i] * D, half);
             float w = p[h * n + i];
             for (int64_t d = d0; d < D; d++) o[d] += w * kv_get(val, d, half);
         }
@@ -793,14 +799,14 @@ static inline __attribute__((always_inline)) void attention_values(
 
 /* Constant head counts and storage let the compiler keep the accumulators in registers. */
 static void attention_heads(int nh, int half, const float *q, const void *k_cache, const void *v_cache,
-                            const int64_t *slot, int64_t n, int64_t row, int64_t D, float scale, int prefetch,
+                            const int64_t *rows, int64_t n, int64_t D, float scale, int prefetch,
                             float *s, float *out) {
 #define ATT_CASE(c, hf)                                                                   \
     if (nh == c && half == hf) {                                                          \
         float inv[c];                                                                     \
-        attention_scores(c, hf, q, k_cache, v_cache, slot, n, row, D, scale, prefetch, s); \
+        attention_scores(c, hf, q, k_cache, v_cache, rows, n, D, scale, prefetch, s);   \
         for (int h = 0; h < c; h++) inv[h] = softmax_unnormalized(s + h * n, n);          \
-        attention_values(c, hf, s, inv, v_cache, slot, n, row, D, out);                   \
+        attention_values(c, hf, s, inv, v_cache, rows, n, D, out);                     \
         return;                                                                           \
     }
     ATT_CASE(3, 0) ATT_CASE(2, 0) ATT_CASE(1, 0) ATT_CASE(3, 1) ATT_CASE(2, 1) ATT_CASE(1, 1)
@@ -808,8 +814,8 @@ static void attention_heads(int nh, int half, const float *q, const void *k_cach
 }
 
 /* Attention of B query rows against their sequences' K/V, read in place from the paged cache.
- * q: B rows q_stride floats apart, each H heads of D; out: [B, H, D]; caches: [slots, KVH, D] with
- * slot = block * block_size + offset, float32 or half (kv_half); block_tables: [S, max_blocks];
+ * q: B rows q_stride floats apart, each H heads of D; out: [B, H, D]; caches: [blocks, KVH,
+ * block_size, D] (see kv_row), float32 or half (kv_half); block_tables: [S, max_blocks];
  * row b reads table row_table[b] (row b itself when row_table is NULL) and the first ctx_lens[b]
  * keys of it, its own token the last of them: decode rows and the rows of a prompt alike (causal
  * by construction). window > 0 keeps only the last `window` keys. */
@@ -818,8 +824,8 @@ void paged_attention(const float *q, int64_t q_stride, const void *k_cache, cons
                      const int64_t *ctx_lens, int64_t B, int64_t H, int64_t KVH, int64_t D, int64_t block_size,
                      int64_t window, float scale, float *out, int nthreads) {
     int64_t group = H / KVH;
-    int64_t row = KVH * D; /* elements per slot */
-    /* One task per row and KV head: its query heads share each K and V row read. */
+    /* One task per row and KV head: its query heads share each K and V row read, and the
+     * head's keys (values) of each block lie in one run of block_size rows. */
 #pragma omp parallel for num_threads(nthreads) schedule(dynamic, 1)
     for (int64_t task = 0; task < B * KVH; task++) {
         int64_t b = task / KVH, kvh = task % KVH;
@@ -827,19 +833,18 @@ void paged_attention(const float *q, int64_t q_stride, const void *k_cache, cons
         int64_t first = (window > 0 && ctx > window) ? ctx - window : 0;
         int64_t n = ctx - first;
         const int64_t *table = block_tables + (row_table ? row_table[b] : b) * max_blocks;
-        int64_t *slot = (int64_t *)malloc((sizeof(int64_t) + sizeof(float) * ATT_HEADS) * (size_t)n);
-        float *scores = (float *)(slot + n);
+        int64_t *krow = (int64_t *)malloc((sizeof(int64_t) + sizeof(float) * ATT_HEADS) * (size_t)n);
+        float *scores = (float *)(krow + n);
         for (int64_t pos = first, i = 0; pos < ctx;) { /* one division per block, not per key */
-            int64_t base = table[pos / block_size] * block_size, off = pos % block_size;
-            for (; off < block_size && pos < ctx; off++, pos++) slot[i++] = base + off;
+            int64_t base = kv_row(table[pos / block_size] * block_size, kvh, KVH, block_size), off = pos % block_size;
+            for (; off < block_size && pos < ctx; off++, pos++) krow[i++] = base + off;
         }
         for (int64_t h = kvh * group; h < (kvh + 1) * group; h += ATT_HEADS) {
             int nh = (kvh + 1) * group - h < ATT_HEADS ? (int)((kvh + 1) * group - h) : ATT_HEADS;
-            attention_heads(nh, kv_half, q + b * q_stride + h * D, kv_at(k_cache, kvh * D, kv_half),
-                            kv_at(v_cache, kvh * D, kv_half), slot, n, row, D, scale, row_table == NULL, scores,
-                            out + (b * H + h) * D);
+            attention_heads(nh, kv_half, q + b * q_stride + h * D, k_cache, v_cache, krow, n, D, scale,
+                            row_table == NULL, scores, out + (b * H + h) * D);
         }
-        free(slot);
+        free(krow);
     }
 }
 
@@ -875,7 +880,7 @@ void rope_rotate(float *x, int64_t T, int64_t heads, int64_t D, int64_t row_stri
 /* The per-layer work between the qkv projection and attention, for T tokens whose rows of
  * `row_stride` floats hold [q: H heads | k: KVH heads | v: KVH heads] of D floats each:
  * RMSNorm of q and k heads in place (when q_norm/k_norm are given), rotate-half RoPE of q and k
- * in place with cos/sin [T, D], then K and V copied to their cache slots ([slots, KVH, D]). */
+ * in place with cos/sin [T, D], then K and V copied to their cache slots (see kv_row). */
 static void norm_head(float *v, int64_t D, const float *w, float eps) {
     float inv = 1.f / sqrtf(dot(v, v, D) / (float)D + eps);
     for (int64_t d = 0; d < D; d++) v[d] = v[d] * inv * w[d];
@@ -883,7 +888,7 @@ static void norm_head(float *v, int64_t D, const float *w, float eps) {
 
 void qk_rope_store(float *qkv, int64_t T, int64_t row_stride, int64_t H, int64_t KVH, int64_t D,
                    const float *q_norm, const float *k_norm, float eps, const float *cos_t, const float *sin_t,
-                   void *k_cache, void *v_cache, int kv_half, const int64_t *slots) {
+                   void *k_cache, void *v_cache, int kv_half, const int64_t *slots, int64_t block_size) {
     for (int64_t t = 0; t < T; t++) {
         float *row = qkv + t * row_stride;
         if (q_norm)
@@ -891,8 +896,11 @@ void qk_rope_store(float *qkv, int64_t T, int64_t row_stride, int64_t H, int64_t
         if (k_norm)
             for (int64_t h = H; h < H + KVH; h++) norm_head(row + h * D, D, k_norm, eps);
         rope_rotate(row, 1, H + KVH, D, 0, cos_t + t * D, sin_t + t * D);
-        kv_put((void *)kv_at(k_cache, slots[t] * KVH * D, kv_half), row + H * D, KVH * D, kv_half);
-        kv_put((void *)kv_at(v_cache, slots[t] * KVH * D, kv_half), row + (H + KVH) * D, KVH * D, kv_half);
+        for (int64_t h = 0; h < KVH; h++) {
+            int64_t at = kv_row(slots[t], h, KVH, block_size) * D;
+            kv_put((void *)kv_at(k_cache, at, kv_half), row + (H + h) * D, D, kv_half);
+            kv_put((void *)kv_at(v_cache, at, kv_half), row + (H + KVH + h) * D, D, kv_half);
+        }
     }
 }
 
@@ -957,7 +965,7 @@ void decode_layer(const DecodeLayer *L, const DecodeStep *S, float *x, int64_t M
     rms_norm(x, M, hid, hid, L->input_norm, L->eps, h);
     q4_apply(&L->qkv, h, M, hid, qkv, nthreads);
     qk_rope_store(qkv, M, L->qkv.n, L->heads, L->kv_heads, L->head_dim, L->q_norm, L->k_norm, L->eps, S->cos_t,
-                  S->sin_t, L->k_cache, L->v_cache, (int)S->kv_half, S->slots);
+                  S->sin_t, L->k_cache, L->v_cache, (int)S->kv_half, S->slots, S->block_size);
     paged_attention(qkv, L->qkv.n, L->k_cache, L->v_cache, (int)S->kv_half, S->block_tables, S->max_blocks, NULL, S->ctx_lens, M,
                     L->heads, L->kv_heads, L->head_dim, S->block_size, L->window, L->scale, att, nthreads);
     q4_apply(&L->o, att, M, qd, tmp, nthreads);
