@@ -36,9 +36,11 @@ def int8_groups(x: torch.Tensor) -> torch.Tensor:
     return (torch.round(groups * (127 / amax)) * (amax / 127)).view_as(x)
 
 
-# rows 1-7: tiles; 8+: 5-row strips and tails of 1-4 rows; 300: two passes over the weights
+# rows 1-7: tiles; 8+: 3-row strips and tails of 1-2 rows; 300: two passes over the weights
 @pytest.mark.parametrize("rows", [1, 2, 3, 5, 8, 9, 10, 11, 12, 16, 300])
-@pytest.mark.parametrize("n", [40, 37, 72, 64])  # 40: a 4-block chunk and a 1-block tail; 37: a partial block
+# Strips take blocks in pairs. 40: a 4-block chunk and a 1-block tail; 37: a partial block;
+# 56: a 3-block chunk (a pair and one); 44: a 2-block chunk whose second block is partial.
+@pytest.mark.parametrize("n", [40, 37, 72, 64, 56, 44])
 @pytest.mark.parametrize("k", [96, 576])
 def test_q4_matmul_matches_dequantized_matmul(rows: int, n: int, k: int) -> None:
     torch.manual_seed(rows * n)

@@ -289,87 +289,102 @@ static void q4_tile_any(int R, int C, const int8_t *xq, int64_t K, const float *
 #undef Q4_CASE
 }
 
-/* out[r, 0..8) for R rows of one column block over all G groups, from Q4_STRIP_FROM rows on: the strip
- * keeps its R int16 group sums and R float accumulators in registers (2R of the 16), each
- * unpacked weight vector serves R rows, and activation quads are broadcast straight from memory.
- * 1.15-1.4x the 2 x 4 tile's throughput from 8 rows on; below 8 the tile is up to 5% faster,
- * its one sequential pass over each chunk's record mattering more (the weights come from memory).
- * Five rows (15 registers) share each unpack: 1.04-1.07x four at 512 rows, 1.03x at 64; six, which
- * needs all 16, is no faster. */
-#define Q4_STRIP 5
+/* out[r, 0..8 NB) for R rows of NB adjacent column blocks over all G groups, from Q4_STRIP_FROM
+ * rows on: the strip keeps its R x NB int16 group sums in registers, each unpacked weight vector
+ * serves R rows, and each activation quad, broadcast straight from memory, serves NB blocks.
+ * Three rows of two blocks (6 sums, 2 weight vectors, a broadcast) against the five rows of one
+ * block this replaced: 1.02-1.06x at 512 rows, 1.07-1.12x at 64, 1.15-1.2x at 16 (120
+ * model-shaped matmuls, interleaved, best of 30). The broadcasts, one per maddubs before, are
+ * what the pairs save. Four rows of two were no faster, and in this loop form 1.2x slower (their
+ * float accumulators no longer fit the registers); three of three, four of three and four of
+ * four were slower too. Below 8 rows the 2 x 4 tile is up to 5% faster, its one sequential pass
+ * over each chunk's record mattering more (the weights come from memory). */
+#define Q4_STRIP 3
 #define Q4_STRIP_FROM 8
 static inline __attribute__((always_inline)) void q4_strip(
-    const int R, const int8_t *xq, int64_t K, const float *xs, const float *xsum, int64_t G,
+    const int R, const int NB, const int8_t *xq, int64_t K, const float *xs, const float *xsum, int64_t G,
     const uint8_t *w, const float *sp, const float *mp, int64_t record, float *out, int64_t ldo) {
 #ifdef __AVX2__
     const __m256i low4 = _mm256_set1_epi8(0x0F), ones = _mm256_set1_epi16(1);
     const int64_t step = record / (int64_t)sizeof(float);
-    __m256 acc[Q4_STRIP];
-    for (int r = 0; r < R; r++) acc[r] = _mm256_setzero_ps();
+    __m256 acc[Q4_STRIP][2];
+    for (int r = 0; r < R; r++)
+        for (int c = 0; c < NB; c++) acc[r][c] = _mm256_setzero_ps();
     for (int64_t g = 0; g < G; g++) {
         const uint8_t *wp = w + g * record;
-        __m256i dot16[Q4_STRIP];
-        for (int r = 0; r < R; r++) dot16[r] = _mm256_setzero_si256();
-        for (int jj = 0; jj < 4; jj++) {
-            __m256i raw = _mm256_loadu_si256((const __m256i *)(wp + jj * 32));
-            __m256i lo = _mm256_and_si256(raw, low4), hi = _mm256_and_si256(_mm256_srli_epi16(raw, 4), low4);
-            for (int r = 0; r < R; r++) {
-                const int8_t *xp = xq + r * K + g * Q4_GROUP + jj * 4;
-                int32_t quad_lo, quad_hi;
-                memcpy(&quad_lo, xp, 4);
-                memcpy(&quad_hi, xp + 16, 4);
-                dot16[r] = _mm256_add_epi16(dot16[r], _mm256_maddubs_epi16(lo, _mm256_set1_epi32(quad_lo)));
-                dot16[r] = _mm256_add_epi16(dot16[r], _mm256_maddubs_epi16(hi, _mm256_set1_epi32(quad_hi)));
-                /* Without this gcc 12 reassociates the sums into all 8R products first and spills
-                 * them to the stack, which cost a third of the throughput. */
-                __asm__("" : "+x"(dot16[r]));
+        __m256i dot16[Q4_STRIP][2];
+        for (int r = 0; r < R; r++)
+            for (int c = 0; c < NB; c++) dot16[r][c] = _mm256_setzero_si256();
+        for (int jj = 0; jj < 4; jj++)
+            for (int high = 0; high < 2; high++) { /* low nibbles: k = 4jj..; high ones: k + 16 */
+                __m256i wv[2];
+                for (int c = 0; c < NB; c++) {
+                    __m256i raw = _mm256_loadu_si256((const __m256i *)(wp + c * 128 + jj * 32));
+                    wv[c] = _mm256_and_si256(high ? _mm256_srli_epi16(raw, 4) : raw, low4);
+                }
+                for (int r = 0; r < R; r++) {
+                    int32_t quad;
+                    memcpy(&quad, xq + r * K + g * Q4_GROUP + jj * 4 + high * 16, 4);
+                    __m256i x4 = _mm256_set1_epi32(quad);
+                    for (int c = 0; c < NB; c++) {
+                        dot16[r][c] = _mm256_add_epi16(dot16[r][c], _mm256_maddubs_epi16(wv[c], x4));
+                        /* Without this gcc 12 reassociates the sums into all the products first
+                         * and spills them to the stack, which cost a third of the throughput. */
+                        __asm__("" : "+x"(dot16[r][c]));
+                    }
+                }
             }
-        }
-        __m256 sv = _mm256_loadu_ps(sp + g * step), mv = _mm256_loadu_ps(mp + g * step);
-        for (int r = 0; r < R; r++) {
-            __m256 d = _mm256_cvtepi32_ps(_mm256_madd_epi16(dot16[r], ones));
-            acc[r] = _mm256_fmadd_ps(d, _mm256_mul_ps(sv, _mm256_set1_ps(xs[r * G + g])), acc[r]);
-            acc[r] = _mm256_fmadd_ps(mv, _mm256_set1_ps(xsum[r * G + g]), acc[r]);
+        for (int c = 0; c < NB; c++) {
+            __m256 sv = _mm256_loadu_ps(sp + g * step + c * Q4_COLS), mv = _mm256_loadu_ps(mp + g * step + c * Q4_COLS);
+            for (int r = 0; r < R; r++) {
+                __m256 d = _mm256_cvtepi32_ps(_mm256_madd_epi16(dot16[r][c], ones));
+                acc[r][c] = _mm256_fmadd_ps(d, _mm256_mul_ps(sv, _mm256_set1_ps(xs[r * G + g])), acc[r][c]);
+                acc[r][c] = _mm256_fmadd_ps(mv, _mm256_set1_ps(xsum[r * G + g]), acc[r][c]);
+            }
         }
     }
-    for (int r = 0; r < R; r++) _mm256_storeu_ps(out + r * ldo, acc[r]);
+    for (int r = 0; r < R; r++)
+        for (int c = 0; c < NB; c++) _mm256_storeu_ps(out + r * ldo + c * Q4_COLS, acc[r][c]);
 #else
     for (int r = 0; r < R; r++)
-        for (int j = 0; j < Q4_COLS; j++) {
-            float total = 0.f;
-            for (int64_t g = 0; g < G; g++) {
-                int32_t d = q4_column_dot(w + g * record, j, xq + r * K + g * Q4_GROUP);
-                const float *sg = (const float *)((const uint8_t *)sp + g * record), *mg = (const float *)((const uint8_t *)mp + g * record);
-                total += (float)d * sg[j] * xs[r * G + g] + mg[j] * xsum[r * G + g];
+        for (int c = 0; c < NB; c++)
+            for (int j = 0; j < Q4_COLS; j++) {
+                float total = 0.f;
+                for (int64_t g = 0; g < G; g++) {
+                    int32_t d = q4_column_dot(w + g * record + c * 128, j, xq + r * K + g * Q4_GROUP);
+                    const float *sg = (const float *)((const uint8_t *)sp + g * record) + c * Q4_COLS;
+                    const float *mg = (const float *)((const uint8_t *)mp + g * record) + c * Q4_COLS;
+                    total += (float)d * sg[j] * xs[r * G + g] + mg[j] * xsum[r * G + g];
+                }
+                out[r * ldo + c * Q4_COLS + j] = total;
             }
-            out[r * ldo + j] = total;
-        }
 #endif
 }
 
-static void q4_strip_any(int R, const int8_t *xq, int64_t K, const float *xs, const float *xsum, int64_t G,
+/* Constant R and NB let the compiler keep the strip in registers. */
+static void q4_strip_any(int R, int NB, const int8_t *xq, int64_t K, const float *xs, const float *xsum, int64_t G,
                          const uint8_t *w, const float *sp, const float *mp, int64_t record, float *out, int64_t ldo) {
-    switch (R) {
-    case 5: q4_strip(5, xq, K, xs, xsum, G, w, sp, mp, record, out, ldo); break;
-    case 4: q4_strip(4, xq, K, xs, xsum, G, w, sp, mp, record, out, ldo); break;
-    case 3: q4_strip(3, xq, K, xs, xsum, G, w, sp, mp, record, out, ldo); break;
-    case 2: q4_strip(2, xq, K, xs, xsum, G, w, sp, mp, record, out, ldo); break;
-    default: q4_strip(1, xq, K, xs, xsum, G, w, sp, mp, record, out, ldo); break;
-    }
+#define Q4_STRIP_CASE(r, nb) \
+    if (R == r && NB == nb) return q4_strip(r, nb, xq, K, xs, xsum, G, w, sp, mp, record, out, ldo)
+    Q4_STRIP_CASE(3, 2); Q4_STRIP_CASE(2, 2); Q4_STRIP_CASE(1, 2);
+    Q4_STRIP_CASE(3, 1); Q4_STRIP_CASE(2, 1); Q4_STRIP_CASE(1, 1);
+#undef Q4_STRIP_CASE
 }
 
-/* R rows x C blocks of one chunk by strips; a block past N goes through `padded`. */
+/* R rows x C blocks of one chunk by strips, two blocks at a time; a block past N goes through
+ * `padded` alone. */
 static void q4_strips(int R, int64_t C, const int8_t *xq, int64_t K, const float *xs, const float *xsum, int64_t G,
                       const uint8_t *chunk, int64_t n0, int64_t N, float *out, float *padded) {
     int64_t record = C * Q4_RECORD;
-    for (int64_t c = 0; c < C; c++) {
+    for (int64_t c = 0; c < C;) {
         int64_t n = n0 + c * Q4_COLS;
         const float *sp = (const float *)(chunk + C * 128) + c * Q4_COLS, *mp = sp + C * Q4_COLS;
-        int whole = n + Q4_COLS <= N;
-        q4_strip_any(R, xq, K, xs, xsum, G, chunk + c * 128, sp, mp, record, whole ? out + n : padded,
+        int NB = c + 2 <= C && n + 2 * Q4_COLS <= N ? 2 : 1, whole = n + Q4_COLS <= N;
+        q4_strip_any(R, NB, xq, K, xs, xsum, G, chunk + c * 128, sp, mp, record, whole ? out + n : padded,
                      whole ? N : Q4_COLS);
         if (!whole)
             for (int r = 0; r < R; r++) memcpy(out + r * N + n, padded + r * Q4_COLS, sizeof(float) * (size_t)(N - n));
+        c += NB;
     }
 }
 
