@@ -2,9 +2,9 @@
 
 The KV pool holds one *slot* per cached token, grouped into fixed-size *blocks* of
 ``block_size`` slots: ``slot = block * block_size + offset`` (how a block lies in memory is
-``PagedKVCache``'s business). Blocks are the unit
-of allocation and of sharing (the radix prefix cache shares whole blocks between requests),
-so every block carries a reference count (see ``BlockAllocator``).
+``PagedKVCache``'s business). Blocks are the unit of allocation and of sharing (the radix prefix
+cache shares whole blocks between requests), so every block carries a reference count (see
+``BlockAllocator``).
 """
 
 from __future__ import annotations

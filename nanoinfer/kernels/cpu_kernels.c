@@ -292,10 +292,10 @@ static void q4_tile_any(int R, int C, const int8_t *xq, int64_t K, const float *
 /* out[r, 0..8 NB) for R rows of NB adjacent column blocks over all G groups, from Q4_STRIP_FROM
  * rows on: the strip keeps its R x NB int16 group sums in registers, each unpacked weight vector
  * serves R rows, and each activation quad, broadcast straight from memory, serves NB blocks.
- * Three rows of two blocks (6 sums, 2 weight vectors, a broadcast) against the five rows of one
- * block this replaced: 1.02-1.06x at 512 rows, 1.07-1.12x at 64, 1.15-1.2x at 16 (120
- * model-shaped matmuls, interleaved, best of 30). The broadcasts, one per maddubs before, are
- * what the pairs save. Four rows of two were no faster, and in this loop form 1.2x slower (their
+ * Three rows of two blocks (6 sums, 6 float accumulators, 2 weight vectors, a broadcast: 15
+ * registers) against the five rows of one block this replaced: 1.02-1.06x at 512 rows, 1.07-1.12x
+ * at 64, 1.15-1.2x at 16 (120 model-shaped matmuls, interleaved, best of 30), with half the
+ * broadcasts (one per maddubs before) and a few more unpacks. Four rows of two were no faster, and in this loop form 1.2x slower (their
  * float accumulators no longer fit the registers); three of three, four of three and four of
  * four were slower too. Below 8 rows the 2 x 4 tile is up to 5% faster, its one sequential pass
  * over each chunk's record mattering more (the weights come from memory). */
