@@ -36,7 +36,7 @@ def int8_groups(x: torch.Tensor) -> torch.Tensor:
     return (torch.round(groups * (127 / amax)) * (amax / 127)).view_as(x)
 
 
-# rows 1-7: tiles; 8+: 3-row strips and tails of 1-2 rows; 300: two passes over the weights
+# rows 1-2: tiles; 3+: 3-row strips and tails of 1-2 rows; 300: two passes over the weights
 @pytest.mark.parametrize("rows", [1, 2, 3, 5, 8, 9, 10, 11, 12, 16, 300])
 # Strips take blocks in pairs. 40: a 4-block chunk and a 1-block tail; 37: a partial block;
 # 56: a 3-block chunk (a pair and one); 44: a 2-block chunk whose second block is partial.

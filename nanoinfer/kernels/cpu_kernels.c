@@ -297,10 +297,12 @@ static void q4_tile_any(int R, int C, const int8_t *xq, int64_t K, const float *
  * at 64, 1.15-1.2x at 16 (120 model-shaped matmuls, interleaved, best of 30), with half the
  * broadcasts (one per maddubs before) and a few more unpacks. Four rows of two were no faster, and in this loop form 1.2x slower (their
  * float accumulators no longer fit the registers); three of three, four of three and four of
- * four were slower too. Below 8 rows the 2 x 4 tile is up to 5% faster, its one sequential pass
- * over each chunk's record mattering more (the weights come from memory). */
+ * four were slower too. Below 3 rows the 2 x 4 tile is faster (1.15x at 2 rows), its one
+ * sequential pass over each chunk's record mattering more as the weights come from memory; from
+ * 3 rows on these strips win (1.14-1.24x at 3, 1.06-1.1x at 4, 1.17-1.33x at 5, 1.2-1.25x at 6-7;
+ * the 5-row strips they replaced lost to the tile below 8). */
 #define Q4_STRIP 3
-#define Q4_STRIP_FROM 8
+#define Q4_STRIP_FROM 3
 static inline __attribute__((always_inline)) void q4_strip(
     const int R, const int NB, const int8_t *xq, int64_t K, const float *xs, const float *xsum, int64_t G,
     const uint8_t *w, const float *sp, const float *mp, int64_t record, float *out, int64_t ldo) {
