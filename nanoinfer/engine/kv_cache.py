@@ -184,7 +184,8 @@ class PagedKVCache:
     and start zeroed; slot ``block * block_size + offset`` holds the token at ``offset`` in
     ``block`` (``read_slots``/``write_slots``). Within a block each KV head's keys lie together:
     decode attention, one task per sequence and KV head, then reads 2 KB runs (block 16, head_dim
-    64, float16) instead of 128 bytes every 384, which took 1.3-1.5x as long on this 2-core machine.
+    64, float16) instead of 128 bytes every 384, which took 1.3-1.5x as long on this 2-core machine
+    (decode attention in `python -m benchmarks.kernels`, before and after, interleaved).
     This class only owns memory: which blocks belong to whom is the business of a
     ``BlockAllocator`` of the same ``num_blocks``.
     """

@@ -294,10 +294,11 @@ static void q4_tile_any(int R, int C, const int8_t *xq, int64_t K, const float *
  * serves R rows, and each activation quad, broadcast straight from memory, serves NB blocks.
  * Three rows of two blocks (6 sums, 6 float accumulators, 2 weight vectors, a broadcast: 15
  * registers) against the five rows of one block this replaced: 1.02-1.06x at 512 rows, 1.07-1.12x
- * at 64, 1.15-1.2x at 16 (120 model-shaped matmuls, interleaved, best of 30), with half the
- * broadcasts (one per maddubs before) and a few more unpacks. Four rows of two were no faster, and in this loop form 1.2x slower (their
- * float accumulators no longer fit the registers); three of three, four of three and four of
- * four were slower too. Below 3 rows the 2 x 4 tile is faster (1.15x at 2 rows), its one
+ * at 64, 1.15-1.2x at 16 (120 model-shaped matmuls, interleaved, best of 30, in a scratch C
+ * harness that links both versions), with half the broadcasts (one per maddubs before) and a few
+ * more unpacks. Four rows of two were no faster, and in this loop form 1.2x slower (their float
+ * accumulators no longer fit the registers); three of three, four of three and four of four were
+ * slower too. Below 3 rows the 2 x 4 tile is faster (1.15x at 2 rows), its one
  * sequential pass over each chunk's record mattering more as the weights come from memory; from
  * 3 rows on these strips win (1.14-1.24x at 3, 1.06-1.1x at 4, 1.17-1.33x at 5, 1.2-1.25x at 6-7;
  * the 5-row strips they replaced lost to the tile below 8). */
