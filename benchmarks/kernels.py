@@ -8,8 +8,9 @@
   real step.
 - paged decode attention for 64 sequences x 450 tokens over 30 layers, float32 and float16 caches.
 - paged attention over a prompt's rows vs torch's SDPA (what the prompt path ran before).
-- the fp32 panel kernel vs F.linear on the 49k x 576 LM head: the float copy of a large-batch
-  int8 head (DenseForLargeBatch).
+- int8 matmul vs float32 F.linear, on the 49k x 576 LM head (group-wise, as the quantized
+  models' head) and per-channel on the layers' shapes: why int8 layers and the head keep no
+  float copy for large batches either.
 """
 
 from __future__ import annotations
@@ -19,8 +20,9 @@ import time
 import torch
 import torch.nn.functional as F
 
-from nanoinfer.kernels import kernels, pack_f32_panels
+from nanoinfer.kernels import kernels
 from nanoinfer.quant.int4 import _pack_panels, quantize_int4
+from nanoinfer.quant.int8 import dequantize_int8, pack_panels, quantize_int8
 
 SHAPES = ((960, 576), (576, 576), (3072, 576), (576, 1536))  # qkv, o, gate_up, down: (N, K)
 
@@ -100,15 +102,22 @@ def prompt_attention(ours) -> None:
         print(f"| {n} | {t_ours * 1e3:.2f} | {t_sdpa * 1e3:.2f} | {t_sdpa / t_ours:.2f}x |")
 
 
-def head_f32_vs_linear(ours, vocab: int = 49152, hidden: int = 576) -> None:
-    w = torch.randn(vocab, hidden)
-    panels = pack_f32_panels(w)
-    print("\n| rows | f32_matmul ms | F.linear ms | ratio |\n|---:|---:|---:|---:|")
-    for rows in (17, 32, 64):
-        x = torch.randn(rows, hidden)
-        t_ours = _seconds(lambda: ours.f32_matmul(x, panels, vocab), repeats=5)
-        t_torch = _seconds(lambda: F.linear(x, w), repeats=5)
-        print(f"| {rows} | {t_ours * 1e3:.1f} | {t_torch * 1e3:.1f} | {t_torch / t_ours:.2f}x |")
+def int8_vs_fp32(ours, vocab: int = 49152, hidden: int = 576) -> None:
+    """The int8 kernel against float32 F.linear on the same (dequantized) weights: the 49k x 576
+    head (Q8_0, groups of 32), and per-channel int8 on a layer's shapes."""
+    print("\n| rows | N x K | int8 kernel ms | fp32 F.linear ms | ratio |\n|---:|---|---:|---:|---:|")
+    shapes = [((vocab, hidden), 32), *((shape, None) for shape in SHAPES)]
+    for rows in (1, 4, 16, 64, 512):
+        for (n, k), group in shapes:
+            if rows == 512 and n == vocab:
+                continue  # prompts need the head's last row only
+            q, scales = quantize_int8(torch.randn(n, k) * 0.05, group)
+            w, packed = dequantize_int8(q, scales), pack_panels(q, scales)
+            x = torch.randn(rows, k)
+            repeats = 5 if n == vocab else 20
+            t_int8 = _seconds(lambda: ours.q8_matmul(x, packed, n), repeats)
+            t_fp32 = _seconds(lambda: F.linear(x, w), repeats)
+            print(f"| {rows} | {n} x {k} | {t_int8 * 1e3:.2f} | {t_fp32 * 1e3:.2f} | {t_fp32 / t_int8:.2f}x |")
 
 
 def main() -> int:
@@ -121,7 +130,7 @@ def main() -> int:
     decode_step_matmuls(ours)
     decode_attention(ours)
     prompt_attention(ours)
-    head_f32_vs_linear(ours)
+    int8_vs_fp32(ours)
     return 0
 
 

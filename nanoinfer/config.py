@@ -247,7 +247,8 @@ class EngineConfig:
     kv_cache_dtype: str = "auto"
     quantization: str | None = None  # "none", "int8", "int4"; None: the model's default (see registry)
     # int8 layers and the quantized head switch to a dequantized float copy above this many rows
-    # (None: never); on CPUs without native bf16 GEMM those kernels lose to fp32 GEMM there.
+    # (None: never) where our C int8 kernel cannot run them: torch's int8 kernel loses to fp32
+    # GEMM there on CPUs without native bf16 GEMM. Ours needs no copy.
     dense_above_rows: int | None = 16
     device: str = "cpu"
     extra: dict[str, Any] = field(default_factory=dict)

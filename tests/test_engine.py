@@ -219,7 +219,7 @@ def test_bad_prompts_raise(model_dir):
 
 @pytest.mark.parametrize("quantization", ["none", "int4"])
 def test_bfloat16_on_cpu_keeps_weights_16bit_and_activations_float32(model_dir, reference, quantization):
-    from nanoinfer.quant import DenseForLargeBatch, HalfLinear, Int4Linear
+    from nanoinfer.quant import DenseForLargeBatch, HalfLinear, Int4Linear, Int8Linear
 
     llm = LLM(str(model_dir), dtype="bfloat16", quantization=quantization, enable_prefix_cache=False)
     model = llm.engine.model
@@ -229,10 +229,15 @@ def test_bfloat16_on_cpu_keeps_weights_16bit_and_activations_float32(model_dir, 
     down = model.layers[0].mlp.down_proj
     if quantization == "none":
         assert isinstance(down, HalfLinear)
-    else:  # int4 on our kernel at every batch size (no float copy); the head's float copy is 16-bit
-        inner = down.quantized if isinstance(down, DenseForLargeBatch) else down  # no kernels: a copy too
+    else:  # int4 and the int8 head on our kernels at every batch size (no float copies); without
+        # them each keeps a float copy for large batches, 16-bit
+        inner = down.quantized if isinstance(down, DenseForLargeBatch) else down
         assert isinstance(inner, Int4Linear) and (inner is down) == (inner.backend == "c")
-        assert isinstance(model.lm_head, DenseForLargeBatch) and model.lm_head.dense.dtype == torch.bfloat16
+        head = model.lm_head
+        if kernels():
+            assert isinstance(head, Int8Linear) and head.panels is not None
+        else:
+            assert isinstance(head, DenseForLargeBatch) and head.dense.dtype == torch.bfloat16
     prompts, token_ids = reference
     out = llm.generate(prompts[:8], GREEDY)
     if quantization == "none":  # bf16 weights, float32 math: the first pick rarely moves

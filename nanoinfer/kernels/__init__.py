@@ -71,22 +71,6 @@ def _ptr(t: torch.Tensor | None) -> int | None:
     return None if t is None else t.data_ptr()
 
 
-F32_COLS = 16  # output columns per panel of f32_matmul's weight (cpu_kernels.c)
-
-
-def pack_f32_panels(weight: torch.Tensor) -> torch.Tensor:
-    """float32 W [N, K] -> f32_matmul's layout [ceil(N / 16), K, 16] (zero columns pad the last)."""
-    n, k = weight.shape
-    pad = -n % F32_COLS
-    w = torch.nn.functional.pad(weight.detach().float(), (0, 0, 0, pad))
-    return w.view(-1, F32_COLS, k).transpose(1, 2).contiguous()
-
-
-def unpack_f32_panels(panels: torch.Tensor, out_features: int) -> torch.Tensor:
-    """Inverse of pack_f32_panels: W [N, K]."""
-    return panels.transpose(1, 2).reshape(-1, panels.shape[1])[:out_features].contiguous()
-
-
 class Q4Weight(ctypes.Structure):
     _fields_ = [("w", ctypes.c_void_p), ("bias", ctypes.c_void_p), ("n", ctypes.c_int64)]
 
@@ -131,9 +115,8 @@ class CpuKernels:
         i64, ptr, f32, i32 = ctypes.c_int64, ctypes.c_void_p, ctypes.c_float, ctypes.c_int
         signatures = {
             "q4_matmul": [ptr, i64, i64, ptr, i64, ptr, ptr, i32],
-            "q8_matmul": [ptr, i64, i64, ptr, ptr, i64, i64, ptr, ptr, i32],
+            "q8_matmul": [ptr, i64, i64, ptr, i64, ptr, ptr, i32],
             "bf16_matmul": [ptr, i64, i64, ptr, i64, ptr, ptr, i32],
-            "f32_matmul": [ptr, i64, i64, ptr, i64, ptr, ptr, i32],
             "paged_attention": [ptr, i64, ptr, ptr, i32, ptr, i64, ptr, ptr, i64, i64, i64, i64, i64, i64, f32, ptr, i32],
             "rms_norm": [ptr, i64, i64, i64, ptr, f32, ptr],
             "qk_rope_store": [ptr, i64, i64, i64, i64, i64, ptr, ptr, f32, ptr, ptr, ptr, ptr, i32, ptr, i64],
@@ -158,25 +141,14 @@ class CpuKernels:
         """x [M, K] contiguous @ int4 weight -> [M, N]; `packed` as quant.int4._pack_panels lays it out."""
         return self._matmul(self.lib.q4_matmul, x, packed, out_features, bias)
 
-    def q8_matmul(self, x: torch.Tensor, q: torch.Tensor, scales: torch.Tensor,
+    def q8_matmul(self, x: torch.Tensor, panels: torch.Tensor, out_features: int,
                   bias: torch.Tensor | None = None) -> torch.Tensor:
-        """x [M, K] contiguous @ int8 weight q [N, K] with scales [N] (per row) or [N, K/G] (per group of G)."""
-        M, K = x.shape
-        N = q.shape[0]
-        group = K // (scales.numel() // N)
-        out = torch.empty(M, N)
-        self.lib.q8_matmul(x.data_ptr(), M, K, q.data_ptr(), scales.data_ptr(), group, N, _ptr(bias),
-                           out.data_ptr(), torch.get_num_threads())
-        return out
+        """x [M, K] contiguous @ int8 weight -> [M, N]; `panels` as quant.int8.pack_panels lays it out."""
+        return self._matmul(self.lib.q8_matmul, x, panels, out_features, bias)
 
     def bf16_matmul(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         """x [M, K] contiguous float32 @ bfloat16 weight [N, K]^T -> float32 [M, N], products in float32."""
         return self._matmul(self.lib.bf16_matmul, x, weight, weight.shape[0], bias)
-
-    def f32_matmul(self, x: torch.Tensor, panels: torch.Tensor, out_features: int,
-                   bias: torch.Tensor | None = None) -> torch.Tensor:
-        """x [M, K] contiguous float32 @ W^T, W packed by `pack_f32_panels` -> float32 [M, N]."""
-        return self._matmul(self.lib.f32_matmul, x, panels, out_features, bias)
 
     def paged_attention(self, q: torch.Tensor, num_heads: int, k_cache: torch.Tensor, v_cache: torch.Tensor,
                         block_tables: torch.Tensor, ctx_lens: torch.Tensor, window: int,

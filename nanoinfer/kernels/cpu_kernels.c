@@ -2,9 +2,9 @@
  *
  *   q4_matmul   out[M, N] = x[M, K] @ W^T, W group-wise 4-bit (32 per group, w = q * scale + min),
  *               x rounded to int8 per group of 32 (as llama.cpp's Q8_1), integer dot products
- *   q8_matmul   out[M, N] = x[M, K] @ W^T, W int8 per output row or per group (w = q * scale)
+ *   q8_matmul   out[M, N] = x[M, K] @ W^T, W int8 per output row or per group (w = q * scale),
+ *               x rounded to int16 per group of 32, integer dot products
  *   bf16_matmul out[M, N] = x[M, K] @ W^T, W bfloat16 (widened to float32 exactly, x stays float32)
- *   f32_matmul  out[M, N] = x[M, K] @ W^T, W float32 in 16-column panels (6 x 16 register tiles)
  *   paged_attention  query rows (decode steps and prompt rows alike) against K/V read in place
  *                    from the paged cache (no gather into a contiguous copy first); the cache
  *                    holds float32 or IEEE half (kv_half), widened to float32 as it is read
@@ -24,6 +24,7 @@
 #endif
 
 #define Q4_GROUP 32
+#define Q8_GROUP 32
 
 #ifdef __AVX2__
 static inline float hsum256(__m256 v) {
@@ -443,164 +444,177 @@ void q4_matmul(const float *x, int64_t M, int64_t K, const uint8_t *wq, int64_t 
     free(xs);
 }
 
-/* out[M, N] = x[M, K] @ W^T for a float32 W stored in column panels of F32_COLS: panel p holds
- * W[16p + c, k] at [k][c] (zero columns pad the last). A tile is 6 rows x 16 columns, as BLAS
- * micro-kernels are: per k, two weight vectors and six activation broadcasts feed 12 FMAs.
- * Broadcasts from memory cost this CPU more than FMAs (~5.4 G/s per core against 8.4 G FMA/s),
- * so a kernel with one broadcast per FMA (our row and int8 kernels, and torch's MKL sgemm here)
- * tops out near a third of the FMA rate. Used for the float copies of large-batch int8 weights. */
-#define F32_COLS 16
-#define F32_ROWS 6
-static inline __attribute__((always_inline)) void f32_tile(
-    const int R, const float *x, int64_t K, const float *w, float *out, int64_t ldo) {
+/* Activations for the int8 kernel: each 32-wide group of each row as int16 with one scale
+ * (x ~= xq * xs, xs = max|x| / 32767), an error of at most 2^-16 of the group's largest value. */
+static void quantize_groups16(const float *x, int64_t M, int64_t K, int16_t *xq, float *xs, int nthreads) {
+    int64_t G = K / Q8_GROUP;
+#pragma omp parallel for num_threads(nthreads) schedule(static) if (M * G >= 1024)
+    for (int64_t i = 0; i < M * G; i++) {
+        const float *p = x + i * Q8_GROUP;
+        int16_t *q = xq + i * Q8_GROUP;
+        float amax = 0.f;
 #ifdef __AVX2__
-    __m256 acc[F32_ROWS][2];
-    for (int r = 0; r < R; r++) acc[r][0] = acc[r][1] = _mm256_setzero_ps();
-    for (int64_t k = 0; k < K; k++) {
-        __m256 w0 = _mm256_loadu_ps(w + k * F32_COLS), w1 = _mm256_loadu_ps(w + k * F32_COLS + 8);
-        for (int r = 0; r < R; r++) {
-            __m256 xb = _mm256_broadcast_ss(x + r * K + k);
-            acc[r][0] = _mm256_fmadd_ps(xb, w0, acc[r][0]);
-            acc[r][1] = _mm256_fmadd_ps(xb, w1, acc[r][1]);
+        __m256 v0 = _mm256_loadu_ps(p), v1 = _mm256_loadu_ps(p + 8), v2 = _mm256_loadu_ps(p + 16),
+               v3 = _mm256_loadu_ps(p + 24);
+        __m256 sign = _mm256_set1_ps(-0.f);
+        __m256 m = _mm256_max_ps(_mm256_max_ps(_mm256_andnot_ps(sign, v0), _mm256_andnot_ps(sign, v1)),
+                                 _mm256_max_ps(_mm256_andnot_ps(sign, v2), _mm256_andnot_ps(sign, v3)));
+        __m128 h = _mm_max_ps(_mm256_castps256_ps128(m), _mm256_extractf128_ps(m, 1));
+        h = _mm_max_ps(h, _mm_movehl_ps(h, h));
+        amax = _mm_cvtss_f32(_mm_max_ss(h, _mm_movehdup_ps(h)));
+        __m256 inv = _mm256_set1_ps(amax > 0.f ? 32767.f / amax : 0.f);
+        /* packs works within 128-bit lanes; the 64-bit permute puts the halves back in order */
+        __m256i i0 = _mm256_cvtps_epi32(_mm256_mul_ps(v0, inv)), i1 = _mm256_cvtps_epi32(_mm256_mul_ps(v1, inv));
+        __m256i i2 = _mm256_cvtps_epi32(_mm256_mul_ps(v2, inv)), i3 = _mm256_cvtps_epi32(_mm256_mul_ps(v3, inv));
+        __m256i a = _mm256_packs_epi32(i0, i1), b = _mm256_packs_epi32(i2, i3);
+        _mm256_storeu_si256((__m256i *)q, _mm256_permute4x64_epi64(a, 0xD8));
+        _mm256_storeu_si256((__m256i *)(q + 16), _mm256_permute4x64_epi64(b, 0xD8));
+#else
+        for (int j = 0; j < Q8_GROUP; j++) {
+            float a = fabsf(p[j]);
+            amax = a > amax ? a : amax;
+        }
+        float inv = amax > 0.f ? 32767.f / amax : 0.f;
+        for (int j = 0; j < Q8_GROUP; j++) q[j] = (int16_t)lrintf(p[j] * inv);
+#endif
+        xs[i] = amax / 32767.f;
+    }
+}
+
+/* The int8 weight (w = q * scale, a scale per output column and group of 32; a per-channel
+ * weight repeats its scale in every group) in panels of Q8_COLS output columns: for panel p and
+ * group g one record of 16 k-pairs x 16 bytes, pair j holding q[8p + c, 32g + 2j + i] at byte
+ * 2c + i, then the 8 columns' float scales. Panels go in chunks of Q8_CHUNK (the last may be
+ * short, C panels), a chunk group by group: its C records of group 0, then of group 1, ... so each
+ * task reads one sequential stream, prefetched Q8_AHEAD groups ahead: at batch 1 the LM head's
+ * 32 MB come from memory every step, and without the prefetch this kernel read them 1.1-1.2x
+ * slower than the row kernel it replaced (with it, 1.06-1.3x faster; 2 groups ahead, 1.0x).
+ * Widened to int16, a pair row meets an activation pair broadcast to all lanes in one vpmaddwd:
+ * 16 multiply-adds with exact int32 sums (|sum| <= 32 * 127 * 32767 < 2^31 over a group), where a
+ * float FMA does 8 and this CPU issues two FMAs a cycle but more integer operations. Against our
+ * fp32 panel kernel on the same weights: 1.4-3x on the 49k x 576 LM head, 1.1-2.7x on the layers'
+ * shapes, at 1-512 rows; against the float-activation row kernel it replaced, 1.1x at 1 row and
+ * 1.5-2.4x at 2-16 (`python -m benchmarks.kernels`). N is padded to a whole panel. */
+#define Q8_COLS 8
+#define Q8_RECORD (16 * 16 + Q8_COLS * 4)
+#define Q8_STRIP 3  /* rows per strip, two panels wide: 6 int32 sums, 6 float sums, 2 weights, 1 pair */
+#define Q8_CHUNK 4  /* panels per task */
+#define Q8_AHEAD 3  /* groups */
+
+#ifndef __AVX2__
+static int32_t q8_column_dot(const uint8_t *rec, int c, const int16_t *xp) {
+    const int8_t *w = (const int8_t *)rec;
+    int32_t d = 0;
+    for (int j = 0; j < 16; j++) d += w[j * 16 + 2 * c] * xp[2 * j] + w[j * 16 + 2 * c + 1] * xp[2 * j + 1];
+    return d;
+}
+#endif
+
+/* out[r, 8c..8c+8) for R rows and NB adjacent panels over all G groups. */
+static inline __attribute__((always_inline)) void q8_strip(
+    const int R, const int NB, const int16_t *xq, int64_t K, const float *xs, int64_t G, const uint8_t *w,
+    int64_t gstride, float *out, int64_t ldo) {
+#ifdef __AVX2__
+    __m256 acc[Q8_STRIP][2];
+    for (int r = 0; r < R; r++)
+        for (int c = 0; c < NB; c++) acc[r][c] = _mm256_setzero_ps();
+    for (int64_t g = 0; g < G; g++) {
+        __m256i dot[Q8_STRIP][2];
+        for (int r = 0; r < R; r++)
+            for (int c = 0; c < NB; c++) dot[r][c] = _mm256_setzero_si256();
+        for (int line = 0; line < NB * Q8_RECORD; line += 64)
+            _mm_prefetch((const char *)(w + (g + Q8_AHEAD) * gstride + line), _MM_HINT_T0);
+        for (int j = 0; j < 16; j++) {
+            __m256i wv[2];
+            for (int c = 0; c < NB; c++) {
+                const uint8_t *pairs = w + g * gstride + c * Q8_RECORD + j * 16;
+                wv[c] = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)pairs));
+            }
+            for (int r = 0; r < R; r++) {
+                int32_t pair;
+                memcpy(&pair, xq + r * K + g * Q8_GROUP + 2 * j, 4);
+                __m256i xp = _mm256_set1_epi32(pair);
+                for (int c = 0; c < NB; c++) {
+                    dot[r][c] = _mm256_add_epi32(dot[r][c], _mm256_madd_epi16(wv[c], xp));
+                    __asm__("" : "+x"(dot[r][c])); /* as in q4_strip: 1.06x here */
+                }
+            }
+        }
+        for (int c = 0; c < NB; c++) {
+            __m256 sv = _mm256_loadu_ps((const float *)(w + g * gstride + c * Q8_RECORD + 16 * 16));
+            for (int r = 0; r < R; r++)
+                acc[r][c] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot[r][c]),
+                                            _mm256_mul_ps(sv, _mm256_set1_ps(xs[r * G + g])), acc[r][c]);
         }
     }
-    for (int r = 0; r < R; r++) {
-        _mm256_storeu_ps(out + r * ldo, acc[r][0]);
-        _mm256_storeu_ps(out + r * ldo + 8, acc[r][1]);
-    }
+    for (int r = 0; r < R; r++)
+        for (int c = 0; c < NB; c++) _mm256_storeu_ps(out + r * ldo + c * Q8_COLS, acc[r][c]);
 #else
     for (int r = 0; r < R; r++)
-        for (int c = 0; c < F32_COLS; c++) {
-            float total = 0.f;
-            for (int64_t k = 0; k < K; k++) total += x[r * K + k] * w[k * F32_COLS + c];
-            out[r * ldo + c] = total;
-        }
+        for (int c = 0; c < NB; c++)
+            for (int j = 0; j < Q8_COLS; j++) {
+                float total = 0.f;
+                for (int64_t g = 0; g < G; g++) {
+                    const uint8_t *rec = w + g * gstride + c * Q8_RECORD;
+                    total += (float)q8_column_dot(rec, j, xq + r * K + g * Q8_GROUP) *
+                             ((const float *)(rec + 16 * 16))[j] * xs[r * G + g];
+                }
+                out[r * ldo + c * Q8_COLS + j] = total;
+            }
 #endif
 }
 
-static void f32_tile_any(int R, const float *x, int64_t K, const float *w, float *out, int64_t ldo) {
-    switch (R) {
-    case 6: f32_tile(6, x, K, w, out, ldo); break;
-    case 5: f32_tile(5, x, K, w, out, ldo); break;
-    case 4: f32_tile(4, x, K, w, out, ldo); break;
-    case 3: f32_tile(3, x, K, w, out, ldo); break;
-    case 2: f32_tile(2, x, K, w, out, ldo); break;
-    default: f32_tile(1, x, K, w, out, ldo); break;
-    }
+/* Constant R and NB let the compiler keep the strip in registers. */
+static void q8_strip_any(int R, int NB, const int16_t *xq, int64_t K, const float *xs, int64_t G, const uint8_t *w,
+                         int64_t gstride, float *out, int64_t ldo) {
+#define Q8_STRIP_CASE(r, nb) \
+    if (R == r && NB == nb) return q8_strip(r, nb, xq, K, xs, G, w, gstride, out, ldo)
+    Q8_STRIP_CASE(3, 2); Q8_STRIP_CASE(2, 2); Q8_STRIP_CASE(1, 2);
+    Q8_STRIP_CASE(3, 1); Q8_STRIP_CASE(2, 1); Q8_STRIP_CASE(1, 1);
+#undef Q8_STRIP_CASE
 }
 
-void f32_matmul(const float *x, int64_t M, int64_t K, const float *wp, int64_t N, const float *bias, float *out,
-                int nthreads) {
-    int64_t panels = (N + F32_COLS - 1) / F32_COLS;
-#pragma omp parallel for num_threads(nthreads) schedule(static)
-    for (int64_t p = 0; p < panels; p++) {
-        int64_t n0 = p * F32_COLS, width = N - n0 < F32_COLS ? N - n0 : F32_COLS;
-        float padded[F32_ROWS * F32_COLS];
-        for (int64_t m = 0; m < M; m += F32_ROWS) {
-            int R = M - m < F32_ROWS ? (int)(M - m) : F32_ROWS;
-            float *o = width == F32_COLS ? out + m * N + n0 : padded;
-            f32_tile_any(R, x + m * K, K, wp + p * K * F32_COLS, o, width == F32_COLS ? N : F32_COLS);
-            if (width < F32_COLS)
-                for (int r = 0; r < R; r++) memcpy(out + (m + r) * N + n0, padded + r * F32_COLS, sizeof(float) * width);
-            if (bias)
+/* Rows [m0, m1) of the chunk of panels [p0, p1); a panel past N goes through `padded`, the bias
+ * is added here. */
+static void q8_chunk(const int16_t *xq, const float *xs, int64_t m0, int64_t m1, int64_t K, const uint8_t *wq,
+                     int64_t p0, int64_t p1, int64_t N, const float *bias, float *out) {
+    int64_t G = K / Q8_GROUP, gstride = (p1 - p0) * Q8_RECORD;
+    const uint8_t *chunk = wq + p0 * G * Q8_RECORD;
+    float padded[Q8_STRIP * Q8_COLS];
+    for (int64_t m = m0; m < m1; m += Q8_STRIP) {
+        int R = m1 - m < Q8_STRIP ? (int)(m1 - m) : Q8_STRIP;
+        for (int64_t p = p0; p < p1;) {
+            int64_t n = p * Q8_COLS;
+            int NB = p + 2 <= p1 && n + 2 * Q8_COLS <= N ? 2 : 1, whole = n + Q8_COLS <= N;
+            q8_strip_any(R, NB, xq + m * K, K, xs + m * G, G, chunk + (p - p0) * Q8_RECORD, gstride,
+                         whole ? out + m * N + n : padded, whole ? N : Q8_COLS);
+            if (!whole)
                 for (int r = 0; r < R; r++)
-                    for (int64_t n = n0; n < n0 + width; n++) out[(m + r) * N + n] += bias[n];
+                    memcpy(out + (m + r) * N + n, padded + r * Q8_COLS, sizeof(float) * (size_t)(N - n));
+            p += NB;
         }
     }
+    if (bias)
+        for (int64_t m = m0; m < m1; m++)
+            for (int64_t n = p0 * Q8_COLS; n < p1 * Q8_COLS && n < N; n++) out[m * N + n] += bias[n];
 }
 
-/* Four activation rows against one int8 weight row of K / G groups with a scale each (G = K:
- * one scale per row). Each weight vector is converted once for the four rows. */
-static void q8_row4(const float *x, int64_t K, int64_t G, const int8_t *w, const float *scales, float out[4]) {
-    float t0 = 0.f, t1 = 0.f, t2 = 0.f, t3 = 0.f;
-#ifdef __AVX2__
-    __m256 s0 = _mm256_setzero_ps(), s1 = _mm256_setzero_ps(), s2 = _mm256_setzero_ps(), s3 = _mm256_setzero_ps();
-#endif
-    for (int64_t g0 = 0; g0 < K; g0 += G) {
-        int64_t k = g0, end = g0 + G;
-        float sc = scales[g0 / G];
-#ifdef __AVX2__
-        __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps(), a2 = _mm256_setzero_ps(), a3 = _mm256_setzero_ps();
-        for (; k + 8 <= end; k += 8) {
-            __m256 wv = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)(w + k))));
-            a0 = _mm256_fmadd_ps(wv, _mm256_loadu_ps(x + k), a0);
-            a1 = _mm256_fmadd_ps(wv, _mm256_loadu_ps(x + K + k), a1);
-            a2 = _mm256_fmadd_ps(wv, _mm256_loadu_ps(x + 2 * K + k), a2);
-            a3 = _mm256_fmadd_ps(wv, _mm256_loadu_ps(x + 3 * K + k), a3);
-        }
-        __m256 scv = _mm256_set1_ps(sc);
-        s0 = _mm256_fmadd_ps(a0, scv, s0), s1 = _mm256_fmadd_ps(a1, scv, s1);
-        s2 = _mm256_fmadd_ps(a2, scv, s2), s3 = _mm256_fmadd_ps(a3, scv, s3);
-#endif
-        for (; k < end; k++) {
-            float wk = (float)w[k] * sc;
-            t0 += wk * x[k], t1 += wk * x[K + k], t2 += wk * x[2 * K + k], t3 += wk * x[3 * K + k];
-        }
-    }
-#ifdef __AVX2__
-    t0 += hsum256(s0), t1 += hsum256(s1), t2 += hsum256(s2), t3 += hsum256(s3);
-#endif
-    out[0] = t0, out[1] = t1, out[2] = t2, out[3] = t3;
-}
-
-/* One group of one activation row: sum_k w[k] * x[k] over [k0, k1), unscaled. */
-#ifdef __AVX2__
-static inline __m256 q8_group_dot(const float *xp, const int8_t *w, int64_t k0, int64_t k1) {
-    __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
-    for (int64_t k = k0; k + 16 <= k1; k += 16) {
-        __m128i raw = _mm_loadu_si128((const __m128i *)(w + k));
-        acc0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(raw)), _mm256_loadu_ps(xp + k), acc0);
-        acc1 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(raw, 8))),
-                               _mm256_loadu_ps(xp + k + 8), acc1);
-    }
-    return _mm256_add_ps(acc0, acc1);
-}
-#endif
-
-/* One activation row. Group-wise rows take two groups per turn into two scaled sums, so the
- * groups' final multiply-adds do not queue on one register (one chain cost 20% on the head). */
-static float q8_row1(const float *xp, int64_t K, int64_t G, const int8_t *w, const float *scales) {
-    float total = 0.f;
-    int64_t g0 = 0;
-#ifdef __AVX2__
-    if (G % 16 == 0) {
-        __m256 s0 = _mm256_setzero_ps(), s1 = _mm256_setzero_ps();
-        for (; g0 + 2 * G <= K; g0 += 2 * G) {
-            s0 = _mm256_fmadd_ps(q8_group_dot(xp, w, g0, g0 + G), _mm256_set1_ps(scales[g0 / G]), s0);
-            s1 = _mm256_fmadd_ps(q8_group_dot(xp, w, g0 + G, g0 + 2 * G), _mm256_set1_ps(scales[g0 / G + 1]), s1);
-        }
-        if (g0 < K) s0 = _mm256_fmadd_ps(q8_group_dot(xp, w, g0, g0 + G), _mm256_set1_ps(scales[g0 / G]), s0);
-        return hsum256(_mm256_add_ps(s0, s1));
-    }
-#endif
-    for (; g0 < K; g0 += G) {  /* groups with a tail past the vector loop, or no AVX2 */
-        int64_t k = g0, end = g0 + G;
-        float sc = scales[g0 / G], part = 0.f;
-#ifdef __AVX2__
-        part = hsum256(q8_group_dot(xp, w, g0, end));
-        k = g0 + (G / 16) * 16;
-#endif
-        for (; k < end; k++) part += (float)w[k] * xp[k];
-        total += part * sc;
-    }
-    return total;
-}
-
-/* scales: [N, K / G]; G = K gives the per-output-channel format, G = 32 the group-wise one. */
-void q8_matmul(const float *x, int64_t M, int64_t K, const int8_t *wq, const float *scales, int64_t G, int64_t N,
-               const float *bias, float *out, int nthreads) {
+void q8_matmul(const float *x, int64_t M, int64_t K, const uint8_t *wq, int64_t N, const float *bias, float *out,
+               int nthreads) {
+    int64_t G = K / Q8_GROUP, panels = (N + Q8_COLS - 1) / Q8_COLS, chunks = (panels + Q8_CHUNK - 1) / Q8_CHUNK;
+    int16_t *xq = (int16_t *)malloc(sizeof(int16_t) * (size_t)(M * K));
+    float *xs = (float *)malloc(sizeof(float) * (size_t)(M * G));
+    quantize_groups16(x, M, K, xq, xs, nthreads);
+    for (int64_t m0 = 0; m0 < M; m0 += Q4_MBLOCK) { /* as q4_matmul: a pass's activations stay in L2 */
+        int64_t m1 = M - m0 < Q4_MBLOCK ? M : m0 + Q4_MBLOCK;
 #pragma omp parallel for num_threads(nthreads) schedule(static)
-    for (int64_t n = 0; n < N; n++) {
-        const int8_t *w = wq + n * K;
-        const float *sc = scales + n * (K / G);
-        float b = bias ? bias[n] : 0.f, t[4];
-        int64_t m = 0;
-        for (; m + 4 <= M; m += 4) {
-            q8_row4(x + m * K, K, G, w, sc, t);
-            for (int r = 0; r < 4; r++) out[(m + r) * N + n] = t[r] + b;
+        for (int64_t ch = 0; ch < chunks; ch++) {
+            int64_t p0 = ch * Q8_CHUNK, p1 = p0 + Q8_CHUNK < panels ? p0 + Q8_CHUNK : panels;
+            q8_chunk(xq, xs, m0, m1, K, wq, p0, p1, N, bias, out);
         }
-        for (; m < M; m++) out[m * N + n] = q8_row1(x + m * K, K, G, w, sc) + b;
     }
+    free(xq);
+    free(xs);
 }
 
 /* bfloat16 is the top half of a float32, so widening is a 16-bit shift and loses nothing. */

@@ -6,7 +6,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from nanoinfer.kernels import kernels, pack_f32_panels, unpack_f32_panels
 from nanoinfer.quant.half import HalfLinear
 from nanoinfer.quant.int4 import Int4Linear, dequantize_int4, quantize_int4
 from nanoinfer.quant.int8 import Int8Linear, dequantize_int8, quantize_int8
@@ -51,10 +50,10 @@ def quantize_model(
     than it saves time); a tied head becomes an int8 copy of the embedding, which stays in float
     for lookups.
     `dense_above_rows`: batches with more rows than this run a float copy of the dequantized
-    weight, because on CPUs without native bf16 matmul the int8 kernels lose to fp32 GEMM at
-    large batch (measured: 1.3-1.6x slower at 64 rows). Costs the float weights' memory. Our C
-    int4 kernel needs no copy: its integer dot products beat fp32 GEMM at every batch size
-    (1.4-2.0x at 64 to 512 rows, `python -m benchmarks.kernels`).
+    weight, because on CPUs without native bf16 matmul torch's int8 kernel loses to fp32 GEMM at
+    large batch (measured: 1.3-1.6x slower at 64 rows). Costs the float weights' memory. Layers
+    on our C kernels need no copy: their integer dot products beat fp32 GEMM at every batch size
+    (`python -m benchmarks.kernels`).
     """
     if method not in METHODS:
         raise ValueError(f"unknown quantization method {method!r}; expected one of {', '.join(METHODS)}")
@@ -67,9 +66,7 @@ def quantize_model(
         linear = getattr(parent, attr)
         if isinstance(linear, nn.Linear):  # already-quantized modules are left as they are
             quantized = _quantize_linear(linear, method, group_size)
-            if not (isinstance(quantized, Int4Linear) and quantized.backend == "c"):  # fastest at any batch
-                quantized = _maybe_dense(quantized, linear, group_size, dense_above_rows)
-            setattr(parent, attr, quantized)
+            setattr(parent, attr, _maybe_dense(quantized, linear, group_size, dense_above_rows))
     if quantize_head:
         head = model.lm_head
         if head is None:  # tied: the embedding table is the head
@@ -109,44 +106,39 @@ def store_weights_16bit(model: nn.Module, dtype: torch.dtype) -> nn.Module:
 
 
 class DenseForLargeBatch(nn.Module):
-    """A quantized linear for small batches (decode), a dequantized float copy for large ones.
-
-    With our C kernels a float32 copy is kept in `f32_matmul`'s panel layout (`panels`), whose
-    6 x 16 register tiles beat torch's MKL sgemm on this AMD CPU; otherwise `dense` [N, K] and
-    F.linear."""
+    """A quantized linear for small batches (decode), a dequantized float copy (`dense`, [N, K],
+    run by F.linear) for large ones."""
 
     def __init__(self, quantized: nn.Module, dense_weight: torch.Tensor, dense_above_rows: int):
         super().__init__()
         self.quantized = quantized
         self.dense_above_rows = dense_above_rows
         self.out_features = dense_weight.shape[0]
-        packed = dense_weight.dtype == torch.float32 and dense_weight.device.type == "cpu" and kernels() is not None
-        self.register_buffer("dense", None if packed else dense_weight, persistent=False)
-        self.register_buffer("panels", pack_f32_panels(dense_weight) if packed else None, persistent=False)
+        self.register_buffer("dense", dense_weight, persistent=False)
         self.bias = quantized.bias
-
-    def float_weight(self) -> torch.Tensor:
-        """The float copy as [N, K]."""
-        return self.dense if self.panels is None else unpack_f32_panels(self.panels, self.out_features)
 
     def to_16bit(self, dtype: torch.dtype) -> None:
         """Keep the float copy in a 16-bit dtype (widened per call; see store_weights_16bit)."""
-        self.dense, self.panels = self.float_weight().to(dtype), None
+        self.dense = self.dense.to(dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.numel() <= self.dense_above_rows * x.shape[-1]:  # up to the threshold's rows
             return self.quantized.forward(x)  # skips a second Module.__call__ on the per-token path
         bias = None if self.bias is None else self.bias.to(x.dtype)
-        if self.panels is not None and x.dtype == torch.float32 and x.device.type == "cpu":
-            out = kernels().f32_matmul(x.reshape(-1, x.shape[-1]).contiguous(), self.panels, self.out_features, bias)
-            return out.reshape(*x.shape[:-1], self.out_features)
-        return F.linear(x, self.float_weight().to(x.dtype), bias)
+        return F.linear(x, self.dense.to(x.dtype), bias)
+
+
+def _on_our_kernels(quantized: nn.Module) -> bool:
+    """Whether a quantized layer runs our C kernels, which need no float copy at any batch size."""
+    if isinstance(quantized, Int4Linear):
+        return quantized.backend == "c"
+    return isinstance(quantized, Int8Linear) and quantized.panels is not None
 
 
 def _maybe_dense(
     quantized: nn.Module, linear: nn.Linear, group_size: int | None, dense_above_rows: int | None
 ) -> nn.Module:
-    if dense_above_rows is None:
+    if dense_above_rows is None or _on_our_kernels(quantized):
         return quantized
     # The same quantized values, dequantized by the reference formula (cheap, unlike reading
     # packed kernel weights back), so both paths multiply by identical weights.

@@ -5,10 +5,13 @@ w ~= q * scale. With a group size G, each run of G weights in a row gets its own
 (GGUF's Q8_0 is this with G = 32): the quantized models' LM head uses it, because a Q8_0
 embedding then round-trips exactly.
 
-On CPU the matmul is our C kernel (nanoinfer/kernels: float32 activations and accumulation, no
-rounding of x) when it could be built, else (per-channel only) torch's `_weight_int8pack_mm(x
-[M, K], q int8 [N, K], scales [N])`, which wants x and scales in the same dtype (f32, f16 or
-bf16); elsewhere we dequantize and call F.linear.
+On CPU the matmul is our C kernel (nanoinfer/kernels) when it could be built and K is a whole
+number of groups of 32: the weight in its panel layout (`pack_panels`), activations rounded to
+int16 per group of 32 (an error of at most 2^-16 of the group's largest value, far below the
+weights' own rounding), integer dot products, float32 results. It beats our fp32 GEMM on a float
+copy at every batch size, so no copy is kept. Else (per-channel only) torch's
+`_weight_int8pack_mm(x [M, K], q int8 [N, K], scales [N])`, which wants x and scales in the same
+dtype (f32, f16 or bf16); elsewhere we dequantize and call F.linear.
 
 torch's float32 path of that kernel is scalar code on AVX2 (measured 2-70x slower than an fp32
 nn.Linear, worse as the batch grows), while its bf16 path is vectorized. So float32 activations
@@ -27,6 +30,8 @@ from nanoinfer.kernels import kernels
 _KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 # A zero row would give scale 0 and 0/0 on quantize; any tiny positive scale maps it to q = 0.
 _MIN_SCALE = 1e-12
+Q8_COLS, Q8_GROUP, Q8_CHUNK = 8, 32, 4  # columns per panel, k per group, panels per chunk (cpu_kernels.c)
+_RECORD = 16 * 16 + 4 * Q8_COLS  # bytes per panel and group: 16 k-pairs of 8 columns, 8 float scales
 
 
 def quantize_int8(weight: torch.Tensor, group_size: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -49,6 +54,42 @@ def dequantize_int8(q: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype = 
     return w.reshape(N, K).to(dtype)
 
 
+def pack_panels(q: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """q int8 [N, K], scales [N] or [N, K/32] -> the C kernel's layout as one uint8 tensor.
+
+    Per panel of 8 output columns and group g of 32 k: 16 rows of 16 bytes, row j holding
+    q[8p + c, 32g + 2j + i] at byte 2c + i, then the 8 float scales (a per-channel scale is
+    repeated in every group). Panels are chunked by Q8_CHUNK (the last chunk may be short), and
+    a chunk stores its panels' records group by group; zero columns pad the last panel.
+    """
+    n, k = q.shape
+    panels, groups = -(-n // Q8_COLS), k // Q8_GROUP
+    scales = scales.float().reshape(n, -1).expand(n, groups) if scales.dim() == 1 else scales.float()
+    pad = panels * Q8_COLS - n
+    q, scales = F.pad(q, (0, 0, 0, pad)), F.pad(scales, (0, 0, 0, pad))
+    weight = q.view(panels, Q8_COLS, groups, 16, 2).permute(0, 2, 3, 1, 4).reshape(panels, groups, 256)
+    scale_bytes = scales.view(panels, Q8_COLS, groups).transpose(1, 2).contiguous().view(torch.uint8)
+    records = torch.cat([weight.view(torch.uint8), scale_bytes], dim=-1)  # [P, G, record]
+    return torch.cat([records[p0:p1].view(-1, c, groups, _RECORD).transpose(1, 2).reshape(-1)
+                      for p0, p1, c in _chunk_spans(panels)])
+
+
+def unpack_panels(packed: torch.Tensor, n: int, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Inverse of pack_panels: (q int8 [N, K], scales [N, K/32])."""
+    panels, groups = -(-n // Q8_COLS), k // Q8_GROUP
+    records = torch.cat([packed[p0 * groups * _RECORD:p1 * groups * _RECORD].view(-1, groups, c, _RECORD)
+                         .transpose(1, 2).reshape(-1, groups, _RECORD) for p0, p1, c in _chunk_spans(panels)])
+    q = records[..., :256].view(torch.int8).reshape(-1, groups, 16, Q8_COLS, 2).permute(0, 3, 1, 2, 4)
+    scales = records[..., 256:].contiguous().view(torch.float32).transpose(1, 2)
+    return q.reshape(-1, k)[:n], scales.reshape(-1, groups)[:n]
+
+
+def _chunk_spans(panels: int) -> list[tuple[int, int, int]]:
+    """(first panel, end panel, panels per chunk): the whole chunks, then a short last one."""
+    whole = panels // Q8_CHUNK * Q8_CHUNK
+    return [span for span in ((0, whole, Q8_CHUNK), (whole, panels, panels - whole)) if span[1] > span[0]]
+
+
 def int8_kernel_supported(device: torch.device, dtype: torch.dtype, in_features: int) -> bool:
     """Whether torch's CPU int8 kernel can run activations of this device and dtype."""
     if device.type != "cpu" or dtype not in _KERNEL_DTYPES:
@@ -68,9 +109,10 @@ class Int8Linear(nn.Module):
         # casting per call would add an op to every matmul.
         self.register_buffer("scales", scales.to(dtype).contiguous())
         self.register_buffer("bias", None if bias is None else bias.detach().to(dtype).clone())
-        self.register_buffer("scales_f32", scales.float().contiguous(), persistent=False)  # for our kernel
+        ours = kernels() is not None and q.device.type == "cpu" and self.in_features % Q8_GROUP == 0
+        self.register_buffer("panels", pack_panels(q, scales) if ours else None, persistent=False)
         self.use_kernel = True  # False forces dequantize-then-matmul (tests compare the two paths)
-        self.exact_fp32 = False  # True: fp32 activations skip the bf16 kernel (see module docstring)
+        self.exact_fp32 = False  # True: fp32 activations are not rounded (dequantize and F.linear)
         self._scales_cast: dict[torch.dtype, torch.Tensor] = {}  # scales in other activation dtypes
 
     @classmethod
@@ -86,15 +128,15 @@ class Int8Linear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         lead = x.shape[:-1]
         x2 = x.reshape(-1, self.in_features)
-        ours = kernels() if self.use_kernel and x.device.type == "cpu" else None
-        if ours is not None and x2.shape[0] > 0:
+        exact = x.dtype == torch.float32 and self.exact_fp32
+        if self.panels is not None and self.use_kernel and not exact and x.device.type == "cpu" and x2.shape[0] > 0:
             bias = None if self.bias is None else self.bias.float()
-            out = ours.q8_matmul(x2.float().contiguous(), self.q, self.scales_f32, bias).to(x.dtype)
+            out = kernels().q8_matmul(x2.float().contiguous(), self.panels, self.out_features, bias).to(x.dtype)
             return out.reshape(*lead, self.out_features)
         # fp32 goes through the bf16 kernel (fast) unless asked to stay exact (then: dequantize).
         cdtype = torch.bfloat16 if x.dtype == torch.float32 else x.dtype
         kernel = self.use_kernel and self.scales.dim() == 1  # torch's kernel has no group-wise form
-        kernel = kernel and not (x.dtype == torch.float32 and self.exact_fp32)
+        kernel = kernel and not exact
         if kernel and x2.shape[0] > 0 and int8_kernel_supported(x.device, cdtype, self.in_features):
             scales = self.scales
             if scales.dtype != cdtype:  # cast once: fp32 models run the bf16 kernel on every call
