@@ -143,6 +143,35 @@ static inline __m256 kv_load8(const void *row, int64_t d, int half) {
 }
 #endif
 
+/* One 32-wide activation group rounded to integers of magnitude <= top: x * (top / max|x|) to
+ * nearest even (as lrintf). Returns max|x|. */
+#ifdef __AVX2__
+static inline float round_group(const float *p, float top, __m256i r[4]) {
+    __m256 v[4], sign = _mm256_set1_ps(-0.f), m = _mm256_setzero_ps();
+    for (int i = 0; i < 4; i++) {
+        v[i] = _mm256_loadu_ps(p + 8 * i);
+        m = _mm256_max_ps(m, _mm256_andnot_ps(sign, v[i]));
+    }
+    __m128 h = _mm_max_ps(_mm256_castps256_ps128(m), _mm256_extractf128_ps(m, 1));
+    h = _mm_max_ps(h, _mm_movehl_ps(h, h));
+    float amax = _mm_cvtss_f32(_mm_max_ss(h, _mm_movehdup_ps(h)));
+    __m256 inv = _mm256_set1_ps(amax > 0.f ? top / amax : 0.f);
+    for (int i = 0; i < 4; i++) r[i] = _mm256_cvtps_epi32(_mm256_mul_ps(v[i], inv));
+    return amax;
+}
+#else
+static inline float round_group(const float *p, float top, int32_t r[32]) {
+    float amax = 0.f;
+    for (int j = 0; j < 32; j++) {
+        float a = fabsf(p[j]);
+        amax = a > amax ? a : amax;
+    }
+    float inv = amax > 0.f ? top / amax : 0.f;
+    for (int j = 0; j < 32; j++) r[j] = (int32_t)lrintf(p[j] * inv);
+    return amax;
+}
+#endif
+
 /* Activations for the int4 kernel: each 32-wide group of each row as int8 with one scale
  * (x ~= xq * xs), plus the sum of the rounded group (xs * sum(xq)) for the min term. Integer
  * products let one AVX2 instruction do 32 multiply-adds (maddubs) instead of the 8 of a float FMA.
@@ -155,34 +184,22 @@ static void quantize_groups(const float *x, int64_t M, int64_t K, int8_t *xq, fl
     for (int64_t i = 0; i < M * G; i++) {
         const float *p = x + i * Q4_GROUP;
         int8_t *q = xq + i * Q4_GROUP;
-        float amax = 0.f, sum = 0.f;
+        float amax, sum = 0.f;
 #ifdef __AVX2__
-        __m256 v0 = _mm256_loadu_ps(p), v1 = _mm256_loadu_ps(p + 8), v2 = _mm256_loadu_ps(p + 16),
-               v3 = _mm256_loadu_ps(p + 24);
-        __m256 sign = _mm256_set1_ps(-0.f);
-        __m256 m = _mm256_max_ps(_mm256_max_ps(_mm256_andnot_ps(sign, v0), _mm256_andnot_ps(sign, v1)),
-                                 _mm256_max_ps(_mm256_andnot_ps(sign, v2), _mm256_andnot_ps(sign, v3)));
-        __m128 h = _mm_max_ps(_mm256_castps256_ps128(m), _mm256_extractf128_ps(m, 1));
-        h = _mm_max_ps(h, _mm_movehl_ps(h, h));
-        amax = _mm_cvtss_f32(_mm_max_ss(h, _mm_movehdup_ps(h)));
-        __m256 inv = _mm256_set1_ps(amax > 0.f ? 127.f / amax : 0.f);
-        /* cvtps rounds to nearest even like lrintf; packs keep 128-bit lanes, the permute reorders */
-        __m256i i0 = _mm256_cvtps_epi32(_mm256_mul_ps(v0, inv)), i1 = _mm256_cvtps_epi32(_mm256_mul_ps(v1, inv));
-        __m256i i2 = _mm256_cvtps_epi32(_mm256_mul_ps(v2, inv)), i3 = _mm256_cvtps_epi32(_mm256_mul_ps(v3, inv));
-        __m256i isum = _mm256_add_epi32(_mm256_add_epi32(i0, i1), _mm256_add_epi32(i2, i3));
+        __m256i r[4];
+        amax = round_group(p, 127.f, r);
+        __m256i isum = _mm256_add_epi32(_mm256_add_epi32(r[0], r[1]), _mm256_add_epi32(r[2], r[3]));
         sum = hsum256(_mm256_cvtepi32_ps(isum)); /* exact: |sum| <= 32 * 127 */
-        __m256i b = _mm256_packs_epi16(_mm256_packs_epi32(i0, i1), _mm256_packs_epi32(i2, i3));
+        /* packs keep 128-bit lanes; the permute puts the bytes back in order */
+        __m256i b = _mm256_packs_epi16(_mm256_packs_epi32(r[0], r[1]), _mm256_packs_epi32(r[2], r[3]));
         b = _mm256_permutevar8x32_epi32(b, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
         _mm256_storeu_si256((__m256i *)q, b);
 #else
+        int32_t r[Q4_GROUP];
+        amax = round_group(p, 127.f, r);
         for (int j = 0; j < Q4_GROUP; j++) {
-            float a = fabsf(p[j]);
-            amax = a > amax ? a : amax;
-        }
-        float inv = amax > 0.f ? 127.f / amax : 0.f;
-        for (int j = 0; j < Q4_GROUP; j++) {
-            q[j] = (int8_t)lrintf(p[j] * inv);
-            sum += q[j];
+            q[j] = (int8_t)r[j];
+            sum += r[j];
         }
 #endif
         xs[i] = amax / 127.f;
@@ -452,30 +469,18 @@ static void quantize_groups16(const float *x, int64_t M, int64_t K, int16_t *xq,
     for (int64_t i = 0; i < M * G; i++) {
         const float *p = x + i * Q8_GROUP;
         int16_t *q = xq + i * Q8_GROUP;
-        float amax = 0.f;
+        float amax;
 #ifdef __AVX2__
-        __m256 v0 = _mm256_loadu_ps(p), v1 = _mm256_loadu_ps(p + 8), v2 = _mm256_loadu_ps(p + 16),
-               v3 = _mm256_loadu_ps(p + 24);
-        __m256 sign = _mm256_set1_ps(-0.f);
-        __m256 m = _mm256_max_ps(_mm256_max_ps(_mm256_andnot_ps(sign, v0), _mm256_andnot_ps(sign, v1)),
-                                 _mm256_max_ps(_mm256_andnot_ps(sign, v2), _mm256_andnot_ps(sign, v3)));
-        __m128 h = _mm_max_ps(_mm256_castps256_ps128(m), _mm256_extractf128_ps(m, 1));
-        h = _mm_max_ps(h, _mm_movehl_ps(h, h));
-        amax = _mm_cvtss_f32(_mm_max_ss(h, _mm_movehdup_ps(h)));
-        __m256 inv = _mm256_set1_ps(amax > 0.f ? 32767.f / amax : 0.f);
+        __m256i r[4];
+        amax = round_group(p, 32767.f, r);
         /* packs works within 128-bit lanes; the 64-bit permute puts the halves back in order */
-        __m256i i0 = _mm256_cvtps_epi32(_mm256_mul_ps(v0, inv)), i1 = _mm256_cvtps_epi32(_mm256_mul_ps(v1, inv));
-        __m256i i2 = _mm256_cvtps_epi32(_mm256_mul_ps(v2, inv)), i3 = _mm256_cvtps_epi32(_mm256_mul_ps(v3, inv));
-        __m256i a = _mm256_packs_epi32(i0, i1), b = _mm256_packs_epi32(i2, i3);
+        __m256i a = _mm256_packs_epi32(r[0], r[1]), b = _mm256_packs_epi32(r[2], r[3]);
         _mm256_storeu_si256((__m256i *)q, _mm256_permute4x64_epi64(a, 0xD8));
         _mm256_storeu_si256((__m256i *)(q + 16), _mm256_permute4x64_epi64(b, 0xD8));
 #else
-        for (int j = 0; j < Q8_GROUP; j++) {
-            float a = fabsf(p[j]);
-            amax = a > amax ? a : amax;
-        }
-        float inv = amax > 0.f ? 32767.f / amax : 0.f;
-        for (int j = 0; j < Q8_GROUP; j++) q[j] = (int16_t)lrintf(p[j] * inv);
+        int32_t r[Q8_GROUP];
+        amax = round_group(p, 32767.f, r);
+        for (int j = 0; j < Q8_GROUP; j++) q[j] = (int16_t)r[j];
 #endif
         xs[i] = amax / 32767.f;
     }
