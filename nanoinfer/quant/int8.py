@@ -104,13 +104,14 @@ class Int8Linear(nn.Module):
     def __init__(self, q: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None, dtype: torch.dtype):
         super().__init__()
         self.out_features, self.in_features = q.shape
-        self.register_buffer("q", q.contiguous())
         # Stored in the model's dtype because the kernel wants scales in the activation dtype;
         # casting per call would add an op to every matmul.
         self.register_buffer("scales", scales.to(dtype).contiguous())
         self.register_buffer("bias", None if bias is None else bias.detach().to(dtype).clone())
+        # Our kernel's panels hold the weight; the row-major q is kept only for the other paths.
         ours = kernels() is not None and q.device.type == "cpu" and self.in_features % Q8_GROUP == 0
         self.register_buffer("panels", pack_panels(q, scales) if ours else None, persistent=False)
+        self.register_buffer("q_rows", None if ours else q.contiguous())
         self.use_kernel = True  # False forces dequantize-then-matmul (tests compare the two paths)
         self.exact_fp32 = False  # True: fp32 activations are not rounded (dequantize and F.linear)
         self._scales_cast: dict[torch.dtype, torch.Tensor] = {}  # scales in other activation dtypes
@@ -120,6 +121,13 @@ class Int8Linear(nn.Module):
         """Quantize an existing nn.Linear (its dtype becomes the compute dtype)."""
         q, scales = quantize_int8(linear.weight, group_size)
         return cls(q, scales, linear.bias, linear.weight.dtype)
+
+    @property
+    def q(self) -> torch.Tensor:
+        """The int8 weight [N, K] (read back from the kernel's panels where they hold it)."""
+        if self.panels is None:
+            return self.q_rows
+        return unpack_panels(self.panels, self.out_features, self.in_features)[0]
 
     def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         """The float weight [N, K] this layer multiplies by."""
