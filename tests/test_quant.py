@@ -18,6 +18,7 @@ from nanoinfer.quant import (
     store_weights_16bit,
     weight_bytes,
 )
+from nanoinfer.kernels import kernels
 from nanoinfer.quant.half import KERNEL_MAX_ROWS
 from tiny_models import VOCAB_SIZE
 
@@ -40,6 +41,11 @@ def assert_close_rel(out: torch.Tensor, ref: torch.Tensor, rel: float) -> None:
     err = (out.float() - ref.float()).abs().max().item()
     scale = ref.float().abs().max().item()
     assert err <= rel * scale, f"max error {err:.3g} > {rel} * {scale:.3g}"
+
+
+# With NANOINFER_KERNELS=0 (or no compiler) only the torch paths run; tests/test_kernels.py fails
+# if a compiler is there but the kernels do not build.
+NO_KERNELS = "our C kernels are off or not built"
 
 
 def naive_int8(linear: nn.Linear, module: Int8Linear, x: torch.Tensor) -> torch.Tensor:
@@ -188,6 +194,8 @@ def test_int8_empty_batch() -> None:
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("rows", [1, 6])
 def test_int4_kernel_matches_naive(backend: str, group_size: int, dtype: torch.dtype, rows: int) -> None:
+    if backend == "c" and kernels() is None:
+        pytest.skip(NO_KERNELS)
     linear = make_linear(256, 96, dtype=dtype)
     module = Int4Linear.from_linear(linear, group_size, backend=backend)
     assert module.kernel and module.backend == backend
@@ -200,6 +208,8 @@ def test_int4_kernel_matches_naive(backend: str, group_size: int, dtype: torch.d
 
 
 def test_int4_default_backend_is_ours_for_group_32() -> None:
+    if kernels() is None:
+        pytest.skip(NO_KERNELS)
     assert Int4Linear.from_linear(make_linear(64, 32), 32).backend == "c"
     assert Int4Linear.from_linear(make_linear(128, 32), 64).backend == "torch"
 
