@@ -6,6 +6,7 @@ import pytest
 import torch
 from torch import nn
 
+from nanoinfer.kernels import kernels
 from nanoinfer.quant import (
     HalfLinear,
     Int4Linear,
@@ -18,7 +19,6 @@ from nanoinfer.quant import (
     store_weights_16bit,
     weight_bytes,
 )
-from nanoinfer.kernels import kernels
 from nanoinfer.quant.half import KERNEL_MAX_ROWS
 from tiny_models import VOCAB_SIZE
 
