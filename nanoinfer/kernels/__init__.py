@@ -28,6 +28,14 @@ SOURCE = Path(__file__).with_name("cpu_kernels.c")
 Q4_GROUP = 32  # the group size the C int4 kernel is written for
 Q4_COLS = 8  # output columns per block of its weight layout
 Q4_CHUNK = 4  # blocks per chunk (one sequential record per group)
+Q8_COLS, Q8_GROUP, Q8_CHUNK = 8, 32, 4  # the int8 kernel's columns per panel, k per group, panels per chunk
+
+
+def chunk_spans(count: int, per_chunk: int) -> list[tuple[int, int, int]]:
+    """How the kernels' weight layouts chunk `count` column blocks: (first, end, blocks per chunk)
+    for the whole chunks, then a short last one."""
+    whole = count // per_chunk * per_chunk
+    return [span for span in ((0, whole, per_chunk), (whole, count, count - whole)) if span[1] > span[0]]
 _FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c11"]
 _lock = threading.Lock()
 _loaded: "CpuKernels | None | bool" = False  # False: not tried yet

@@ -493,13 +493,15 @@ static void quantize_groups16(const float *x, int64_t M, int64_t K, int16_t *xq,
  * short, C panels), a chunk group by group: its C records of group 0, then of group 1, ... so each
  * task reads one sequential stream, prefetched Q8_AHEAD groups ahead: at batch 1 the LM head's
  * 32 MB come from memory every step, and without the prefetch this kernel read them 1.1-1.2x
- * slower than the row kernel it replaced (with it, 1.06-1.3x faster; 2 groups ahead, 1.0x).
+ * slower than the float-activation row kernel it replaced (with it, 1.06-1.3x faster; 2 groups
+ * ahead, 1.0x; a scratch harness that loaded both builds, interleaved).
  * Widened to int16, a pair row meets an activation pair broadcast to all lanes in one vpmaddwd:
  * 16 multiply-adds with exact int32 sums (|sum| <= 32 * 127 * 32767 < 2^31 over a group), where a
- * float FMA does 8 and this CPU issues two FMAs a cycle but more integer operations. Against our
- * fp32 panel kernel on the same weights: 1.4-3x on the 49k x 576 LM head, 1.1-2.7x on the layers'
- * shapes, at 1-512 rows; against the float-activation row kernel it replaced, 1.1x at 1 row and
- * 1.5-2.4x at 2-16 (`python -m benchmarks.kernels`). N is padded to a whole panel. */
+ * float FMA does 8 and this CPU issues two FMAs a cycle but more integer operations. Against
+ * float32 F.linear on the same weights: 4-9x at 1-4 rows, 1.25-2.2x at 64, 1.0-1.6x at 512
+ * (`python -m benchmarks.kernels`); against the fp32 panel-copy kernel it made redundant (removed),
+ * 1.4-3x on the 49k x 576 head and 1.1-2.7x on the layers' shapes at 1-512 rows, and against the
+ * row kernel 1.5-2.4x at 2-16 rows (the same harness). N is padded to a whole panel. */
 #define Q8_COLS 8
 #define Q8_RECORD (16 * 16 + Q8_COLS * 4)
 #define Q8_STRIP 3  /* rows per strip, two panels wide: 6 int32 sums, 6 float sums, 2 weights, 1 pair */
@@ -541,7 +543,7 @@ static inline __attribute__((always_inline)) void q8_strip(
                 __m256i xp = _mm256_set1_epi32(pair);
                 for (int c = 0; c < NB; c++) {
                     dot[r][c] = _mm256_add_epi32(dot[r][c], _mm256_madd_epi16(wv[c], xp));
-                    __asm__("" : "+x"(dot[r][c])); /* as in q4_strip: 1.06x here */
+                    __asm__("" : "+x"(dot[r][c])); /* as in q4_strip: 1.06x here (scratch A/B) */
                 }
             }
         }

@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from nanoinfer.kernels import Q4_CHUNK, Q4_COLS, Q4_GROUP, kernels
+from nanoinfer.kernels import Q4_CHUNK, Q4_COLS, Q4_GROUP, chunk_spans, kernels
 
 KERNEL_GROUP_SIZES = (32, 64, 128, 256)
 _KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -100,14 +100,8 @@ def _pack_panels(q: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor) -> t
     weight = v[:, :, 0] | (v[:, :, 1] << 4)  # [B, G, 4, 8, 4]
     parts = [weight.reshape(blocks, groups, 128)] + [
         t.view(blocks, Q4_COLS, groups).transpose(1, 2).contiguous().view(torch.uint8) for t in (scales, mins)]
-    spans = _chunk_spans(blocks)
+    spans = chunk_spans(blocks, Q4_CHUNK)
     return torch.cat([torch.cat([_chunked(t[b0:b1], c) for t in parts], dim=-1).reshape(-1) for b0, b1, c in spans])
-
-
-def _chunk_spans(blocks: int) -> list[tuple[int, int, int]]:
-    """(first block, end block, blocks per chunk): the whole chunks, then a short last one."""
-    whole = blocks // Q4_CHUNK * Q4_CHUNK
-    return [span for span in ((0, whole, Q4_CHUNK), (whole, blocks, blocks - whole)) if span[1] > span[0]]
 
 
 def _chunked(t: torch.Tensor, c: int) -> torch.Tensor:
@@ -121,7 +115,7 @@ def _unpack_panels(packed: torch.Tensor, n: int, k: int) -> tuple[torch.Tensor, 
     blocks, groups = -(-n // Q4_COLS), k // Q4_GROUP
     record = 128 + 2 * 4 * Q4_COLS  # bytes per block and group
     pieces, at = [], 0
-    for b0, b1, c in _chunk_spans(blocks):
+    for b0, b1, c in chunk_spans(blocks, Q4_CHUNK):
         size = (b1 - b0) * groups * record
         rec = packed[at:at + size].view(-1, groups, c * record)
         at += size

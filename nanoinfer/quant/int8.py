@@ -25,12 +25,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from nanoinfer.kernels import kernels
+from nanoinfer.kernels import Q8_CHUNK, Q8_COLS, Q8_GROUP, chunk_spans, kernels
 
 _KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 # A zero row would give scale 0 and 0/0 on quantize; any tiny positive scale maps it to q = 0.
 _MIN_SCALE = 1e-12
-Q8_COLS, Q8_GROUP, Q8_CHUNK = 8, 32, 4  # columns per panel, k per group, panels per chunk (cpu_kernels.c)
 _RECORD = 16 * 16 + 4 * Q8_COLS  # bytes per panel and group: 16 k-pairs of 8 columns, 8 float scales
 
 
@@ -71,23 +70,18 @@ def pack_panels(q: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
     scale_bytes = scales.view(panels, Q8_COLS, groups).transpose(1, 2).contiguous().view(torch.uint8)
     records = torch.cat([weight.view(torch.uint8), scale_bytes], dim=-1)  # [P, G, record]
     return torch.cat([records[p0:p1].view(-1, c, groups, _RECORD).transpose(1, 2).reshape(-1)
-                      for p0, p1, c in _chunk_spans(panels)])
+                      for p0, p1, c in chunk_spans(panels, Q8_CHUNK)])
 
 
 def unpack_panels(packed: torch.Tensor, n: int, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Inverse of pack_panels: (q int8 [N, K], scales [N, K/32])."""
     panels, groups = -(-n // Q8_COLS), k // Q8_GROUP
-    records = torch.cat([packed[p0 * groups * _RECORD:p1 * groups * _RECORD].view(-1, groups, c, _RECORD)
-                         .transpose(1, 2).reshape(-1, groups, _RECORD) for p0, p1, c in _chunk_spans(panels)])
+    chunks = [packed[p0 * groups * _RECORD:p1 * groups * _RECORD].view(-1, groups, c, _RECORD)
+              for p0, p1, c in chunk_spans(panels, Q8_CHUNK)]
+    records = torch.cat([chunk.transpose(1, 2).reshape(-1, groups, _RECORD) for chunk in chunks])
     q = records[..., :256].view(torch.int8).reshape(-1, groups, 16, Q8_COLS, 2).permute(0, 3, 1, 2, 4)
     scales = records[..., 256:].contiguous().view(torch.float32).transpose(1, 2)
     return q.reshape(-1, k)[:n], scales.reshape(-1, groups)[:n]
-
-
-def _chunk_spans(panels: int) -> list[tuple[int, int, int]]:
-    """(first panel, end panel, panels per chunk): the whole chunks, then a short last one."""
-    whole = panels // Q8_CHUNK * Q8_CHUNK
-    return [span for span in ((0, whole, Q8_CHUNK), (whole, panels, panels - whole)) if span[1] > span[0]]
 
 
 def int8_kernel_supported(device: torch.device, dtype: torch.dtype, in_features: int) -> bool:
