@@ -16,7 +16,9 @@ import random
 import statistics
 import sys
 import time
+from functools import partial
 from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -55,10 +57,19 @@ def _range(text: str) -> tuple[int, int]:
     return lo, hi
 
 
-def _median_after_warmup(fn, repeats: int) -> tuple[float, list[float]]:
-    fn()  # warm-up: first-call allocations, lazy initialisation, caches
-    samples = [fn() for _ in range(repeats)]
-    return statistics.median(samples), samples
+def _interleaved(samplers: dict[str, Callable[[], Any]], repeats: int,
+                 warmups: dict[str, Callable[[], Any]] | None = None) -> dict[str, list[Any]]:
+    """Each engine's samples, taken in rounds that run every engine once in turn after one warm-up
+    each (the sampler itself unless `warmups` gives a cheaper call). This shared machine drifts by
+    up to 40% within an hour; in rounds the engines share each stretch of it, so the drift moves
+    them together instead of skewing the ratios, as one engine's runs after another's would."""
+    for name in samplers:
+        (warmups or samplers)[name]()
+    samples: dict[str, list[Any]] = {name: [] for name in samplers}
+    for _ in range(repeats):
+        for name, sample in samplers.items():
+            samples[name].append(sample())
+    return samples
 
 
 def _percentile(values: list[float], q: float) -> float:
@@ -82,35 +93,40 @@ def make_requests(vocab: list[int], n: int, input_len: tuple[int, int], output_l
     return [Request([rng.choice(vocab) for _ in range(rng.randint(*input_len))], rng.randint(*output_len)) for _ in range(n)]
 
 
-def run_peer(peer, args: argparse.Namespace, vocab: list[int], log) -> dict[str, Any]:
-    """Every scenario for one engine; figures plus raw samples."""
+def _tokens_per_s(results: dict[str, Any], label: str, tokens: int, samplers: dict[str, Callable[[], float]],
+                  args: argparse.Namespace, log) -> None:
+    """results[engine][label]: `tokens` over the median of the samplers' seconds, interleaved."""
+    for name, samples in _interleaved(samplers, args.repeats).items():
+        results[name][label] = {"tok_s": tokens / statistics.median(samples), "samples_s": samples}
+        log(f"{name}: {label} {results[name][label]['tok_s']:.1f} tok/s")
+
+
+def run_engines(peers: dict[str, Any], args: argparse.Namespace, vocab: list[int], log) -> dict[str, Any]:
+    """Every scenario for every engine, the engines interleaved (see _interleaved); figures plus raw samples."""
     scenarios = set(args.scenarios.split(","))
     rng = random.Random(1)
-    result: dict[str, Any] = {"engine": peer.name, "info": peer.describe()}
+    results: dict[str, Any] = {name: {"engine": name, "info": peer.describe()} for name, peer in peers.items()}
     if "pp512" in scenarios:
         ids = [rng.choice(vocab) for _ in range(512)]
-        median, samples = _median_after_warmup(lambda: peer.prefill(ids), args.repeats)
-        result["pp512"] = {"tok_s": 512 / median, "samples_s": samples}
-        log(f"{peer.name}: pp512 {512 / median:.1f} tok/s")
+        _tokens_per_s(results, "pp512", 512, {name: partial(p.prefill, ids) for name, p in peers.items()}, args, log)
     if "tg128" in scenarios:
         ids = [rng.choice(vocab) for _ in range(16)]
-        median, samples = _median_after_warmup(lambda: peer.decode(ids, 128), args.repeats)
-        result["tg128"] = {"tok_s": 128 / median, "samples_s": samples}
-        log(f"{peer.name}: tg128 {128 / median:.1f} tok/s")
+        _tokens_per_s(results, "tg128", 128, {name: partial(p.decode, ids, 128) for name, p in peers.items()}, args, log)
     if "serving" in scenarios:
         requests = make_requests(vocab, args.num_requests, _range(args.input_len), _range(args.output_len))
         warm = make_requests(vocab, 2, (16, 32), (4, 8), seed=9)
-        result["serving"] = {}
         for c in (int(x) for x in args.concurrency.split(",")):
-            peer.serve(warm, c)
-            runs = [_serving_figures(peer.serve(requests, c)) for _ in range(args.repeats)]
-            figures = {k: statistics.median(r[k] for r in runs) for k in runs[0]}
-            result["serving"][str(c)] = {**figures, "samples": runs}
-            log(f"{peer.name}: serving c={c} {figures['output_tok_s']:.1f} out tok/s, "
-                f"TTFT p50 {figures['ttft_p50'] * 1000:.0f} ms, TPOT p50 {figures['tpot_p50'] * 1000:.1f} ms")
-    if "shared_prefix" in scenarios and isinstance(peer, NanoinferPeer):
-        result["shared_prefix"] = shared_prefix(peer, args, vocab, log)
-    return result
+            samplers = {name: (lambda p=p: _serving_figures(p.serve(requests, c))) for name, p in peers.items()}
+            warmups = {name: partial(p.serve, warm, c) for name, p in peers.items()}
+            for name, runs in _interleaved(samplers, args.repeats, warmups).items():
+                figures = {k: statistics.median(r[k] for r in runs) for k in runs[0]}
+                results[name].setdefault("serving", {})[str(c)] = {**figures, "samples": runs}
+                log(f"{name}: serving c={c} {figures['output_tok_s']:.1f} out tok/s, "
+                    f"TTFT p50 {figures['ttft_p50'] * 1000:.0f} ms, TPOT p50 {figures['tpot_p50'] * 1000:.1f} ms")
+    nano = peers.get("nanoinfer")
+    if "shared_prefix" in scenarios and isinstance(nano, NanoinferPeer):
+        results["nanoinfer"]["shared_prefix"] = shared_prefix(nano, args, vocab, log)
+    return results
 
 
 def shared_prefix(peer: NanoinferPeer, args: argparse.Namespace, vocab: list[int], log) -> dict[str, Any]:
@@ -166,15 +182,15 @@ def main(argv: list[str] | None = None) -> int:
     vocab = list(range(1000, min(nano.engine.model_config.vocab_size, 20000)))  # ordinary tokens, no specials
     results: dict[str, Any] = {"model": args.model, "model_path": str(model_path), "machine": machine_info(args.threads),
                                "settings": {k: str(v) for k, v in vars(args).items()}, "engines": {}}
-    results["engines"]["nanoinfer"] = run_peer(nano, args, vocab, log)
-    del nano
+    peers: dict[str, Any] = {"nanoinfer": nano}  # all loaded at once: their runs are interleaved
     if "llama.cpp" in engines:
         if model_path.suffix != ".gguf":
             log("llama.cpp skipped: it needs a .gguf model")
         else:
-            results["engines"]["llama.cpp"] = run_peer(LlamaCppPeer(model_path, args.threads), args, vocab, log)
+            peers["llama.cpp"] = LlamaCppPeer(model_path, args.threads)
     if "transformers" in engines:
-        results["engines"]["transformers"] = run_peer(TransformersPeer(model_path), args, vocab, log)
+        peers["transformers"] = TransformersPeer(model_path)
+    results["engines"] = run_engines(peers, args, vocab, log)
     from benchmarks.report import write_reports
 
     paths = write_reports(results, args.out)

@@ -42,7 +42,8 @@ def markdown(results: dict[str, Any]) -> str:
         f"nanoinfer: {engines['nanoinfer']['info']}. "
         + " ".join(f"{p}: {engines[p]['info']}." for p in peers),
         "",
-        "Ratios are nanoinfer's advantage (>1 means nanoinfer is better: faster or lower latency).",
+        "Ratios are nanoinfer's advantage (>1 means nanoinfer is better: faster or lower latency). Each "
+        "figure is the median of its runs after a warm-up; the engines ran in turn within each round.",
         "",
         "| figure | nanoinfer | " + " | ".join(peers) + " | " + " | ".join(f"vs {p}" for p in peers) + " |",
         "|---|---:|" + "---:|" * (2 * len(peers)),

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from argparse import Namespace
+
+from benchmarks.compare import run_engines
 from benchmarks.peers import NanoinferPeer, Request, TransformersPeer
 from benchmarks.report import markdown
 
@@ -27,3 +30,32 @@ def test_serving_timings_and_report(tiny_model, tmp_path):
     table = markdown(results)
     assert "| tg128 (tok/s) | 50.0 | 10.0 | 5.00× |" in table
     assert "| serving c=16: output tok/s | 100.0 | 25.0 | 4.00× |" in table
+
+
+class _RecordingPeer:
+    """Stands in for an engine: logs each call, answers in a fixed time."""
+
+    def __init__(self, name: str, calls: list[str]):
+        self.name, self.calls = name, calls
+
+    def describe(self) -> dict:
+        return {}
+
+    def prefill(self, ids: list[int]) -> float:
+        self.calls.append(f"{self.name}:prefill")
+        return 0.5
+
+    def decode(self, ids: list[int], n: int) -> float:
+        self.calls.append(f"{self.name}:decode")
+        return 2.0
+
+
+def test_engines_run_in_rounds():
+    calls: list[str] = []
+    peers = {name: _RecordingPeer(name, calls) for name in ("a", "b")}
+    args = Namespace(scenarios="pp512,tg128", repeats=2)
+    results = run_engines(peers, args, list(range(100, 200)), log=lambda msg: None)
+    # a warm-up each, then rounds of one run per engine, so drift hits every engine alike
+    assert calls == ["a:prefill", "b:prefill"] * 3 + ["a:decode", "b:decode"] * 3
+    assert results["a"]["pp512"] == {"tok_s": 1024.0, "samples_s": [0.5, 0.5]}
+    assert results["b"]["tg128"]["tok_s"] == 64.0
