@@ -23,12 +23,12 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
 
 
 def _add_engine_args(p: argparse.ArgumentParser) -> None:
-    from nanoinfer.config import KV_CACHE_DTYPES
+    from nanoinfer.config import KV_CACHE_DTYPES, EngineConfig
 
     p.add_argument("--max-model-len", type=int, default=None, help="context window (default: the model's)")
     p.add_argument("--max-num-seqs", type=int, default=64, help="sequences decoded together per step")
     p.add_argument("--max-num-batched-tokens", type=int, default=2048, help="token budget of one step")
-    p.add_argument("--block-size", type=int, default=16, help="tokens per KV block")
+    p.add_argument("--block-size", type=int, default=EngineConfig.block_size, help="tokens per KV block")
     p.add_argument("--kv-cache-memory", default=None, help="KV pool size, e.g. 2GiB (default: enough for "
                    "max-model-len x max-num-seqs; at most 2GiB when --max-model-len is not given)")
     p.add_argument("--kv-cache-dtype", default="auto", choices=KV_CACHE_DTYPES,

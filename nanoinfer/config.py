@@ -235,7 +235,11 @@ KV_CACHE_DTYPES = ("auto", "float32", "float16", "bfloat16")  # EngineConfig.kv_
 class EngineConfig:
     """Knobs of the serving engine (KV pool, batching, prefix cache)."""
 
-    block_size: int = 16
+    # Tokens per KV block. Decode attention reads each sequence's blocks from scattered addresses,
+    # one KV head's run of block_size rows at a time, and short runs starve it of bandwidth:
+    # 128-token blocks (16 KB runs in float16) made it 1.3-1.5x faster than 16-token ones in the
+    # c=64 serving workload. The cost: the prefix cache shares whole blocks only.
+    block_size: int = 128
     max_num_seqs: int = 64
     max_num_batched_tokens: int = 2048
     max_model_len: int | None = None  # None: the model's max_position_embeddings
