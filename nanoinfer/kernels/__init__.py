@@ -36,6 +36,8 @@ def chunk_spans(count: int, per_chunk: int) -> list[tuple[int, int, int]]:
     for the whole chunks, then a short last one."""
     whole = count // per_chunk * per_chunk
     return [span for span in ((0, whole, per_chunk), (whole, count, count - whole)) if span[1] > span[0]]
+
+
 _FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c11"]
 _lock = threading.Lock()
 _loaded: "CpuKernels | None | bool" = False  # False: not tried yet

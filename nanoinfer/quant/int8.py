@@ -8,8 +8,8 @@ embedding then round-trips exactly.
 On CPU the matmul is our C kernel (nanoinfer/kernels) when it could be built and K is a whole
 number of groups of 32: the weight in its panel layout (`pack_panels`), activations rounded to
 int16 per group of 32 (an error of at most 2^-16 of the group's largest value, far below the
-weights' own rounding), integer dot products, float32 results. It beats our fp32 GEMM on a float
-copy at every batch size, so no copy is kept. Else (per-channel only) torch's
+weights' own rounding), integer dot products, float32 results. It beats float32 F.linear on the
+dequantized weights at every batch size (`python -m benchmarks.kernels`), so no float copy is kept. Else (per-channel only) torch's
 `_weight_int8pack_mm(x [M, K], q int8 [N, K], scales [N])`, which wants x and scales in the same
 dtype (f32, f16 or bf16); elsewhere we dequantize and call F.linear.
 
