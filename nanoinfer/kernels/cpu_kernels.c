@@ -216,7 +216,11 @@ static void quantize_groups(const float *x, int64_t M, int64_t K, int8_t *xq, fl
  * sequential record per group: C x 128 weight bytes, then C x 8 float scales, C x 8 float mins.
  * One stream per chunk matters at batch 1, where every weight comes from memory once per step
  * (with separate weight, scale and min arrays a model's 120 matmuls took 4.9-5.6 ms instead of
- * 2.7). N is padded to a whole block with zero weights, scales and mins. */
+ * 2.7). N is padded to a whole block with zero weights, scales and mins.
+ * Packed nibbles beat pre-unpacked bytes: with weights stored as int8 q - 8, each maddubs could
+ * take its weight straight from memory (x offset to u8, no and/shift), but each row then loads
+ * every weight vector itself, 1.5 loads per maddubs against 0.83 here, and the loads bound it:
+ * 0.58-0.86x at 64 and 512 rows (scratch harness, 2x2, 3x2 and 4x1 strips, interleaved). */
 #define Q4_COLS 8
 #define Q4_ROWS 2   /* activation rows per tile: the broadcasts are shared by Q4_CHUNK blocks */
 #define Q4_CHUNK 4  /* column blocks per tile: each unpacked weight vector serves Q4_ROWS rows */
