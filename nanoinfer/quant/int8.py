@@ -9,9 +9,10 @@ On CPU the matmul is our C kernel (nanoinfer/kernels) when it could be built and
 number of groups of 32: the weight in its panel layout (`pack_panels`), activations rounded to
 int16 per group of 32 (an error of at most 2^-16 of the group's largest value, far below the
 weights' own rounding), integer dot products, float32 results. It beats float32 F.linear on the
-dequantized weights at every batch size (`python -m benchmarks.kernels`), so no float copy is kept. Else (per-channel only) torch's
-`_weight_int8pack_mm(x [M, K], q int8 [N, K], scales [N])`, which wants x and scales in the same
-dtype (f32, f16 or bf16); elsewhere we dequantize and call F.linear.
+dequantized weights at every batch size (`python -m benchmarks.kernels`), so no float copy is
+kept. Else (per-channel only) torch's `_weight_int8pack_mm(x [M, K], q int8 [N, K], scales [N])`,
+which wants x and scales in the same dtype (f32, f16 or bf16); elsewhere we dequantize and call
+F.linear.
 
 torch's float32 path of that kernel is scalar code on AVX2 (measured 2-70x slower than an fp32
 nn.Linear, worse as the batch grows), while its bf16 path is vectorized. So float32 activations
