@@ -178,7 +178,7 @@ def main(argv: list[str] | None = None) -> int:
     engines = args.engines.split(",")
     nano_kwargs: dict[str, Any] = {"max_num_seqs": max(int(c) for c in args.concurrency.split(",")),
                                    "kv_cache_dtype": args.kv_cache_dtype}
-    nano = NanoinferPeer(args.model, dtype=args.dtype or "float32", quantization=args.quantization, **nano_kwargs)
+    nano = NanoinferPeer(args.model, dtype=args.dtype or "auto", quantization=args.quantization, **nano_kwargs)
     vocab = list(range(1000, min(nano.engine.model_config.vocab_size, 20000)))  # ordinary tokens, no specials
     results: dict[str, Any] = {"model": args.model, "model_path": str(model_path), "machine": machine_info(args.threads),
                                "settings": {k: str(v) for k, v in vars(args).items()}, "engines": {}}

@@ -41,7 +41,7 @@ class RequestTiming:
 class NanoinferPeer:
     name = "nanoinfer"
 
-    def __init__(self, model: str, dtype: str = "float32", quantization: str | None = None, **engine_kwargs: Any):
+    def __init__(self, model: str, dtype: str = "auto", quantization: str | None = None, **engine_kwargs: Any):
         from nanoinfer import LLM
 
         kwargs = dict(engine_kwargs)

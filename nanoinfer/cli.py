@@ -16,8 +16,11 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", "-m", default=DEFAULT_MODEL,
                    help=f"built-in name ({', '.join(BUILTIN_MODELS)}), HF model directory or .gguf file "
                         f"(default: {DEFAULT_MODEL})")
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
-                   help="float weight dtype; activations too, except on CPU where they stay float32 (default: float32)")
+    from nanoinfer.config import DTYPE_CHOICES
+
+    p.add_argument("--dtype", default="auto", choices=DTYPE_CHOICES,
+                   help="float weight dtype; activations too, except on CPU where they stay float32. auto: float32 "
+                        "weights over a float16 KV cache on CPU; float32: the KV cache in float32 too (default: auto)")
     p.add_argument("--quantization", "-q", default=None, choices=["none", "int8", "int4"],
                    help="weight-only quantization (default: the model's; int4 for the built-in GGUF models)")
 
@@ -165,11 +168,59 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_serve(args: argparse.Namespace) -> int:
-    from nanoinfer.server.app import serve
+def _limit_kwargs(args: argparse.Namespace) -> dict[str, Any]:
+    """RequestLimits fields given on the command line."""
+    import dataclasses
 
-    serve(args, _engine_kwargs(args))
+    from nanoinfer.config import RequestLimits
+
+    given = {f.name: getattr(args, f.name, None) for f in dataclasses.fields(RequestLimits)}
+    return {name: value for name, value in given.items() if value is not None}
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from nanoinfer.config import EngineConfig, RequestLimits
+    from nanoinfer.server.app import ServerConfig, serve
+
+    config = ServerConfig(
+        model=args.model, served_model_name=args.served_model_name, host=args.host, port=args.port,
+        api_key=args.api_key, max_request_bytes=args.max_request_bytes,
+        max_waiting_requests=args.max_waiting_requests, request_timeout=args.request_timeout,
+        shutdown_timeout=args.shutdown_timeout, prefix_cache_isolation=args.prefix_cache_isolation,
+    )
+    engine = EngineConfig(dtype=args.dtype, quantization=args.quantization, limits=RequestLimits(**_limit_kwargs(args)),
+                          **_engine_kwargs(args))
+    serve(config, engine)
     return 0
+
+
+def _add_server_args(p: argparse.ArgumentParser) -> None:
+    import dataclasses
+
+    from nanoinfer.config import RequestLimits
+    from nanoinfer.server.state import PREFIX_CACHE_ISOLATION, ServerConfig
+
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--api-key", default=None, help="require `Authorization: Bearer KEY`")
+    p.add_argument("--served-model-name", default=None, help="model name clients use (default: --model)")
+    p.add_argument("--max-request-bytes", type=int, default=ServerConfig.max_request_bytes,
+                   help="larger request bodies get 413 (default: %(default)s)")
+    p.add_argument("--max-waiting-requests", type=int, default=None,
+                   help="sequences that may wait beyond the running batch before requests get 503 with "
+                        "Retry-After (default: 4 x --max-num-seqs)")
+    p.add_argument("--request-timeout", type=float, default=None,
+                   help="seconds after which a request is aborted (default: none; a request's own `timeout` "
+                        "may shorten it)")
+    p.add_argument("--shutdown-timeout", type=float, default=ServerConfig.shutdown_timeout,
+                   help="on SIGTERM, seconds running requests may finish before they are aborted (default: %(default)s)")
+    p.add_argument("--prefix-cache-isolation", default="shared", choices=PREFIX_CACHE_ISOLATION,
+                   help="shared: all requests reuse each other's cached prefixes (fastest, but timing and "
+                        "usage.cached_tokens can reveal what others sent); salt: only requests with the same "
+                        "cache_salt share, and one without a salt shares with nobody (default: shared)")
+    for f in dataclasses.fields(RequestLimits):
+        p.add_argument(f"--{f.name.replace('_', '-')}", type=int, default=None,
+                       help=f"request limit (default: {f.default})")
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
@@ -215,10 +266,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve = sub.add_parser("serve", help="OpenAI-compatible HTTP server")
     _add_model_args(serve)
     _add_engine_args(serve)
-    serve.add_argument("--host", default="127.0.0.1")
-    serve.add_argument("--port", type=int, default=8000)
-    serve.add_argument("--api-key", default=None, help="require `Authorization: Bearer KEY`")
-    serve.add_argument("--served-model-name", default=None, help="model name clients use (default: --model)")
+    _add_server_args(serve)
     serve.set_defaults(func=cmd_serve)
 
     bench = sub.add_parser("bench", help="nanoinfer vs transformers vs llama-cpp-python, side by side "

@@ -229,6 +229,29 @@ class GenerationDefaults:
 
 
 KV_CACHE_DTYPES = ("auto", "float32", "float16", "bfloat16")  # EngineConfig.kv_cache_dtype
+DTYPE_CHOICES = ("auto", "float32", "bfloat16", "float16")  # EngineConfig.dtype
+
+
+@dataclass(frozen=True)
+class RequestLimits:
+    """Bounds on what one request may ask for. Each guards the engine thread or the server's
+    memory against one huge or hostile request; going over one is refused with the field's name."""
+
+    max_stop_strings: int = 16  # each is searched for after every token
+    max_stop_string_chars: int = 256
+    max_stop_token_ids: int = 64
+    max_logit_bias: int = 300  # entries; values must lie in [-100, 100] as OpenAI documents
+    max_n: int = 128  # choices of one prompt: each is a sequence in the batch
+    max_choices: int = 128  # prompts x n of one completions request
+    max_top_logprobs: int = 20  # OpenAI's own cap
+    max_messages: int = 1024
+    max_prompt_chars: int = 2_000_000  # text to tokenize, over all prompts or messages of a request
+
+    def __post_init__(self) -> None:
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"{f.name} must be a positive integer, got {value!r}")
 
 
 @dataclass(frozen=True)
@@ -245,9 +268,11 @@ class EngineConfig:
     max_model_len: int | None = None  # None: the model's max_position_embeddings
     kv_cache_memory: int | None = None  # bytes; None: max_model_len * max_num_seqs tokens
     enable_prefix_cache: bool = True
-    dtype: str = "float32"  # float weights; also activations, except on CPU (always float32 there)
-    # one of KV_CACHE_DTYPES; auto: float16 where our C attention reads the cache (CPU), else the
-    # activations' dtype (see engine.kv_cache_dtype)
+    # one of DTYPE_CHOICES: float weights, and activations except on CPU (always float32 there).
+    # auto is float32 weights; unlike an explicit float32 it lets the KV cache be float16.
+    dtype: str = "auto"
+    # one of KV_CACHE_DTYPES; auto: float16 where our C attention reads the cache (CPU) unless
+    # dtype is an explicit float32, else the activations' dtype (see engine.kv_cache_dtype)
     kv_cache_dtype: str = "auto"
     quantization: str | None = None  # "none", "int8", "int4"; None: the model's default (see registry)
     # int8 layers and the quantized head switch to a dequantized float copy above this many rows
@@ -255,4 +280,4 @@ class EngineConfig:
     # GEMM there on CPUs without native bf16 GEMM. Ours needs no copy.
     dense_above_rows: int | None = 16
     device: str = "cpu"
-    extra: dict[str, Any] = field(default_factory=dict)
+    limits: RequestLimits = field(default_factory=RequestLimits)

@@ -20,9 +20,11 @@ class LLM:
 
     `model` is a built-in name, an HF model directory or a .gguf file; engine knobs
     (block_size, max_num_seqs, kv_cache_memory, enable_prefix_cache, ...) pass through as kwargs.
+    dtype "auto" computes in float32 over a float16 KV cache on CPU; dtype "float32" caches in
+    float32 too (see EngineConfig).
     """
 
-    def __init__(self, model: str = DEFAULT_MODEL, dtype: str = "float32", **engine_kwargs: Any):
+    def __init__(self, model: str = DEFAULT_MODEL, dtype: str = "auto", **engine_kwargs: Any):
         self.engine = LLMEngine(model, EngineConfig(dtype=dtype, **engine_kwargs))
         self.tokenizer = self.engine.tokenizer
         self._ids = itertools.count()

@@ -7,8 +7,11 @@ from dataclasses import dataclass, field
 
 @dataclass
 class CompletionOutput:
+    """One choice. text, token_ids and logprobs hold everything so far, or only what is new when
+    the request's SamplingParams.output_kind is DELTA; the delta_ fields are always the new part."""
+
     index: int
-    text: str  # all text so far (final text once finished)
+    text: str
     token_ids: list[int]
     finish_reason: str | None  # "stop", "length", "abort" or None while running
     logprobs: list[dict[int, float]] | None = None  # one {token id: logprob} per generated token
@@ -24,6 +27,7 @@ class RequestOutput:
     finished: bool
     num_cached_tokens: int = 0  # prompt tokens served by the prefix cache
     metrics: dict[str, float] = field(default_factory=dict)
+    error: str | None = None  # set when the request failed inside the engine (then finished, no outputs)
 
     # The common n == 1 case reads best without indexing.
     @property

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import dataclasses
+import enum
 import math
 from dataclasses import dataclass
 from typing import Any
 
+from nanoinfer.config import RequestLimits
 from nanoinfer.errors import RequestError
 
 # Below this temperature, dividing logits would only amplify noise: treat it as argmax.
@@ -14,13 +16,22 @@ GREEDY_EPS = 1e-5
 MAX_LOGPROBS = 20
 
 
-def _fail(message: str) -> None:
+def _fail(message: str, param: str | None = None) -> None:
     # RequestError subclasses ValueError, so callers may catch either.
-    raise RequestError(message)
+    raise RequestError(message, param=param)
 
 
 def _is_number(x: Any) -> bool:
-    return isinstance(x, (int, float)) and not isinstance(x, bool) and not math.isnan(x)
+    """A finite int or float: NaN and infinities would poison the logits."""
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+
+class RequestOutputKind(enum.Enum):
+    """What each RequestOutput of a request carries (vLLM's names)."""
+
+    CUMULATIVE = "cumulative"  # everything so far, every step (the offline API's default)
+    DELTA = "delta"  # only what is new since the previous output: streaming without copies
+    FINAL_ONLY = "final_only"  # nothing until the request finishes, then everything
 
 
 @dataclass
@@ -47,36 +58,40 @@ class SamplingParams:
     logit_bias: dict[int, float] | None = None
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
+    output_kind: RequestOutputKind = RequestOutputKind.CUMULATIVE
 
     def __post_init__(self) -> None:
         if not isinstance(self.n, int) or isinstance(self.n, bool) or self.n < 1:
-            _fail(f"n must be an integer >= 1, got {self.n!r}")
+            _fail(f"n must be an integer >= 1, got {self.n!r}", "n")
         if not _is_number(self.temperature) or self.temperature < 0:
-            _fail(f"temperature must be >= 0, got {self.temperature!r}")
+            _fail(f"temperature must be a finite number >= 0, got {self.temperature!r}", "temperature")
         if not _is_number(self.top_p) or not 0 < self.top_p <= 1:
-            _fail(f"top_p must be in (0, 1], got {self.top_p!r}")
+            _fail(f"top_p must be in (0, 1], got {self.top_p!r}", "top_p")
         if not isinstance(self.top_k, int) or isinstance(self.top_k, bool) or self.top_k < -1:
-            _fail(f"top_k must be an integer >= -1 (0 or -1 disables it), got {self.top_k!r}")
+            _fail(f"top_k must be an integer >= -1 (0 or -1 disables it), got {self.top_k!r}", "top_k")
         if not _is_number(self.min_p) or not 0 <= self.min_p <= 1:
-            _fail(f"min_p must be in [0, 1], got {self.min_p!r}")
+            _fail(f"min_p must be in [0, 1], got {self.min_p!r}", "min_p")
         if not _is_number(self.repetition_penalty) or self.repetition_penalty <= 0:
-            _fail(f"repetition_penalty must be > 0, got {self.repetition_penalty!r}")
+            _fail(f"repetition_penalty must be a finite number > 0, got {self.repetition_penalty!r}",
+                  "repetition_penalty")
         for name in ("presence_penalty", "frequency_penalty"):
             value = getattr(self, name)
             if not _is_number(value) or not -2 <= value <= 2:
-                _fail(f"{name} must be in [-2, 2], got {value!r}")
+                _fail(f"{name} must be in [-2, 2], got {value!r}", name)
         if self.seed is not None and (not isinstance(self.seed, int) or isinstance(self.seed, bool)):
-            _fail(f"seed must be an integer, got {self.seed!r}")
+            _fail(f"seed must be an integer, got {self.seed!r}", "seed")
         if self.max_tokens is not None and (
             not isinstance(self.max_tokens, int) or isinstance(self.max_tokens, bool) or self.max_tokens < 1
         ):
-            _fail(f"max_tokens must be an integer >= 1, got {self.max_tokens!r}")
+            _fail(f"max_tokens must be an integer >= 1, got {self.max_tokens!r}", "max_tokens")
         if self.logprobs is not None and (
             not isinstance(self.logprobs, int)
             or isinstance(self.logprobs, bool)
             or not 0 <= self.logprobs <= MAX_LOGPROBS
         ):
-            _fail(f"logprobs must be an integer in [0, {MAX_LOGPROBS}], got {self.logprobs!r}")
+            _fail(f"logprobs must be an integer in [0, {MAX_LOGPROBS}], got {self.logprobs!r}", "logprobs")
+        if not isinstance(self.output_kind, RequestOutputKind):
+            _fail(f"output_kind must be a RequestOutputKind, got {self.output_kind!r}", "output_kind")
         self.stop = self._normalize_stop(self.stop)
         self.stop_token_ids = self._normalize_stop_token_ids(self.stop_token_ids)
         self.logit_bias = self._normalize_logit_bias(self.logit_bias)
@@ -86,9 +101,9 @@ class SamplingParams:
         stops = [] if stop is None else [stop] if isinstance(stop, str) else list(stop)
         for s in stops:
             if not isinstance(s, str):
-                _fail(f"stop strings must be strings, got {s!r}")
+                _fail(f"stop strings must be strings, got {s!r}", "stop")
             if not s:
-                _fail("stop strings must not be empty")
+                _fail("stop strings must not be empty", "stop")
         return stops
 
     @staticmethod
@@ -96,7 +111,7 @@ class SamplingParams:
         ids = [] if ids is None else list(ids)
         for t in ids:
             if not isinstance(t, int) or isinstance(t, bool) or t < 0:
-                _fail(f"stop_token_ids must be non-negative integers, got {t!r}")
+                _fail(f"stop_token_ids must be non-negative integers, got {t!r}", "stop_token_ids")
         return ids
 
     @staticmethod
@@ -105,9 +120,9 @@ class SamplingParams:
         for token, value in (bias or {}).items():
             # JSON object keys arrive as strings; the HTTP layer must convert them first.
             if not isinstance(token, int) or isinstance(token, bool) or token < 0:
-                _fail(f"logit_bias keys must be non-negative integer token ids, got {token!r}")
+                _fail(f"logit_bias keys must be non-negative integer token ids, got {token!r}", "logit_bias")
             if not _is_number(value) or not -100 <= value <= 100:
-                _fail(f"logit_bias values must be in [-100, 100], got {value!r} for token {token}")
+                _fail(f"logit_bias values must be in [-100, 100], got {value!r} for token {token}", "logit_bias")
             out[token] = float(value)
         return out
 
@@ -125,7 +140,23 @@ class SamplingParams:
         """Raise RequestError if logit_bias or stop_token_ids name tokens outside the vocabulary."""
         for t in [*self.logit_bias, *self.stop_token_ids]:  # type: ignore[misc]
             if t >= vocab_size:
-                _fail(f"token id {t} is out of range for a vocabulary of {vocab_size}")
+                _fail(f"token id {t} is out of range for a vocabulary of {vocab_size}",
+                      "logit_bias" if t in self.logit_bias else "stop_token_ids")
+
+    def check_limits(self, limits: RequestLimits) -> None:
+        """Raise RequestError if this request asks for more than `limits` allow."""
+        stops: list[str] = self.stop  # type: ignore[assignment]
+        checks = [  # (field, what is counted, how many, the limit)
+            ("n", "choices (n)", self.n, limits.max_n),
+            ("stop", "stop strings", len(stops), limits.max_stop_strings),
+            ("stop", "characters in one stop string", max(map(len, stops), default=0), limits.max_stop_string_chars),
+            ("stop_token_ids", "stop_token_ids", len(self.stop_token_ids or ()), limits.max_stop_token_ids),
+            ("logit_bias", "logit_bias entries", len(self.logit_bias or {}), limits.max_logit_bias),
+            ("logprobs", "top logprobs", self.logprobs or 0, limits.max_top_logprobs),
+        ]
+        for name, what, value, bound in checks:
+            if value > bound:
+                _fail(f"too many {what}: {value} exceeds this server's limit of {bound}", name)
 
     @classmethod
     def from_request(cls, defaults: Any = None, **kwargs: Any) -> "SamplingParams":

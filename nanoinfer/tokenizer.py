@@ -1,106 +1,26 @@
-"""Tokenizer, chat templates and streaming detokenization.
+"""Tokenizer and streaming detokenization.
 
 The tokenizer wraps a `tokenizers.Tokenizer`; it can come from a HF directory (tokenizer.json) or be
-built from GGUF metadata (see `nanoinfer.loading.gguf_tokenizer`). Chat templates are rendered in a
-sandboxed Jinja environment configured like transformers', so prompts match it byte for byte.
+built from GGUF metadata (`nanoinfer.loading.gguf_tokenizer`). Chats are rendered by
+`nanoinfer.chat_template`; when one is tokenized, special-token text typed into the messages stays
+ordinary text (`nanoinfer.special_text`): only the template itself writes control tokens.
 """
 
 from __future__ import annotations
 
 import json
-from datetime import datetime
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
-import jinja2
-import jinja2.ext
-from jinja2.sandbox import ImmutableSandboxedEnvironment
 from tokenizers import Tokenizer as BackendTokenizer
 
 from nanoinfer.errors import ModelLoadError
 
+
+from nanoinfer.chat_template import ChatTemplate, render_limits
+from nanoinfer.special_text import SpecialTextGuard
+
 REPLACEMENT_CHAR = "\ufffd"
-
-
-# ---------------------------------------------------------------------------------------------
-# Chat templates
-# ---------------------------------------------------------------------------------------------
-
-
-def _raise_exception(message: str) -> None:
-    raise jinja2.exceptions.TemplateError(message)
-
-
-def _tojson(x: Any, ensure_ascii: bool = False, indent: int | None = None, separators: Any = None,
-            sort_keys: bool = False) -> str:
-    # Jinja's own tojson escapes HTML characters; chat templates expect plain json.dumps output.
-    return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
-
-
-def _strftime_now(fmt: str) -> str:
-    return datetime.now().strftime(fmt)
-
-
-class _SafeNamespace(jinja2.utils.Namespace):
-    """`namespace()` that refuses underscore attributes, so templates cannot reach Python internals."""
-
-    def __init__(*args: Any, **kwargs: Any) -> None:  # same signature trick as jinja's Namespace
-        self, args = args[0], args[1:]
-        attrs = dict(*args, **kwargs)
-        for name in attrs:
-            _SafeNamespace._check(name)
-        jinja2.utils.Namespace.__init__(self, attrs)
-
-    def __setitem__(self, name: str, value: Any) -> None:
-        _SafeNamespace._check(name)
-        jinja2.utils.Namespace.__setitem__(self, name, value)
-
-    @staticmethod
-    def _check(name: Any) -> None:
-        if isinstance(name, str) and name.startswith("_"):
-            raise jinja2.exceptions.SecurityError(f"namespace attribute {name!r} is not allowed")
-
-
-def _make_environment() -> ImmutableSandboxedEnvironment:
-    # trim_blocks/lstrip_blocks and loopcontrols: what transformers uses, so output matches it.
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[jinja2.ext.loopcontrols])
-    env.filters["tojson"] = _tojson
-    env.globals["raise_exception"] = _raise_exception
-    env.globals["strftime_now"] = _strftime_now
-    env.globals["namespace"] = _SafeNamespace
-    return env
-
-
-_ENV = _make_environment()
-
-
-class ChatTemplate:
-    """A compiled chat template, rendered in a sandbox."""
-
-    def __init__(self, source: str, special_tokens: dict[str, str | None] | None = None) -> None:
-        self.source = source
-        self.special_tokens = dict(special_tokens or {})
-        try:
-            self._template = _ENV.from_string(source)
-        except jinja2.TemplateError as e:
-            raise ValueError(f"invalid chat template: {e}") from None
-
-    def render(self, messages: Sequence[dict[str, Any]], add_generation_prompt: bool = True,
-               **extra_vars: Any) -> str:
-        """Render a conversation to the prompt string."""
-        variables: dict[str, Any] = {"tools": None, "documents": None}
-        variables.update(self.special_tokens)
-        variables.update(extra_vars)
-        variables["messages"] = [dict(m) for m in messages]
-        variables["add_generation_prompt"] = add_generation_prompt
-        try:
-            return self._template.render(**variables)
-        except jinja2.exceptions.SecurityError as e:
-            raise ValueError(f"chat template tried an unsafe operation: {e}") from None
-        except jinja2.TemplateError as e:
-            raise ValueError(f"chat template error: {e}") from None
-        except Exception as e:  # a template bug (bad index, type error...) is the caller's input error
-            raise ValueError(f"chat template failed: {type(e).__name__}: {e}") from None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -132,6 +52,7 @@ class Tokenizer:
         self.chat_template = chat_template
         self.special_ids: set[int] = {i for i, tok in backend.get_added_tokens_decoder().items() if tok.special}
         self._template: ChatTemplate | None = None
+        self._guard: SpecialTextGuard | None = None
 
     # -- special tokens -----------------------------------------------------------------------
 
@@ -164,7 +85,9 @@ class Tokenizer:
         """Token ids of `text`; BOS is prepended when the model wants it (never twice)."""
         # The backend never adds specials itself (its post-processor could add a second BOS);
         # we add them here from our own flags.
-        ids = self.backend.encode(text, add_special_tokens=False).ids
+        # encode_batch releases the GIL while it works (encode does not), so a megabyte prompt
+        # tokenized in a worker thread leaves the server's event loop free.
+        ids = self.backend.encode_batch([text], add_special_tokens=False)[0].ids
         if add_special_tokens:
             if self.add_bos and (not ids or ids[0] != self.bos_token_id):
                 ids = [self.bos_token_id, *ids]
@@ -174,7 +97,7 @@ class Tokenizer:
 
     def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
         """Text of `ids`."""
-        return self.backend.decode([int(i) for i in ids], skip_special_tokens=skip_special_tokens)
+        return self.backend.decode_batch([[int(i) for i in ids]], skip_special_tokens=skip_special_tokens)[0]
 
     # -- chat ---------------------------------------------------------------------------------
 
@@ -190,9 +113,25 @@ class Tokenizer:
             if self._template is None:
                 self._template = ChatTemplate(self.chat_template, self._special_token_vars())
             compiled = self._template
-        text = compiled.render(messages, add_generation_prompt=add_generation_prompt, **extra_vars)
-        # Like transformers: the template writes BOS itself when the model wants one.
-        return self.encode(text, add_special_tokens=False) if tokenize else text
+        with render_limits():  # both renderings share one deadline
+            text = compiled.render(messages, add_generation_prompt=add_generation_prompt, **extra_vars)
+            if not tokenize:
+                return text
+            # Special-token text typed into a message must stay text: see SpecialTextGuard.
+            guard = self._special_text_guard()
+            hidden: list[str] = []
+            hidden_messages = guard.hide(list(messages), hidden)
+            hidden_vars = {k: guard.hide(v, hidden) for k, v in extra_vars.items()}
+            if not hidden:  # the usual case: ids exactly as a plain encode gives them
+                # Like transformers: the template writes BOS itself when the model wants one.
+                return self.encode(text, add_special_tokens=False)
+            marked = compiled.render(hidden_messages, add_generation_prompt=add_generation_prompt, **hidden_vars)
+        return guard.encode(text, marked, hidden)
+
+    def _special_text_guard(self) -> SpecialTextGuard:
+        if self._guard is None:  # a race only builds it twice
+            self._guard = SpecialTextGuard(self.backend)
+        return self._guard
 
     def _special_token_vars(self) -> dict[str, str | None]:
         return {
@@ -236,12 +175,6 @@ class Tokenizer:
         return cls(backend, bos_token_id=bos, eos_token_ids=() if eos is None else (eos,), pad_token_id=pad,
                    add_bos=add_bos, add_eos=bool(config.get("add_eos_token", False)), chat_template=template)
 
-    @classmethod
-    def from_gguf_metadata(cls, metadata: dict[str, Any], architecture: str = "") -> "Tokenizer":
-        """Build from GGUF `tokenizer.*` metadata (see nanoinfer.loading.gguf_tokenizer)."""
-        from nanoinfer.loading.gguf_tokenizer import tokenizer_from_gguf_metadata
-
-        return tokenizer_from_gguf_metadata(metadata, architecture)
 
 
 def _read_json(path: Path) -> dict[str, Any]:

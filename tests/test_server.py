@@ -17,7 +17,7 @@ import uvicorn
 
 from nanoinfer.config import EngineConfig
 from nanoinfer.engine.engine import LLMEngine
-from nanoinfer.server.app import ServerState, create_app
+from nanoinfer.server.app import ServerConfig, ServerState, create_app
 
 MODEL = "smollm2-135m-instruct"
 SERVED = "smol"
@@ -54,7 +54,7 @@ def server():
         # these tests compare replies across requests.
         return LLMEngine(MODEL, EngineConfig(max_model_len=MAX_MODEL_LEN, max_num_seqs=8, quantization="none"))
 
-    app = create_app(None, SERVED, api_key=KEY, loader=loader)
+    app = create_app(None, ServerConfig(model=MODEL, served_model_name=SERVED, api_key=KEY), loader=loader)
     sock = _free_socket()
     url = f"http://127.0.0.1:{sock.getsockname()[1]}"
     srv = uvicorn.Server(uvicorn.Config(app, log_level="warning"))

@@ -28,7 +28,7 @@ from nanoinfer.loading import ModelPackage, load_package
 from nanoinfer.model.transformer import Transformer
 from nanoinfer.outputs import CompletionOutput, RequestOutput
 from nanoinfer.quant import quantize_model, store_weights_16bit
-from nanoinfer.sampling_params import SamplingParams
+from nanoinfer.sampling_params import RequestOutputKind, SamplingParams
 from nanoinfer.tokenizer import IncrementalDetokenizer
 
 log = logging.getLogger(__name__)
@@ -38,22 +38,32 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 DEFAULT_KV_CAP_BYTES = 2 << 30
 
 
+def weight_dtype(name: str) -> torch.dtype:
+    """The float weights' dtype for EngineConfig.dtype `name` ("auto": float32)."""
+    if name == "auto":
+        return torch.float32
+    if name not in DTYPES:
+        raise ValueError(f"unknown dtype {name!r}; expected auto, {', '.join(DTYPES)}")
+    return DTYPES[name]
+
+
 def activation_dtype(weight_dtype: torch.dtype, device: str | torch.device) -> torch.dtype:
     """float32 on CPU whatever the weights' dtype (no 16-bit arithmetic there; see quant/half.py)."""
     return torch.float32 if torch.device(device).type == "cpu" else weight_dtype
 
 
-def kv_cache_dtype(name: str, activations: torch.dtype, device: str | torch.device) -> torch.dtype:
+def kv_cache_dtype(name: str, activations: torch.dtype, device: str | torch.device,
+                   model_dtype: str = "auto") -> torch.dtype:
     """The KV cache's dtype for EngineConfig.kv_cache_dtype `name`.
 
     "auto" is float16 where our C attention reads the cache (float32 activations on a CPU with the
-    kernels built): decode attention over many sequences streams the whole cache from memory
-    every step, and half the bytes made it 1.6-2.2x faster at 64 sequences x 450 tokens
-    (`python -m benchmarks.kernels`) while moving SmolLM2's perplexity by 0.003%. Elsewhere it is
-    the activations' dtype, as in vLLM."""
+    kernels built), because decode attention over many sequences streams the whole cache every
+    step and half the bytes make it much faster (docs/performance.md, "KV cache dtype"). A user
+    who asked for dtype float32 asked for float32 numerics, so then the cache is float32 too.
+    Elsewhere it is the activations' dtype, as in vLLM."""
     if name == "auto":
         ours = torch.device(device).type == "cpu" and activations == torch.float32 and kernels() is not None
-        return torch.float16 if ours else activations
+        return torch.float16 if ours and model_dtype != "float32" else activations
     if name not in DTYPES:
         raise ValueError(f"unknown kv_cache_dtype {name!r}; expected auto, {', '.join(DTYPES)}")
     return DTYPES[name]
@@ -78,16 +88,16 @@ class LLMEngine:
         self.tokenizer = package.tokenizer
         self.generation = package.generation
         self.source = package.source
-        weight_dtype = DTYPES[config.dtype]
-        dtype = activation_dtype(weight_dtype, config.device)
+        weights = weight_dtype(config.dtype)
+        dtype = activation_dtype(weights, config.device)
         self.model = Transformer.from_package(package, dtype, config.device)
         self.quantization = config.quantization or package.default_quantization
         quantize_model(self.model, self.quantization, dense_above_rows=config.dense_above_rows)
-        if weight_dtype != dtype:
-            store_weights_16bit(self.model, weight_dtype)
+        if weights != dtype:
+            store_weights_16bit(self.model, weights)
         self.max_model_len = min(config.max_model_len or package.config.max_position_embeddings,
                                  package.config.max_position_embeddings)
-        kv = self._make_kv_cache(kv_cache_dtype(config.kv_cache_dtype, dtype, config.device))
+        kv = self._make_kv_cache(kv_cache_dtype(config.kv_cache_dtype, dtype, config.device, config.dtype))
         if kv.num_slots < self.max_model_len:
             log.warning("KV pool holds %d tokens; max_model_len lowered from %d", kv.num_slots, self.max_model_len)
             self.max_model_len = kv.num_slots
@@ -102,6 +112,7 @@ class LLMEngine:
         self.metrics.kv_blocks_total.set(kv.num_blocks)
         self.eos_ids = set(self.generation.eos_token_ids) | set(self.tokenizer.eos_token_ids)
         self.requests: dict[str, _Request] = {}
+        self.last_step_requests: list[str] = []  # whom the latest step worked for (to fail them if it raised)
         self._synced = {"queries": 0, "hits": 0, "preemptions": 0}  # stats already counted in metrics
 
     def _make_kv_cache(self, dtype: torch.dtype) -> PagedKVCache:
@@ -115,35 +126,43 @@ class LLMEngine:
 
     # ---- requests -----------------------------------------------------------------------------
 
-    def add_request(self, request_id: str, prompt: str | list[int], params: SamplingParams | None = None) -> None:
-        """Queue a request (text is encoded with the tokenizer's special tokens). Raises RequestError."""
+    def add_request(self, request_id: str, prompt: str | list[int], params: SamplingParams | None = None,
+                    cache_salt: str | None = None) -> None:
+        """Queue a request (text is encoded with the tokenizer's special tokens). Raises RequestError.
+
+        Only requests with the same `cache_salt` share prefix-cache entries (None: the common pool)."""
         params = params or SamplingParams()
         if request_id in self.requests:
             raise RequestError(f"request id {request_id!r} is already in use")
         ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
-        self._validate_prompt(ids, params)
+        self.validate_request(ids, params)
         now = time.monotonic()
-        seq = self._new_sequence(request_id, 0, ids, params, now)
+        seq = self._new_sequence(request_id, 0, ids, params, now, cache_salt)
         seq.num_forks_pending = params.n - 1
         self.requests[request_id] = _Request(request_id, ids, params, [seq], now)
         self.scheduler.add(seq)
         self.metrics.prompt_tokens.inc(len(ids))
 
-    def _validate_prompt(self, ids: list[int], params: SamplingParams) -> None:
+    def validate_request(self, ids: list[int], params: SamplingParams) -> None:
+        """Every check a request must pass before it may be queued; raises RequestError naming the field.
+
+        Pure (reads only the config), so the server runs it before a stream opens, off the engine thread."""
         if not ids:
-            raise RequestError("the prompt is empty: at least one token is needed")
+            raise RequestError("the prompt is empty: at least one token is needed", "prompt")
         vocab = self.model_config.vocab_size
-        bad = next((t for t in ids if not isinstance(t, int) or not 0 <= t < vocab), None)
+        bad = next((t for t in ids if not isinstance(t, int) or isinstance(t, bool) or not 0 <= t < vocab), None)
         if bad is not None:
-            raise RequestError(f"prompt token id {bad!r} is out of range for a vocabulary of {vocab}")
+            raise RequestError(f"prompt token id {bad!r} is out of range for a vocabulary of {vocab}", "prompt")
         if len(ids) >= self.max_model_len:
             raise RequestError(
-                f"the prompt has {len(ids)} tokens, but the context window is {self.max_model_len} tokens "
-                f"(at least one must remain for the answer)"
-            )
+                f"The prompt has {len(ids)} tokens, but this model's maximum context length is "
+                f"{self.max_model_len} tokens (at least one must remain for the answer). Please shorten it.",
+                "prompt", "context_length_exceeded")
         params.check_vocab(vocab)
+        params.check_limits(self.config.limits)
 
-    def _new_sequence(self, request_id: str, index: int, ids: list[int], params: SamplingParams, now: float) -> Sequence:
+    def _new_sequence(self, request_id: str, index: int, ids: list[int], params: SamplingParams, now: float,
+                      cache_salt: str | None = None) -> Sequence:
         return Sequence(
             request_id=request_id,
             index=index,
@@ -153,6 +172,7 @@ class LLMEngine:
             detokenizer=IncrementalDetokenizer(self.tokenizer, skip_special_tokens=params.skip_special_tokens),
             stop_checker=StopChecker(params.stop, params.include_stop_str_in_output),
             arrival_time=now,
+            cache_salt=cache_salt,
         )
 
     def abort(self, request_id: str) -> None:
@@ -170,8 +190,13 @@ class LLMEngine:
     # ---- one step -----------------------------------------------------------------------------
 
     def step(self) -> list[RequestOutput]:
-        """Run one scheduling step; return an output for every request that made progress."""
+        """Run one scheduling step; return an output for every request that made progress.
+
+        A failure in one request's own work (detokenizing, stop checks) fails that request alone:
+        its output carries the error and it is finished. A failure of the batch's forward pass or
+        sampling raises, and the caller decides (AsyncEngine fails the requests in the batch)."""
         chunks = self.scheduler.schedule()
+        self.last_step_requests = list(dict.fromkeys(c.seq.request_id for c in chunks))
         if not chunks:
             self.update_metrics()
             return []
@@ -184,13 +209,27 @@ class LLMEngine:
                                       [s.sampling for s in seqs])
         now = time.monotonic()
         touched: dict[str, None] = {}
+        failed: dict[str, str] = {}
         for seq, token, logprobs in zip(seqs, sampled.token_ids, sampled.logprobs):
-            self._append(seq, token, logprobs, now)
+            if seq.request_id in failed:
+                continue
+            try:
+                self._append(seq, token, logprobs, now)
+            except Exception as e:  # noqa: BLE001 - a bug in one request's postprocessing stays there
+                log.exception("request %s failed", seq.request_id)
+                failed[seq.request_id] = f"{type(e).__name__}: {e}"
             touched[seq.request_id] = None
         self.update_metrics()
-        outputs = [self._output(self.requests[r]) for r in touched if r in self.requests]
+        outputs = [self._failed_output(rid, why) for rid, why in failed.items()]
+        outputs += [out for r in touched if r in self.requests and (out := self._output(self.requests[r]))]
         self._retire_finished(touched)
         return outputs
+
+    def _failed_output(self, request_id: str, error: str) -> RequestOutput:
+        """Abort a request whose own work raised; its final output carries the error."""
+        request = self.requests[request_id]
+        self.abort(request_id)
+        return RequestOutput(request_id, request.prompt_ids, [], True, error=error)
 
     def _expand_forks(self, completing: list[ScheduledChunk]) -> tuple[list[int], list[Sequence]]:
         """n > 1: when the prompt is computed, fork the siblings; all sample from the same logits row."""
@@ -212,7 +251,8 @@ class LLMEngine:
         siblings = []
         bs = self.config.block_size
         for i in range(1, parent.num_forks_pending + 1):
-            sib = self._new_sequence(parent.request_id, i, parent.prompt_ids, parent.params, parent.arrival_time)
+            sib = self._new_sequence(parent.request_id, i, parent.prompt_ids, parent.params, parent.arrival_time,
+                                     parent.cache_salt)
             request.seqs.append(sib)
             full = parent.num_computed // bs
             shared = parent.block_table[:full]
@@ -267,23 +307,15 @@ class LLMEngine:
         if seq.finished and cut is None:
             seq.text += seq.detokenizer.flush()
 
-    def _output(self, request: _Request) -> RequestOutput:
-        outputs = []
-        for seq in request.seqs:
-            visible = len(seq.text) if seq.finished else seq.stop_checker.safe_prefix_len(seq.text)
-            delta = seq.text[seq.num_streamed_chars : visible] if visible > seq.num_streamed_chars else ""
-            seq.num_streamed_chars = max(seq.num_streamed_chars, visible)
-            outputs.append(
-                CompletionOutput(
-                    index=seq.index,
-                    text=seq.text[:visible],
-                    token_ids=list(seq.output_ids),
-                    finish_reason=seq.finish_reason,
-                    logprobs=list(seq.logprobs) if seq.params.logprobs is not None else None,
-                    delta_text=delta,
-                )
-            )
+    def _output(self, request: _Request) -> RequestOutput | None:
+        """This step's output of a request, shaped by its params.output_kind (None: nothing to send)."""
+        kind = request.params.output_kind
         finished = all(s.finished for s in request.seqs) and len(request.seqs) == request.params.n
+        if kind is RequestOutputKind.FINAL_ONLY and not finished:
+            return None
+        outputs = [out for seq in request.seqs if (out := self._completion(seq, kind)) is not None]
+        if kind is RequestOutputKind.DELTA and not outputs and not finished:
+            return None
         head = request.seqs[0]
         metrics = {"arrival_time": request.arrival_time}
         if head.first_token_time is not None:
@@ -291,6 +323,29 @@ class LLMEngine:
         return RequestOutput(
             request.request_id, request.prompt_ids, sorted(outputs, key=lambda o: o.index), finished,
             num_cached_tokens=head.num_cached_prompt, metrics=metrics,
+        )
+
+    def _completion(self, seq: Sequence, kind: RequestOutputKind) -> CompletionOutput | None:
+        """One choice's output: what is new since its last output, plus everything unless DELTA.
+
+        DELTA copies only the new tokens, so a long stream costs O(length), not O(length^2)."""
+        visible = len(seq.text) if seq.finished else seq.stop_checker.safe_prefix_len(seq.text)
+        delta = seq.text[seq.num_streamed_chars : visible] if visible > seq.num_streamed_chars else ""
+        seq.num_streamed_chars = max(seq.num_streamed_chars, visible)
+        start, seq.num_sent_tokens = seq.num_sent_tokens, len(seq.output_ids)
+        want_logprobs = seq.params.logprobs is not None
+        if kind is RequestOutputKind.DELTA:
+            newly_finished = seq.finished and not seq.finish_sent
+            if not delta and start == len(seq.output_ids) and not newly_finished:
+                return None  # nothing new for this choice (e.g. a finished sibling)
+            seq.finish_sent = seq.finished
+            new_ids = seq.output_ids[start:]
+            return CompletionOutput(seq.index, delta, new_ids, seq.finish_reason,
+                                    seq.logprobs[start:] if want_logprobs else None, delta, new_ids)
+        seq.finish_sent = seq.finished
+        return CompletionOutput(
+            seq.index, seq.text[:visible], list(seq.output_ids), seq.finish_reason,
+            list(seq.logprobs) if want_logprobs else None, delta, seq.output_ids[start:],
         )
 
     def _retire_finished(self, touched: dict[str, None]) -> None:

@@ -5,6 +5,13 @@ granularity: an edge's length is a positive multiple of ``block_size`` and its n
 KV block id per ``block_size`` tokens; nodes are split only at block boundaries. A trailing
 partial block is never cached (its KV would be overwritten as the request keeps decoding).
 
+Namespaces (``cache_salt``): every lookup and insertion names a salt, and each salt has its own
+root, so requests with different salts never read or write each other's entries (multi-tenant
+isolation: a hit would leak, through timing, that another tenant sent the same prefix). The
+``None`` salt is the shared namespace, ``cache.root``. A block lives in at most one namespace.
+Eviction, stats and ``reset`` span all namespaces (one global LRU order); a salted root is
+dropped once its namespace is empty and unlocked, so one-off salts do not accumulate.
+
 Reference ownership protocol (shared with ``BlockAllocator``)
 ------------------------------------------------------------
 * The tree holds exactly one reference on every block stored in it, taken in ``insert`` and
@@ -14,10 +21,12 @@ Reference ownership protocol (shared with ``BlockAllocator``)
   allocates carry the reference ``allocate`` gave it.
 * A request ``lock``s ``match.node`` for its lifetime, so that its prefix stays in the tree
   (eviction skips locked nodes) and can be shared with requests that arrive meanwhile.
+* A request passes its own salt to every ``match_prefix``/``insert`` call; its nodes, and so
+  its locks, stay inside that salt's namespace.
 
 Serving a request::
 
-    match = cache.match_prefix(prompt[:-1])    # never the whole prompt: see match_prefix
+    match = cache.match_prefix(prompt[:-1], salt)    # never the whole prompt: see match_prefix
     cache.lock(match.node)
     for b in match.blocks: allocator.incref(b)
     table = match.blocks + allocator.allocate(needed)   # on OutOfBlocks: cache.evict(), retry
@@ -25,7 +34,7 @@ Serving a request::
 
 Finishing it, in this order::
 
-    cache.insert(tokens, table)                 # 1. tree increfs the blocks it newly stores
+    cache.insert(tokens, table, salt)           # 1. tree increfs the blocks it newly stores
     cache.unlock(match.node)                    # 2. prefix becomes evictable again
     for b in table: allocator.decref(b)         # 3. release the request's own references
 
@@ -77,11 +86,25 @@ class RadixNode:
         return f"RadixNode(key={self.key}, blocks={self.blocks}, lock={self.lock_count})"
 
 
+class _RootNode(RadixNode):
+    """The root of one namespace. It knows its salt so that ``unlock`` and ``evict``, which
+    only see nodes, can drop the namespace once it is empty and unlocked."""
+
+    __slots__ = ("salt",)
+
+    def __init__(self, salt: str | None, last_access: int) -> None:
+        super().__init__((), [], None, last_access)
+        self.salt = salt
+
+    def __repr__(self) -> str:
+        return f"RadixRoot(salt={self.salt!r}, children={len(self.children)}, lock={self.lock_count})"
+
+
 @dataclass(frozen=True)
 class PrefixMatch:
     """Result of ``match_prefix``: the blocks of the longest cached prefix (the tree's
     references, not the caller's), its length in tokens (a multiple of block_size), and the
-    node ending that prefix (the root when nothing matched), for ``lock``/``unlock``."""
+    node ending that prefix (the salt's root when nothing matched), for ``lock``/``unlock``."""
 
     blocks: list[int]
     num_tokens: int
@@ -101,6 +124,9 @@ class RadixCache:
 
     With ``enabled=False`` (``--no-prefix-cache``) nothing is ever stored: ``match_prefix``
     returns an empty match on the root and ``insert`` returns 0, so callers need no branches.
+
+    One root per salt (see the module docstring); ``root`` is the ``None`` salt's, which always
+    exists. Salted roots are created on first use and dropped when empty and unlocked.
     """
 
     def __init__(self, allocator: BlockAllocator, block_size: int, enabled: bool = True) -> None:
@@ -110,41 +136,59 @@ class RadixCache:
         self.block_size = block_size
         self.enabled = enabled
         self._clock = 0  # logical time: deterministic, and no ties from a coarse wall clock
-        self.root = RadixNode((), [], None, last_access=0)
-        self._tree_blocks: set[int] = set()
+        self._roots: dict[str | None, _RootNode] = {None: _RootNode(None, last_access=0)}
+        self._tree_blocks: set[int] = set()  # over all namespaces: a block is in at most one
         self.queried_tokens = 0
         self.hit_tokens = 0
 
+    @property
+    def root(self) -> RadixNode:
+        """Root of the shared (``None`` salt) namespace."""
+        return self._roots[None]
+
+    def num_namespaces(self) -> int:
+        """Roots currently held, the shared one included (a leak check for one-off salts)."""
+        return len(self._roots)
+
     # ----------------------------------------------------------------- lookup and insertion
 
-    def match_prefix(self, token_ids: Sequence[int]) -> PrefixMatch:
-        """Longest cached prefix of ``token_ids`` made of whole blocks; marks its path as used.
+    def match_prefix(self, token_ids: Sequence[int], salt: str | None = None) -> PrefixMatch:
+        """Longest cached prefix of ``token_ids`` made of whole blocks, within ``salt``'s
+        namespace only; marks its path as used.
 
         Never matches more than ``len(token_ids)`` tokens. Callers pass ``prompt[:-1]``: the
         last prompt token must still go through the model to produce the first output logits,
         so a fully matched prompt would leave nothing to compute. May split a node so that the
-        returned node ends exactly at the match.
+        returned node ends exactly at the match. Lock the node at once: an unlocked empty
+        namespace may be dropped by the next ``evict``.
         """
         self.queried_tokens += len(token_ids)
         if not self.enabled:
             return PrefixMatch([], 0, self.root)
         tokens = self._full_blocks(token_ids)
-        node, matched = self._descend(tokens, self._tick())
+        node, matched = self._descend(self._root_for(salt), tokens, self._tick())
         self.hit_tokens += matched
         return PrefixMatch(self._path_blocks(node), matched, node)
 
-    def insert(self, token_ids: Sequence[int], blocks: Sequence[int]) -> int:
-        """Cache the full-block prefix of ``token_ids``, whose KV lives in ``blocks`` (one per
-        block_size tokens; a trailing partial block is ignored). Returns how many leading
-        tokens were already cached: the caller's blocks for those are not adopted."""
-        return self.insert_with_node(token_ids, blocks).num_cached_tokens
+    def insert(self, token_ids: Sequence[int], blocks: Sequence[int], salt: str | None = None) -> int:
+        """Cache the full-block prefix of ``token_ids`` in ``salt``'s namespace, its KV living
+        in ``blocks`` (one per block_size tokens; a trailing partial block is ignored). Returns
+        how many leading tokens were already cached: the caller's blocks for those are not
+        adopted."""
+        result = self.insert_with_node(token_ids, blocks, salt)
+        # Nobody can lock the node now, so a namespace left empty (nothing to insert) goes.
+        self._drop_if_unused(self._root_of(result.node))
+        return result.num_cached_tokens
 
-    def insert_with_node(self, token_ids: Sequence[int], blocks: Sequence[int]) -> InsertResult:
+    def insert_with_node(
+        self, token_ids: Sequence[int], blocks: Sequence[int], salt: str | None = None
+    ) -> InsertResult:
         """``insert``, also returning the node that ends the inserted prefix.
 
         The tree increfs each block it newly stores. Raises ValueError, before changing any
         reference count, when ``blocks`` is too short, or a block to adopt is free or
-        already stored elsewhere in the tree (a caller bug that would corrupt sharing).
+        already stored anywhere in the tree, in any namespace (a caller bug that would corrupt
+        sharing, or leak a block across salts).
         """
         if not self.enabled:
             return InsertResult(0, self.root)
@@ -152,7 +196,7 @@ class RadixCache:
         num_full = len(tokens) // self.block_size
         if len(blocks) < num_full:
             raise ValueError(f"{len(tokens)} full-block tokens need {num_full} blocks, got {len(blocks)}")
-        node, cached = self._descend(tokens, self._tick())
+        node, cached = self._descend(self._root_for(salt), tokens, self._tick())
         if cached < len(tokens):
             new_blocks = list(blocks[cached // self.block_size : num_full])
             self._check_adoptable(new_blocks)
@@ -167,8 +211,9 @@ class RadixCache:
     # ------------------------------------------------------------------------------ locking
 
     def lock(self, node: RadixNode) -> None:
-        """Protect ``node`` and its ancestors from eviction (counts nest; the root counts all
-        outstanding locks). Lock a match's node right away: an unlocked node may be evicted."""
+        """Protect ``node`` and its ancestors from eviction (counts nest; a namespace's root
+        counts all its outstanding locks, which also keeps the namespace alive). Lock a match's
+        node right away: an unlocked node may be evicted."""
         if node.evicted:
             raise ValueError("cannot lock an evicted node; lock right after match_prefix")
         current: RadixNode | None = node
@@ -177,13 +222,15 @@ class RadixCache:
             current = current.parent
 
     def unlock(self, node: RadixNode) -> None:
-        """Undo one ``lock(node)``."""
+        """Undo one ``lock(node)``; drops the namespace if that leaves it empty and unlocked."""
         if node.lock_count <= 0:
             raise ValueError("unlock of a node that is not locked")
         current: RadixNode | None = node
+        root = node
         while current is not None:
             current.lock_count -= 1
-            current = current.parent
+            root, current = current, current.parent
+        self._drop_if_unused(root)
 
     # ----------------------------------------------------------------------------- eviction
 
@@ -194,7 +241,8 @@ class RadixCache:
         Evicting a node drops the tree's reference on each of its blocks; only blocks whose
         count thereby reaches 0 count as freed (a block a request still holds stays allocated).
         A parent becomes a candidate once its last child is gone. Since a parent is never
-        older than its children, the order is global LRU over unlocked nodes.
+        older than its children and all namespaces share one clock, the order is global LRU
+        over unlocked nodes of every namespace. Namespaces left empty and unlocked are dropped.
         """
         if num_blocks <= 0:
             return 0
@@ -208,6 +256,9 @@ class RadixCache:
             freed += self._remove_leaf(node)
             if parent is not None and self._is_evictable_leaf(parent):
                 heapq.heappush(heap, (parent.last_access, next(order), parent))
+        # Also sweeps roots a match_prefix created but nobody locked (they never see an unlock).
+        for root in list(self._roots.values()):
+            self._drop_if_unused(root)
         return freed
 
     def evictable_blocks(self) -> int:
@@ -216,7 +267,7 @@ class RadixCache:
         return sum(
             1
             for node in self._nodes()
-            if node.lock_count == 0 and node is not self.root
+            if node.lock_count == 0 and node.parent is not None
             for block in node.blocks
             if self.allocator.refcount(block) == 1
         )
@@ -226,15 +277,17 @@ class RadixCache:
         return len(self._tree_blocks)
 
     def reset(self) -> None:
-        """Drop the whole tree and its references, and zero the stats. Refuses while any node
+        """Drop every namespace and its references, and zero the stats. Refuses while any node
         is locked: running requests would be left holding nodes of a tree that is gone."""
-        if self.root.lock_count:
-            raise RuntimeError(f"cannot reset the prefix cache with {self.root.lock_count} locks held")
+        locks = sum(root.lock_count for root in self._roots.values())
+        if locks:
+            raise RuntimeError(f"cannot reset the prefix cache with {locks} locks held")
+        shared = self.root
         for node in self._nodes():
-            node.evicted = node is not self.root
+            node.evicted = node is not shared
             for block in node.blocks:
                 self.allocator.decref(block)
-        self.root = RadixNode((), [], None, last_access=self._clock)
+        self._roots = {None: _RootNode(None, last_access=self._clock)}
         self._tree_blocks.clear()
         self.queried_tokens = 0
         self.hit_tokens = 0
@@ -245,11 +298,15 @@ class RadixCache:
     def hit_rate(self) -> float:
         return self.hit_tokens / self.queried_tokens if self.queried_tokens else 0.0
 
-    def block_map(self) -> dict[tuple[int, ...], int]:
-        """Every cached full-block prefix mapped to the block holding its last block_size
-        tokens. For tests and debugging: O(sum of cached prefix lengths)."""
+    def block_map(self, salt: str | None = None) -> dict[tuple[int, ...], int]:
+        """Every full-block prefix cached in ``salt``'s namespace mapped to the block holding
+        its last block_size tokens (empty for an unknown salt). For tests and debugging:
+        O(sum of cached prefix lengths)."""
         result: dict[tuple[int, ...], int] = {}
-        stack: list[tuple[RadixNode, tuple[int, ...]]] = [(self.root, ())]
+        root = self._roots.get(salt)
+        if root is None:
+            return result
+        stack: list[tuple[RadixNode, tuple[int, ...]]] = [(root, ())]
         while stack:
             node, prefix = stack.pop()
             for i, block in enumerate(node.blocks):
@@ -261,13 +318,17 @@ class RadixCache:
     def check_integrity(self, in_use_refs: dict[int, int] | None = None) -> None:
         """Raise AssertionError unless the tree and the allocator agree.
 
-        Checks the structure (see RadixNode), that no block is stored twice, that every tree
-        block has count ≥ 1, and ``free + cached_only + in_use == total``. With
+        Checks the structure (see RadixNode) of every namespace, that no block is stored twice
+        (within or across namespaces), that every tree block has count ≥ 1, and
+        ``free + cached_only + in_use == total``. With
         ``in_use_refs`` (block -> references held by requests), also that every block's count
         is exactly the tree's share (0 or 1) plus the requests'.
         """
         allocator = self.allocator
         allocator.check_integrity()
+        for salt, root in self._roots.items():
+            _require(isinstance(root, _RootNode) and root.salt == salt, f"root filed under {salt!r}: {root}")
+            _require(root.parent is None and not root.blocks, f"root with a parent or blocks: {root}")
         seen: set[int] = set()
         for node in self._nodes():
             self._check_node(node)
@@ -306,12 +367,33 @@ class RadixCache:
         end = len(token_ids) - len(token_ids) % self.block_size
         return tuple(token_ids[:end])
 
-    def _descend(self, tokens: tuple[int, ...], now: int) -> tuple[RadixNode, int]:
-        """Follow ``tokens`` (whole blocks) down the tree as far as it is cached, splitting the
-        last edge at the first differing block, and stamp the path with ``now``. Returns the
+    def _root_for(self, salt: str | None) -> _RootNode:
+        """The namespace's root, created on first use (at the current time, so it is never
+        older than the children it is about to get)."""
+        root = self._roots.get(salt)
+        if root is None:
+            root = self._roots[salt] = _RootNode(salt, last_access=self._clock)
+        return root
+
+    def _root_of(self, node: RadixNode) -> RadixNode:
+        while node.parent is not None:
+            node = node.parent
+        return node
+
+    def _drop_if_unused(self, root: RadixNode) -> None:
+        """Forget a salted namespace with no entries and no locks; the shared root stays."""
+        if not isinstance(root, _RootNode) or root.salt is None or root.children or root.lock_count:
+            return
+        if self._roots.get(root.salt) is root:
+            del self._roots[root.salt]
+            root.evicted = True  # a stale match on it can no longer be locked
+
+    def _descend(self, root: RadixNode, tokens: tuple[int, ...], now: int) -> tuple[RadixNode, int]:
+        """Follow ``tokens`` (whole blocks) down from ``root`` as far as it is cached, splitting
+        the last edge at the first differing block, and stamp the path with ``now``. Returns the
         node ending the match and the number of tokens matched."""
         bs = self.block_size
-        node, i = self.root, 0
+        node, i = root, 0
         node.last_access = now
         while i < len(tokens):
             child = node.children.get(tokens[i : i + bs])
@@ -372,7 +454,8 @@ class RadixCache:
                 raise ValueError(f"cannot insert free block {block}: the caller must hold a reference")
 
     def _is_evictable_leaf(self, node: RadixNode) -> bool:
-        return node is not self.root and not node.children and node.lock_count == 0
+        # Roots (parent None) are never evicted; empty salted ones are dropped separately.
+        return node.parent is not None and not node.children and node.lock_count == 0
 
     def _remove_leaf(self, node: RadixNode) -> int:
         """Detach a leaf and drop the tree's references; returns the blocks actually freed."""
@@ -387,8 +470,9 @@ class RadixCache:
         return freed
 
     def _nodes(self) -> Iterator[RadixNode]:
-        """Every node, root first, parents before children (pre-order, deterministic)."""
-        stack = [self.root]
+        """Every node of every namespace, the shared one first, each root before its subtree,
+        parents before children (pre-order, deterministic: roots in creation order)."""
+        stack: list[RadixNode] = list(reversed(self._roots.values()))
         while stack:
             node = stack.pop()
             yield node
@@ -398,7 +482,7 @@ class RadixCache:
         bs = self.block_size
         _require(node.lock_count >= 0, f"negative lock count on {node}")
         _require(not node.evicted, f"evicted node still in the tree: {node}")
-        if node is not self.root:
+        if node.parent is not None:
             _require(len(node.key) > 0, f"empty edge: {node}")
             _require(len(node.key) == len(node.blocks) * bs, f"key/blocks length mismatch: {node}")
         for first, child in node.children.items():

@@ -50,6 +50,8 @@ class SamplingState:
         self._seen: torch.Tensor | None = None  # bool [V]: token occurs in prompt or output
         self._counts: torch.Tensor | None = None  # float [V]: occurrences in output
         self._counted = 0  # how many of output_ids are in _seen/_counts
+        self._bias: tuple[torch.Tensor, torch.Tensor] | None = None  # logit_bias as (ids, values)
+        self._bias_key: tuple[int, torch.device] | None = None  # (vocab size, device) _bias was built for
 
     def generator(self, device: torch.device) -> torch.Generator:
         """This sequence's generator on `device`, created (and seeded) on first use."""
@@ -81,6 +83,23 @@ class SamplingState:
             self._counted = len(self.output_ids)
         return self._seen, self._counts
 
+    def logit_bias_tensors(self, vocab_size: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """params.logit_bias as (token ids, float32 values) on `device`, built once per sequence."""
+        # The dict is fixed for the request's lifetime; rebuilding it every step cost a Python
+        # loop over every biased token of every row.
+        if self._bias is None or self._bias_key != (vocab_size, device):
+            self._bias = _bias_tensors(self.params.logit_bias or {}, vocab_size, device)
+            self._bias_key = (vocab_size, device)
+        assert self._bias is not None
+        return self._bias
+
+
+def _bias_tensors(bias: dict[int, float], vocab_size: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    # Out-of-range ids are rejected earlier by check_vocab; skip them here all the same.
+    kept = {t: b for t, b in bias.items() if t < vocab_size}
+    ids = torch.tensor(list(kept), dtype=torch.long, device=device)
+    return ids, torch.tensor(list(kept.values()), dtype=torch.float32, device=device)
+
 
 @dataclass
 class SampleOutput:
@@ -105,7 +124,7 @@ class Sampler:
         else:
             x = logits.to(torch.float32, copy=True)  # never modify the caller's tensor
             self._apply_penalties(x, states)
-            self._apply_logit_bias(x, params)
+            self._apply_logit_bias(x, states)
             tokens = self._choose(x, states)
         token_ids = tokens.tolist()
         return SampleOutput(token_ids, self._logprobs(logits, params, tokens, token_ids))
@@ -134,21 +153,27 @@ class Sampler:
         x[idx] = sub
 
     @staticmethod
-    def _apply_logit_bias(x: torch.Tensor, params: Sequence[SamplingParams]) -> None:
-        rows, cols, vals = [], [], []
-        vocab = x.shape[1]
-        for i, p in enumerate(params):
-            for token, bias in (p.logit_bias or {}).items():
-                if token < vocab:  # out-of-range ids are rejected earlier by check_vocab
-                    rows.append(i)
-                    cols.append(token)
-                    vals.append(bias)
-        if rows:
-            x.index_put_(
-                (torch.tensor(rows, device=x.device), torch.tensor(cols, device=x.device)),
-                torch.tensor(vals, dtype=x.dtype, device=x.device),
-                accumulate=True,
-            )
+    def _apply_logit_bias(x: torch.Tensor, rows: Sequence[SamplingState | SamplingParams]) -> None:
+        """Add each row's logit_bias in place (cached tensors for states, built afresh for bare params)."""
+        vocab, device = x.shape[1], x.device
+        biased: list[tuple[int, tuple[torch.Tensor, torch.Tensor]]] = []
+        for i, r in enumerate(rows):
+            if isinstance(r, SamplingState):
+                if r.params.logit_bias:
+                    biased.append((i, r.logit_bias_tensors(vocab, device)))
+            elif r.logit_bias:
+                biased.append((i, _bias_tensors(r.logit_bias, vocab, device)))
+        if not biased:
+            return
+        ids = torch.cat([b[0] for _, b in biased])
+        values = torch.cat([b[1] for _, b in biased]).to(x.dtype)
+        # Row of each entry; output_size keeps repeat_interleave from syncing with the device.
+        row_ids = torch.repeat_interleave(
+            torch.tensor([i for i, _ in biased], device=device),
+            torch.tensor([b[0].numel() for _, b in biased], device=device),
+            output_size=ids.numel(),
+        )
+        x.index_put_((row_ids, ids), values, accumulate=True)
 
     def _choose(self, x: torch.Tensor, states: Sequence[SamplingState]) -> torch.Tensor:
         """Argmax for greedy rows; filtered random draw for the others."""

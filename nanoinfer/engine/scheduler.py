@@ -6,6 +6,8 @@ cached-only prefixes first, then preempts the newest running sequence by recompu
 
 Block ownership: a sequence holds one reference on every block of its block table; the radix
 tree holds one reference on every block it stores. A block is free when nobody references it.
+Every prefix-cache call passes ``seq.cache_salt``, so sequences share cached blocks only within
+one salt's namespace (multi-tenant isolation; ``None`` is the shared namespace).
 """
 
 from __future__ import annotations
@@ -91,7 +93,7 @@ class Scheduler:
 
     def _admit(self, seq: Sequence, budget: int) -> ScheduledChunk | None:
         """Match the cached prefix, then reserve blocks for the first chunk; None if memory is short."""
-        match = self.prefix_cache.match_prefix(seq.token_ids[:-1])
+        match = self.prefix_cache.match_prefix(seq.token_ids[:-1], seq.cache_salt)
         for block in match.blocks:
             self.allocator.incref(block)
         self.prefix_cache.lock(match.node)
@@ -144,7 +146,8 @@ class Scheduler:
 
     def _cache_computed(self, seq: Sequence) -> None:
         """Insert the computed full blocks into the tree so concurrent requests can share them."""
-        node = self.prefix_cache.insert_with_node(seq.token_ids[: seq.num_computed], seq.block_table).node
+        tokens = seq.token_ids[: seq.num_computed]
+        node = self.prefix_cache.insert_with_node(tokens, seq.block_table, seq.cache_salt).node
         self.prefix_cache.lock(node)
         self.prefix_cache.unlock(seq.prefix_node)
         seq.prefix_node = node
@@ -152,7 +155,7 @@ class Scheduler:
     def finish(self, seq: Sequence, reason: str | None) -> None:
         """Retire seq: keep its computed blocks in the prefix cache, drop its own references."""
         if seq.status is SequenceStatus.RUNNING:
-            self.prefix_cache.insert(seq.token_ids[: seq.num_computed], seq.block_table)
+            self.prefix_cache.insert(seq.token_ids[: seq.num_computed], seq.block_table, seq.cache_salt)
             self._release(seq)
             self.running.remove(seq)
         elif seq in self.waiting:

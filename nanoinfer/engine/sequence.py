@@ -43,11 +43,15 @@ class Sequence:
     num_cached_prompt: int = 0  # prompt tokens served by the prefix cache (usage.cached_tokens)
     text: str = ""  # detokenized output, stop string already cut
     num_streamed_chars: int = 0
+    num_sent_tokens: int = 0  # output tokens already handed out (for delta outputs)
+    finish_sent: bool = False  # the finish reason was handed out (DELTA sends it once)
     logprobs: list[dict[int, float]] = field(default_factory=list)
     finish_reason: str | None = None
     first_token_time: float | None = None
     last_token_time: float | None = None
     num_forks_pending: int = 0  # n > 1: siblings to fork off once the prompt is computed
+    # Prefix-cache namespace: only sequences with the same salt share cached prefixes (None: the shared one).
+    cache_salt: str | None = None
 
     @property
     def token_ids(self) -> list[int]:

@@ -14,6 +14,7 @@ class StopChecker:
         self.stop = list(stop)
         self.include_stop_str_in_output = include_stop_str_in_output
         self._longest = max((len(s) for s in self.stop), default=0)
+        self._ends = [_pair_ends(s) for s in self.stop]
 
     def check(self, text: str, new_start: int) -> int | None:
         """Length to cut `text` to if a stop string now occurs in it, else None.
@@ -42,11 +43,26 @@ class StopChecker:
 
         Assumes `check` found no complete stop string in `text`.
         """
+        # Runs once per generated token, so it must not try every prefix of every stop string:
+        # a prefix s[:k] (k >= 2) can only match if it ends with the text's last two characters,
+        # and _ends lists exactly those k, longest first.
         held = 0
-        for s in self.stop:
-            # Longest k < len(s) with text ending in s[:k]; only k > held can matter.
-            for k in range(min(len(s) - 1, len(text)), held, -1):
-                if text.endswith(s[:k]):
+        last_two = text[-2:]
+        for s, ends in zip(self.stop, self._ends):
+            for k in ends.get(last_two, ()):
+                if k <= held:
+                    break  # the rest are shorter still
+                if k <= len(text) and text.endswith(s[:k]):
                     held = k
                     break
+            if held == 0 and len(s) > 1 and text[-1:] == s[0]:
+                held = 1
         return len(text) - held
+
+
+def _pair_ends(s: str) -> dict[str, list[int]]:
+    """For each pair of characters: every k in [2, len(s)) with s[k-2:k] equal to it, descending."""
+    ends: dict[str, list[int]] = {}
+    for k in range(len(s) - 1, 1, -1):
+        ends.setdefault(s[k - 2 : k], []).append(k)
+    return ends

@@ -4,16 +4,24 @@ Why C and not torch ops: at batch 1 a decode step is ~120 small matmuls plus att
 torch 2.13's CPU int4/int8 kernels round activations to bf16 and run the int4 GEMV at about a
 third of what the machine can do (see benchmarks/results). A plain C file needs no torch headers,
 so it compiles in about a second; the shared library is cached under ~/.cache/nanoinfer/kernels
-keyed by a hash of the source, flags and compiler. Without a compiler (or with
-NANOINFER_KERNELS=0) `kernels()` returns None and callers keep their torch paths.
+(or $NANOINFER_CACHE/kernels) keyed by a hash of the source, flags, compiler and the CPU that
+`-march=native` resolves to, so a home directory shared between machines never hands one a library
+built for another's instructions (SIGILL).
+
+The kernels are used only on x86-64 CPUs with AVX, AVX2, FMA and F16C (checked at run time from
+/proc/cpuinfo): that is what their vector paths are written for. Elsewhere, without a compiler, or
+with NANOINFER_KERNELS=0, `kernels()` returns None (logging why) and callers keep their torch paths.
 """
 
 from __future__ import annotations
 
 import ctypes
+import functools
 import hashlib
 import logging
 import os
+import platform
+import shlex
 import shutil
 import subprocess
 import tempfile
@@ -53,15 +61,80 @@ def find_compiler() -> str | None:
     return os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
 
 
+# The instruction sets cpu_kernels.c's vector paths use (/proc/cpuinfo names): 256-bit float (avx)
+# and integer (avx2) ops, fused multiply-add (fma), half <-> float conversion (f16c).
+REQUIRED_CPU_FLAGS = frozenset({"avx", "avx2", "fma", "f16c"})
+_X86_64 = ("x86_64", "amd64")  # platform.machine() on Linux, and on Windows / the BSDs
+# cc1 options that take the target as a separate value: gcc's --param (cache sizes it tunes for)
+# and clang's CPU and feature list.
+_TARGET_OPTIONS = ("--param", "-target-cpu", "-target-feature", "-tune-cpu")
+
+
+def cpu_flags() -> frozenset[str]:
+    """This CPU's feature flags as Linux reports them; empty where /proc/cpuinfo cannot be read."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return frozenset(line.partition(":")[2].split())
+    except OSError:
+        pass
+    return frozenset()
+
+
+def unsupported_reason() -> str | None:
+    """Why this machine must not run the kernels (None: it may), checked before building them."""
+    machine = platform.machine()
+    if machine.lower() not in _X86_64:
+        return f"they are written for x86-64, this machine is {machine or 'unknown'}"
+    flags = cpu_flags()
+    if not flags:  # no /proc/cpuinfo (not Linux): the instructions cannot be confirmed
+        return "this CPU's features cannot be read from /proc/cpuinfo"
+    missing = REQUIRED_CPU_FLAGS - flags
+    if missing:
+        return f"this CPU lacks {', '.join(sorted(missing))}"
+    return None
+
+
+def _target_args(cc1: list[str]) -> list[str]:
+    """The options of a cc1 command line that name the target: gcc's -march=/-m<feature>/--param,
+    clang's -target-cpu/-target-feature values. Paths and the working directory are dropped, so
+    the key does not change with where the probe ran."""
+    return [arg for prev, arg in zip(["", *cc1], cc1)
+            if arg.startswith(("-m", *_TARGET_OPTIONS)) or prev in _TARGET_OPTIONS]
+
+
+@functools.lru_cache(maxsize=None)
+def native_target(cc: str) -> str:
+    """What `-march=native` resolves to with compiler `cc` on this machine: the target options its
+    driver passes to cc1 (gcc and clang print that command line for `-###`). Cached per process:
+    it costs a compiler start. Falls back to the CPU's flags if the compiler prints no cc1 line."""
+    probe = subprocess.run([cc, "-march=native", "-###", "-E", "-"], stdin=subprocess.DEVNULL,
+                           capture_output=True, text=True)
+    for line in (probe.stderr + probe.stdout).splitlines():
+        try:
+            args = shlex.split(line)
+        except ValueError:  # an unbalanced quote in some unrelated line
+            continue
+        if args and (Path(args[0]).name == "cc1" or "-cc1" in args):
+            return " ".join(_target_args(args))
+    return "cpuinfo: " + " ".join(sorted(cpu_flags()))
+
+
+def _cache_key(cc: str) -> str:
+    """The hash the .so is cached under: everything that changes the machine code it holds."""
+    version = subprocess.run([cc, "--version"], capture_output=True, text=True).stdout
+    parts = [SOURCE.read_bytes(), " ".join(_FLAGS).encode(), version.encode(), native_target(cc).encode()]
+    return hashlib.sha256(b"\0".join(parts)).hexdigest()[:16]
+
+
 def _build() -> Path | None:
-    """Compile cpu_kernels.c once per (source, flags, compiler); returns the .so path or None."""
+    """Compile cpu_kernels.c once per (source, flags, compiler, target CPU); returns the .so path or None."""
     cc = find_compiler()
     if cc is None:
         log.warning("no C compiler found: nanoinfer runs on torch's kernels only (slower)")
         return None
-    version = subprocess.run([cc, "--version"], capture_output=True, text=True).stdout
-    key = hashlib.sha256(SOURCE.read_bytes() + " ".join(_FLAGS).encode() + version.encode()).hexdigest()[:16]
-    target = cache_dir() / f"cpu_kernels-{key}.so"
+    target = cache_dir() / f"cpu_kernels-{_cache_key(cc)}.so"
     if target.exists():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -213,16 +286,28 @@ class CpuKernels:
 
 
 def kernels() -> CpuKernels | None:
-    """The built kernels, or None where they cannot be built or are switched off (NANOINFER_KERNELS=0)."""
+    """The built kernels, or None where they cannot be built, must not run on this CPU, or are
+    switched off (NANOINFER_KERNELS=0). Loaded once per process."""
     global _loaded
     if _loaded is False:
         with _lock:
             if _loaded is False:
-                _loaded = None
-                if os.environ.get("NANOINFER_KERNELS", "1") != "0":
-                    try:
-                        path = _build()
-                        _loaded = CpuKernels(path) if path is not None else None
-                    except OSError as exc:
-                        log.warning("loading nanoinfer's C kernels failed, using torch's kernels: %s", exc)
+                _loaded = None  # an unexpected error below leaves them off rather than retried per call
+                _loaded = _load()
     return _loaded or None
+
+
+def _load() -> CpuKernels | None:
+    """Build and load the kernels, or None with the reason logged once (NANOINFER_KERNELS=0: silently)."""
+    if os.environ.get("NANOINFER_KERNELS", "1") == "0":
+        return None
+    reason = unsupported_reason()
+    if reason is not None:
+        log.warning("nanoinfer's C kernels are off (%s): using torch's kernels", reason)
+        return None
+    try:
+        path = _build()
+        return CpuKernels(path) if path is not None else None
+    except OSError as exc:
+        log.warning("loading nanoinfer's C kernels failed, using torch's kernels: %s", exc)
+        return None

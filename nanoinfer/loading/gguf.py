@@ -16,6 +16,7 @@ from nanoinfer.config import GenerationDefaults, ModelConfig
 from nanoinfer.errors import ModelLoadError
 from nanoinfer.loading import ModelPackage, expected_shapes
 from nanoinfer.loading.gguf_reader import GGUFFile, GGUFFormatError
+from nanoinfer.loading.gguf_tokenizer import tokenizer_from_gguf_metadata
 from nanoinfer.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
@@ -59,7 +60,7 @@ def load_gguf(path: str | Path) -> ModelPackage:
         config = config_from_metadata(meta, shapes)
         # Check shapes before the (slow) dequantization so a mismatched file fails fast.
         check_shapes(config, {canonical_name(n) or n: s for n, s in shapes.items() if n not in _IGNORED}, path.name)
-        tokenizer = Tokenizer.from_gguf_metadata(meta, arch)
+        tokenizer = tokenizer_from_gguf_metadata(meta, arch)
         weights = _load_weights(gf, config, path)
     finally:
         gf.close()
@@ -79,7 +80,7 @@ def load_gguf_tokenizer(path: str | Path) -> Tokenizer:
     """Only the tokenizer of a GGUF file (no tensors are decoded)."""
     gf = open_gguf(path)
     try:
-        return Tokenizer.from_gguf_metadata(gf.metadata, str(gf.metadata.get("general.architecture", "")))
+        return tokenizer_from_gguf_metadata(gf.metadata, str(gf.metadata.get("general.architecture", "")))
     finally:
         gf.close()
 

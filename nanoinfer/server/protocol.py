@@ -13,12 +13,11 @@ from pydantic import BaseModel, ConfigDict, Field, StrictInt
 
 # OpenAI's own cap on alternatives per token; SamplingParams enforces the same bound.
 MAX_TOP_LOGPROBS = 20
-# n spawns n sequences: bound it so one request cannot flood the scheduler.
-MAX_N = 128
 
 
 class _Request(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    # JSON's non-standard Infinity/NaN literals parse as floats: refuse them at the door.
+    model_config = ConfigDict(extra="ignore", allow_inf_nan=False)
 
 
 # ---- requests -------------------------------------------------------------------------------
@@ -53,7 +52,7 @@ class SamplingFields(_Request):
     stop: str | list[str] | None = None
     stop_token_ids: list[StrictInt] | None = None
     seed: int | None = None
-    n: int = Field(default=1, ge=1, le=MAX_N)
+    n: int = Field(default=1, ge=1)  # the upper bound is RequestLimits.max_n
     presence_penalty: float | None = None
     frequency_penalty: float | None = None
     repetition_penalty: float | None = None
@@ -63,6 +62,9 @@ class SamplingFields(_Request):
     ignore_eos: bool = False
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
+    # vLLM's name: only requests with the same salt share prefix-cache entries.
+    cache_salt: str | None = Field(default=None, min_length=1, max_length=256)
+    timeout: float | None = Field(default=None, gt=0)  # seconds; the request is aborted after it
 
 
 class ChatCompletionRequest(SamplingFields):

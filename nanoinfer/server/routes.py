@@ -1,0 +1,143 @@
+"""The HTTP routes: OpenAI chat and completions, /tokenize and /detokenize, /health and /metrics.
+
+Work that can take long on a big input (tokenizing, chat templates, detokenizing) runs in a
+worker thread, so /health and every open stream keep answering meanwhile.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from nanoinfer.server.convert import (
+    chat_job,
+    chat_prompt,
+    chat_response,
+    completion_job,
+    completion_response,
+    prompt_texts,
+)
+from nanoinfer.server.errors import APIError
+from nanoinfer.server.protocol import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    DetokenizeRequest,
+    DetokenizeResponse,
+    ModelCard,
+    ModelList,
+    TokenizeRequest,
+    TokenizeResponse,
+)
+from nanoinfer.server.state import ServerState
+from nanoinfer.server.streaming import (
+    EventStreamResponse,
+    chat_stream,
+    completion_stream,
+    final_outputs,
+    merged_outputs,
+)
+from nanoinfer.server.token_text import TokenTexts
+
+
+def _state(request: Request) -> ServerState:
+    """The ServerState of the app serving this request."""
+    return request.app.state.server
+
+
+def api_router() -> APIRouter:
+    """The OpenAI routes plus /tokenize and /detokenize (behind the API key when one is set)."""
+    router = APIRouter()
+
+    @router.get("/v1/models")
+    async def models(request: Request) -> ModelList:
+        state = _state(request)
+        max_len = state.engine.max_model_len if state.engine is not None else None
+        return ModelList(data=[ModelCard(id=state.served_model_name, max_model_len=max_len)])
+
+    @router.post("/v1/chat/completions")
+    async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
+        state = _state(request)
+        engine, async_engine = state.ready()
+        state.check_model(body.model)
+        job = state.admit(await asyncio.to_thread(chat_job, engine, state.served_model_name, body))
+        texts = TokenTexts(engine.tokenizer)
+        top = body.top_logprobs if body.logprobs else None
+        if job.stream:
+            return EventStreamResponse(chat_stream(job, merged_outputs(async_engine, job), texts, top))
+        finals = await final_outputs(request, async_engine, job)
+        if finals is None:
+            return Response(status_code=499)  # nobody is listening any more
+        return JSONResponse(chat_response(job, finals, texts, top).model_dump())
+
+    @router.post("/v1/completions")
+    async def completions(body: CompletionRequest, request: Request) -> Response:
+        state = _state(request)
+        engine, async_engine = state.ready()
+        state.check_model(body.model)
+        job = state.admit(await asyncio.to_thread(completion_job, engine, state.served_model_name, body))
+        texts = TokenTexts(engine.tokenizer)
+        echo = await asyncio.to_thread(prompt_texts, engine, body, job) if body.echo else None
+        want_logprobs = body.logprobs is not None
+        if job.stream:
+            return EventStreamResponse(completion_stream(job, merged_outputs(async_engine, job), texts, echo,
+                                                         want_logprobs))
+        finals = await final_outputs(request, async_engine, job)
+        if finals is None:
+            return Response(status_code=499)
+        return JSONResponse(completion_response(job, finals, texts, echo, want_logprobs).model_dump())
+
+    @router.post("/tokenize", response_model=TokenizeResponse)
+    async def tokenize(body: TokenizeRequest, request: Request) -> Response:
+        state = _state(request)
+        engine, _ = state.ready()
+        state.check_model(body.model)
+        if (body.prompt is None) == (body.messages is None):
+            raise APIError(400, "send exactly one of `prompt` or `messages`")
+        if body.messages is not None:
+            if not body.messages:
+                raise APIError(400, "messages must not be empty", param="messages")
+            ids = await asyncio.to_thread(chat_prompt, engine, body.messages, body.add_generation_prompt)
+        else:
+            text = body.prompt or ""
+            limit = engine.config.limits.max_prompt_chars
+            if len(text) > limit:
+                raise APIError(400, f"the prompt has {len(text)} characters, over this server's limit of {limit}",
+                               param="prompt")
+            ids = await asyncio.to_thread(engine.tokenizer.encode, text, body.add_special_tokens)
+        # Serialized in a worker too: half a million ids take the event loop tens of milliseconds.
+        payload = TokenizeResponse(tokens=ids, count=len(ids), max_model_len=engine.max_model_len)
+        return Response(await asyncio.to_thread(payload.model_dump_json), media_type="application/json")
+
+    @router.post("/detokenize")
+    async def detokenize(body: DetokenizeRequest, request: Request) -> DetokenizeResponse:
+        state = _state(request)
+        engine, _ = state.ready()
+        state.check_model(body.model)
+        vocab = engine.model_config.vocab_size
+        bad = next((t for t in body.tokens if not 0 <= t < vocab), None)
+        if bad is not None:
+            raise APIError(400, f"token id {bad} is out of range for a vocabulary of {vocab}", param="tokens")
+        return DetokenizeResponse(prompt=await asyncio.to_thread(engine.tokenizer.decode, body.tokens))
+
+    return router
+
+
+def open_router() -> APIRouter:
+    """/health and /metrics: they answer without an API key and never wait for the engine thread."""
+    router = APIRouter()
+
+    @router.get("/health")
+    async def health(request: Request) -> JSONResponse:
+        status, body = _state(request).health()
+        return JSONResponse(body, status_code=status)
+
+    @router.get("/metrics")
+    async def metrics(request: Request) -> Response:
+        engine, _ = _state(request).loaded()
+        # The engine thread refreshes the gauges after every step and every idle wait.
+        return Response(generate_latest(engine.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    return router
