@@ -5,7 +5,7 @@ PIP    := $(PY) -m pip
 STAMP  := $(VENV)/.installed
 TORCH  := torch==2.13.0
 
-.PHONY: run test setup bench clean
+.PHONY: run test setup bench clean lint
 
 BENCH_STAMP := $(VENV)/.bench-installed
 
@@ -29,6 +29,12 @@ run: $(STAMP)
 test: $(STAMP)
 	$(PY) -m pytest -q
 
+# ruff (lint and format check) and mypy, configured in pyproject.toml.
+lint: $(STAMP)
+	$(VENV)/bin/ruff check nanoinfer tests
+	$(VENV)/bin/ruff format --check nanoinfer tests
+	$(VENV)/bin/mypy
+
 # Benchmark-only peers: llama-cpp-python compiles llama.cpp from source (several minutes on 2 cores),
 # so it never belongs in run or test.
 $(BENCH_STAMP): $(STAMP)
@@ -36,7 +42,18 @@ $(BENCH_STAMP): $(STAMP)
 	touch $(BENCH_STAMP)
 
 bench: $(BENCH_STAMP)
-	$(PY) -m benchmarks.compare $(BENCH_ARGS)
+	$(PY) -m nanoinfer.bench.compare $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV)
+
+# Property-based API fuzzing (schemathesis) with many more examples per operation than make test
+# runs; several minutes. NANOINFER_FUZZ_EXAMPLES=N overrides the count.
+.PHONY: fuzz soak
+fuzz: $(STAMP)
+	NANOINFER_FUZZ_EXAMPLES=$${NANOINFER_FUZZ_EXAMPLES:-300} $(PY) -m pytest -q -p no:cacheprovider tests/test_fuzz.py
+
+# A bounded soak of `nanoinfer serve`: rounds of 64 streaming clients, some of them hanging up
+# early; checks the server ends idle and its RSS stays bounded. SOAK_ARGS="--rounds 5" and so on.
+soak: $(STAMP)
+	$(PY) -m nanoinfer.bench.soak $(SOAK_ARGS)

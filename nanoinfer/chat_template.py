@@ -12,9 +12,10 @@ import re
 import string
 import time
 from collections import abc
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any, Callable, Iterable, Iterator, Sequence
+from typing import Any
 
 import jinja2
 import jinja2.ext
@@ -23,8 +24,6 @@ from jinja2.runtime import markup_join, str_join
 from jinja2.sandbox import MAX_RANGE, ImmutableSandboxedEnvironment
 from jinja2.utils import generate_lorem_ipsum
 from jinja2.visitor import NodeTransformer
-
-
 
 # ---------------------------------------------------------------------------------------------
 # Chat template limits
@@ -112,7 +111,7 @@ def _children(x: Any) -> Iterable[Any] | None:
         return [*x.keys(), *x.values()]
     if isinstance(x, jinja2.utils.Namespace):
         return _children(object.__getattribute__(x, "_Namespace__attrs"))
-    if isinstance(x, (list, tuple, set, frozenset, abc.MappingView)):
+    if isinstance(x, (list, tuple, set, frozenset, abc.KeysView, abc.ValuesView, abc.ItemsView)):
         return x
     return None
 
@@ -193,9 +192,9 @@ def _check_binop(operator: str, left: Any, right: Any) -> None:
         if both_ints and left.bit_length() + right.bit_length() > _MAX_INT_BITS:
             raise _TemplateLimitError("chat template computed a too large number")
     elif operator == "**":
-        if isinstance(left, int) and isinstance(right, int) and abs(left) > 1 and right > 0:
-            if right * left.bit_length() > _MAX_INT_BITS:
-                raise _TemplateLimitError("chat template computed a too large number")
+        both_ints = isinstance(left, int) and isinstance(right, int)
+        if both_ints and abs(left) > 1 and right > 0 and right * left.bit_length() > _MAX_INT_BITS:
+            raise _TemplateLimitError("chat template computed a too large number")
     elif operator == "+":
         if isinstance(left, sized) and isinstance(right, sized):
             _check_size(len(left) + len(right))
@@ -267,8 +266,9 @@ def _replace_check(s: Any, old: str, new: str, count: int | None = None) -> Any:
     return s
 
 
-def _wordwrap_check(s: Any, width: int = 79, break_long_words: bool = True, wrapstring: str | None = None,
-                    break_on_hyphens: bool = True) -> Any:
+def _wordwrap_check(
+    s: Any, width: int = 79, break_long_words: bool = True, wrapstring: str | None = None, break_on_hyphens: bool = True
+) -> Any:
     _check_size(len(_as_text(s)) * (1 + len(wrapstring or "\n")))  # at worst a line per character
     return s
 
@@ -308,9 +308,29 @@ _FILTER_CHECKS: dict[str, Callable[..., Any]] = {
     "slice": _slice_check,
     "sum": _sum_check,
     # These turn any value into text first: a list full of one big string would blow up.
-    **{name: _text_check for name in ("capitalize", "e", "escape", "forceescape", "lower", "pprint", "safe",
-                                      "string", "striptags", "title", "trim", "truncate", "upper", "urlencode",
-                                      "urlize", "wordcount", "xmlattr", "tojson")},
+    **{
+        name: _text_check
+        for name in (
+            "capitalize",
+            "e",
+            "escape",
+            "forceescape",
+            "lower",
+            "pprint",
+            "safe",
+            "string",
+            "striptags",
+            "title",
+            "trim",
+            "truncate",
+            "upper",
+            "urlencode",
+            "urlize",
+            "wordcount",
+            "xmlattr",
+            "tojson",
+        )
+    },
 }
 
 
@@ -323,7 +343,7 @@ def _guard_filter(name: str, func: Callable[..., Any]) -> Callable[..., Any]:
     def guarded(*args: Any, **kwargs: Any) -> Any:
         _check_time()
         if check is not None and len(args) > skip:
-            args = (*args[:skip], check(*args[skip:], **kwargs), *args[skip + 1:])
+            args = (*args[:skip], check(*args[skip:], **kwargs), *args[skip + 1 :])
         return _spend(func(*args, **kwargs))
 
     return guarded
@@ -363,21 +383,24 @@ class _AddGuards(NodeTransformer):
     """Routes for loops, `~` and slices through the guarded filters above (Jinja has no hook for them)."""
 
     def visit_For(self, node: nodes.For) -> nodes.Node:
-        node = self.generic_visit(node)
+        self.generic_visit(node)  # transforms the children in place and returns `node` itself
         node.iter = nodes.Filter(node.iter, _LOOP_FILTER, [], [], None, None, lineno=node.lineno)
         return node
 
     def visit_Concat(self, node: nodes.Concat) -> nodes.Node:
-        node = self.generic_visit(node)
-        return nodes.Filter(nodes.List(node.nodes, lineno=node.lineno), _CONCAT_FILTER, [], [], None, None,
-                            lineno=node.lineno)
+        self.generic_visit(node)
+        return nodes.Filter(
+            nodes.List(node.nodes, lineno=node.lineno), _CONCAT_FILTER, [], [], None, None, lineno=node.lineno
+        )
 
     def visit_Getitem(self, node: nodes.Getitem) -> nodes.Node:
-        node = self.generic_visit(node)
+        self.generic_visit(node)
         if not isinstance(node.arg, nodes.Slice):
             return node  # plain subscripts already go through environment.getitem
-        bounds = [b if b is not None else nodes.Const(None, lineno=node.lineno)
-                  for b in (node.arg.start, node.arg.stop, node.arg.step)]
+        bounds = [
+            b if b is not None else nodes.Const(None, lineno=node.lineno)
+            for b in (node.arg.start, node.arg.stop, node.arg.step)
+        ]
         return nodes.Filter(node.node, _SLICE_FILTER, bounds, [], None, None, lineno=node.lineno)
 
 
@@ -392,7 +415,7 @@ class _GuardedEnvironment(ImmutableSandboxedEnvironment):
         return tree
 
     @staticmethod
-    def concat(parts: Iterable[str]) -> str:  # type: ignore[override]
+    def concat(parts: Iterable[str]) -> str:
         # Every join of template output goes through here: the render itself, macros, block sets.
         out: list[str] = []
         total = 0
@@ -408,7 +431,7 @@ class _GuardedEnvironment(ImmutableSandboxedEnvironment):
         _check_binop(operator, left, right)
         return _spend(super().call_binop(context, operator, left, right))
 
-    def call(self, context: Any, obj: Any, /, *args: Any, **kwargs: Any) -> Any:  # type: ignore[override]
+    def call(self, context: Any, obj: Any, /, *args: Any, **kwargs: Any) -> Any:
         _check_time()
         return _spend(super().call(context, obj, *_check_str_method(obj, args), **kwargs))
 
@@ -445,15 +468,15 @@ def _raise_exception(message: str) -> None:
     raise jinja2.exceptions.TemplateError(message)
 
 
-def _tojson(x: Any, ensure_ascii: bool = False, indent: int | str | None = None, separators: Any = None,
-            sort_keys: bool = False) -> str:
+def _tojson(
+    x: Any, ensure_ascii: bool = False, indent: int | str | None = None, separators: Any = None, sort_keys: bool = False
+) -> str:
     # Jinja's own tojson escapes HTML characters; chat templates expect plain json.dumps output.
     if indent is None:
         return json.dumps(x, ensure_ascii=ensure_ascii, separators=separators, sort_keys=sort_keys)
     # Indentation repeats per line and level: write piece by piece, checking the size as it grows.
     _check_size(len(indent) if isinstance(indent, str) else indent)
-    encoder = json.JSONEncoder(ensure_ascii=ensure_ascii, indent=indent, separators=separators,
-                               sort_keys=sort_keys)
+    encoder = json.JSONEncoder(ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
     return _GuardedEnvironment.concat(encoder.iterencode(x))
 
 
@@ -491,8 +514,9 @@ def _check_output(value: Any) -> Any:
 
 def _make_environment() -> _GuardedEnvironment:
     # trim_blocks/lstrip_blocks and loopcontrols: what transformers uses, so output matches it.
-    env = _GuardedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[jinja2.ext.loopcontrols],
-                              finalize=_check_output)
+    env = _GuardedEnvironment(
+        trim_blocks=True, lstrip_blocks=True, extensions=[jinja2.ext.loopcontrols], finalize=_check_output
+    )
     env.filters["tojson"] = _tojson
     env.filters = {name: _guard_filter(name, f) for name, f in env.filters.items()}
     env.filters[_LOOP_FILTER] = _guarded_loop
@@ -511,8 +535,14 @@ _ENV = _make_environment()
 class ChatTemplate:
     """A compiled chat template, rendered in a sandbox within a time and size budget."""
 
-    def __init__(self, source: str, special_tokens: dict[str, str | None] | None = None, *,
-                 timeout_s: float | None = None, max_chars: int | None = None) -> None:
+    def __init__(
+        self,
+        source: str,
+        special_tokens: dict[str, str | None] | None = None,
+        *,
+        timeout_s: float | None = None,
+        max_chars: int | None = None,
+    ) -> None:
         self.source = source
         self.special_tokens = dict(special_tokens or {})
         self.timeout_s = timeout_s  # None: CHAT_TEMPLATE_TIMEOUT_S at render time
@@ -522,8 +552,7 @@ class ChatTemplate:
         except jinja2.TemplateError as e:
             raise ValueError(f"invalid chat template: {e}") from None
 
-    def render(self, messages: Sequence[dict[str, Any]], add_generation_prompt: bool = True,
-               **extra_vars: Any) -> str:
+    def render(self, messages: Sequence[dict[str, Any]], add_generation_prompt: bool = True, **extra_vars: Any) -> str:
         """Render a conversation to the prompt string."""
         variables: dict[str, Any] = {"tools": None, "documents": None}
         variables.update(self.special_tokens)

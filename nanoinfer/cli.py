@@ -13,16 +13,29 @@ from nanoinfer.errors import NanoInferError
 def _add_model_args(p: argparse.ArgumentParser) -> None:
     from nanoinfer.loading.registry import BUILTIN_MODELS, DEFAULT_MODEL
 
-    p.add_argument("--model", "-m", default=DEFAULT_MODEL,
-                   help=f"built-in name ({', '.join(BUILTIN_MODELS)}), HF model directory or .gguf file "
-                        f"(default: {DEFAULT_MODEL})")
+    p.add_argument(
+        "--model",
+        "-m",
+        default=DEFAULT_MODEL,
+        help=f"built-in name ({', '.join(BUILTIN_MODELS)}), HF model directory or .gguf file "
+        f"(default: {DEFAULT_MODEL})",
+    )
     from nanoinfer.config import DTYPE_CHOICES
 
-    p.add_argument("--dtype", default="auto", choices=DTYPE_CHOICES,
-                   help="float weight dtype; activations too, except on CPU where they stay float32. auto: float32 "
-                        "weights over a float16 KV cache on CPU; float32: the KV cache in float32 too (default: auto)")
-    p.add_argument("--quantization", "-q", default=None, choices=["none", "int8", "int4"],
-                   help="weight-only quantization (default: the model's; int4 for the built-in GGUF models)")
+    p.add_argument(
+        "--dtype",
+        default="auto",
+        choices=DTYPE_CHOICES,
+        help="float weight dtype; activations too, except on CPU where they stay float32. auto: float32 "
+        "weights over a float16 KV cache on CPU; float32: the KV cache in float32 too (default: auto)",
+    )
+    p.add_argument(
+        "--quantization",
+        "-q",
+        default=None,
+        choices=["none", "int8", "int4"],
+        help="weight-only quantization (default: the model's; int4 for the built-in GGUF models)",
+    )
 
 
 def _add_engine_args(p: argparse.ArgumentParser) -> None:
@@ -32,11 +45,19 @@ def _add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-num-seqs", type=int, default=64, help="sequences decoded together per step")
     p.add_argument("--max-num-batched-tokens", type=int, default=2048, help="token budget of one step")
     p.add_argument("--block-size", type=int, default=EngineConfig.block_size, help="tokens per KV block")
-    p.add_argument("--kv-cache-memory", default=None, help="KV pool size, e.g. 2GiB (default: enough for "
-                   "max-model-len x max-num-seqs; at most 2GiB when --max-model-len is not given)")
-    p.add_argument("--kv-cache-dtype", default="auto", choices=KV_CACHE_DTYPES,
-                   help="KV cache storage (default auto: float16 on CPU, where it halves decode attention's "
-                        "memory traffic; else the activations' dtype)")
+    p.add_argument(
+        "--kv-cache-memory",
+        default=None,
+        help="KV pool size, e.g. 2GiB (default: enough for "
+        "max-model-len x max-num-seqs; at most 2GiB when --max-model-len is not given)",
+    )
+    p.add_argument(
+        "--kv-cache-dtype",
+        default="auto",
+        choices=KV_CACHE_DTYPES,
+        help="KV cache storage (default auto: float16 on CPU, where it halves decode attention's "
+        "memory traffic; else the activations' dtype)",
+    )
     p.add_argument("--no-prefix-cache", action="store_true", help="turn the radix prefix cache off")
 
 
@@ -49,7 +70,7 @@ def _add_sampling_args(p: argparse.ArgumentParser) -> None:
 
 
 def _engine_kwargs(args: argparse.Namespace) -> dict[str, Any]:
-    from nanoinfer.engine.kv_cache import parse_memory
+    from nanoinfer.config import parse_memory
 
     kwargs: dict[str, Any] = {}
     for name in ("max_model_len", "max_num_seqs", "max_num_batched_tokens", "block_size", "kv_cache_dtype"):
@@ -183,13 +204,23 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from nanoinfer.server.app import ServerConfig, serve
 
     config = ServerConfig(
-        model=args.model, served_model_name=args.served_model_name, host=args.host, port=args.port,
-        api_key=args.api_key, max_request_bytes=args.max_request_bytes,
-        max_waiting_requests=args.max_waiting_requests, request_timeout=args.request_timeout,
-        shutdown_timeout=args.shutdown_timeout, prefix_cache_isolation=args.prefix_cache_isolation,
+        model=args.model,
+        served_model_name=args.served_model_name,
+        host=args.host,
+        port=args.port,
+        api_key=args.api_key,
+        max_request_bytes=args.max_request_bytes,
+        max_waiting_requests=args.max_waiting_requests,
+        request_timeout=args.request_timeout,
+        shutdown_timeout=args.shutdown_timeout,
+        prefix_cache_isolation=args.prefix_cache_isolation,
     )
-    engine = EngineConfig(dtype=args.dtype, quantization=args.quantization, limits=RequestLimits(**_limit_kwargs(args)),
-                          **_engine_kwargs(args))
+    engine = EngineConfig(
+        dtype=args.dtype,
+        quantization=args.quantization,
+        limits=RequestLimits(**_limit_kwargs(args)),
+        **_engine_kwargs(args),
+    )
     serve(config, engine)
     return 0
 
@@ -204,36 +235,48 @@ def _add_server_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--api-key", default=None, help="require `Authorization: Bearer KEY`")
     p.add_argument("--served-model-name", default=None, help="model name clients use (default: --model)")
-    p.add_argument("--max-request-bytes", type=int, default=ServerConfig.max_request_bytes,
-                   help="larger request bodies get 413 (default: %(default)s)")
-    p.add_argument("--max-waiting-requests", type=int, default=None,
-                   help="sequences that may wait beyond the running batch before requests get 503 with "
-                        "Retry-After (default: 4 x --max-num-seqs)")
-    p.add_argument("--request-timeout", type=float, default=None,
-                   help="seconds after which a request is aborted (default: none; a request's own `timeout` "
-                        "may shorten it)")
-    p.add_argument("--shutdown-timeout", type=float, default=ServerConfig.shutdown_timeout,
-                   help="on SIGTERM, seconds running requests may finish before they are aborted (default: %(default)s)")
-    p.add_argument("--prefix-cache-isolation", default="shared", choices=PREFIX_CACHE_ISOLATION,
-                   help="shared: all requests reuse each other's cached prefixes (fastest, but timing and "
-                        "usage.cached_tokens can reveal what others sent); salt: only requests with the same "
-                        "cache_salt share, and one without a salt shares with nobody (default: shared)")
+    p.add_argument(
+        "--max-request-bytes",
+        type=int,
+        default=ServerConfig.max_request_bytes,
+        help="larger request bodies get 413 (default: %(default)s)",
+    )
+    p.add_argument(
+        "--max-waiting-requests",
+        type=int,
+        default=None,
+        help="sequences that may wait beyond the running batch before requests get 503 with "
+        "Retry-After (default: 4 x --max-num-seqs)",
+    )
+    p.add_argument(
+        "--request-timeout",
+        type=float,
+        default=None,
+        help="seconds after which a request is aborted (default: none; a request's own `timeout` may shorten it)",
+    )
+    p.add_argument(
+        "--shutdown-timeout",
+        type=float,
+        default=ServerConfig.shutdown_timeout,
+        help="on SIGTERM, seconds running requests may finish before they are aborted (default: %(default)s)",
+    )
+    p.add_argument(
+        "--prefix-cache-isolation",
+        default="shared",
+        choices=PREFIX_CACHE_ISOLATION,
+        help="shared: all requests reuse each other's cached prefixes (fastest, but timing and "
+        "usage.cached_tokens can reveal what others sent); salt: only requests with the same "
+        "cache_salt share, and one without a salt shares with nobody (default: shared)",
+    )
     for f in dataclasses.fields(RequestLimits):
-        p.add_argument(f"--{f.name.replace('_', '-')}", type=int, default=None,
-                       help=f"request limit (default: {f.default})")
+        p.add_argument(
+            f"--{f.name.replace('_', '-')}", type=int, default=None, help=f"request limit (default: {f.default})"
+        )
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    from pathlib import Path
+    from nanoinfer.bench.compare import main as bench_main
 
-    repo = Path(__file__).resolve().parent.parent  # benchmarks/ sits beside the package in a checkout
-    if (repo / "benchmarks").is_dir() and str(repo) not in sys.path:
-        sys.path.insert(0, str(repo))
-    try:
-        from benchmarks.compare import main as bench_main
-    except ImportError:
-        raise NanoInferError("the benchmarks package is not importable: run from the repository root "
-                             "(or use `make bench`)") from None
     rest = args.bench_args
     return bench_main(rest[1:] if rest[:1] == ["--"] else rest)
 
@@ -269,8 +312,12 @@ def build_parser() -> argparse.ArgumentParser:
     _add_server_args(serve)
     serve.set_defaults(func=cmd_serve)
 
-    bench = sub.add_parser("bench", help="nanoinfer vs transformers vs llama-cpp-python, side by side "
-                                         "(all options of `python -m benchmarks.compare --help`)", add_help=False)
+    bench = sub.add_parser(
+        "bench",
+        help="nanoinfer vs transformers vs llama-cpp-python, side by side "
+        "(all options of `python -m nanoinfer.bench.compare --help`)",
+        add_help=False,
+    )
     bench.add_argument("bench_args", nargs=argparse.REMAINDER)
     bench.set_defaults(func=cmd_bench)
     return parser

@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 from dataclasses import dataclass, field
+from decimal import Decimal, InvalidOperation
 from typing import Any
 
 from nanoinfer.errors import ModelLoadError
@@ -50,8 +52,7 @@ class ModelConfig:
     def __post_init__(self) -> None:
         if self.architecture not in SUPPORTED_ARCHITECTURES:
             raise ModelLoadError(
-                f"unsupported architecture {self.architecture!r}; "
-                f"supported: {', '.join(SUPPORTED_ARCHITECTURES)}"
+                f"unsupported architecture {self.architecture!r}; supported: {', '.join(SUPPORTED_ARCHITECTURES)}"
             )
         if self.num_heads % self.num_kv_heads:
             raise ModelLoadError(
@@ -77,16 +78,16 @@ class ModelConfig:
     def is_sliding(self, layer: int) -> bool:
         return self.layer_types[layer] == "sliding" and self.sliding_window is not None
 
-    def replace(self, **changes: Any) -> "ModelConfig":
+    def replace(self, **changes: Any) -> ModelConfig:
         return dataclasses.replace(self, **changes)
 
     @classmethod
-    def from_hf(cls, hf: dict[str, Any]) -> "ModelConfig":
+    def from_hf(cls, hf: dict[str, Any]) -> ModelConfig:
         """Normalize a transformers config.json dict."""
         model_type = hf.get("model_type", "")
         if model_type == "gemma3" and "text_config" in hf:  # multimodal wrapper
             # tie_word_embeddings and dtype may sit on the outer config only
-            outer = {k: hf[k] for k in ("tie_word_embeddings", "torch_dtype", "dtype") if k in hf}
+            outer: dict[str, Any] = {k: hf[k] for k in ("tie_word_embeddings", "torch_dtype", "dtype") if k in hf}
             hf = {**outer, **hf["text_config"], "model_type": "gemma3"}
         if model_type == "gemma3_text":
             model_type = "gemma3"
@@ -214,7 +215,7 @@ class GenerationDefaults:
     max_new_tokens: int | None = None
 
     @classmethod
-    def from_hf(cls, gen: dict[str, Any]) -> "GenerationDefaults":
+    def from_hf(cls, gen: dict[str, Any]) -> GenerationDefaults:
         eos = gen.get("eos_token_id")
         eos_ids = tuple(eos) if isinstance(eos, list) else ((eos,) if eos is not None else ())
         return cls(
@@ -259,15 +260,20 @@ class EngineConfig:
     """Knobs of the serving engine (KV pool, batching, prefix cache)."""
 
     # Tokens per KV block. Decode attention reads each sequence's blocks from scattered addresses,
-    # one KV head's run of block_size rows at a time, and short runs starve it of bandwidth:
-    # 128-token blocks (16 KB runs in float16) made it 1.3-1.5x faster than 16-token ones in the
-    # c=64 serving workload. The cost: the prefix cache shares whole blocks only.
+    # one KV head's run of block_size rows at a time, and short runs starve it of bandwidth, so
+    # blocks are long (docs/performance.md, "Block size"). The prefix cache does not follow them:
+    # see prefix_page_size.
     block_size: int = 128
     max_num_seqs: int = 64
     max_num_batched_tokens: int = 2048
     max_model_len: int | None = None  # None: the model's max_position_embeddings
     kv_cache_memory: int | None = None  # bytes; None: max_model_len * max_num_seqs tokens
     enable_prefix_cache: bool = True
+    # Tokens per prefix-cache page: the radix tree matches and shares prefixes in pages, not in
+    # blocks, so a shared prefix loses fewer than this many tokens of reuse whatever block_size is
+    # (pages of a partly matched block are copied into a fresh one). Capped at block_size, and must
+    # divide it (checked by KVCacheManager).
+    prefix_page_size: int = 16
     # one of DTYPE_CHOICES: float weights, and activations except on CPU (always float32 there).
     # auto is float32 weights; unlike an explicit float32 it lets the KV cache be float16.
     dtype: str = "auto"
@@ -281,3 +287,51 @@ class EngineConfig:
     dense_above_rows: int | None = 16
     device: str = "cpu"
     limits: RequestLimits = field(default_factory=RequestLimits)
+
+
+# Decimal units are powers of 1000, binary ones powers of 1024. The bare letters K/M/G/T are
+# binary, as in `docker --memory 2g`, because that is what people typing them usually mean.
+_MEMORY_UNITS: dict[str, int] = {
+    "": 1,
+    "b": 1,
+    "kb": 10**3,
+    "mb": 10**6,
+    "gb": 10**9,
+    "tb": 10**12,
+    "k": 2**10,
+    "m": 2**20,
+    "g": 2**30,
+    "t": 2**40,
+    "kib": 2**10,
+    "mib": 2**20,
+    "gib": 2**30,
+    "tib": 2**40,
+}
+_MEMORY_RE = re.compile(r"^\s*(\d+(?:\.\d*)?|\.\d+)\s*([A-Za-z]*)\s*$")
+
+
+def parse_memory(value: str | int) -> int:
+    """Parse a memory size such as ``"2GiB"``, ``"512MiB"``, ``"1.5GB"`` or ``"1000000"`` to bytes.
+
+    Units are case-insensitive: B, KB/MB/GB/TB (powers of 1000), KiB/MiB/GiB/TiB and the bare
+    K/M/G/T (powers of 1024). Fractions of a byte are rounded down. Raises ValueError, naming
+    the accepted forms, on anything else (negative numbers, unknown units, junk).
+    """
+    if isinstance(value, bool):  # bool is an int subclass; True bytes is surely a mistake
+        raise ValueError(f"invalid memory size {value!r}")
+    if isinstance(value, int):
+        if value < 0:
+            raise ValueError(f"memory size must not be negative, got {value}")
+        return value
+    match = _MEMORY_RE.match(value) if isinstance(value, str) else None
+    unit = match.group(2).lower() if match else None
+    if match is None or unit not in _MEMORY_UNITS:
+        raise ValueError(
+            f"invalid memory size {value!r}: expected a number with an optional unit "
+            "(B, KB, MB, GB, TB, KiB, MiB, GiB, TiB, K, M, G, T), e.g. '2GiB', '1.5GB', '1000000'"
+        )
+    try:
+        number = Decimal(match.group(1))  # Decimal: '0.1GiB' must not suffer float rounding
+    except InvalidOperation:  # pragma: no cover - the regex admits only valid decimals
+        raise ValueError(f"invalid memory size {value!r}") from None
+    return int(number * _MEMORY_UNITS[unit])

@@ -3,16 +3,22 @@
 from __future__ import annotations
 
 import itertools
-from collections.abc import Iterator
-from typing import Any
+from collections.abc import Iterator, Sequence
+from typing import Any, TypeGuard, cast
 
 from nanoinfer.config import EngineConfig
 from nanoinfer.engine.engine import LLMEngine
+from nanoinfer.errors import NanoInferError
 from nanoinfer.loading.registry import DEFAULT_MODEL
 from nanoinfer.outputs import RequestOutput
 from nanoinfer.sampling_params import SamplingParams
 
 Prompt = str | list[int]
+
+
+def _is_token_ids(prompts: Prompt | Sequence[Prompt]) -> TypeGuard[list[int]]:
+    """Whether `prompts` is one prompt of token ids rather than a batch of prompts."""
+    return not isinstance(prompts, str) and bool(prompts) and isinstance(prompts[0], int)
 
 
 class LLM:
@@ -34,19 +40,21 @@ class LLM:
         return SamplingParams.from_request(defaults=self.engine.generation, **overrides)
 
     def generate(
-        self, prompts: Prompt | list[Prompt], params: SamplingParams | list[SamplingParams] | None = None
+        self, prompts: Prompt | Sequence[Prompt], params: SamplingParams | list[SamplingParams] | None = None
     ) -> list[RequestOutput]:
         """Generate for every prompt (text or token ids) in one continuous batch; outputs in prompt order."""
-        if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
-            prompts = [prompts]  # type: ignore[list-item]
-        params_list = params if isinstance(params, list) else [params or self.default_params()] * len(prompts)
-        if len(params_list) != len(prompts):
-            raise ValueError(f"got {len(prompts)} prompts but {len(params_list)} SamplingParams")
-        ids = [self._submit(p, sp) for p, sp in zip(prompts, params_list)]
+        # One prompt (text or token ids) is a batch of one; anything else is a batch already.
+        batch = [prompts] if isinstance(prompts, str) or _is_token_ids(prompts) else cast(Sequence[Prompt], prompts)
+        params_list = params if isinstance(params, list) else [params or self.default_params()] * len(batch)
+        if len(params_list) != len(batch):
+            raise ValueError(f"got {len(batch)} prompts but {len(params_list)} SamplingParams")
+        ids = [self._submit(p, sp) for p, sp in zip(batch, params_list)]
         finals: dict[str, RequestOutput] = {}
         try:
             while len(finals) < len(ids):
                 for out in self.engine.step():
+                    if out.error is not None:
+                        raise NanoInferError(f"request {out.request_id} failed: {out.error}")
                     if out.finished:
                         finals[out.request_id] = out
         finally:
@@ -61,10 +69,13 @@ class LLM:
         try:
             while True:
                 for out in self.engine.step():
-                    if out.request_id == rid:
-                        yield out
-                        if out.finished:
-                            return
+                    if out.request_id != rid:
+                        continue
+                    if out.error is not None:
+                        raise NanoInferError(f"request {rid} failed: {out.error}")
+                    yield out
+                    if out.finished:
+                        return
         finally:
             self.engine.abort(rid)
 
@@ -78,7 +89,9 @@ class LLM:
         """Render the model's chat template, then generate the assistant's answer."""
         return self.generate([self.chat_prompt(messages, add_generation_prompt, **template_vars)], params)[0]
 
-    def chat_prompt(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True, **template_vars: Any) -> list[int]:
+    def chat_prompt(
+        self, messages: list[dict[str, Any]], add_generation_prompt: bool = True, **template_vars: Any
+    ) -> list[int]:
         """Token ids of messages rendered by the chat template."""
         return self.tokenizer.apply_chat_template(
             messages, add_generation_prompt=add_generation_prompt, tokenize=True, **template_vars

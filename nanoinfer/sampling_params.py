@@ -72,8 +72,9 @@ class SamplingParams:
         if not _is_number(self.min_p) or not 0 <= self.min_p <= 1:
             _fail(f"min_p must be in [0, 1], got {self.min_p!r}", "min_p")
         if not _is_number(self.repetition_penalty) or self.repetition_penalty <= 0:
-            _fail(f"repetition_penalty must be a finite number > 0, got {self.repetition_penalty!r}",
-                  "repetition_penalty")
+            _fail(
+                f"repetition_penalty must be a finite number > 0, got {self.repetition_penalty!r}", "repetition_penalty"
+            )
         for name in ("presence_penalty", "frequency_penalty"):
             value = getattr(self, name)
             if not _is_number(value) or not -2 <= value <= 2:
@@ -138,14 +139,17 @@ class SamplingParams:
 
     def check_vocab(self, vocab_size: int) -> None:
         """Raise RequestError if logit_bias or stop_token_ids name tokens outside the vocabulary."""
-        for t in [*self.logit_bias, *self.stop_token_ids]:  # type: ignore[misc]
+        bias, stop_ids = self.logit_bias or {}, self.stop_token_ids or []  # both normalized by __post_init__
+        for t in [*bias, *stop_ids]:
             if t >= vocab_size:
-                _fail(f"token id {t} is out of range for a vocabulary of {vocab_size}",
-                      "logit_bias" if t in self.logit_bias else "stop_token_ids")
+                _fail(
+                    f"token id {t} is out of range for a vocabulary of {vocab_size}",
+                    "logit_bias" if t in bias else "stop_token_ids",
+                )
 
     def check_limits(self, limits: RequestLimits) -> None:
         """Raise RequestError if this request asks for more than `limits` allow."""
-        stops: list[str] = self.stop  # type: ignore[assignment]
+        stops = [self.stop] if isinstance(self.stop, str) else self.stop or []  # a list after __post_init__
         checks = [  # (field, what is counted, how many, the limit)
             ("n", "choices (n)", self.n, limits.max_n),
             ("stop", "stop strings", len(stops), limits.max_stop_strings),
@@ -159,7 +163,7 @@ class SamplingParams:
                 _fail(f"too many {what}: {value} exceeds this server's limit of {bound}", name)
 
     @classmethod
-    def from_request(cls, defaults: Any = None, **kwargs: Any) -> "SamplingParams":
+    def from_request(cls, defaults: Any = None, **kwargs: Any) -> SamplingParams:
         """Build from request fields: given values win, then `defaults` attributes, then dataclass defaults."""
         names = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(kwargs) - names)

@@ -5,13 +5,12 @@ from __future__ import annotations
 import re
 import threading
 from collections import abc
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 from tokenizers import AddedToken
 from tokenizers import Tokenizer as BackendTokenizer
 from tokenizers.models import WordLevel
-
-
 
 # ---------------------------------------------------------------------------------------------
 # Special-token text inside messages
@@ -34,8 +33,14 @@ def _slot(bracket: str, index: int) -> str:
 
 def _like(token: AddedToken, content: str, special: bool) -> AddedToken:
     """An added token matched exactly like `token` (same stripping and word rules), with other text."""
-    return AddedToken(content, single_word=token.single_word, lstrip=token.lstrip, rstrip=token.rstrip,
-                      normalized=token.normalized, special=special)
+    return AddedToken(
+        content,
+        single_word=token.single_word,
+        lstrip=token.lstrip,
+        rstrip=token.rstrip,
+        normalized=token.normalized,
+        special=special,
+    )
 
 
 class SpecialTextGuard:
@@ -109,8 +114,10 @@ class SpecialTextGuard:
         if _HIDE in text or _MARK in text:
             raise ValueError("messages must not contain the private-use characters U+10FFFB or U+10FFFC")
         if _PLACEHOLDER.sub(lambda m: _unhide(m, hidden), marked) != text:
-            raise ValueError("the chat template changes special-token text inside the messages, so the "
-                             "prompt cannot be tokenized safely; remove special tokens from the messages")
+            raise ValueError(
+                "the chat template changes special-token text inside the messages, so the "
+                "prompt cannot be tokenized safely; remove special tokens from the messages"
+            )
         backend, real_id, marker_of = self._text()
         parts, pos = [], 0
         for start, end, token_id in self.specials_in(marked):
@@ -130,7 +137,12 @@ class SpecialTextGuard:
                 marker_of = {i: _slot(_MARK, k) for k, i in enumerate(specials)}
                 # Not special, so they still match while special tokens do not.
                 backend.add_tokens([_like(t, marker_of[i], special=False) for i, t in specials.items()])
-                real_id = {backend.token_to_id(marker_of[i]): i for i in specials}
+                real_id: dict[int, int] = {}
+                for i in specials:
+                    marker_id = backend.token_to_id(marker_of[i])
+                    if marker_id is None:  # cannot happen: the marker was added just above
+                        raise RuntimeError(f"stand-in token {marker_of[i]!r} is missing from the vocabulary")
+                    real_id[marker_id] = i
                 self._text_backend = backend, real_id, marker_of
             return self._text_backend
 

@@ -9,15 +9,14 @@ ordinary text (`nanoinfer.special_text`): only the template itself writes contro
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any, Literal, overload
 
 from tokenizers import Tokenizer as BackendTokenizer
 
-from nanoinfer.errors import ModelLoadError
-
-
 from nanoinfer.chat_template import ChatTemplate, render_limits
+from nanoinfer.errors import ModelLoadError
 from nanoinfer.special_text import SpecialTextGuard
 
 REPLACEMENT_CHAR = "\ufffd"
@@ -89,8 +88,9 @@ class Tokenizer:
         # tokenized in a worker thread leaves the server's event loop free.
         ids = self.backend.encode_batch([text], add_special_tokens=False)[0].ids
         if add_special_tokens:
-            if self.add_bos and (not ids or ids[0] != self.bos_token_id):
-                ids = [self.bos_token_id, *ids]
+            bos = self.bos_token_id  # never None when add_bos is set
+            if self.add_bos and bos is not None and (not ids or ids[0] != bos):
+                ids = [bos, *ids]
             if self.add_eos:
                 ids = [*ids, self.eos_token_ids[0]]
         return ids
@@ -101,8 +101,50 @@ class Tokenizer:
 
     # -- chat ---------------------------------------------------------------------------------
 
-    def apply_chat_template(self, messages: Sequence[dict[str, Any]], add_generation_prompt: bool = True,
-                            tokenize: bool = False, **extra_vars: Any) -> str | list[int]:
+    @overload
+    def apply_chat_template(
+        self,
+        messages: Sequence[dict[str, Any]],
+        add_generation_prompt: bool = True,
+        tokenize: Literal[False] = False,
+        **extra_vars: Any,
+    ) -> str: ...
+
+    @overload
+    def apply_chat_template(
+        self,
+        messages: Sequence[dict[str, Any]],
+        add_generation_prompt: bool,
+        tokenize: Literal[True],
+        **extra_vars: Any,
+    ) -> list[int]: ...
+
+    @overload
+    def apply_chat_template(
+        self,
+        messages: Sequence[dict[str, Any]],
+        add_generation_prompt: bool = True,
+        *,
+        tokenize: Literal[True],
+        **extra_vars: Any,
+    ) -> list[int]: ...
+
+    @overload
+    def apply_chat_template(
+        self,
+        messages: Sequence[dict[str, Any]],
+        add_generation_prompt: bool = True,
+        tokenize: bool = False,
+        **extra_vars: Any,
+    ) -> str | list[int]: ...
+
+    def apply_chat_template(
+        self,
+        messages: Sequence[dict[str, Any]],
+        add_generation_prompt: bool = True,
+        tokenize: bool = False,
+        **extra_vars: Any,
+    ) -> str | list[int]:
         """Render `messages` with the model's chat template; token ids when `tokenize`."""
         template = extra_vars.pop("chat_template", None)
         if template is not None:
@@ -143,7 +185,7 @@ class Tokenizer:
     # -- constructors -------------------------------------------------------------------------
 
     @classmethod
-    def from_hf_dir(cls, path: str | Path) -> "Tokenizer":
+    def from_hf_dir(cls, path: str | Path) -> Tokenizer:
         """Load tokenizer.json (+ tokenizer_config.json, chat_template.jinja, special_tokens_map.json)."""
         path = Path(path)
         tok_file = path / "tokenizer.json"
@@ -172,9 +214,15 @@ class Tokenizer:
             probe = backend.encode("a", add_special_tokens=True).ids
             add_bos = bos is not None and bool(probe) and probe[0] == bos
         template = _chat_template_from(path, config)
-        return cls(backend, bos_token_id=bos, eos_token_ids=() if eos is None else (eos,), pad_token_id=pad,
-                   add_bos=add_bos, add_eos=bool(config.get("add_eos_token", False)), chat_template=template)
-
+        return cls(
+            backend,
+            bos_token_id=bos,
+            eos_token_ids=() if eos is None else (eos,),
+            pad_token_id=pad,
+            add_bos=add_bos,
+            add_eos=bool(config.get("add_eos_token", False)),
+            chat_template=template,
+        )
 
 
 def _read_json(path: Path) -> dict[str, Any]:
@@ -234,20 +282,20 @@ class IncrementalDetokenizer:
     def add(self, token_id: int) -> str:
         """Append one token; return the text that became final (possibly empty)."""
         self.ids.append(int(token_id))
-        text = self._decode(self.ids[self._prefix:])
+        text = self._decode(self.ids[self._prefix :])
         # A trailing U+FFFD means an incomplete multi-byte character: wait for the next bytes.
         if text.endswith(REPLACEMENT_CHAR) or not text.startswith(self._prefix_text):
             return ""
-        piece = text[len(self._prefix_text):]
+        piece = text[len(self._prefix_text) :]
         self._prefix, self._read = self._read, len(self.ids)
-        self._prefix_text = self._decode(self.ids[self._prefix:self._read])
+        self._prefix_text = self._decode(self.ids[self._prefix : self._read])
         self._emitted += len(piece)
         return piece
 
     def flush(self) -> str:
         """Emit whatever is still held back (e.g. an unfinished character at the end)."""
         # Once per stream, so a full decode is affordable and makes the joined pieces exact.
-        piece = self._decode(self.ids)[self._emitted:]
+        piece = self._decode(self.ids)[self._emitted :]
         self._prefix = self._read = len(self.ids)
         self._prefix_text = ""
         self._emitted += len(piece)

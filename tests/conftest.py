@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import pytest
 import torch
-
 from tiny_models import build_hf_model, build_tokenizer, save_case
+
+from nanoinfer.loading import registry
+from nanoinfer.loading.gguf import load_gguf_tokenizer
+from nanoinfer.tokenizer import Tokenizer
 
 TinyModelGetter = Callable[[str], tuple[Path, torch.nn.Module]]
 
@@ -35,3 +38,23 @@ def tiny_model(tmp_path_factory: pytest.TempPathFactory, tiny_tokenizer) -> Tiny
         return cache[case_id]
 
     return get
+
+
+@pytest.fixture(scope="session")
+def smollm_path() -> Path:
+    """The built-in SmolLM2 GGUF file."""
+    return registry.smollm2_path()
+
+
+@pytest.fixture(scope="session")
+def smollm(smollm_path: Path) -> Tokenizer:
+    """Our tokenizer of SmolLM2, from its GGUF metadata."""
+    return load_gguf_tokenizer(smollm_path)
+
+
+@pytest.fixture(scope="session")
+def hf_smollm(smollm_path: Path):
+    """transformers' tokenizer of the same file: the oracle."""
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(smollm_path.parent), gguf_file=smollm_path.name)

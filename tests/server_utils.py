@@ -27,6 +27,9 @@ def free_socket() -> socket.socket:
     """A bound socket handed to uvicorn, so no other process can take the port in between."""
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    # Accepted connections inherit it: uvicorn leaves Nagle on for sockets handed to it, and with
+    # the client's delayed ACK each keep-alive response then waits ~40 ms.
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     sock.bind(("127.0.0.1", 0))
     return sock
 
@@ -65,8 +68,10 @@ def wait_idle(server: Running, timeout: float = 10.0) -> None:
     """Within `timeout`: nothing running or waiting, no block held by a request, integrity holds."""
     deadline = time.monotonic() + timeout
     while True:
-        busy = {name: metric(server.url, f"nanoinfer:{name}")
-                for name in ("num_requests_running", "num_requests_waiting", "kv_cache_blocks_used")}
+        busy = {
+            name: metric(server.url, f"nanoinfer:{name}")
+            for name in ("num_requests_running", "num_requests_waiting", "kv_cache_blocks_used")
+        }
         if not any(busy.values()) and server.state.async_engine.num_outstanding_seqs == 0:
             break
         assert time.monotonic() < deadline, f"not idle: {busy}"

@@ -54,6 +54,7 @@ def _idle(ae: AsyncEngine) -> None:
 def test_cancelled_futures_do_not_kill_the_loop(async_engine):
     """Requests cancelled while the engine thread is busy (their add futures cancelled) used to
     make set_result raise InvalidStateError and end the thread."""
+
     async def main() -> list[int]:
         async_engine.call(lambda: time.sleep(0.3))  # keep the thread busy
         tasks = [asyncio.create_task(_collect(async_engine, f"c{i}")) for i in range(12)]
@@ -98,16 +99,21 @@ def test_failing_request_fails_alone(async_engine, monkeypatch):
     def new_sequence(request_id, *args, **kwargs):
         seq = original(request_id, *args, **kwargs)
         if request_id == "bad":
+
             def broken(token_id):
                 raise UnicodeError("simulated detokenizer bug")
+
             seq.detokenizer.add = broken
         return seq
 
     monkeypatch.setattr(engine, "_new_sequence", new_sequence)
 
     async def main() -> tuple[object, object]:
-        return await asyncio.gather(_collect(async_engine, "bad", _params(16)),
-                                    _collect(async_engine, "good", _params(16)), return_exceptions=True)
+        return await asyncio.gather(
+            _collect(async_engine, "bad", _params(16)),
+            _collect(async_engine, "good", _params(16)),
+            return_exceptions=True,
+        )
 
     bad, good = asyncio.run(main())
     assert isinstance(bad, RequestFailedError) and "simulated detokenizer bug" in str(bad)
@@ -191,9 +197,14 @@ def test_delta_outputs_join_to_the_cumulative_ones(engine):
     ae = AsyncEngine(engine)
 
     async def run(kind: RequestOutputKind) -> list:
-        return [out async for out in ae.generate(f"r-{kind.value}", PROMPT,
-                                                 SamplingParams(temperature=0, max_tokens=12, ignore_eos=True,
-                                                                logprobs=2, output_kind=kind))]
+        return [
+            out
+            async for out in ae.generate(
+                f"r-{kind.value}",
+                PROMPT,
+                SamplingParams(temperature=0, max_tokens=12, ignore_eos=True, logprobs=2, output_kind=kind),
+            )
+        ]
 
     try:
         deltas = asyncio.run(run(RequestOutputKind.DELTA))

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from argparse import Namespace
 
-from benchmarks.compare import run_engines
-from benchmarks.peers import NanoinferPeer, Request, TransformersPeer
-from benchmarks.report import markdown
+from nanoinfer.bench.compare import run_engines
+from nanoinfer.bench.peers import NanoinferPeer, Request, TransformersPeer
+from nanoinfer.bench.report import markdown
 
 
 def test_serving_timings_and_report(tiny_model, tmp_path):
@@ -21,10 +21,15 @@ def test_serving_timings_and_report(tiny_model, tmp_path):
         assert peer.prefill(list(range(10, 40))) > 0 and peer.decode(list(range(10, 20)), 4) > 0
     serving = {"output_tok_s": 100.0, "ttft_p50": 0.1, "ttft_p99": 0.2, "tpot_p50": 0.01, "tpot_p99": 0.02}
     results = {
-        "model": "tiny", "machine": {"cpu": "x", "cores": 2, "threads": 2, "torch": "2"},
+        "model": "tiny",
+        "machine": {"cpu": "x", "cores": 2, "threads": 2, "torch": "2"},
         "engines": {
             "nanoinfer": {"info": {}, "tg128": {"tok_s": 50.0}, "serving": {"16": serving}},
-            "transformers": {"info": {}, "tg128": {"tok_s": 10.0}, "serving": {"16": {**serving, "output_tok_s": 25.0}}},
+            "transformers": {
+                "info": {},
+                "tg128": {"tok_s": 10.0},
+                "serving": {"16": {**serving, "output_tok_s": 25.0}},
+            },
         },
     }
     table = markdown(results)

@@ -9,7 +9,8 @@ import random
 
 import pytest
 
-from nanoinfer.engine.kv_cache import BlockAllocator
+from nanoinfer.engine.block_allocator import BlockAllocator
+from nanoinfer.engine.kv_cache_manager import KVCacheManager
 from nanoinfer.engine.radix_cache import RadixCache
 from nanoinfer.engine.sampler import SamplingState
 from nanoinfer.engine.scheduler import Scheduler
@@ -51,7 +52,7 @@ def test_same_salt_hits_with_the_same_blocks() -> None:
     alloc, cache = make()
     blocks = store(alloc, cache, PROMPT, "tenant-a")
     m = cache.match_prefix(PROMPT[:-1], "tenant-a")
-    assert (m.blocks, m.num_tokens) == (blocks[:3], 6)
+    assert (m.pages, m.num_tokens) == (blocks[:3], 6)
 
 
 @pytest.mark.parametrize(("stored", "queried"), [(None, "s"), ("s", None)])
@@ -59,7 +60,7 @@ def test_none_and_a_salt_are_separate_namespaces(stored: str | None, queried: st
     alloc, cache = make()
     store(alloc, cache, PROMPT, stored)
     m = cache.match_prefix(PROMPT, queried)
-    assert (m.blocks, m.num_tokens) == ([], 0)
+    assert (m.pages, m.num_tokens) == ([], 0)
     assert cache.match_prefix(PROMPT, stored).num_tokens == 6
     assert cache.hit_tokens == 6  # stats are global
 
@@ -70,9 +71,9 @@ def test_same_prompt_in_two_namespaces_keeps_separate_blocks() -> None:
     b = store(alloc, cache, PROMPT, "b")
     assert not set(a[:3]) & set(b[:3])  # the partial 4th block is never cached, so it is reused
     assert cache.cached_blocks() == 6
-    assert set(cache.block_map("a").values()) == set(a[:3])
-    assert set(cache.block_map("b").values()) == set(b[:3])
-    assert cache.block_map() == {} and cache.block_map("unknown") == {}
+    assert set(cache.page_map("a").values()) == set(a[:3])
+    assert set(cache.page_map("b").values()) == set(b[:3])
+    assert cache.page_map() == {} and cache.page_map("unknown") == {}
     cache.check_integrity(in_use_refs={})
 
 
@@ -90,7 +91,7 @@ def test_disabled_cache_ignores_salts() -> None:
     alloc, cache = make(enabled=False)
     assert cache.insert(PROMPT, alloc.allocate(4), "a") == 0
     m = cache.match_prefix(PROMPT, "a")
-    assert (m.blocks, m.num_tokens, m.node) == ([], 0, cache.root)
+    assert (m.pages, m.num_tokens, m.node) == ([], 0, cache.root)
     assert cache.num_namespaces() == 1
 
 
@@ -185,7 +186,7 @@ def test_random_ops_agree_with_one_cache_per_salt() -> None:
         else:
             assert cache.match_prefix(tokens, salt).num_tokens == ref.match_prefix(tokens).num_tokens
     for salt in salts:
-        assert sorted(cache.block_map(salt)) == sorted(separate[salt].block_map())
+        assert sorted(cache.page_map(salt)) == sorted(separate[salt].page_map())
     cache.check_integrity(in_use_refs={})
 
 
@@ -215,12 +216,19 @@ def _admit_and_prefill(scheduler: Scheduler, seq: Sequence) -> None:
     scheduler.check_integrity()
 
 
+class _NoStorage:
+    """KV memory the scheduler tests do not need: block accounting only."""
+
+    def copy(self, src_block: int, dst_block: int, start: int, end: int) -> None:
+        pass
+
+
 def test_scheduler_shares_blocks_only_within_a_salt() -> None:
     bs = 4
-    alloc = BlockAllocator(32)
-    cache = RadixCache(alloc, bs)
-    scheduler = Scheduler(alloc, cache, bs, max_num_seqs=8, max_num_batched_tokens=64)
-    prompt = list(range(10, 23))  # 13 tokens: 3 full blocks cacheable
+    kv = KVCacheManager(_NoStorage(), 32, bs, page_size=2)
+    alloc, cache = kv.allocator, kv.prefix_cache
+    scheduler = Scheduler(kv, max_num_seqs=8, max_num_batched_tokens=64)
+    prompt = list(range(10, 23))  # 13 tokens: 12 matchable (prompt[:-1]), 3 whole blocks to share
     first = _sequence("r0", prompt, "tenant-a")
     _admit_and_prefill(scheduler, first)
     other = _sequence("r1", prompt, "tenant-b")

@@ -13,7 +13,10 @@ import pytest
 def nanoinfer(*args: str, stdin: str | None = None, timeout: int = 180) -> subprocess.CompletedProcess:
     return subprocess.run(
         [sys.executable, "-m", "nanoinfer.cli", *args],
-        input=stdin, capture_output=True, text=True, timeout=timeout,
+        input=stdin,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
     )
 
 
@@ -42,8 +45,9 @@ def test_run_seed_reproducible(model_dir):
 
 
 def test_chat_with_piped_stdin_keeps_history(model_dir):
-    result = nanoinfer("chat", "--model", model_dir, "--max-tokens", "4", "--system", "Be brief.",
-                       stdin="Hello there\nAnd again\n")
+    result = nanoinfer(
+        "chat", "--model", model_dir, "--max-tokens", "4", "--system", "Be brief.", stdin="Hello there\nAnd again\n"
+    )
     assert result.returncode == 0, result.stderr
     assert len(result.stdout.strip().splitlines()) >= 1
 

@@ -8,10 +8,10 @@ import pytest
 import torch
 
 from nanoinfer import LLM, SamplingParams
-from nanoinfer.engine.forward_batch import ForwardBatch, SequenceChunk
-from nanoinfer.engine.kv_cache import PagedKVCache, kv_bytes_per_token
 from nanoinfer.errors import RequestError
 from nanoinfer.kernels import kernels
+from nanoinfer.model.forward_batch import ForwardBatch, SequenceChunk
+from nanoinfer.model.kv_cache import PagedKVCache, kv_bytes_per_token
 
 GREEDY = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
 
@@ -45,7 +45,9 @@ def test_batched_greedy_equals_alone(model_dir, reference):
     assert [o.token_ids for o in outs] == alone
     assert all(o.finish_reason == "length" for o in outs)
     llm.engine.check_integrity()
-    assert llm.engine.allocator.num_free + llm.engine.prefix_cache.cached_blocks() == llm.engine.allocator.num_total
+    usage = llm.engine.kv_manager.usage()
+    assert usage.in_use == 0 and usage.free + usage.cached_only == usage.total
+    assert usage.cached_only == llm.engine.kv_manager.prefix_cache.cached_blocks()
 
 
 def test_chunked_prefill_equals_alone(model_dir, reference):
@@ -80,18 +82,82 @@ def test_prefix_cache_computes_only_the_suffix(model_dir):
     llm.engine.check_integrity()
 
 
+@pytest.fixture(scope="module")
+def long_model_dir(tmp_path_factory, tiny_tokenizer):
+    """The tiny llama with room for prompts longer than two 128-token blocks."""
+    from tiny_models import build_hf_model, save_case
+
+    return save_case(
+        build_hf_model("llama", max_position_embeddings=512), tiny_tokenizer, tmp_path_factory.mktemp("tiny_llama_512")
+    )
+
+
+SHORT = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
+
+
+@pytest.mark.parametrize("n", [20, 100, 243, 300])
+def test_prefix_reuse_is_page_granular_with_128_token_blocks(long_model_dir, n):
+    """A shared prefix of n tokens reuses all its whole 16-token pages, though blocks hold 128."""
+    llm = LLM(str(long_model_dir))  # default block_size 128, prefix_page_size 16
+    assert llm.engine.config.block_size == 128 and llm.engine.kv_manager.page_size == 16
+    shared = _prompts(1, n, n, seed=n)[0]
+    first, second = shared + [5, 6, 7], shared + [8, 9]
+    assert llm.generate([first], SHORT)[0].num_cached_tokens == 0
+    before = llm.engine.runner.num_forwarded_tokens
+    out = llm.generate([second], SHORT)[0]
+    print(f"shared prefix {n}: {out.num_cached_tokens} tokens reused")
+    assert out.num_cached_tokens == n // 16 * 16 >= n - 16
+    assert llm.engine.runner.num_forwarded_tokens - before == len(second) - out.num_cached_tokens + 7
+    alone = LLM(str(long_model_dir), enable_prefix_cache=False).generate([second], SHORT)[0]
+    assert out.token_ids == alone.token_ids
+    llm.engine.check_integrity()
+
+
+def test_prefix_hits_across_a_branch_inside_a_block_keep_greedy_outputs(long_model_dir):
+    """Requests whose cached pages come from several requests' blocks (shared, copied tail,
+    copied from two sources) answer as if computed alone."""
+    llm = LLM(str(long_model_dir))
+    shared = _prompts(1, 300, 300, seed=11)[0]
+    a = shared + [5, 6, 7]
+    b = shared + [8, 9]
+    out_b = llm.generate([a, b], SHORT)[1]
+    # c continues b: pages 16-17 of its block 2 lie in a's block 2, page 18 in b's (a branch).
+    c = b + out_b.token_ids + [10, 11, 12]
+    d = shared[:200] + [13] * 30  # the tail of block 1 copied, mid-page mismatch
+    outs = llm.generate([c, d, b], SHORT)
+    assert [o.num_cached_tokens for o in outs] == [304, 192, 288]
+    reference = LLM(str(long_model_dir), enable_prefix_cache=False)
+    assert [o.token_ids for o in outs] == [o.token_ids for o in reference.generate([c, d, b], SHORT)]
+    llm.engine.check_integrity()
+
+
+def test_n_samples_with_the_prefix_cache_and_large_blocks(long_model_dir):
+    prompt = _prompts(1, 170, 170, seed=12)[0]  # a full 128-token block and a partial one to fork
+    params = SamplingParams(n=3, temperature=1.0, seed=7, max_tokens=6, ignore_eos=True)
+    llm = LLM(str(long_model_dir))
+    llm.generate([prompt[:160] + [1, 2]], SHORT)  # so the prompt also hits the cache
+    out = llm.generate([prompt], params)[0]
+    assert out.num_cached_tokens == 160  # block 0 shared, 2 pages of block 1 copied
+    alone = LLM(str(long_model_dir), enable_prefix_cache=False).generate([prompt], params)[0]
+    assert [o.token_ids for o in out.outputs] == [o.token_ids for o in alone.outputs]
+    llm.engine.check_integrity()
+    assert llm.engine.kv_manager.usage().in_use == 0
+
+
 def test_eviction_under_small_budget(model_dir, reference):
     prompts, alone = reference
     pool_tokens = 400
-    llm = LLM(str(model_dir), block_size=4, max_num_seqs=4, kv_cache_memory=_kv_memory(llm_small(model_dir), pool_tokens))
+    llm = LLM(
+        str(model_dir), block_size=4, max_num_seqs=4, kv_cache_memory=_kv_memory(llm_small(model_dir), pool_tokens)
+    )
     # round two runs in reverse, so the most recently cached prompts come back first and hit
     order = list(range(len(prompts))) + list(reversed(range(len(prompts))))
     for i in order:
         assert llm.generate([prompts[i]], GREEDY)[0].token_ids == alone[i]
         llm.engine.check_integrity()
     computed_blocks = sum((len(p) + GREEDY.max_tokens - 1) // 4 for p in prompts)
-    assert computed_blocks > llm.engine.allocator.num_total  # so the tree must have evicted
-    assert llm.engine.prefix_cache.hit_tokens > 0
+    assert computed_blocks > llm.engine.kv_manager.usage().total  # so the tree must have evicted
+    assert llm.engine.kv_manager.prefix_cache.hit_tokens > 0
 
 
 def llm_small(model_dir) -> LLM:
@@ -115,7 +181,7 @@ def test_abort_anywhere_frees_everything(model_dir):
         engine.step()
     engine.check_integrity()
     assert not engine.scheduler.running and not engine.scheduler.waiting
-    assert engine.scheduler.block_refs_held() == {}
+    assert engine.kv_manager.held_refs() == {}
 
 
 def test_n_samples_share_the_prompt(model_dir):

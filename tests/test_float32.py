@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from test_parity import PROMPT_LEN, random_prompt
 from tiny_models import CASE_IDS
 

@@ -95,8 +95,11 @@ def test_smollm_package(smollm):
 def test_smollm_config_matches_transformers(smollm, hf_smollm):
     hf, _ = hf_smollm
     c = smollm.config
-    assert (c.num_layers, c.hidden_size, c.intermediate_size) == (hf.num_hidden_layers, hf.hidden_size,
-                                                                  hf.intermediate_size)
+    assert (c.num_layers, c.hidden_size, c.intermediate_size) == (
+        hf.num_hidden_layers,
+        hf.hidden_size,
+        hf.intermediate_size,
+    )
     assert (c.num_heads, c.num_kv_heads, c.head_dim) == (hf.num_attention_heads, hf.num_key_value_heads, hf.head_dim)
     assert math.isclose(c.rms_norm_eps, hf.rms_norm_eps, rel_tol=1e-6)
     assert c.rope_theta == hf.rope_parameters["rope_theta"] and c.tie_word_embeddings == hf.tie_word_embeddings
@@ -231,8 +234,14 @@ def test_tiny_gguf_roundtrip(tmp_path):
     hf = write_tiny_gguf(path)
     pkg = load_package(path)
     c = pkg.config
-    assert (c.architecture, c.num_layers, c.hidden_size, c.num_heads, c.num_kv_heads, c.head_dim) == ("llama", 1, 16,
-                                                                                                       4, 2, 4)
+    assert (c.architecture, c.num_layers, c.hidden_size, c.num_heads, c.num_kv_heads, c.head_dim) == (
+        "llama",
+        1,
+        16,
+        4,
+        2,
+        4,
+    )
     assert not c.tie_word_embeddings and pkg.file_type in ("F32", "ALL_F32")
     np.testing.assert_array_equal(pkg.weights["layers.0.attn.q_proj.weight"].numpy(), hf["blk.0.attn_q.weight"])
     np.testing.assert_array_equal(pkg.weights["layers.0.attn.k_proj.weight"].numpy(), hf["blk.0.attn_k.weight"])

@@ -9,11 +9,11 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
+from tiny_models import build_hf_model, save_case
 
 from nanoinfer.config import ModelConfig
 from nanoinfer.errors import ModelLoadError
 from nanoinfer.loading.hf import expected_shapes, load_hf_dir, load_hf_weights
-from tiny_models import build_hf_model, save_case
 
 
 def _copy(src: Path, dst: Path) -> Path:

@@ -25,8 +25,9 @@ REPO = Path(__file__).resolve().parent.parent
 pytestmark = pytest.mark.slow  # one pip build (~10 s) and a few interpreter starts with torch
 
 # What a checkout holds that an install must not depend on (or that would only slow the copy).
-NOT_SOURCE = shutil.ignore_patterns(".git", ".venv", "build", "dist", "*.egg-info", "__pycache__",
-                                    ".pytest_cache", ".hypothesis")
+NOT_SOURCE = shutil.ignore_patterns(
+    ".git", ".venv", "build", "dist", "*.egg-info", "__pycache__", ".pytest_cache", ".hypothesis"
+)
 
 
 @dataclass
@@ -37,8 +38,9 @@ class Installed:
     env: dict[str, str]
 
     def run(self, *args: str | Path) -> subprocess.CompletedProcess:
-        return subprocess.run([str(a) for a in args], cwd=self.elsewhere, env=self.env, capture_output=True,
-                              text=True, timeout=300)
+        return subprocess.run(
+            [str(a) for a in args], cwd=self.elsewhere, env=self.env, capture_output=True, text=True, timeout=300
+        )
 
 
 def _dependency_dirs() -> list[str]:
@@ -56,19 +58,44 @@ def installed(tmp_path_factory: pytest.TempPathFactory) -> Installed:
     venv = root / "venv"
     subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True)
     python = venv / "bin" / "python"
-    site = subprocess.run([python, "-c", "import sysconfig; print(sysconfig.get_path('purelib'))"],
-                          check=True, capture_output=True, text=True).stdout.strip()
+    site = subprocess.run(
+        [python, "-c", "import sysconfig; print(sysconfig.get_path('purelib'))"],
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout.strip()
     (Path(site) / "nanoinfer_test_deps.pth").write_text("".join(d + "\n" for d in _dependency_dirs()))
     elsewhere = root / "elsewhere"
     elsewhere.mkdir()
     env = {k: v for k, v in os.environ.items() if not k.startswith(("PYTHON", "NANOINFER_", "VIRTUAL_ENV"))}
-    env.update(NANOINFER_CACHE=str(root / "cache"), NANOINFER_KERNELS="1", PYTHONNOUSERSITE="1",
-               PATH=f"{venv / 'bin'}{os.pathsep}{env.get('PATH', '')}")
+    env.update(
+        NANOINFER_CACHE=str(root / "cache"),
+        NANOINFER_KERNELS="1",
+        PYTHONNOUSERSITE="1",
+        PATH=f"{venv / 'bin'}{os.pathsep}{env.get('PATH', '')}",
+    )
     # pip comes from the .pth'd site-packages too. It sees the editable nanoinfer's metadata there
     # but never uninstalls outside its own environment (sys.prefix: the tmp venv).
-    result = subprocess.run([python, "-m", "pip", "install", "--no-deps", "--no-build-isolation", "--no-index",
-                             "--no-cache-dir", "--disable-pip-version-check", "-q", str(source)],
-                            cwd=elsewhere, env=env, capture_output=True, text=True, timeout=600)
+    result = subprocess.run(
+        [
+            python,
+            "-m",
+            "pip",
+            "install",
+            "--no-deps",
+            "--no-build-isolation",
+            "--no-index",
+            "--no-cache-dir",
+            "--disable-pip-version-check",
+            "-q",
+            str(source),
+        ],
+        cwd=elsewhere,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert result.returncode == 0, result.stdout + result.stderr
     return Installed(venv, python, elsewhere, env)
 
@@ -81,8 +108,10 @@ def test_installed_package_is_the_copy_in_the_venv(installed: Installed) -> None
     assert (location.parent / "kernels" / "cpu_kernels.c").is_file()  # package data went along
 
 
-@pytest.mark.skipif(find_compiler() is None or unsupported_reason() is not None,
-                    reason="the C kernels are not built here (no compiler, or not x86-64 with AVX2/FMA/F16C)")
+@pytest.mark.skipif(
+    find_compiler() is None or unsupported_reason() is not None,
+    reason="the C kernels are not built here (no compiler, or not x86-64 with AVX2/FMA/F16C)",
+)
 def test_kernels_load_from_the_install(installed: Installed) -> None:
     code = "from nanoinfer.kernels import kernels; k = kernels(); assert k is not None; print(k.path)"
     result = installed.run(installed.python, "-c", code)
@@ -96,15 +125,13 @@ def test_cli_help(installed: Installed) -> None:
     assert "usage: nanoinfer" in result.stdout
 
 
-class BenchmarksNotPackaged(Exception):
-    """`nanoinfer bench` cannot import the benchmarks package: the known gap, and the only failure
-    the xfail below accepts."""
-
-
-@pytest.mark.xfail(reason="benchmarks not packaged yet (issue 19)", raises=BenchmarksNotPackaged, strict=True)
 def test_bench_help_outside_checkout(installed: Installed) -> None:
     result = installed.run(installed.venv / "bin" / "nanoinfer", "bench", "--help")
-    if result.returncode != 0 and any(m in result.stderr for m in ("benchmarks package is not importable",
-                                                                   "No module named 'benchmarks'")):
-        raise BenchmarksNotPackaged(result.stderr.strip())
     assert result.returncode == 0, result.stderr
+    assert "--concurrency" in result.stdout
+
+
+def test_bench_data_is_installed(installed: Installed) -> None:
+    code = "from nanoinfer.bench.quality import TEXT; print(TEXT.is_file())"
+    result = installed.run(installed.venv / "bin" / "python", "-c", code)
+    assert result.stdout.strip() == "True", result.stderr

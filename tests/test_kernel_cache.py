@@ -12,13 +12,13 @@ import nanoinfer.kernels as kernels_module
 from nanoinfer.kernels import find_compiler, kernels
 
 GCC_PROBE = (
-    'Target: x86_64-linux-gnu\n'
+    "Target: x86_64-linux-gnu\n"
     ' /usr/lib/gcc/x86_64-linux-gnu/12/cc1 -E -quiet -imultiarch x86_64-linux-gnu - "-march=znver3" -mmmx '
     '-mavx2 -mno-fma4 -mfma -mf16c --param "l1-cache-size=48" "-mtune=znver3" -fasynchronous-unwind-tables '
-    '-dumpbase -\n'
+    "-dumpbase -\n"
 )
 CLANG_PROBE = (
-    'clang version 16.0.6\nTarget: x86_64-pc-linux-gnu\n'
+    "clang version 16.0.6\nTarget: x86_64-pc-linux-gnu\n"
     ' "/usr/lib/llvm-16/bin/clang" "-cc1" "-triple" "x86_64-pc-linux-gnu" "-E" "-main-file-name" "-" '
     '"-mrelocation-model" "pic" "-target-cpu" "znver3" "-target-feature" "+avx2" "-target-feature" "-avx512f" '
     '"-tune-cpu" "generic" "-fdebug-compilation-dir=/home/someone/project" "-x" "c" "-"\n'
@@ -27,15 +27,17 @@ CLANG_PROBE = (
 
 def fake_compiler(monkeypatch: pytest.MonkeyPatch, stderr: str) -> None:
     """Every subprocess the kernels module starts answers with `stderr` (as `cc -###` does)."""
+
     def run(args, **kwargs) -> subprocess.CompletedProcess:
         return subprocess.CompletedProcess(args, 0, stdout="", stderr=stderr)
+
     monkeypatch.setattr(kernels_module.subprocess, "run", run)
 
 
 def test_probe_reads_gcc_target(monkeypatch) -> None:
     fake_compiler(monkeypatch, GCC_PROBE)
     target = kernels_module.native_target.__wrapped__("gcc")  # past the per-process cache
-    assert target == '-march=znver3 -mmmx -mavx2 -mno-fma4 -mfma -mf16c --param l1-cache-size=48 -mtune=znver3'
+    assert target == "-march=znver3 -mmmx -mavx2 -mno-fma4 -mfma -mf16c --param l1-cache-size=48 -mtune=znver3"
 
 
 def test_probe_reads_clang_target_without_paths(monkeypatch) -> None:
@@ -78,6 +80,7 @@ def fresh_load(monkeypatch):
 
     def no_build():
         raise AssertionError("the kernels were built on a machine they must not run on")
+
     monkeypatch.setattr(kernels_module, "_build", no_build)
 
 
@@ -92,12 +95,15 @@ def test_off_when_not_x86_64(fresh_load, monkeypatch, caplog, machine: str) -> N
     assert len(messages) == 1 and "x86-64" in messages[0] and "\n" not in messages[0]
 
 
-@pytest.mark.parametrize("flags, missing", [
-    ({"sse2", "avx", "fma", "f16c"}, "avx2"),  # e.g. Sandy Bridge class, or a VM that masks AVX2
-    ({"sse2", "avx", "avx2", "f16c"}, "fma"),
-    ({"sse2", "avx", "avx2", "fma"}, "f16c"),
-    (set(), "/proc/cpuinfo"),  # flags unreadable: not Linux
-])
+@pytest.mark.parametrize(
+    "flags, missing",
+    [
+        ({"sse2", "avx", "fma", "f16c"}, "avx2"),  # e.g. Sandy Bridge class, or a VM that masks AVX2
+        ({"sse2", "avx", "avx2", "f16c"}, "fma"),
+        ({"sse2", "avx", "avx2", "fma"}, "f16c"),
+        (set(), "/proc/cpuinfo"),  # flags unreadable: not Linux
+    ],
+)
 def test_off_without_the_instructions(fresh_load, monkeypatch, caplog, flags, missing: str) -> None:
     monkeypatch.setattr(kernels_module.platform, "machine", lambda: "x86_64")
     monkeypatch.setattr(kernels_module, "cpu_flags", lambda: frozenset(flags))

@@ -9,8 +9,8 @@ import torch
 import torch.nn.functional as F
 
 import nanoinfer.kernels as kernels_module
-from nanoinfer.engine.kv_cache import read_slots
 from nanoinfer.kernels import find_compiler, kernels
+from nanoinfer.model.kv_cache import read_slots
 from nanoinfer.model.rope import apply_rotary
 from nanoinfer.quant.int4 import _pack_panels, _unpack_panels, dequantize_int4, quantize_int4
 from nanoinfer.quant.int8 import dequantize_int8, pack_panels, quantize_int8, unpack_panels
@@ -142,7 +142,7 @@ def _reference_decode(q, k_cache, v_cache, tables, lens, block_size, window, sca
         pos = torch.arange(n)
         slots = tables[b][pos // block_size] * block_size + pos % block_size
         if window:
-            slots = slots[max(0, n - window):]
+            slots = slots[max(0, n - window) :]
         keys, values = read_slots(k_cache, slots).transpose(0, 1), read_slots(v_cache, slots).transpose(0, 1)
         o = F.scaled_dot_product_attention(q[b].unsqueeze(1), keys, values, scale=scale, enable_gqa=True)
         outs.append(o.squeeze(1).flatten())
@@ -222,12 +222,12 @@ def test_qk_rope_store_narrows_to_a_half_cache_as_torch_rounds() -> None:
     T, H, KVH, D = 4, 2, 1, 20  # 20: two vectors of 8 and a scalar tail per row
     qkv = torch.randn(T, (H + 2 * KVH) * D) * 3
     # v of row 0: overflow to inf, values that round to the largest half and to subnormals, 0, nan
-    qkv[0, (H + KVH) * D:(H + KVH) * D + 8] = torch.tensor([7e4, 65519.0, -65505.0, 3e-6, -1e-7, 6e-8, 0.0, math.nan])
+    qkv[0, (H + KVH) * D : (H + KVH) * D + 8] = torch.tensor([7e4, 65519.0, -65505.0, 3e-6, -1e-7, 6e-8, 0.0, math.nan])
     qkv[0, -1] = 65520.0  # the tail's scalar path: rounds to inf
     cos, sin = torch.ones(T, D), torch.zeros(T, D)  # no rotation: k is stored as projected
     k_cache, v_cache = torch.zeros(2, 2, KVH, 3, D, dtype=torch.float16).unbind(0)  # 6 slots in blocks of 3
     slots = torch.tensor([5, 0, 3, 1])
-    k, v = qkv[:, H * D:(H + KVH) * D].clone(), qkv[:, (H + KVH) * D:].clone()
+    k, v = qkv[:, H * D : (H + KVH) * D].clone(), qkv[:, (H + KVH) * D :].clone()
     ours.qk_rope_store(qkv, H, KVH, D, None, None, 0.0, cos, sin, k_cache, v_cache, slots)
     assert torch.equal(read_slots(k_cache, slots).flatten(1), k.half())
     stored, expected = read_slots(v_cache, slots).flatten(1), v.half()
@@ -277,8 +277,9 @@ def test_torch_path_equals_kernel_path(tiny_model, no_kernels, monkeypatch, case
 @pytest.mark.parametrize("case_id", ["llama", "gemma3"])
 def test_torch_path_greedy_matches_transformers(tiny_model, no_kernels, case_id: str) -> None:
     """Decode through the torch attention path (block gather + SDPA) still equals transformers."""
-    from nanoinfer import LLM, SamplingParams
     from test_parity import NEW_TOKENS, hf_greedy, random_prompt
+
+    from nanoinfer import LLM, SamplingParams
 
     path, hf_model = tiny_model(case_id)
     prompt = random_prompt(case_id)

@@ -5,18 +5,16 @@ from __future__ import annotations
 import pytest
 import torch
 
-from nanoinfer.config import ModelConfig
-from nanoinfer.engine.kv_cache import (
-    BlockAllocator,
-    OutOfBlocks,
+from nanoinfer.config import ModelConfig, parse_memory
+from nanoinfer.engine.block_allocator import BlockAllocator, OutOfBlocks
+from nanoinfer.errors import NanoInferError
+from nanoinfer.model.kv_cache import (
     PagedKVCache,
     kv_bytes_per_token,
     kv_cache_bytes,
-    parse_memory,
     read_slots,
     write_slots,
 )
-from nanoinfer.errors import NanoInferError
 
 
 @pytest.fixture

@@ -6,9 +6,9 @@ import copy
 
 import pytest
 import torch
+from tiny_models import CASE_IDS, VOCAB_SIZE
 
 from nanoinfer.loading.hf import load_hf_dir
-from tiny_models import CASE_IDS, VOCAB_SIZE
 
 PROMPT_LEN = 32
 NEW_TOKENS = 32

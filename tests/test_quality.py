@@ -4,14 +4,21 @@ from __future__ import annotations
 
 import torch
 
-from benchmarks.quality import score_formats
+from nanoinfer.bench.quality import score_formats
 
 
 def test_quality_targets_hold():
     # 768 tokens keep this under a minute; `nanoinfer bench --quality` scores the whole text.
-    results = score_formats("smollm2-135m-instruct", max_tokens=768, formats=(
-        ("float32", "float32", "none", torch.float32), ("bfloat16", "bfloat16", "none", torch.float32),
-        ("int4", "bfloat16", "int4", torch.float32), ("float16 KV", "float32", "none", torch.float16)))
+    results = score_formats(
+        "smollm2-135m-instruct",
+        max_tokens=768,
+        formats=(
+            ("float32", "float32", "none", torch.float32),
+            ("bfloat16", "bfloat16", "none", torch.float32),
+            ("int4", "bfloat16", "int4", torch.float32),
+            ("float16 KV", "float32", "none", torch.float16),
+        ),
+    )
     base = results["float32"]["perplexity"]
     # serving's default float16 cache (on CPU): measured +0.003% and 99.96% on the whole text
     assert abs(results["float16 KV"]["perplexity"] / base - 1) < 0.001, results

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from tiny_models import VOCAB_SIZE
 from torch import nn
 
 from nanoinfer.kernels import kernels
@@ -20,7 +21,6 @@ from nanoinfer.quant import (
     weight_bytes,
 )
 from nanoinfer.quant.half import KERNEL_MAX_ROWS
-from tiny_models import VOCAB_SIZE
 
 DTYPES = (torch.float32, torch.bfloat16)
 

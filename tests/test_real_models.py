@@ -56,8 +56,13 @@ def test_smollm2_greedy_matches_transformers():
     chat = llm.chat_prompt([{"role": "user", "content": "What is the capital of France?"}])
     raw = llm.tokenizer.encode("The quick brown fox", add_special_tokens=True)
     _check("smollm2", registry.smollm2_path(), [chat, raw], llm)
-    assert "Paris" in llm.chat([{"role": "user", "content": "What is the capital of France?"}],
-                               SamplingParams(temperature=0, max_tokens=16)).text
+    assert (
+        "Paris"
+        in llm.chat(
+            [{"role": "user", "content": "What is the capital of France?"}],
+            SamplingParams(temperature=0, max_tokens=16),
+        ).text
+    )
 
 
 @pytest.mark.slow

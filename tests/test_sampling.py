@@ -79,8 +79,9 @@ def test_invalid_params_raise_value_error(kwargs):
 
 
 def test_params_normalize_and_accept_boundaries():
-    p = SamplingParams(stop="###", top_p=1.0, top_k=-1, min_p=1.0, presence_penalty=-2, logprobs=20,
-                       logit_bias={3: 100, 4: -100})
+    p = SamplingParams(
+        stop="###", top_p=1.0, top_k=-1, min_p=1.0, presence_penalty=-2, logprobs=20, logit_bias={3: 100, 4: -100}
+    )
     assert p.stop == ["###"] and p.stop_token_ids == [] and p.logit_bias == {3: 100.0, 4: -100.0}
     assert SamplingParams().stop == [] and SamplingParams().logit_bias == {}
     assert SamplingParams(logprobs=0).logprobs == 0

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import re
-import socket
 import threading
 import time
 from dataclasses import dataclass
@@ -14,6 +13,7 @@ import httpx
 import openai
 import pytest
 import uvicorn
+from server_utils import free_socket
 
 from nanoinfer.config import EngineConfig
 from nanoinfer.engine.engine import LLMEngine
@@ -34,14 +34,6 @@ class Running:
     status_while_loading: int
 
 
-def _free_socket() -> socket.socket:
-    """A bound socket handed to uvicorn, so no other process can take the port in between."""
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind(("127.0.0.1", 0))
-    return sock
-
-
 @pytest.fixture(scope="module")
 def server():
     """The app on a real port; the model loads behind a gate so /health is seen answering 503 first."""
@@ -55,7 +47,7 @@ def server():
         return LLMEngine(MODEL, EngineConfig(max_model_len=MAX_MODEL_LEN, max_num_seqs=8, quantization="none"))
 
     app = create_app(None, ServerConfig(model=MODEL, served_model_name=SERVED, api_key=KEY), loader=loader)
-    sock = _free_socket()
+    sock = free_socket()
     url = f"http://127.0.0.1:{sock.getsockname()[1]}"
     srv = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
     thread = threading.Thread(target=srv.run, kwargs={"sockets": [sock]}, daemon=True)
@@ -81,8 +73,12 @@ def client(server) -> openai.OpenAI:
 
 def _post(server: Running, path: str, body: Any, headers: dict[str, str] | None = None) -> httpx.Response:
     raw = body if isinstance(body, (str, bytes)) else json.dumps(body)
-    return httpx.post(f"{server.url}{path}", content=raw, timeout=60,
-                      headers={"Content-Type": "application/json", **AUTH, **(headers or {})})
+    return httpx.post(
+        f"{server.url}{path}",
+        content=raw,
+        timeout=60,
+        headers={"Content-Type": "application/json", **AUTH, **(headers or {})},
+    )
 
 
 def _metric(server: Running, name: str) -> float:
@@ -135,9 +131,18 @@ def test_tokenize_detokenize(server):
 def test_metrics_names(server):
     r = httpx.get(f"{server.url}/metrics")
     assert r.status_code == 200 and r.headers["content-type"].startswith("text/plain")
-    for name in ("num_requests_running", "num_requests_waiting", "kv_cache_usage_perc", "kv_cache_blocks_used",
-                 "prefix_cache_queries_total", "prefix_cache_hits_total", "prompt_tokens_total",
-                 "generation_tokens_total", "time_to_first_token_seconds_bucket", "e2e_request_latency_seconds"):
+    for name in (
+        "num_requests_running",
+        "num_requests_waiting",
+        "kv_cache_usage_perc",
+        "kv_cache_blocks_used",
+        "prefix_cache_queries_total",
+        "prefix_cache_hits_total",
+        "prompt_tokens_total",
+        "generation_tokens_total",
+        "time_to_first_token_seconds_bucket",
+        "e2e_request_latency_seconds",
+    ):
         assert f"nanoinfer:{name}" in r.text
 
 
@@ -153,8 +158,9 @@ def test_chat_stream_equals_non_stream(client):
     chunks = list(client.chat.completions.create(**kwargs, stream=True, stream_options={"include_usage": True}))
     assert len({c.id for c in chunks}) == 1
     assert chunks[0].choices[0].delta.role == "assistant"
-    assert [c.choices[0].finish_reason for c in chunks[:-1] if c.choices[0].finish_reason] == \
-        [full.choices[0].finish_reason]
+    assert [c.choices[0].finish_reason for c in chunks[:-1] if c.choices[0].finish_reason] == [
+        full.choices[0].finish_reason
+    ]
     assert "".join(c.choices[0].delta.content or "" for c in chunks[:-1]) == full.choices[0].message.content
     assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == full.usage.completion_tokens
     plain = list(client.chat.completions.create(**kwargs, max_completion_tokens=4, stream=True))
@@ -169,7 +175,7 @@ def test_completions_stream_equals_non_stream(client):
     assert [c.choices[0].finish_reason for c in chunks if c.choices[0].finish_reason] == [full.choices[0].finish_reason]
     echoed = client.completions.create(**{**kwargs, "max_tokens": 2}, echo=True).choices[0].text
     prompt = kwargs["prompt"]
-    assert echoed.startswith(prompt) and full.choices[0].text.startswith(echoed[len(prompt):])
+    assert echoed.startswith(prompt) and full.choices[0].text.startswith(echoed[len(prompt) :])
     ids = client.completions.create(**{**kwargs, "max_tokens": 1, "prompt": [[1, 504, 3575], [1, 504]]})  # a batch
     assert [c.index for c in ids.choices] == [0, 1]
 
@@ -182,14 +188,15 @@ def test_raw_sse_framing(server):
     events = raw.split("\n\n")
     assert events[-1] == "" and events[-2] == "data: [DONE]"
     assert all(e.startswith("data: {") for e in events[:-2])
-    payloads = [json.loads(e[len("data: "):]) for e in events[:-2]]
+    payloads = [json.loads(e[len("data: ") :]) for e in events[:-2]]
     assert payloads[-1]["choices"] == [] and payloads[-1]["usage"]["completion_tokens"] == 2
     assert all("usage" not in p for p in payloads[:-1])
 
 
 def test_chat_logprobs(client):
-    r = client.chat.completions.create(model=SERVED, messages=HELLO, temperature=0, max_tokens=4,
-                                       logprobs=True, top_logprobs=3)
+    r = client.chat.completions.create(
+        model=SERVED, messages=HELLO, temperature=0, max_tokens=4, logprobs=True, top_logprobs=3
+    )
     content = r.choices[0].logprobs.content
     assert len(content) == r.usage.completion_tokens
     for item in content:
@@ -227,8 +234,9 @@ def test_n2_and_seed(client):
 
 
 def test_stop_string(client):
-    kwargs = dict(model=SERVED, prompt="Once upon a time", temperature=0, max_tokens=10,
-                  extra_body={"ignore_eos": True})
+    kwargs = dict(
+        model=SERVED, prompt="Once upon a time", temperature=0, max_tokens=10, extra_body={"ignore_eos": True}
+    )
     text = client.completions.create(**kwargs).choices[0].text
     words = text.split()
     stop = next(w for w in words[2:] if len(w) > 2)
@@ -241,8 +249,11 @@ def test_cached_tokens(client):
     system = "You are a careful assistant. " + " ".join(f"Rule {i}: be kind and brief." for i in range(20))
     usages = []
     for question in ("Hi!", "Hello there!"):
-        r = client.chat.completions.create(model=SERVED, max_tokens=1, messages=[
-            {"role": "system", "content": system}, {"role": "user", "content": question}])
+        r = client.chat.completions.create(
+            model=SERVED,
+            max_tokens=1,
+            messages=[{"role": "system", "content": system}, {"role": "user", "content": question}],
+        )
         usages.append(r.usage)
     assert usages[1].prompt_tokens > 100
     assert usages[1].prompt_tokens_details.cached_tokens >= 64
@@ -281,8 +292,9 @@ def test_errors_do_not_disturb_others(server, client):
     result: dict[str, Any] = {}
 
     def good() -> None:
-        stream = client.chat.completions.create(model=SERVED, messages=HELLO, temperature=0, max_tokens=6,
-                                                stream=True, extra_body={"ignore_eos": True})
+        stream = client.chat.completions.create(
+            model=SERVED, messages=HELLO, temperature=0, max_tokens=6, stream=True, extra_body={"ignore_eos": True}
+        )
         chunks = list(stream)
         result["finish"] = [c.choices[0].finish_reason for c in chunks if c.choices[0].finish_reason]
 

@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import pytest
+from hf_outputs import as_ids as _ids
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -20,8 +21,7 @@ TEXTS = [
     "def add(a, b):\n    return a + b  # sum 12345 and 0.5\n\n\tprint(add(1, 2))",
     "Emoji: 😀🎉👍🏽 and flags 🇫🇷, family 👨‍👩‍👧",
     "  leading spaces, trailing   \n\n\nnewlines and   runs of spaces  ",
-    "Mixed: naïve café – “quotes” — § ≠ ∑; Ünïcödé, "
-    "Ελληνικά, русский, العربية, हिन्दी",
+    "Mixed: naïve café – “quotes” — § ≠ ∑; Ünïcödé, Ελληνικά, русский, العربية, हिन्दी",
     "I'm sure it's fine, they'll see; we've done it and you'd agree.",
 ]
 STREAM_TEXTS = [
@@ -36,30 +36,6 @@ CONVERSATION = [
     {"role": "assistant", "content": "4."},
     {"role": "user", "content": "And 明月 in English? 🌙"},
 ]
-
-
-def _ids(value) -> list[int]:
-    # transformers 5 may return a BatchEncoding / dict from apply_chat_template(tokenize=True)
-    if isinstance(value, dict) or hasattr(value, "input_ids"):
-        value = value["input_ids"]
-    return list(value)
-
-
-@pytest.fixture(scope="module")
-def smollm_path() -> Path:
-    return registry.smollm2_path()
-
-
-@pytest.fixture(scope="module")
-def smollm(smollm_path) -> Tokenizer:
-    return load_gguf_tokenizer(smollm_path)
-
-
-@pytest.fixture(scope="module")
-def hf_smollm(smollm_path):
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(str(smollm_path.parent), gguf_file=smollm_path.name)
 
 
 @pytest.fixture(scope="module")
@@ -144,13 +120,15 @@ def test_gemma_chat_template_matches_transformers(gemma, hf_gemma):
     assert gemma.chat_template == GEMMA_CHAT_TEMPLATE
     for gen in (True, False):
         ours = gemma.apply_chat_template(CONVERSATION, add_generation_prompt=gen)
-        theirs = hf_gemma.apply_chat_template(CONVERSATION, add_generation_prompt=gen, tokenize=False,
-                                              chat_template=GEMMA_CHAT_TEMPLATE)
+        theirs = hf_gemma.apply_chat_template(
+            CONVERSATION, add_generation_prompt=gen, tokenize=False, chat_template=GEMMA_CHAT_TEMPLATE
+        )
         assert ours == theirs
     assert ours.startswith("<bos><start_of_turn>user\nYou are a terse assistant.\n\nWhat is 2+2?<end_of_turn>\n")
     ours_ids = gemma.apply_chat_template(CONVERSATION, tokenize=True)
-    theirs_ids = hf_gemma.apply_chat_template(CONVERSATION, add_generation_prompt=True, tokenize=True,
-                                              chat_template=GEMMA_CHAT_TEMPLATE)
+    theirs_ids = hf_gemma.apply_chat_template(
+        CONVERSATION, add_generation_prompt=True, tokenize=True, chat_template=GEMMA_CHAT_TEMPLATE
+    )
     assert ours_ids == _ids(theirs_ids)
     assert ours_ids.count(gemma.bos_token_id) == 1  # the template writes BOS; encode must not add another
 
@@ -235,13 +213,16 @@ def test_incremental_detokenizer_random_ids(smollm, ids):
 # --- chat template sandbox and compatibility -------------------------------------------------
 
 
-@pytest.mark.parametrize("source", [
-    "{{ ''.__class__.__mro__[1].__subclasses__() }}",
-    "{{ messages.__class__.__init__.__globals__ }}",
-    "{% set ns = namespace() %}{% set ns._x = 1 %}{{ ns._x }}",
-    "{{ raise_exception.__globals__['__builtins__'] }}",
-    "{{ messages.append(1) }}",  # immutable sandbox: no mutation of inputs
-])
+@pytest.mark.parametrize(
+    "source",
+    [
+        "{{ ''.__class__.__mro__[1].__subclasses__() }}",
+        "{{ messages.__class__.__init__.__globals__ }}",
+        "{% set ns = namespace() %}{% set ns._x = 1 %}{{ ns._x }}",
+        "{{ raise_exception.__globals__['__builtins__'] }}",
+        "{{ messages.append(1) }}",  # immutable sandbox: no mutation of inputs
+    ],
+)
 def test_template_sandbox_blocks_escapes(source):
     with pytest.raises(ValueError):
         ChatTemplate(source).render([{"role": "user", "content": "hi"}])
@@ -268,9 +249,16 @@ def test_template_features_match_transformers(hf_smollm):
     )
     tools = [{"type": "function", "function": {"name": "f", "parameters": {"x": "ü"}}}]
     ours = ChatTemplate(source, {"bos_token": "<|im_start|>", "eos_token": "<|im_end|>"}).render(
-        CONVERSATION, add_generation_prompt=True, tools=tools, enable_thinking=False)
-    theirs = hf_smollm.apply_chat_template(CONVERSATION, chat_template=source, add_generation_prompt=True,
-                                           tokenize=False, tools=tools, enable_thinking=False)
+        CONVERSATION, add_generation_prompt=True, tools=tools, enable_thinking=False
+    )
+    theirs = hf_smollm.apply_chat_template(
+        CONVERSATION,
+        chat_template=source,
+        add_generation_prompt=True,
+        tokenize=False,
+        tools=tools,
+        enable_thinking=False,
+    )
     assert ours == theirs
     assert "明月" in ours  # tojson keeps non-ASCII as-is
 
@@ -288,8 +276,9 @@ def test_from_hf_dir_matches_transformers(tiny_tokenizer, tmp_path):
         assert tok.encode(text) == hf.encode(text)
     assert tok.bos_token_id == hf.bos_token_id and tok.eos_token_ids[0] == hf.eos_token_id
     messages = [{"role": "user", "content": "hello"}]
-    assert tok.apply_chat_template(messages) == hf.apply_chat_template(messages, add_generation_prompt=True,
-                                                                       tokenize=False)
+    assert tok.apply_chat_template(messages) == hf.apply_chat_template(
+        messages, add_generation_prompt=True, tokenize=False
+    )
 
 
 def test_from_hf_dir_template_file_and_bos_post_processor(tiny_tokenizer, tmp_path):

@@ -7,9 +7,10 @@ tokenizer, and keeps the in-memory transformers model to compare against.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 import transformers

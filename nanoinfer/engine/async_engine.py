@@ -51,9 +51,13 @@ class _Stream:
 
 
 class AsyncEngine:
-    def __init__(self, engine: LLMEngine, max_outstanding_seqs: int | None = None,
-                 max_pending_outputs: int = DEFAULT_MAX_PENDING_OUTPUTS,
-                 stall_seconds: float = DEFAULT_STALL_SECONDS):
+    def __init__(
+        self,
+        engine: LLMEngine,
+        max_outstanding_seqs: int | None = None,
+        max_pending_outputs: int = DEFAULT_MAX_PENDING_OUTPUTS,
+        stall_seconds: float = DEFAULT_STALL_SECONDS,
+    ):
         self.engine = engine
         # Sequences admitted (running or waiting) before new requests get EngineOverloadedError.
         self.max_outstanding_seqs = max_outstanding_seqs
@@ -103,11 +107,12 @@ class AsyncEngine:
         limit = self.max_outstanding_seqs
         if limit is not None and self._outstanding + num_seqs > limit:
             raise EngineOverloadedError(
-                f"the server is busy: {self._outstanding} sequences are running or waiting (limit {limit}); "
-                f"retry later")
+                f"the server is busy: {self._outstanding} sequences are running or waiting (limit {limit}); retry later"
+            )
 
-    async def generate(self, request_id: str, prompt: str | list[int], params: SamplingParams,
-                       cache_salt: str | None = None) -> AsyncIterator[RequestOutput]:
+    async def generate(
+        self, request_id: str, prompt: str | list[int], params: SamplingParams, cache_salt: str | None = None
+    ) -> AsyncIterator[RequestOutput]:
         """Stream outputs of one request; leaving early (client gone, cancelled) aborts it."""
         self.check_capacity(params.n)
         stream = _Stream(asyncio.get_running_loop())
@@ -219,8 +224,9 @@ class AsyncEngine:
         if stream.items.qsize() >= self.max_pending_outputs and not isinstance(item, BaseException):
             stream.overflowed = True
             self.call(lambda: self.engine.abort(request_id))
-            item = RequestFailedError(f"the client read nothing for {self.max_pending_outputs} outputs; "
-                                      f"request aborted")
+            item = RequestFailedError(
+                f"the client read nothing for {self.max_pending_outputs} outputs; request aborted"
+            )
         stream.items.put_nowait(item)
 
     def _fail_requests(self, request_ids: list[str], error: Exception) -> None:

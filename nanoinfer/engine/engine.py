@@ -14,17 +14,18 @@ from dataclasses import dataclass
 import torch
 
 from nanoinfer.config import EngineConfig
-from nanoinfer.engine.kv_cache import BlockAllocator, PagedKVCache, kv_bytes_per_token
+from nanoinfer.engine.kv_cache_manager import KVCacheManager
 from nanoinfer.engine.metrics import EngineMetrics
 from nanoinfer.engine.radix_cache import RadixCache
 from nanoinfer.engine.runner import ModelRunner
 from nanoinfer.engine.sampler import Sampler, SamplingState
 from nanoinfer.engine.scheduler import ScheduledChunk, Scheduler
-from nanoinfer.engine.sequence import Sequence, SequenceStatus
+from nanoinfer.engine.sequence import Sequence
 from nanoinfer.engine.stop import StopChecker
 from nanoinfer.errors import RequestError
 from nanoinfer.kernels import kernels
 from nanoinfer.loading import ModelPackage, load_package
+from nanoinfer.model.kv_cache import PagedKVCache, kv_bytes_per_token
 from nanoinfer.model.transformer import Transformer
 from nanoinfer.outputs import CompletionOutput, RequestOutput
 from nanoinfer.quant import quantize_model, store_weights_16bit
@@ -52,8 +53,9 @@ def activation_dtype(weight_dtype: torch.dtype, device: str | torch.device) -> t
     return torch.float32 if torch.device(device).type == "cpu" else weight_dtype
 
 
-def kv_cache_dtype(name: str, activations: torch.dtype, device: str | torch.device,
-                   model_dtype: str = "auto") -> torch.dtype:
+def kv_cache_dtype(
+    name: str, activations: torch.dtype, device: str | torch.device, model_dtype: str = "auto"
+) -> torch.dtype:
     """The KV cache's dtype for EngineConfig.kv_cache_dtype `name`.
 
     "auto" is float16 where our C attention reads the cache (float32 activations on a CPU with the
@@ -95,18 +97,19 @@ class LLMEngine:
         quantize_model(self.model, self.quantization, dense_above_rows=config.dense_above_rows)
         if weights != dtype:
             store_weights_16bit(self.model, weights)
-        self.max_model_len = min(config.max_model_len or package.config.max_position_embeddings,
-                                 package.config.max_position_embeddings)
+        self.max_model_len = min(
+            config.max_model_len or package.config.max_position_embeddings, package.config.max_position_embeddings
+        )
         kv = self._make_kv_cache(kv_cache_dtype(config.kv_cache_dtype, dtype, config.device, config.dtype))
         if kv.num_slots < self.max_model_len:
             log.warning("KV pool holds %d tokens; max_model_len lowered from %d", kv.num_slots, self.max_model_len)
             self.max_model_len = kv.num_slots
         self.runner = ModelRunner(self.model, kv)
-        self.allocator = BlockAllocator(kv.num_blocks)
-        self.prefix_cache = RadixCache(self.allocator, config.block_size, enabled=config.enable_prefix_cache)
-        self.scheduler = Scheduler(
-            self.allocator, self.prefix_cache, config.block_size, config.max_num_seqs, config.max_num_batched_tokens
+        # The one owner of block references; the scheduler asks it for memory, the engine never does.
+        self.kv_manager = KVCacheManager(
+            kv, kv.num_blocks, config.block_size, config.prefix_page_size, config.enable_prefix_cache
         )
+        self.scheduler = Scheduler(self.kv_manager, config.max_num_seqs, config.max_num_batched_tokens)
         self.sampler = Sampler()
         self.metrics = EngineMetrics()
         self.metrics.kv_blocks_total.set(kv.num_blocks)
@@ -114,6 +117,11 @@ class LLMEngine:
         self.requests: dict[str, _Request] = {}
         self.last_step_requests: list[str] = []  # whom the latest step worked for (to fail them if it raised)
         self._synced = {"queries": 0, "hits": 0, "preemptions": 0}  # stats already counted in metrics
+
+    @property
+    def prefix_cache(self) -> RadixCache:
+        """The manager's radix tree, for stats and benchmarks (``reset()`` between timed runs)."""
+        return self.kv_manager.prefix_cache
 
     def _make_kv_cache(self, dtype: torch.dtype) -> PagedKVCache:
         c = self.config
@@ -126,8 +134,13 @@ class LLMEngine:
 
     # ---- requests -----------------------------------------------------------------------------
 
-    def add_request(self, request_id: str, prompt: str | list[int], params: SamplingParams | None = None,
-                    cache_salt: str | None = None) -> None:
+    def add_request(
+        self,
+        request_id: str,
+        prompt: str | list[int],
+        params: SamplingParams | None = None,
+        cache_salt: str | None = None,
+    ) -> None:
         """Queue a request (text is encoded with the tokenizer's special tokens). Raises RequestError.
 
         Only requests with the same `cache_salt` share prefix-cache entries (None: the common pool)."""
@@ -157,12 +170,21 @@ class LLMEngine:
             raise RequestError(
                 f"The prompt has {len(ids)} tokens, but this model's maximum context length is "
                 f"{self.max_model_len} tokens (at least one must remain for the answer). Please shorten it.",
-                "prompt", "context_length_exceeded")
+                "prompt",
+                "context_length_exceeded",
+            )
         params.check_vocab(vocab)
         params.check_limits(self.config.limits)
 
-    def _new_sequence(self, request_id: str, index: int, ids: list[int], params: SamplingParams, now: float,
-                      cache_salt: str | None = None) -> Sequence:
+    def _new_sequence(
+        self,
+        request_id: str,
+        index: int,
+        ids: list[int],
+        params: SamplingParams,
+        now: float,
+        cache_salt: str | None = None,
+    ) -> Sequence:
         return Sequence(
             request_id=request_id,
             index=index,
@@ -170,7 +192,7 @@ class LLMEngine:
             params=params,
             sampling=SamplingState(params, ids, index),
             detokenizer=IncrementalDetokenizer(self.tokenizer, skip_special_tokens=params.skip_special_tokens),
-            stop_checker=StopChecker(params.stop, params.include_stop_str_in_output),
+            stop_checker=StopChecker(params.stop or [], params.include_stop_str_in_output),
             arrival_time=now,
             cache_salt=cache_salt,
         )
@@ -205,8 +227,9 @@ class LLMEngine:
         for chunk in chunks:
             self.scheduler.commit(chunk)
         rows, seqs = self._expand_forks(completing)
-        sampled = self.sampler.sample(logits[rows] if len(rows) != len(completing) else logits,
-                                      [s.sampling for s in seqs])
+        sampled = self.sampler.sample(
+            logits[rows] if len(rows) != len(completing) else logits, [s.sampling for s in seqs]
+        )
         now = time.monotonic()
         touched: dict[str, None] = {}
         failed: dict[str, str] = {}
@@ -246,40 +269,18 @@ class LLMEngine:
         return rows, seqs
 
     def _fork(self, parent: Sequence) -> list[Sequence]:
-        """Siblings share the parent's full prompt blocks; the partial last block is copied (copy-on-write)."""
+        """The parent's siblings, started from its computed prompt (KVCacheManager.fork shares the
+        full blocks and copies the partial last one). Returns those running now; the rest wait."""
         request = self.requests[parent.request_id]
-        siblings = []
-        bs = self.config.block_size
-        for i in range(1, parent.num_forks_pending + 1):
-            sib = self._new_sequence(parent.request_id, i, parent.prompt_ids, parent.params, parent.arrival_time,
-                                     parent.cache_salt)
-            request.seqs.append(sib)
-            full = parent.num_computed // bs
-            shared = parent.block_table[:full]
-            own = []
-            if parent.num_computed % bs:
-                own = self._allocate_one()
-                if own is None:  # no memory to fork now: the sibling waits and recomputes its prompt
-                    self.scheduler.waiting.appendleft(sib)
-                    continue
-                self.runner.copy_block(parent.block_table[full], own[0])
-            for block in shared:
-                self.allocator.incref(block)
-            sib.block_table = shared + own
-            sib.num_computed = parent.num_computed
-            sib.num_cached_prompt = parent.num_cached_prompt
-            sib.prefix_node = parent.prefix_node
-            self.prefix_cache.lock(sib.prefix_node)
-            sib.status = SequenceStatus.RUNNING
-            self.scheduler.running.append(sib)
-            siblings.append(sib)
+        siblings = [
+            self._new_sequence(
+                parent.request_id, i, parent.prompt_ids, parent.params, parent.arrival_time, parent.cache_salt
+            )
+            for i in range(1, parent.num_forks_pending + 1)
+        ]
+        request.seqs.extend(siblings)
         parent.num_forks_pending = 0
-        return siblings
-
-    def _allocate_one(self) -> list[int] | None:
-        if self.allocator.num_free == 0:
-            self.prefix_cache.evict(1)
-        return self.allocator.allocate(1) if self.allocator.num_free else None
+        return self.scheduler.add_forks(parent, siblings)
 
     def _append(self, seq: Sequence, token: int, logprobs: dict[int, float] | None, now: float) -> None:
         """Add a sampled token, then decide whether seq stops and what text it may stream."""
@@ -290,7 +291,7 @@ class LLMEngine:
         if seq.first_token_time is None:
             seq.first_token_time = now
             self.metrics.ttft.observe(now - seq.arrival_time)
-        else:
+        elif seq.last_token_time is not None:
             self.metrics.itl.observe(now - seq.last_token_time)
         seq.last_token_time = now
         start = len(seq.text)
@@ -300,7 +301,7 @@ class LLMEngine:
         if cut is not None:
             seq.text = seq.text[:cut]
             self.scheduler.finish(seq, "stop")
-        elif (token in self.eos_ids and not p.ignore_eos) or token in p.stop_token_ids:
+        elif (token in self.eos_ids and not p.ignore_eos) or token in (p.stop_token_ids or ()):
             self.scheduler.finish(seq, "stop")
         elif (p.max_tokens is not None and len(seq.output_ids) >= p.max_tokens) or len(seq) >= self.max_model_len:
             self.scheduler.finish(seq, "length")
@@ -321,8 +322,12 @@ class LLMEngine:
         if head.first_token_time is not None:
             metrics["ttft"] = head.first_token_time - request.arrival_time
         return RequestOutput(
-            request.request_id, request.prompt_ids, sorted(outputs, key=lambda o: o.index), finished,
-            num_cached_tokens=head.num_cached_prompt, metrics=metrics,
+            request.request_id,
+            request.prompt_ids,
+            sorted(outputs, key=lambda o: o.index),
+            finished,
+            num_cached_tokens=head.num_cached_prompt,
+            metrics=metrics,
         )
 
     def _completion(self, seq: Sequence, kind: RequestOutputKind) -> CompletionOutput | None:
@@ -340,12 +345,24 @@ class LLMEngine:
                 return None  # nothing new for this choice (e.g. a finished sibling)
             seq.finish_sent = seq.finished
             new_ids = seq.output_ids[start:]
-            return CompletionOutput(seq.index, delta, new_ids, seq.finish_reason,
-                                    seq.logprobs[start:] if want_logprobs else None, delta, new_ids)
+            return CompletionOutput(
+                seq.index,
+                delta,
+                new_ids,
+                seq.finish_reason,
+                seq.logprobs[start:] if want_logprobs else None,
+                delta,
+                new_ids,
+            )
         seq.finish_sent = seq.finished
         return CompletionOutput(
-            seq.index, seq.text[:visible], list(seq.output_ids), seq.finish_reason,
-            list(seq.logprobs) if want_logprobs else None, delta, seq.output_ids[start:],
+            seq.index,
+            seq.text[:visible],
+            list(seq.output_ids),
+            seq.finish_reason,
+            list(seq.logprobs) if want_logprobs else None,
+            delta,
+            seq.output_ids[start:],
         )
 
     def _retire_finished(self, touched: dict[str, None]) -> None:
@@ -357,10 +374,10 @@ class LLMEngine:
                 del self.requests[rid]
 
     def update_metrics(self) -> None:
-        """Sync Prometheus gauges and counters with the scheduler, allocator and prefix cache."""
+        """Sync Prometheus gauges and counters with the scheduler and the KV cache manager."""
         m, s = self.metrics, self.scheduler
-        current = {"queries": self.prefix_cache.queried_tokens, "hits": self.prefix_cache.hit_tokens,
-                   "preemptions": s.num_preemptions}
+        cache = self.kv_manager.prefix_cache
+        current = {"queries": cache.queried_tokens, "hits": cache.hit_tokens, "preemptions": s.num_preemptions}
         counters = {"queries": m.prefix_cache_queries, "hits": m.prefix_cache_hits, "preemptions": m.num_preemptions}
         for key, value in current.items():
             last = self._synced[key]
@@ -368,11 +385,10 @@ class LLMEngine:
         self._synced = current
         m.num_requests_running.set(len(s.running))
         m.num_requests_waiting.set(len(s.waiting))
-        total = self.allocator.num_total
-        m.kv_cache_usage_perc.set((total - self.allocator.num_free) / total)
-        held = s.block_refs_held()
-        m.kv_blocks_used.set(len(held))
-        m.kv_blocks_cached.set(total - self.allocator.num_free - len(held))
+        usage = self.kv_manager.usage()
+        m.kv_cache_usage_perc.set((usage.total - usage.free) / usage.total)
+        m.kv_blocks_used.set(usage.in_use)
+        m.kv_blocks_cached.set(usage.cached_only)
 
     def check_integrity(self) -> None:
         """Raise AssertionError unless every KV block is accounted for."""

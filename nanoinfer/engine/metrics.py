@@ -4,7 +4,26 @@ from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
-_LATENCY_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 10.0, 20.0, 40.0, 80.0)
+_LATENCY_BUCKETS = (
+    0.001,
+    0.005,
+    0.01,
+    0.02,
+    0.04,
+    0.06,
+    0.08,
+    0.1,
+    0.25,
+    0.5,
+    0.75,
+    1.0,
+    2.5,
+    5.0,
+    10.0,
+    20.0,
+    40.0,
+    80.0,
+)
 
 
 class EngineMetrics:
@@ -12,17 +31,37 @@ class EngineMetrics:
 
     def __init__(self) -> None:
         r = self.registry = CollectorRegistry()
-        self.num_requests_running = Gauge("nanoinfer:num_requests_running", "Sequences in the running batch", registry=r)
-        self.num_requests_waiting = Gauge("nanoinfer:num_requests_waiting", "Sequences waiting to be scheduled", registry=r)
-        self.kv_cache_usage_perc = Gauge("nanoinfer:kv_cache_usage_perc", "Fraction of KV blocks not free (0-1)", registry=r)
-        self.kv_blocks_used = Gauge("nanoinfer:kv_cache_blocks_used", "KV blocks referenced by running requests", registry=r)
-        self.kv_blocks_cached = Gauge("nanoinfer:kv_cache_blocks_cached", "KV blocks held only by the prefix cache", registry=r)
+        self.num_requests_running = Gauge(
+            "nanoinfer:num_requests_running", "Sequences in the running batch", registry=r
+        )
+        self.num_requests_waiting = Gauge(
+            "nanoinfer:num_requests_waiting", "Sequences waiting to be scheduled", registry=r
+        )
+        self.kv_cache_usage_perc = Gauge(
+            "nanoinfer:kv_cache_usage_perc", "Fraction of KV blocks not free (0-1)", registry=r
+        )
+        self.kv_blocks_used = Gauge(
+            "nanoinfer:kv_cache_blocks_used", "KV blocks referenced by running requests", registry=r
+        )
+        self.kv_blocks_cached = Gauge(
+            "nanoinfer:kv_cache_blocks_cached", "KV blocks held only by the prefix cache", registry=r
+        )
         self.kv_blocks_total = Gauge("nanoinfer:kv_cache_blocks_total", "KV blocks in the pool", registry=r)
-        self.prefix_cache_queries = Counter("nanoinfer:prefix_cache_queries", "Prompt tokens looked up in the prefix cache", registry=r)
-        self.prefix_cache_hits = Counter("nanoinfer:prefix_cache_hits", "Prompt tokens found in the prefix cache", registry=r)
+        self.prefix_cache_queries = Counter(
+            "nanoinfer:prefix_cache_queries", "Prompt tokens looked up in the prefix cache", registry=r
+        )
+        self.prefix_cache_hits = Counter(
+            "nanoinfer:prefix_cache_hits", "Prompt tokens found in the prefix cache", registry=r
+        )
         self.prompt_tokens = Counter("nanoinfer:prompt_tokens", "Prompt tokens of admitted requests", registry=r)
         self.generation_tokens = Counter("nanoinfer:generation_tokens", "Generated tokens", registry=r)
         self.num_preemptions = Counter("nanoinfer:num_preemptions", "Sequences preempted by recompute", registry=r)
-        self.ttft = Histogram("nanoinfer:time_to_first_token_seconds", "Time to first token", buckets=_LATENCY_BUCKETS, registry=r)
-        self.itl = Histogram("nanoinfer:inter_token_latency_seconds", "Time between tokens", buckets=_LATENCY_BUCKETS, registry=r)
-        self.e2e = Histogram("nanoinfer:e2e_request_latency_seconds", "Request latency", buckets=_LATENCY_BUCKETS, registry=r)
+        self.ttft = Histogram(
+            "nanoinfer:time_to_first_token_seconds", "Time to first token", buckets=_LATENCY_BUCKETS, registry=r
+        )
+        self.itl = Histogram(
+            "nanoinfer:inter_token_latency_seconds", "Time between tokens", buckets=_LATENCY_BUCKETS, registry=r
+        )
+        self.e2e = Histogram(
+            "nanoinfer:e2e_request_latency_seconds", "Request latency", buckets=_LATENCY_BUCKETS, registry=r
+        )

@@ -1,70 +1,70 @@
-"""Radix prefix cache over KV blocks: requests that share a prompt prefix share its KV blocks.
+"""Radix prefix cache over KV pages: requests that share a prompt prefix share its KV.
 
-A compressed radix tree whose edges are token-id sequences. Everything happens at *block*
-granularity: an edge's length is a positive multiple of ``block_size`` and its node stores one
-KV block id per ``block_size`` tokens; nodes are split only at block boundaries. A trailing
-partial block is never cached (its KV would be overwritten as the request keeps decoding).
+A compressed radix tree whose edges are token-id sequences, matched in *pages* of ``page_size``
+tokens, which need not be the KV block size: an edge's length is a positive multiple of
+``page_size``, its node stores per page the KV block that holds it, and nodes split only at page
+boundaries. Page ``j`` (tokens ``[j*page_size, (j+1)*page_size)`` of the prefix) always lies at
+offset ``j*page_size % block_size`` of its block, where the request that computed it wrote it.
+Several pages (up to ``block_size // page_size``, all of one logical block) may name the same
+block, and a block may hold pages only in part: a request caches the whole pages of its
+still-partial last block while it keeps writing the rest (see ``KVCacheManager`` for who may
+share and who must copy such a block).
 
 Namespaces (``cache_salt``): every lookup and insertion names a salt, and each salt has its own
 root, so requests with different salts never read or write each other's entries (multi-tenant
 isolation: a hit would leak, through timing, that another tenant sent the same prefix). The
-``None`` salt is the shared namespace, ``cache.root``. A block lives in at most one namespace.
-Eviction, stats and ``reset`` span all namespaces (one global LRU order); a salted root is
-dropped once its namespace is empty and unlocked, so one-off salts do not accumulate.
+``None`` salt is the shared namespace, ``cache.root``. A block's slots are cached at most once
+in the whole tree, so a block cannot be adopted into a second namespace. Eviction, stats and
+``reset`` span all namespaces (one global LRU order); a salted root is dropped once its
+namespace is empty and unlocked, so one-off salts do not accumulate.
 
-Reference ownership protocol (shared with ``BlockAllocator``)
-------------------------------------------------------------
-* The tree holds exactly one reference on every block stored in it, taken in ``insert`` and
-  dropped in ``evict``/``reset``.
-* A request holds one reference per entry of its block table. Blocks it gets from
-  ``match_prefix`` are the tree's: the request must ``incref`` each of them itself. Blocks it
-  allocates carry the reference ``allocate`` gave it.
+Reference ownership protocol (shared with ``BlockAllocator``; ``KVCacheManager`` is the only
+caller in the engine)
+------------------------------------------------------------------------------------------
+* The tree holds exactly one allocator reference on every block that any of its pages names:
+  it counts pages per block, increfs on the first page (0 -> 1, in ``insert``) and decrefs when
+  the last one goes (1 -> 0, in ``evict``/``reset``).
+* A request holds one reference per entry of its block table. ``match_prefix`` hands out the
+  tree's blocks, not references: a request that shares one must ``incref`` it itself.
 * A request ``lock``s ``match.node`` for its lifetime, so that its prefix stays in the tree
-  (eviction skips locked nodes) and can be shared with requests that arrive meanwhile.
+  (eviction skips locked nodes): the blocks it shares or copies from stay valid.
 * A request passes its own salt to every ``match_prefix``/``insert`` call; its nodes, and so
   its locks, stay inside that salt's namespace.
 
-Serving a request::
+Finishing a request, in this order::
 
-    match = cache.match_prefix(prompt[:-1], salt)    # never the whole prompt: see match_prefix
-    cache.lock(match.node)
-    for b in match.blocks: allocator.incref(b)
-    table = match.blocks + allocator.allocate(needed)   # on OutOfBlocks: cache.evict(), retry
-    ... prefill prompt[match.num_tokens:], decode ...
-
-Finishing it, in this order::
-
-    cache.insert(tokens, table, salt)           # 1. tree increfs the blocks it newly stores
-    cache.unlock(match.node)                    # 2. prefix becomes evictable again
+    cache.insert(tokens, table, salt)           # 1. tree increfs blocks it starts to reference
+    cache.unlock(node)                          # 2. prefix becomes evictable again
     for b in table: allocator.decref(b)         # 3. release the request's own references
 
 Insert must precede the decrefs, or a block the tree is about to adopt would already be free.
-Blocks of the table that duplicate what the tree already held are not adopted, so step 3 frees
-them; no special casing is needed.
+Pages the tree already held are not adopted, so step 3 frees the request's duplicates.
 """
 
 from __future__ import annotations
 
 import heapq
 import itertools
+from collections import Counter
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import NamedTuple
 
-from nanoinfer.engine.kv_cache import BlockAllocator
+from nanoinfer.engine.block_allocator import BlockAllocator
 
 
 class RadixNode:
     """One edge of the tree and the node it leads to.
 
-    Invariants (non-root): ``len(key) == len(blocks) * block_size > 0``; the parent's
-    ``children`` maps ``key[:block_size]`` to this node; ``lock_count`` is ≥ 0 and ≤ the
-    parent's; ``last_access`` is ≤ the parent's (touching a node touches its whole path).
-    A node stands for the prefix ending at it, which a split never changes, so a node held by
-    a request stays valid across splits.
+    Invariants (non-root): ``len(key) == len(blocks) * page_size > 0`` (``blocks[i]`` holds the
+    edge's page ``i``); ``end`` is the prefix length at this node (the parent's ``end`` plus
+    ``len(key)``); the parent's ``children`` maps ``key[:page_size]`` to this node;
+    ``lock_count`` is ≥ 0 and ≤ the parent's; ``last_access`` is ≤ the parent's (touching a node
+    touches its whole path). A node stands for the prefix ending at it, which a split never
+    changes, so a node held by a request stays valid across splits.
     """
 
-    __slots__ = ("key", "blocks", "children", "parent", "lock_count", "last_access", "evicted")
+    __slots__ = ("key", "blocks", "end", "children", "parent", "lock_count", "last_access", "evicted")
 
     def __init__(
         self,
@@ -76,6 +76,7 @@ class RadixNode:
     ) -> None:
         self.key = key
         self.blocks = blocks
+        self.end: int = (parent.end if parent is not None else 0) + len(key)
         self.children: dict[tuple[int, ...], RadixNode] = {}
         self.parent = parent
         self.lock_count = lock_count
@@ -102,25 +103,26 @@ class _RootNode(RadixNode):
 
 @dataclass(frozen=True)
 class PrefixMatch:
-    """Result of ``match_prefix``: the blocks of the longest cached prefix (the tree's
-    references, not the caller's), its length in tokens (a multiple of block_size), and the
-    node ending that prefix (the salt's root when nothing matched), for ``lock``/``unlock``."""
+    """Result of ``match_prefix``: the block holding each matched page (``pages[j]`` holds tokens
+    ``[j*page_size, (j+1)*page_size)``; the tree's references, not the caller's), the match's
+    length in tokens (``len(pages) * page_size``), and the node ending it (the salt's root when
+    nothing matched), for ``lock``/``unlock``."""
 
-    blocks: list[int]
+    pages: list[int]
     num_tokens: int
     node: RadixNode
 
 
 class InsertResult(NamedTuple):
     """Result of ``insert_with_node``: how many leading tokens were already cached, and the
-    node ending the inserted full-block prefix (a caller may lock it)."""
+    node ending the inserted whole-page prefix (a caller may lock it)."""
 
     num_cached_tokens: int
     node: RadixNode
 
 
 class RadixCache:
-    """Block-granular radix tree of cached KV prefixes with LRU eviction of unlocked leaves.
+    """Page-granular radix tree of cached KV prefixes with LRU eviction of unlocked leaves.
 
     With ``enabled=False`` (``--no-prefix-cache``) nothing is ever stored: ``match_prefix``
     returns an empty match on the root and ``insert`` returns 0, so callers need no branches.
@@ -129,15 +131,20 @@ class RadixCache:
     exists. Salted roots are created on first use and dropped when empty and unlocked.
     """
 
-    def __init__(self, allocator: BlockAllocator, block_size: int, enabled: bool = True) -> None:
-        if block_size < 1:
-            raise ValueError(f"block_size must be at least 1, got {block_size}")
+    def __init__(
+        self, allocator: BlockAllocator, block_size: int, page_size: int | None = None, enabled: bool = True
+    ) -> None:
+        page_size = block_size if page_size is None else page_size
+        if page_size < 1 or block_size % page_size:
+            raise ValueError(f"page_size {page_size} must be a positive divisor of block_size {block_size}")
         self.allocator = allocator
         self.block_size = block_size
+        self.page_size = page_size
         self.enabled = enabled
         self._clock = 0  # logical time: deterministic, and no ties from a coarse wall clock
         self._roots: dict[str | None, _RootNode] = {None: _RootNode(None, last_access=0)}
-        self._tree_blocks: set[int] = set()  # over all namespaces: a block is in at most one
+        self._pages_of: Counter[int] = Counter()  # block -> pages naming it (over all namespaces)
+        self._slots: set[tuple[int, int]] = set()  # (block, token offset) of every cached page
         self.queried_tokens = 0
         self.hit_tokens = 0
 
@@ -153,7 +160,7 @@ class RadixCache:
     # ----------------------------------------------------------------- lookup and insertion
 
     def match_prefix(self, token_ids: Sequence[int], salt: str | None = None) -> PrefixMatch:
-        """Longest cached prefix of ``token_ids`` made of whole blocks, within ``salt``'s
+        """Longest cached prefix of ``token_ids`` made of whole pages, within ``salt``'s
         namespace only; marks its path as used.
 
         Never matches more than ``len(token_ids)`` tokens. Callers pass ``prompt[:-1]``: the
@@ -165,46 +172,46 @@ class RadixCache:
         self.queried_tokens += len(token_ids)
         if not self.enabled:
             return PrefixMatch([], 0, self.root)
-        tokens = self._full_blocks(token_ids)
+        tokens = self._whole_pages(token_ids)
         node, matched = self._descend(self._root_for(salt), tokens, self._tick())
         self.hit_tokens += matched
         return PrefixMatch(self._path_blocks(node), matched, node)
 
-    def insert(self, token_ids: Sequence[int], blocks: Sequence[int], salt: str | None = None) -> int:
-        """Cache the full-block prefix of ``token_ids`` in ``salt``'s namespace, its KV living
-        in ``blocks`` (one per block_size tokens; a trailing partial block is ignored). Returns
-        how many leading tokens were already cached: the caller's blocks for those are not
-        adopted."""
-        result = self.insert_with_node(token_ids, blocks, salt)
+    def insert(self, token_ids: Sequence[int], block_table: Sequence[int], salt: str | None = None) -> int:
+        """Cache the whole pages of ``token_ids`` in ``salt``'s namespace, their KV living in
+        ``block_table`` (one block per block_size tokens; a trailing partial page is ignored).
+        Returns how many leading tokens were already cached: the caller's copies of those pages
+        are not adopted."""
+        result = self.insert_with_node(token_ids, block_table, salt)
         # Nobody can lock the node now, so a namespace left empty (nothing to insert) goes.
         self._drop_if_unused(self._root_of(result.node))
         return result.num_cached_tokens
 
     def insert_with_node(
-        self, token_ids: Sequence[int], blocks: Sequence[int], salt: str | None = None
+        self, token_ids: Sequence[int], block_table: Sequence[int], salt: str | None = None
     ) -> InsertResult:
         """``insert``, also returning the node that ends the inserted prefix.
 
-        The tree increfs each block it newly stores. Raises ValueError, before changing any
-        reference count, when ``blocks`` is too short, or a block to adopt is free or
-        already stored anywhere in the tree, in any namespace (a caller bug that would corrupt
-        sharing, or leak a block across salts).
+        The tree increfs each block it starts to reference. Raises ValueError, before changing
+        any reference count, when ``block_table`` is too short, or a page to adopt lies in a
+        free block or in a slot the tree already caches, in any namespace (a caller bug that
+        would corrupt sharing, or leak a block across salts).
         """
         if not self.enabled:
             return InsertResult(0, self.root)
-        tokens = self._full_blocks(token_ids)
-        num_full = len(tokens) // self.block_size
-        if len(blocks) < num_full:
-            raise ValueError(f"{len(tokens)} full-block tokens need {num_full} blocks, got {len(blocks)}")
+        tokens = self._whole_pages(token_ids)
+        needed = -(-len(tokens) // self.block_size)
+        if len(block_table) < needed:
+            raise ValueError(f"{len(tokens)} whole-page tokens need {needed} blocks, got {len(block_table)}")
         node, cached = self._descend(self._root_for(salt), tokens, self._tick())
         if cached < len(tokens):
-            new_blocks = list(blocks[cached // self.block_size : num_full])
-            self._check_adoptable(new_blocks)
-            for block in new_blocks:
-                self.allocator.incref(block)
-            self._tree_blocks.update(new_blocks)
+            ps, bs = self.page_size, self.block_size
+            new_blocks = [block_table[d // bs] for d in range(cached, len(tokens), ps)]
+            self._check_adoptable(new_blocks, cached)
             leaf = RadixNode(tokens[cached:], new_blocks, node, last_access=node.last_access)
-            node.children[leaf.key[: self.block_size]] = leaf
+            for i, block in enumerate(new_blocks):
+                self._add_page(block, cached + i * ps)
+            node.children[leaf.key[:ps]] = leaf
             node = leaf
         return InsertResult(cached, node)
 
@@ -238,11 +245,12 @@ class RadixCache:
         """Evict least-recently-used unlocked leaves until at least ``num_blocks`` blocks have
         been freed or nothing is evictable; returns the number freed.
 
-        Evicting a node drops the tree's reference on each of its blocks; only blocks whose
-        count thereby reaches 0 count as freed (a block a request still holds stays allocated).
-        A parent becomes a candidate once its last child is gone. Since a parent is never
-        older than its children and all namespaces share one clock, the order is global LRU
-        over unlocked nodes of every namespace. Namespaces left empty and unlocked are dropped.
+        Evicting a node drops its pages; a block whose last page goes loses the tree's
+        reference, and counts as freed only if that was its last one (a block a request still
+        holds stays allocated; so does one whose other pages are still cached). A parent
+        becomes a candidate once its last child is gone. Since a parent is never older than its
+        children and all namespaces share one clock, the order is global LRU over unlocked
+        nodes of every namespace. Namespaces left empty and unlocked are dropped.
         """
         if num_blocks <= 0:
             return 0
@@ -262,19 +270,14 @@ class RadixCache:
         return freed
 
     def evictable_blocks(self) -> int:
-        """Blocks that evicting everything unlocked would free: blocks of unlocked nodes that
-        only the tree references. O(tree size)."""
-        return sum(
-            1
-            for node in self._nodes()
-            if node.lock_count == 0 and node.parent is not None
-            for block in node.blocks
-            if self.allocator.refcount(block) == 1
-        )
+        """Blocks that evicting everything unlocked would free: blocks only the tree references
+        whose pages all lie in unlocked nodes. O(tree size)."""
+        locked = {b for node in self._nodes() if node.lock_count for b in node.blocks}
+        return sum(1 for b in self._pages_of if b not in locked and self.allocator.refcount(b) == 1)
 
     def cached_blocks(self) -> int:
-        """Blocks stored in the tree (each holds one tree reference)."""
-        return len(self._tree_blocks)
+        """Blocks some page of the tree names (each holds one tree reference)."""
+        return len(self._pages_of)
 
     def reset(self) -> None:
         """Drop every namespace and its references, and zero the stats. Refuses while any node
@@ -285,10 +288,11 @@ class RadixCache:
         shared = self.root
         for node in self._nodes():
             node.evicted = node is not shared
-            for block in node.blocks:
-                self.allocator.decref(block)
+        for block in self._pages_of:
+            self.allocator.decref(block)
         self._roots = {None: _RootNode(None, last_access=self._clock)}
-        self._tree_blocks.clear()
+        self._pages_of.clear()
+        self._slots.clear()
         self.queried_tokens = 0
         self.hit_tokens = 0
 
@@ -298,10 +302,10 @@ class RadixCache:
     def hit_rate(self) -> float:
         return self.hit_tokens / self.queried_tokens if self.queried_tokens else 0.0
 
-    def block_map(self, salt: str | None = None) -> dict[tuple[int, ...], int]:
-        """Every full-block prefix cached in ``salt``'s namespace mapped to the block holding
-        its last block_size tokens (empty for an unknown salt). For tests and debugging:
-        O(sum of cached prefix lengths)."""
+    def page_map(self, salt: str | None = None) -> dict[tuple[int, ...], int]:
+        """Every whole-page prefix cached in ``salt``'s namespace mapped to the block holding
+        its last page (empty for an unknown salt). For tests and debugging: O(sum of cached
+        prefix lengths)."""
         result: dict[tuple[int, ...], int] = {}
         root = self._roots.get(salt)
         if root is None:
@@ -310,7 +314,7 @@ class RadixCache:
         while stack:
             node, prefix = stack.pop()
             for i, block in enumerate(node.blocks):
-                result[prefix + node.key[: (i + 1) * self.block_size]] = block
+                result[prefix + node.key[: (i + 1) * self.page_size]] = block
             prefix += node.key
             stack.extend((child, prefix) for child in node.children.values())
         return result
@@ -318,44 +322,48 @@ class RadixCache:
     def check_integrity(self, in_use_refs: dict[int, int] | None = None) -> None:
         """Raise AssertionError unless the tree and the allocator agree.
 
-        Checks the structure (see RadixNode) of every namespace, that no block is stored twice
-        (within or across namespaces), that every tree block has count ≥ 1, and
-        ``free + cached_only + in_use == total``. With
-        ``in_use_refs`` (block -> references held by requests), also that every block's count
-        is exactly the tree's share (0 or 1) plus the requests'.
+        Checks the structure (see RadixNode) of every namespace; that no slot is cached twice
+        (within or across namespaces) and a block's pages all lie in one logical block; that
+        the page counts match the tree and every tree block has count ≥ 1; and
+        ``free + cached_only + in_use == total``. With ``in_use_refs`` (block -> references
+        held by requests), also that every block's count is exactly the tree's share (0 or 1)
+        plus the requests'.
         """
         allocator = self.allocator
         allocator.check_integrity()
         for salt, root in self._roots.items():
             _require(isinstance(root, _RootNode) and root.salt == salt, f"root filed under {salt!r}: {root}")
-            _require(root.parent is None and not root.blocks, f"root with a parent or blocks: {root}")
-        seen: set[int] = set()
+            _require(root.parent is None and not root.blocks and root.end == 0, f"bad root: {root}")
+        slots: set[tuple[int, int]] = set()
+        pages_of: Counter[int] = Counter()
+        logical_block: dict[int, int] = {}
         for node in self._nodes():
             self._check_node(node)
-            for block in node.blocks:
-                _require(block not in seen, f"block {block} stored twice in the tree")
+            start = node.end - len(node.key)
+            for i, block in enumerate(node.blocks):
+                depth = start + i * self.page_size
+                slot = (block, depth % self.block_size)
+                _require(slot not in slots, f"slot {slot} cached twice in the tree")
                 _require(allocator.refcount(block) >= 1, f"tree block {block} is free")
-                seen.add(block)
-        _require(seen == self._tree_blocks, "block index disagrees with the tree")
-        cached_only = sum(1 for b in seen if allocator.refcount(b) == 1)
-        in_use = sum(
-            1 for b in range(allocator.num_total) if allocator.refcount(b) - (b in seen) > 0
-        )
+                index = logical_block.setdefault(block, depth // self.block_size)
+                _require(index == depth // self.block_size, f"block {block} holds pages of two logical blocks")
+                slots.add(slot)
+                pages_of[block] += 1
+        _require(slots == self._slots and pages_of == self._pages_of, "page index disagrees with the tree")
+        cached_only = sum(1 for b in pages_of if allocator.refcount(b) == 1)
+        in_use = sum(1 for b in range(allocator.num_total) if allocator.refcount(b) - (b in pages_of) > 0)
         _require(
             allocator.num_free + cached_only + in_use == allocator.num_total,
-            f"free {allocator.num_free} + cached {cached_only} + in use {in_use} "
-            f"!= total {allocator.num_total}",
+            f"free {allocator.num_free} + cached {cached_only} + in use {in_use} != total {allocator.num_total}",
         )
         if in_use_refs is not None:
+            _require(all(0 <= b < allocator.num_total for b in in_use_refs), "in_use_refs has bad block ids")
             for block in range(allocator.num_total):
-                expected = (block in seen) + in_use_refs.get(block, 0)
+                expected = (block in pages_of) + in_use_refs.get(block, 0)
                 _require(
                     allocator.refcount(block) == expected,
                     f"block {block}: refcount {allocator.refcount(block)} != expected {expected}",
                 )
-            _require(
-                all(0 <= b < allocator.num_total for b in in_use_refs), "in_use_refs has bad block ids"
-            )
 
     # -------------------------------------------------------------------------- internals
 
@@ -363,9 +371,28 @@ class RadixCache:
         self._clock += 1
         return self._clock
 
-    def _full_blocks(self, token_ids: Sequence[int]) -> tuple[int, ...]:
-        end = len(token_ids) - len(token_ids) % self.block_size
+    def _whole_pages(self, token_ids: Sequence[int]) -> tuple[int, ...]:
+        end = len(token_ids) - len(token_ids) % self.page_size
         return tuple(token_ids[:end])
+
+    def _slot(self, block: int, depth: int) -> tuple[int, int]:
+        """Where the page starting at token ``depth`` lies: its block and offset in it."""
+        return (block, depth % self.block_size)
+
+    def _add_page(self, block: int, depth: int) -> None:
+        if self._pages_of[block] == 0:
+            self.allocator.incref(block)  # the tree's one reference, taken with the first page
+        self._pages_of[block] += 1
+        self._slots.add(self._slot(block, depth))
+
+    def _drop_page(self, block: int, depth: int) -> bool:
+        """Forget one page; True if that dropped the block's last reference (it is free)."""
+        self._slots.discard(self._slot(block, depth))
+        self._pages_of[block] -= 1
+        if self._pages_of[block]:
+            return False
+        del self._pages_of[block]
+        return self.allocator.decref(block) == 0
 
     def _root_for(self, salt: str | None) -> _RootNode:
         """The namespace's root, created on first use (at the current time, so it is never
@@ -389,14 +416,14 @@ class RadixCache:
             root.evicted = True  # a stale match on it can no longer be locked
 
     def _descend(self, root: RadixNode, tokens: tuple[int, ...], now: int) -> tuple[RadixNode, int]:
-        """Follow ``tokens`` (whole blocks) down from ``root`` as far as it is cached, splitting
-        the last edge at the first differing block, and stamp the path with ``now``. Returns the
+        """Follow ``tokens`` (whole pages) down from ``root`` as far as it is cached, splitting
+        the last edge at the first differing page, and stamp the path with ``now``. Returns the
         node ending the match and the number of tokens matched."""
-        bs = self.block_size
+        ps = self.page_size
         node, i = root, 0
         node.last_access = now
         while i < len(tokens):
-            child = node.children.get(tokens[i : i + bs])
+            child = node.children.get(tokens[i : i + ps])
             if child is None:
                 break
             common = self._common_length(child.key, tokens, i)
@@ -408,32 +435,32 @@ class RadixCache:
 
     def _common_length(self, key: tuple[int, ...], tokens: tuple[int, ...], start: int) -> int:
         """Length of the common prefix of ``key`` and ``tokens[start:]``, rounded down to whole
-        blocks. At least one block, since the caller found the child by its first block."""
+        pages. At least one page, since the caller found the child by its first page."""
         limit = min(len(key), len(tokens) - start)
-        n = self.block_size
+        n = self.page_size
         while n < limit and key[n] == tokens[start + n]:
             n += 1
-        return n - n % self.block_size
+        return n - n % self.page_size
 
     def _split(self, child: RadixNode, length: int) -> RadixNode:
-        """Cut ``child``'s edge after ``length`` tokens (a block multiple); return the new upper
+        """Cut ``child``'s edge after ``length`` tokens (a page multiple); return the new upper
         node. The lower part keeps the object identity (it still ends the same prefix)."""
-        bs = self.block_size
+        ps = self.page_size
         parent = child.parent
         assert parent is not None
         # Every lock on child passed through the upper part, and so did every access.
         upper = RadixNode(
             child.key[:length],
-            child.blocks[: length // bs],
+            child.blocks[: length // ps],
             parent,
             last_access=child.last_access,
             lock_count=child.lock_count,
         )
         child.key = child.key[length:]
-        child.blocks = child.blocks[length // bs :]
+        child.blocks = child.blocks[length // ps :]
         child.parent = upper
-        upper.children[child.key[:bs]] = child
-        parent.children[upper.key[:bs]] = upper
+        upper.children[child.key[:ps]] = child
+        parent.children[upper.key[:ps]] = upper
         return upper
 
     def _path_blocks(self, node: RadixNode) -> list[int]:
@@ -444,30 +471,30 @@ class RadixCache:
             current = current.parent
         return [block for part in reversed(parts) for block in part]
 
-    def _check_adoptable(self, new_blocks: list[int]) -> None:
-        if len(set(new_blocks)) != len(new_blocks):
-            raise ValueError(f"blocks to insert repeat an id: {new_blocks}")
-        for block in new_blocks:
-            if block in self._tree_blocks:
-                raise ValueError(f"block {block} is already stored elsewhere in the prefix cache")
+    def _check_adoptable(self, new_blocks: list[int], start: int) -> None:
+        """``new_blocks[i]`` is to hold the page at token ``start + i * page_size``."""
+        seen: set[tuple[int, int]] = set()
+        for i, block in enumerate(new_blocks):
+            slot = self._slot(block, start + i * self.page_size)
+            if slot in self._slots:
+                raise ValueError(f"slot {slot} is already stored elsewhere in the prefix cache")
+            if slot in seen:
+                raise ValueError(f"the block table repeats block {block}")
             if self.allocator.refcount(block) == 0:
                 raise ValueError(f"cannot insert free block {block}: the caller must hold a reference")
+            seen.add(slot)
 
     def _is_evictable_leaf(self, node: RadixNode) -> bool:
         # Roots (parent None) are never evicted; empty salted ones are dropped separately.
         return node.parent is not None and not node.children and node.lock_count == 0
 
     def _remove_leaf(self, node: RadixNode) -> int:
-        """Detach a leaf and drop the tree's references; returns the blocks actually freed."""
+        """Detach a leaf and drop its pages; returns the blocks actually freed."""
         assert node.parent is not None
-        del node.parent.children[node.key[: self.block_size]]
+        del node.parent.children[node.key[: self.page_size]]
         node.evicted = True
-        freed = 0
-        for block in node.blocks:
-            self._tree_blocks.discard(block)
-            if self.allocator.decref(block) == 0:
-                freed += 1
-        return freed
+        start = node.end - len(node.key)
+        return sum(self._drop_page(block, start + i * self.page_size) for i, block in enumerate(node.blocks))
 
     def _nodes(self) -> Iterator[RadixNode]:
         """Every node of every namespace, the shared one first, each root before its subtree,
@@ -479,15 +506,16 @@ class RadixCache:
             stack.extend(reversed(list(node.children.values())))
 
     def _check_node(self, node: RadixNode) -> None:
-        bs = self.block_size
+        ps = self.page_size
         _require(node.lock_count >= 0, f"negative lock count on {node}")
         _require(not node.evicted, f"evicted node still in the tree: {node}")
         if node.parent is not None:
             _require(len(node.key) > 0, f"empty edge: {node}")
-            _require(len(node.key) == len(node.blocks) * bs, f"key/blocks length mismatch: {node}")
+            _require(len(node.key) == len(node.blocks) * ps, f"key/blocks length mismatch: {node}")
+            _require(node.end == node.parent.end + len(node.key), f"wrong depth: {node}")
         for first, child in node.children.items():
             _require(child.parent is node, f"bad parent pointer: {child}")
-            _require(child.key[:bs] == first, f"child indexed under the wrong block: {child}")
+            _require(child.key[:ps] == first, f"child indexed under the wrong page: {child}")
             _require(child.lock_count <= node.lock_count, f"child locked more than parent: {child}")
             _require(child.last_access <= node.last_access, f"child newer than parent: {child}")
 

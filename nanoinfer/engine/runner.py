@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import torch
 
-from nanoinfer.engine.forward_batch import ForwardBatch, SequenceChunk
-from nanoinfer.engine.kv_cache import PagedKVCache
 from nanoinfer.engine.scheduler import ScheduledChunk
+from nanoinfer.model.forward_batch import ForwardBatch, SequenceChunk
+from nanoinfer.model.kv_cache import PagedKVCache
 from nanoinfer.model.transformer import Transformer
 
 
@@ -22,7 +22,7 @@ class ModelRunner:
         batch = ForwardBatch.build(
             [
                 SequenceChunk(
-                    token_ids=c.seq.token_ids[c.seq.num_computed : c.seq.num_computed + c.num_tokens],
+                    token_ids=c.seq.token_slice(c.seq.num_computed, c.seq.num_computed + c.num_tokens),
                     start_pos=c.seq.num_computed,
                     block_table=c.seq.block_table,
                     want_logits=c.completes,
@@ -35,8 +35,3 @@ class ModelRunner:
         )
         self.num_forwarded_tokens += batch.num_tokens
         return self.model(batch, self.kv_cache)
-
-    def copy_block(self, src: int, dst: int) -> None:
-        """Copy one block's K/V in every layer (copy-on-write when n > 1 samples fork)."""
-        for cache in (*self.kv_cache.k, *self.kv_cache.v):
-            cache[dst] = cache[src]

@@ -218,11 +218,11 @@ class Sampler:
         chosen = lp.gather(1, tokens[idx].unsqueeze(1)).squeeze(1).tolist()
         k = min(max(params[i].logprobs or 0 for i in rows), lp.shape[1])
         top_vals, top_ids = lp.topk(k, dim=-1) if k else (lp[:, :0], lp[:, :0].long())
-        top_vals, top_ids = top_vals.tolist(), top_ids.tolist()
+        top_values, top_tokens = top_vals.tolist(), top_ids.tolist()
         for j, i in enumerate(rows):
             n = params[i].logprobs or 0
             entry = {token_ids[i]: chosen[j]}  # the chosen token first, then the top n by rank
-            for token, value in zip(top_ids[j][:n], top_vals[j][:n]):
+            for token, value in zip(top_tokens[j][:n], top_values[j][:n]):
                 entry.setdefault(token, value)
             out[i] = entry
         return out

@@ -1,22 +1,19 @@
-"""Scheduler: continuous batching over a paged KV pool with a radix prefix cache.
+"""Scheduler: continuous batching over a paged KV pool with a prefix cache.
 
 Each step mixes the decode tokens of every running sequence with chunked prefill of the oldest
-waiting ones (first come, first served) under a token budget. When blocks run out it evicts
-cached-only prefixes first, then preempts the newest running sequence by recompute.
+waiting ones (first come, first served) under a token budget. Memory is the KVCacheManager's:
+the scheduler asks it for blocks, and when it has none left (it evicts cached-only prefixes
+first) the scheduler preempts the newest running sequence by recompute.
 
-Block ownership: a sequence holds one reference on every block of its block table; the radix
-tree holds one reference on every block it stores. A block is free when nobody references it.
-Every prefix-cache call passes ``seq.cache_salt``, so sequences share cached blocks only within
-one salt's namespace (multi-tenant isolation; ``None`` is the shared namespace).
+The scheduler owns the queues and each sequence's status; it never touches a block reference.
 """
 
 from __future__ import annotations
 
-from collections import Counter, deque
+from collections import deque
 from dataclasses import dataclass
 
-from nanoinfer.engine.kv_cache import BlockAllocator
-from nanoinfer.engine.radix_cache import RadixCache
+from nanoinfer.engine.kv_cache_manager import KVCacheManager
 from nanoinfer.engine.sequence import Sequence, SequenceStatus
 
 
@@ -32,17 +29,8 @@ class ScheduledChunk:
 
 
 class Scheduler:
-    def __init__(
-        self,
-        allocator: BlockAllocator,
-        prefix_cache: RadixCache,
-        block_size: int,
-        max_num_seqs: int,
-        max_num_batched_tokens: int,
-    ):
-        self.allocator = allocator
-        self.prefix_cache = prefix_cache
-        self.block_size = block_size
+    def __init__(self, kv: KVCacheManager, max_num_seqs: int, max_num_batched_tokens: int) -> None:
+        self.kv = kv
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
         self.waiting: deque[Sequence] = deque()
@@ -53,6 +41,21 @@ class Scheduler:
 
     def add(self, seq: Sequence) -> None:
         self.waiting.append(seq)
+
+    def add_forks(self, parent: Sequence, siblings: list[Sequence]) -> list[Sequence]:
+        """n > 1: start ``siblings`` from ``parent``'s computed prompt (the manager shares or
+        copies its blocks). Returns those now running, in order; a sibling the pool has no block
+        for waits at the front of the queue and recomputes its prompt (prefix hits still apply)."""
+        running = []
+        for sib in siblings:
+            if self.kv.fork(parent, sib):
+                sib.num_cached_prompt = parent.num_cached_prompt
+                sib.status = SequenceStatus.RUNNING
+                self.running.append(sib)
+                running.append(sib)
+            else:
+                self.waiting.appendleft(sib)
+        return running
 
     def has_work(self) -> bool:
         return bool(self.waiting or self.running)
@@ -67,7 +70,7 @@ class Scheduler:
         for seq in list(self.running):
             if seq.status is not SequenceStatus.RUNNING or seq.num_pending != 1:
                 continue  # preempted below, or still prefilling
-            if self._reserve(seq, 1, preempt=True):
+            if self._reserve(seq, 1):
                 decodes.append(ScheduledChunk(seq, 1))
                 budget -= 1
         for seq in list(self.running):
@@ -75,7 +78,7 @@ class Scheduler:
                 break
             if seq.status is SequenceStatus.RUNNING and seq.num_pending > 1:
                 n = min(seq.num_pending, budget)
-                if self._reserve(seq, n, preempt=True):
+                if self._reserve(seq, n):
                     prefills.append(ScheduledChunk(seq, n))
                     budget -= n
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
@@ -92,36 +95,23 @@ class Scheduler:
         return [c for c in decodes + prefills if c.seq.status is SequenceStatus.RUNNING]
 
     def _admit(self, seq: Sequence, budget: int) -> ScheduledChunk | None:
-        """Match the cached prefix, then reserve blocks for the first chunk; None if memory is short."""
-        match = self.prefix_cache.match_prefix(seq.token_ids[:-1], seq.cache_salt)
-        for block in match.blocks:
-            self.allocator.incref(block)
-        self.prefix_cache.lock(match.node)
-        seq.block_table = list(match.blocks)
-        seq.prefix_node = match.node
-        seq.num_computed = match.num_tokens
-        n = min(seq.num_pending, budget)
-        if not self._reserve(seq, n, preempt=False):
-            self._release(seq)
+        """The cached prefix and blocks for the first chunk; None if memory is short (no preemption
+        to admit: running sequences go first)."""
+        num_tokens = self.kv.admit(seq, budget)
+        if num_tokens is None:
             return None
-        if not seq.output_ids:
-            seq.num_cached_prompt = match.num_tokens
-        return ScheduledChunk(seq, n)
+        if not seq.output_ids:  # a preempted sequence keeps what its first admission reported
+            seq.num_cached_prompt = seq.num_computed
+        return ScheduledChunk(seq, num_tokens)
 
-    def _reserve(self, seq: Sequence, num_tokens: int, preempt: bool) -> bool:
-        """Make seq's block table cover num_tokens more tokens, evicting and preempting as allowed."""
-        needed = -(-(seq.num_computed + num_tokens) // self.block_size) - len(seq.block_table)
-        while needed > self.allocator.num_free:
-            if self.prefix_cache.evict(needed - self.allocator.num_free) > 0:
-                continue
-            if not preempt:
-                return False
+    def _reserve(self, seq: Sequence, num_tokens: int) -> bool:
+        """Make seq's block table cover num_tokens more tokens, preempting the newest running
+        sequences while the manager (which evicts first) has too few blocks."""
+        while not self.kv.allocate_slots(seq, num_tokens):
             victim = self._newest_running()
             self.preempt(victim)
             if victim is seq:
                 return False
-        if needed > 0:
-            seq.block_table.extend(self.allocator.allocate(needed))
         return True
 
     def _newest_running(self) -> Sequence:
@@ -129,7 +119,7 @@ class Scheduler:
 
     def preempt(self, seq: Sequence) -> None:
         """Free seq's blocks and requeue it at the front; it recomputes (its prefix may still hit)."""
-        self._release(seq)
+        self.kv.free(seq, cache=False)
         self.running.remove(seq)
         seq.status = SequenceStatus.WAITING
         self.waiting.appendleft(seq)
@@ -138,50 +128,28 @@ class Scheduler:
     # ---- after the forward pass ---------------------------------------------------------------
 
     def commit(self, chunk: ScheduledChunk) -> None:
-        """Record that chunk's K/V are now in the cache; share finished prompt blocks via the tree."""
+        """Record that chunk's K/V are now in the cache; share computed prompt pages via the tree."""
         seq = chunk.seq
         seq.num_computed += chunk.num_tokens
         if chunk.num_tokens > 1:
-            self._cache_computed(seq)
-
-    def _cache_computed(self, seq: Sequence) -> None:
-        """Insert the computed full blocks into the tree so concurrent requests can share them."""
-        tokens = seq.token_ids[: seq.num_computed]
-        node = self.prefix_cache.insert_with_node(tokens, seq.block_table, seq.cache_salt).node
-        self.prefix_cache.lock(node)
-        self.prefix_cache.unlock(seq.prefix_node)
-        seq.prefix_node = node
+            self.kv.cache(seq)
 
     def finish(self, seq: Sequence, reason: str | None) -> None:
-        """Retire seq: keep its computed blocks in the prefix cache, drop its own references."""
+        """Retire seq: keep its computed pages in the prefix cache, drop its own references."""
         if seq.status is SequenceStatus.RUNNING:
-            self.prefix_cache.insert(seq.token_ids[: seq.num_computed], seq.block_table, seq.cache_salt)
-            self._release(seq)
+            self.kv.free(seq, cache=True)
             self.running.remove(seq)
         elif seq in self.waiting:
             self.waiting.remove(seq)
         seq.status = SequenceStatus.FINISHED
         seq.finish_reason = reason
 
-    def _release(self, seq: Sequence) -> None:
-        for block in seq.block_table:
-            self.allocator.decref(block)
-        if seq.prefix_node is not None:
-            self.prefix_cache.unlock(seq.prefix_node)
-        seq.block_table = []
-        seq.prefix_node = None
-        seq.num_computed = 0
-
     # ---- accounting ---------------------------------------------------------------------------
 
-    def block_refs_held(self) -> Counter:
-        """References each block has from sequences (not from the tree)."""
-        refs: Counter = Counter()
-        for seq in self.running:
-            refs.update(seq.block_table)
-        return refs
-
     def check_integrity(self) -> None:
-        """free + cached_only + in_use == total, and every reference accounted for."""
-        self.prefix_cache.check_integrity(dict(self.block_refs_held()))
-        assert all(not s.block_table for s in self.waiting), "a waiting sequence holds blocks"
+        """The manager's accounting is exact, and exactly the running sequences hold blocks."""
+        self.kv.check_integrity()
+        if set(self.kv.holders) != set(self.running):
+            raise AssertionError("the sequences holding blocks are not the running ones")
+        if any(s.block_table for s in self.waiting):
+            raise AssertionError("a waiting sequence holds blocks")

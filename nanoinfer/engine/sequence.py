@@ -19,12 +19,14 @@ class SequenceStatus(enum.Enum):
     FINISHED = "finished"
 
 
-@dataclass
+@dataclass(eq=False)  # a sequence is an identity, not a value: `in`, `remove` and dict keys use `is`
 class Sequence:
     """Tokens, KV addressing and output state of one generated sequence.
 
     KV invariant: the cache holds K/V for `token_ids[:num_computed]`; the scheduler's job each step
     is to compute `token_ids[num_computed:]` (one token when decoding, many when prefilling).
+    `block_table` and `prefix_node` are set only by the KVCacheManager, which also sets
+    `num_computed` when it admits or frees the sequence; the scheduler advances it as chunks run.
     """
 
     request_id: str
@@ -55,7 +57,18 @@ class Sequence:
 
     @property
     def token_ids(self) -> list[int]:
+        """Prompt and output as one new list (O(length): use `token_slice` for a part)."""
         return self.prompt_ids + self.output_ids
+
+    def token_slice(self, start: int, end: int) -> list[int]:
+        """`token_ids[start:end]` for 0 <= start <= end <= len(self), copying only that part
+        (a decode step asks for one token of a sequence thousands long)."""
+        split = len(self.prompt_ids)
+        if end <= split:
+            return self.prompt_ids[start:end]
+        if start >= split:
+            return self.output_ids[start - split : end - split]
+        return self.prompt_ids[start:] + self.output_ids[: end - split]
 
     def __len__(self) -> int:
         return len(self.prompt_ids) + len(self.output_ids)

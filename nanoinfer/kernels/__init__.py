@@ -1,8 +1,8 @@
 """Our CPU kernels (cpu_kernels.c): built with the host C compiler at first use, called through ctypes.
 
 Why C and not torch ops: at batch 1 a decode step is ~120 small matmuls plus attention, and
-torch 2.13's CPU int4/int8 kernels round activations to bf16 and run the int4 GEMV at about a
-third of what the machine can do (see benchmarks/results). A plain C file needs no torch headers,
+torch 2.13's CPU int4/int8 kernels round activations to bf16, and torch's int4 path left us far
+behind llama.cpp (docs/performance.md, "Kernels"). A plain C file needs no torch headers,
 so it compiles in about a second; the shared library is cached under ~/.cache/nanoinfer/kernels
 (or $NANOINFER_CACHE/kernels) keyed by a hash of the source, flags, compiler and the CPU that
 `-march=native` resolves to, so a home directory shared between machines never hands one a library
@@ -27,6 +27,7 @@ import subprocess
 import tempfile
 import threading
 from pathlib import Path
+from typing import Literal
 
 import torch
 
@@ -48,7 +49,7 @@ def chunk_spans(count: int, per_chunk: int) -> list[tuple[int, int, int]]:
 
 _FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c11"]
 _lock = threading.Lock()
-_loaded: "CpuKernels | None | bool" = False  # False: not tried yet
+_loaded: CpuKernels | None | Literal[False] = False  # False: not tried yet
 
 
 def cache_dir() -> Path:
@@ -100,17 +101,19 @@ def _target_args(cc1: list[str]) -> list[str]:
     """The options of a cc1 command line that name the target: gcc's -march=/-m<feature>/--param,
     clang's -target-cpu/-target-feature values. Paths and the working directory are dropped, so
     the key does not change with where the probe ran."""
-    return [arg for prev, arg in zip(["", *cc1], cc1)
-            if arg.startswith(("-m", *_TARGET_OPTIONS)) or prev in _TARGET_OPTIONS]
+    return [
+        arg for prev, arg in zip(["", *cc1], cc1) if arg.startswith(("-m", *_TARGET_OPTIONS)) or prev in _TARGET_OPTIONS
+    ]
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def native_target(cc: str) -> str:
     """What `-march=native` resolves to with compiler `cc` on this machine: the target options its
     driver passes to cc1 (gcc and clang print that command line for `-###`). Cached per process:
     it costs a compiler start. Falls back to the CPU's flags if the compiler prints no cc1 line."""
-    probe = subprocess.run([cc, "-march=native", "-###", "-E", "-"], stdin=subprocess.DEVNULL,
-                           capture_output=True, text=True)
+    probe = subprocess.run(
+        [cc, "-march=native", "-###", "-E", "-"], stdin=subprocess.DEVNULL, capture_output=True, text=True
+    )
     for line in (probe.stderr + probe.stdout).splitlines():
         try:
             args = shlex.split(line)
@@ -161,19 +164,26 @@ class Q4Weight(ctypes.Structure):
 class DecodeLayer(ctypes.Structure):
     """Everything the C decode_layer needs of one layer: sizes, weights and that layer's KV cache."""
 
-    _fields_ = [*((name, ctypes.c_int64) for name in
-                  ("hidden", "heads", "kv_heads", "head_dim", "inter", "window", "gelu")),
-                ("eps", ctypes.c_float), ("scale", ctypes.c_float),
-                *((name, ctypes.c_void_p) for name in ("input_norm", "mlp_norm", "q_norm", "k_norm")),
-                *((name, Q4Weight) for name in ("qkv", "o", "gate_up", "down")),
-                ("k_cache", ctypes.c_void_p), ("v_cache", ctypes.c_void_p)]
+    _fields_ = [
+        *((name, ctypes.c_int64) for name in ("hidden", "heads", "kv_heads", "head_dim", "inter", "window", "gelu")),
+        ("eps", ctypes.c_float),
+        ("scale", ctypes.c_float),
+        *((name, ctypes.c_void_p) for name in ("input_norm", "mlp_norm", "q_norm", "k_norm")),
+        *((name, Q4Weight) for name in ("qkv", "o", "gate_up", "down")),
+        ("k_cache", ctypes.c_void_p),
+        ("v_cache", ctypes.c_void_p),
+    ]
 
 
 class DecodeStep(ctypes.Structure):
     """The per-step addressing every layer shares: RoPE tables, KV slots, block tables."""
 
-    _fields_ = [*((name, ctypes.c_void_p) for name in ("cos_t", "sin_t", "slots", "block_tables", "ctx_lens")),
-                ("max_blocks", ctypes.c_int64), ("block_size", ctypes.c_int64), ("kv_half", ctypes.c_int64)]
+    _fields_ = [
+        *((name, ctypes.c_void_p) for name in ("cos_t", "sin_t", "slots", "block_tables", "ctx_lens")),
+        ("max_blocks", ctypes.c_int64),
+        ("block_size", ctypes.c_int64),
+        ("kv_half", ctypes.c_int64),
+    ]
 
 
 # KV cache dtypes the C attention reads: float32, or IEEE half for half the memory traffic.
@@ -200,7 +210,7 @@ class CpuKernels:
             "q4_matmul": [ptr, i64, i64, ptr, i64, ptr, ptr, i32],
             "q8_matmul": [ptr, i64, i64, ptr, i64, ptr, ptr, i32],
             "bf16_matmul": [ptr, i64, i64, ptr, i64, ptr, ptr, i32],
-            "paged_attention": [ptr, i64, ptr, ptr, i32, ptr, i64, ptr, ptr, i64, i64, i64, i64, i64, i64, f32, ptr, i32],
+            "paged_attention": [ptr, i64, ptr, ptr, i32, ptr, i64, ptr, ptr, *[i64] * 6, f32, ptr, i32],
             "rms_norm": [ptr, i64, i64, i64, ptr, f32, ptr],
             "qk_rope_store": [ptr, i64, i64, i64, i64, i64, ptr, ptr, f32, ptr, ptr, ptr, ptr, i32, ptr, i64],
             "gated_act": [ptr, i64, i64, i32, ptr, i32],
@@ -219,13 +229,15 @@ class CpuKernels:
         fn(x.data_ptr(), M, K, weight.data_ptr(), N, _ptr(bias), out.data_ptr(), torch.get_num_threads())
         return out
 
-    def q4_matmul(self, x: torch.Tensor, packed: torch.Tensor, out_features: int,
-                  bias: torch.Tensor | None = None) -> torch.Tensor:
+    def q4_matmul(
+        self, x: torch.Tensor, packed: torch.Tensor, out_features: int, bias: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """x [M, K] contiguous @ int4 weight -> [M, N]; `packed` as quant.int4._pack_panels lays it out."""
         return self._matmul(self.lib.q4_matmul, x, packed, out_features, bias)
 
-    def q8_matmul(self, x: torch.Tensor, panels: torch.Tensor, out_features: int,
-                  bias: torch.Tensor | None = None) -> torch.Tensor:
+    def q8_matmul(
+        self, x: torch.Tensor, panels: torch.Tensor, out_features: int, bias: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """x [M, K] contiguous @ int8 weight -> [M, N]; `panels` as quant.int8.pack_panels lays it out."""
         return self._matmul(self.lib.q8_matmul, x, panels, out_features, bias)
 
@@ -233,9 +245,18 @@ class CpuKernels:
         """x [M, K] contiguous float32 @ bfloat16 weight [N, K]^T -> float32 [M, N], products in float32."""
         return self._matmul(self.lib.bf16_matmul, x, weight, weight.shape[0], bias)
 
-    def paged_attention(self, q: torch.Tensor, num_heads: int, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                        block_tables: torch.Tensor, ctx_lens: torch.Tensor, window: int,
-                        scale: float, row_table: torch.Tensor | None = None) -> torch.Tensor:
+    def paged_attention(
+        self,
+        q: torch.Tensor,
+        num_heads: int,
+        k_cache: torch.Tensor,
+        v_cache: torch.Tensor,
+        block_tables: torch.Tensor,
+        ctx_lens: torch.Tensor,
+        window: int,
+        scale: float,
+        row_table: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         """Attention of B query rows against the paged cache, each row causal by its ctx_lens (its own
         token the last key): decode steps and prompt rows alike.
 
@@ -247,9 +268,24 @@ class CpuKernels:
         _, kvh, block_size, D = k_cache.shape
         out = torch.empty(B, num_heads * D)
         self.lib.paged_attention(
-            q.data_ptr(), q.stride(0), k_cache.data_ptr(), v_cache.data_ptr(), kv_half(k_cache), block_tables.data_ptr(),
-            block_tables.shape[1], _ptr(row_table), ctx_lens.data_ptr(), B, num_heads, kvh, D, block_size, window,
-            scale, out.data_ptr(), torch.get_num_threads(),
+            q.data_ptr(),
+            q.stride(0),
+            k_cache.data_ptr(),
+            v_cache.data_ptr(),
+            kv_half(k_cache),
+            block_tables.data_ptr(),
+            block_tables.shape[1],
+            _ptr(row_table),
+            ctx_lens.data_ptr(),
+            B,
+            num_heads,
+            kvh,
+            D,
+            block_size,
+            window,
+            scale,
+            out.data_ptr(),
+            torch.get_num_threads(),
         )
         return out
 
@@ -260,16 +296,40 @@ class CpuKernels:
         self.lib.rms_norm(x.data_ptr(), x.numel() // D, D, D, weight.data_ptr(), eps, out.data_ptr())
         return out
 
-    def qk_rope_store(self, qkv: torch.Tensor, num_heads: int, num_kv_heads: int, head_dim: int,
-                      q_norm: torch.Tensor | None, k_norm: torch.Tensor | None, eps: float,
-                      cos: torch.Tensor, sin: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                      slots: torch.Tensor) -> None:
+    def qk_rope_store(
+        self,
+        qkv: torch.Tensor,
+        num_heads: int,
+        num_kv_heads: int,
+        head_dim: int,
+        q_norm: torch.Tensor | None,
+        k_norm: torch.Tensor | None,
+        eps: float,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        k_cache: torch.Tensor,
+        v_cache: torch.Tensor,
+        slots: torch.Tensor,
+    ) -> None:
         """In place on qkv [T, (H + 2 KVH) * D] (rows may be strided): norm and rotate q, k; store k, v
         (narrowed to the cache's dtype, float32 or float16; caches as PagedKVCache lays them out)."""
         self.lib.qk_rope_store(
-            qkv.data_ptr(), qkv.shape[0], qkv.stride(0), num_heads, num_kv_heads, head_dim, _ptr(q_norm),
-            _ptr(k_norm), eps, cos.data_ptr(), sin.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(),
-            kv_half(k_cache), slots.data_ptr(), k_cache.shape[2],
+            qkv.data_ptr(),
+            qkv.shape[0],
+            qkv.stride(0),
+            num_heads,
+            num_kv_heads,
+            head_dim,
+            _ptr(q_norm),
+            _ptr(k_norm),
+            eps,
+            cos.data_ptr(),
+            sin.data_ptr(),
+            k_cache.data_ptr(),
+            v_cache.data_ptr(),
+            kv_half(k_cache),
+            slots.data_ptr(),
+            k_cache.shape[2],
         )
 
     def gated_act(self, gate_up: torch.Tensor, gelu: bool) -> torch.Tensor:
@@ -281,8 +341,9 @@ class CpuKernels:
 
     def decode_layers(self, layers: ctypes.Array, step: DecodeStep, x: torch.Tensor) -> None:
         """Every layer of a ctypes DecodeLayer array in turn over the decode rows x, in place."""
-        self.lib.decode_layers(layers, len(layers), ctypes.byref(step), x.data_ptr(), x.shape[0],
-                               torch.get_num_threads())
+        self.lib.decode_layers(
+            layers, len(layers), ctypes.byref(step), x.data_ptr(), x.shape[0], torch.get_num_threads()
+        )
 
 
 def kernels() -> CpuKernels | None:

@@ -176,8 +176,8 @@ static inline float round_group(const float *p, float top, int32_t r[32]) {
  * (x ~= xq * xs), plus the sum of the rounded group (xs * sum(xq)) for the min term. Integer
  * products let one AVX2 instruction do 32 multiply-adds (maddubs) instead of the 8 of a float FMA.
  * The min term must see the same rounded x as the q term: then the error is sum(w * dx), whereas
- * the exact float sum leaves sum((w - min) * dx), 2.5x larger on SmolLM2 (w - min = q * scale is
- * all positive, so the rounding errors stop cancelling), which cost 4.4 points of top-1 agreement. */
+ * the exact float sum leaves sum((w - min) * dx), where w - min = q * scale is all positive, so
+ * the rounding errors stop cancelling (docs/performance.md, "Quantization quality"). */
 static void quantize_groups(const float *x, int64_t M, int64_t K, int8_t *xq, float *xs, float *xsum, int nthreads) {
     int64_t G = K / Q4_GROUP;
 #pragma omp parallel for num_threads(nthreads) schedule(static) if (M * G >= 1024)
@@ -215,12 +215,12 @@ static void quantize_groups(const float *x, int64_t M, int64_t K, int8_t *xq, fl
  * Blocks go in chunks of Q4_CHUNK (the last may be short, C blocks), and a chunk is one
  * sequential record per group: C x 128 weight bytes, then C x 8 float scales, C x 8 float mins.
  * One stream per chunk matters at batch 1, where every weight comes from memory once per step
- * (with separate weight, scale and min arrays a model's 120 matmuls took 4.9-5.6 ms instead of
- * 2.7). N is padded to a whole block with zero weights, scales and mins.
- * Packed nibbles beat pre-unpacked bytes: with weights stored as int8 q - 8, each maddubs could
+ * (docs/performance.md, "int4 matmul"). N is padded to a whole block with zero weights, scales
+ * and mins.
+ * Packed nibbles, not pre-unpacked bytes: with weights stored as int8 q - 8, each maddubs could
  * take its weight straight from memory (x offset to u8, no and/shift), but each row then loads
- * every weight vector itself, 1.5 loads per maddubs against 0.83 here, and the loads bound it:
- * 0.58-0.86x at 64 and 512 rows (scratch harness, 2x2, 3x2 and 4x1 strips, interleaved). */
+ * every weight vector itself, 1.5 loads per maddubs against 0.83 here, and the loads bound it
+ * (docs/performance.md, "int4 matmul"). */
 #define Q4_COLS 8
 #define Q4_ROWS 2   /* activation rows per tile: the broadcasts are shared by Q4_CHUNK blocks */
 #define Q4_CHUNK 4  /* column blocks per tile: each unpacked weight vector serves Q4_ROWS rows */
@@ -314,16 +314,11 @@ static void q4_tile_any(int R, int C, const int8_t *xq, int64_t K, const float *
 /* out[r, 0..8 NB) for R rows of NB adjacent column blocks over all G groups, from Q4_STRIP_FROM
  * rows on: the strip keeps its R x NB int16 group sums in registers, each unpacked weight vector
  * serves R rows, and each activation quad, broadcast straight from memory, serves NB blocks.
- * Three rows of two blocks (6 sums, 6 float accumulators, 2 weight vectors, a broadcast: 15
- * registers) against the five rows of one block this replaced: 1.02-1.06x at 512 rows, 1.07-1.12x
- * at 64, 1.15-1.2x at 16 (120 model-shaped matmuls, interleaved, best of 30, in a scratch C
- * harness that links both versions), with half the broadcasts (one per maddubs before) and a few
- * more unpacks. Four rows of two were no faster, and in this loop form 1.2x slower (their float
- * accumulators no longer fit the registers); three of three, four of three and four of four were
- * slower too. Below 3 rows the 2 x 4 tile is faster (1.15x at 2 rows), its one
- * sequential pass over each chunk's record mattering more as the weights come from memory; from
- * 3 rows on these strips win (1.14-1.24x at 3, 1.06-1.1x at 4, 1.17-1.33x at 5, 1.2-1.25x at 6-7;
- * the 5-row strips they replaced lost to the tile below 8). */
+ * Three rows of two blocks fill 15 of the 16 registers (6 sums, 6 float accumulators, 2 weight
+ * vectors, a broadcast) and need half the broadcasts of the five rows of one block they replaced;
+ * larger strips spill. Below 3 rows the 2 x 4 tile wins: its one sequential pass over each
+ * chunk's record matters more while the weights come from memory. The shapes tried and their
+ * timings: docs/performance.md, "int4 matmul". */
 #define Q4_STRIP 3
 #define Q4_STRIP_FROM 3
 static inline __attribute__((always_inline)) void q4_strip(
@@ -354,7 +349,7 @@ static inline __attribute__((always_inline)) void q4_strip(
                     for (int c = 0; c < NB; c++) {
                         dot16[r][c] = _mm256_add_epi16(dot16[r][c], _mm256_maddubs_epi16(wv[c], x4));
                         /* Without this gcc 12 reassociates the sums into all the products first
-                         * and spills them to the stack, which cost a third of the throughput. */
+                         * and spills them to the stack (docs/performance.md, "int4 matmul"). */
                         __asm__("" : "+x"(dot16[r][c]));
                     }
                 }
@@ -443,7 +438,7 @@ static void q4_chunk(const int8_t *xq, const float *xs, const float *xsum, int64
 }
 
 /* Rows per pass over the weights: a pass's int8 activations (Q4_MBLOCK x K bytes) stay in L2
- * while each chunk's weights stream by (4% faster at 2048 rows than one pass over all rows). */
+ * while each chunk's weights stream by (docs/performance.md, "int4 matmul"). */
 #define Q4_MBLOCK 256
 
 void q4_matmul(const float *x, int64_t M, int64_t K, const uint8_t *wq, int64_t N, const float *bias, float *out,
@@ -496,16 +491,13 @@ static void quantize_groups16(const float *x, int64_t M, int64_t K, int16_t *xq,
  * 2c + i, then the 8 columns' float scales. Panels go in chunks of Q8_CHUNK (the last may be
  * short, C panels), a chunk group by group: its C records of group 0, then of group 1, ... so each
  * task reads one sequential stream, prefetched Q8_AHEAD groups ahead: at batch 1 the LM head's
- * 32 MB come from memory every step, and without the prefetch this kernel read them 1.1-1.2x
- * slower than the float-activation row kernel it replaced (with it, 1.06-1.3x faster; 2 groups
- * ahead, 1.0x; a scratch harness that loaded both builds, interleaved).
+ * 32 MB come from memory every step, and without the prefetch it read them slower than the
+ * float-activation row kernel it replaced (docs/performance.md, "int8 matmul").
  * Widened to int16, a pair row meets an activation pair broadcast to all lanes in one vpmaddwd:
  * 16 multiply-adds with exact int32 sums (|sum| <= 32 * 127 * 32767 < 2^31 over a group), where a
- * float FMA does 8 and this CPU issues two FMAs a cycle but more integer operations. Against
- * float32 F.linear on the same weights: 4-9x at 1-4 rows, 1.25-2.2x at 64, 1.0-1.6x at 512
- * (`python -m benchmarks.kernels`); against the fp32 panel-copy kernel it made redundant (removed),
- * 1.4-3x on the 49k x 576 head and 1.1-2.7x on the layers' shapes at 1-512 rows, and against the
- * row kernel 1.5-2.4x at 2-16 rows (the same harness). N is padded to a whole panel. */
+ * float FMA does 8 and this CPU issues two FMAs a cycle but more integer operations. It beats
+ * float32 F.linear at every batch size, so no float copy is kept (docs/performance.md, "int8
+ * matmul"; `python -m nanoinfer.bench.kernels`). N is padded to a whole panel. */
 #define Q8_COLS 8
 #define Q8_RECORD (16 * 16 + Q8_COLS * 4)
 #define Q8_STRIP 3  /* rows per strip, two panels wide: 6 int32 sums, 6 float sums, 2 weights, 1 pair */
@@ -547,7 +539,7 @@ static inline __attribute__((always_inline)) void q8_strip(
                 __m256i xp = _mm256_set1_epi32(pair);
                 for (int c = 0; c < NB; c++) {
                     dot[r][c] = _mm256_add_epi32(dot[r][c], _mm256_madd_epi16(wv[c], xp));
-                    __asm__("" : "+x"(dot[r][c])); /* as in q4_strip: 1.06x here (scratch A/B) */
+                    __asm__("" : "+x"(dot[r][c])); /* as in q4_strip */
                 }
             }
         }
@@ -696,12 +688,11 @@ void bf16_matmul(const float *x, int64_t M, int64_t K, const uint16_t *wb, int64
  * half (`half`, a constant in each specialisation). */
 #define ATT_HEADS 3
 
-/* Keys and values sit in scattered blocks (2 KB runs per head) that the hardware prefetchers do
- * not follow from one to the next. Rows with a sequence of their own (decode) stream it from
- * memory, so their scores pass asks for the key (into L1) and value (into L2) rows ATT_PREFETCH
- * keys ahead: 1.3x faster decode attention at 64 sequences x 450 keys (1.4-1.5x since blocks keep
- * each head's rows together; asking for the values into L1 as well was slower). Prompt rows share
- * their chunk's keys, warm in L2 after the first row, where the extra instructions cost 15%. The
+/* Keys and values sit in scattered blocks (one run per head and block) that the hardware
+ * prefetchers do not follow from one to the next. Rows with a sequence of their own (decode)
+ * stream it from memory, so their scores pass asks for the key (into L1) and value (into L2) rows
+ * ATT_PREFETCH keys ahead. Prompt rows share their chunk's keys, warm in L2 after the first row,
+ * where the extra instructions would only cost time (docs/performance.md, "Attention"). The
  * values pass prefetches 16 rows ahead either way. */
 #define ATT_PREFETCH 16
 static inline void prefetch_row(const void *p, int64_t bytes, int into_l1) {
@@ -720,7 +711,7 @@ static inline __attribute__((always_inline)) void attention_scores(
     const int64_t row_bytes = D * (half ? 2 : 4);
     /* KB keys at a time, their sums per head reduced together. Three heads take three keys: 9 sums,
      * 3 queries and a key fit the 16 registers. With four (12 sums) gcc kept one sum in memory, a
-     * store-load round trip in every step of the loop: 1.1x decode attention at 64 x 450 keys. */
+     * store-load round trip in every step of the loop (docs/performance.md, "Attention"). */
     const int KB = nh == 3 ? 3 : 4;
     if (D % 8 == 0)
         for (; i + 4 <= n; i += KB) { /* i + 4: the stores below write four lanes */
@@ -738,8 +729,7 @@ static inline __attribute__((always_inline)) void attention_scores(
                 __m256 qv[ATT_HEADS];
                 for (int h = 0; h < nh; h++) qv[h] = _mm256_loadu_ps(q + h * D + d);
                 /* Left alone, gcc reloads the queries for every key, or folds a load of the key
-                 * into each head's FMA: pinning both in registers made this pass 1.4x (queries)
-                 * and 1.17x (keys) faster. */
+                 * into each head's FMA: pin both in registers (docs/performance.md, "Attention"). */
                 if (nh == 3) __asm__("" : "+x"(qv[0]), "+x"(qv[1]), "+x"(qv[2]));
                 for (int j = 0; j < KB; j++) {
                     __m256 kv = kv_load8(key[j], d, half);
@@ -754,7 +744,7 @@ static inline __attribute__((always_inline)) void attention_scores(
                 _mm_storeu_ps(s + h * n + i, _mm_mul_ps(sum, _mm_set1_ps(scale)));
             }
         }
-    /* The last keys one at a time: left to the scalar loop below, 130 keys took 1.1-1.3x as long as 128. */
+    /* The last keys one at a time, still vectorized: the scalar loop below makes a short tail costly. */
     if (D % 8 == 0)
         for (; i < n; i++) {
             const void *key = kv_at(k_cache, rows[i] * D, half);

@@ -2,36 +2,15 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
 
-from nanoinfer.config import GenerationDefaults, ModelConfig
 from nanoinfer.errors import ModelLoadError
-
-if TYPE_CHECKING:
-    import torch
-
-    from nanoinfer.tokenizer import Tokenizer
-
-
-@dataclass
-class ModelPackage:
-    """Everything needed to serve one model: architecture, weights, tokenizer, generation defaults."""
-
-    config: ModelConfig
-    weights: dict[str, "torch.Tensor"]  # canonical names (docs/contracts.md) -> float tensors
-    tokenizer: "Tokenizer"
-    generation: GenerationDefaults = field(default_factory=GenerationDefaults)
-    source: str = ""  # the path (or built-in name) it was loaded from
-    file_type: str = ""  # e.g. "Q4_1", "Q4_K_M", "bfloat16"
-    default_quantization: str = "none"  # weight format the engine uses unless told otherwise
+from nanoinfer.loading import registry
+from nanoinfer.loading.package import ModelPackage, expected_shapes
 
 
 def load_package(name_or_path: str | Path) -> ModelPackage:
     """Load a built-in model name, a HF model directory or a .gguf file."""
-    from nanoinfer.loading import registry
-
     name = str(name_or_path)
     if name in registry.BUILTIN_MODELS:
         return registry.load_builtin(name)
@@ -59,44 +38,10 @@ def _check_hf_dir(path: Path) -> None:
         raise ModelLoadError(f"{path} has no weight files (*.safetensors)")
 
 
-__all__ = ["ModelPackage", "load_package"]
+__all__ = ["ModelPackage", "expected_shapes", "load_package", "resolve_model_path"]
 
 
 def resolve_model_path(name_or_path: str | Path) -> Path:
     """The file or directory behind a model argument (built-in names resolve to their GGUF)."""
-    from nanoinfer.loading import registry
-
     name = str(name_or_path)
     return registry.builtin_path(name) if name in registry.BUILTIN_MODELS else Path(name).expanduser()
-
-
-def expected_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
-    """Canonical weight name -> shape this config requires."""
-    c = config
-    shapes: dict[str, tuple[int, ...]] = {
-        "embed.weight": (c.vocab_size, c.hidden_size),
-        "norm.weight": (c.hidden_size,),
-    }
-    if not c.tie_word_embeddings:
-        shapes["lm_head.weight"] = (c.vocab_size, c.hidden_size)
-    for i in range(c.num_layers):
-        p = f"layers.{i}."
-        shapes.update({
-            p + "input_norm.weight": (c.hidden_size,),
-            p + "attn.q_proj.weight": (c.q_size, c.hidden_size),
-            p + "attn.k_proj.weight": (c.kv_size, c.hidden_size),
-            p + "attn.v_proj.weight": (c.kv_size, c.hidden_size),
-            p + "attn.o_proj.weight": (c.hidden_size, c.q_size),
-            p + "pre_mlp_norm.weight": (c.hidden_size,),
-            p + "mlp.gate_proj.weight": (c.intermediate_size, c.hidden_size),
-            p + "mlp.up_proj.weight": (c.intermediate_size, c.hidden_size),
-            p + "mlp.down_proj.weight": (c.hidden_size, c.intermediate_size),
-        })
-        if c.attention_bias:
-            shapes.update({p + "attn.q_proj.bias": (c.q_size,), p + "attn.k_proj.bias": (c.kv_size,),
-                           p + "attn.v_proj.bias": (c.kv_size,)})
-        if c.qk_norm:
-            shapes.update({p + "attn.q_norm.weight": (c.head_dim,), p + "attn.k_norm.weight": (c.head_dim,)})
-        if c.post_norms:
-            shapes.update({p + "post_attn_norm.weight": (c.hidden_size,), p + "post_mlp_norm.weight": (c.hidden_size,)})
-    return shapes

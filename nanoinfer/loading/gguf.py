@@ -14,9 +14,9 @@ import torch
 
 from nanoinfer.config import GenerationDefaults, ModelConfig
 from nanoinfer.errors import ModelLoadError
-from nanoinfer.loading import ModelPackage, expected_shapes
 from nanoinfer.loading.gguf_reader import GGUFFile, GGUFFormatError
 from nanoinfer.loading.gguf_tokenizer import tokenizer_from_gguf_metadata
+from nanoinfer.loading.package import ModelPackage, expected_shapes
 from nanoinfer.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
@@ -53,8 +53,7 @@ def load_gguf(path: str | Path) -> ModelPackage:
         arch = meta.get("general.architecture")
         if arch not in GGUF_ARCHITECTURES:
             raise ModelLoadError(
-                f"{path.name}: GGUF architecture {arch!r} is not supported; "
-                f"supported: {', '.join(GGUF_ARCHITECTURES)}"
+                f"{path.name}: GGUF architecture {arch!r} is not supported; supported: {', '.join(GGUF_ARCHITECTURES)}"
             )
         shapes = {name: info.shape for name, info in gf.tensors.items()}
         config = config_from_metadata(meta, shapes)
@@ -72,8 +71,14 @@ def load_gguf(path: str | Path) -> ModelPackage:
         eos_token_ids=tokenizer.eos_token_ids,
         bos_token_id=tokenizer.bos_token_id,
     )
-    return ModelPackage(config=config, weights=weights, tokenizer=tokenizer, generation=generation,
-                        source=str(path), file_type=_file_type(meta, gf))
+    return ModelPackage(
+        config=config,
+        weights=weights,
+        tokenizer=tokenizer,
+        generation=generation,
+        source=str(path),
+        file_type=_file_type(meta, gf),
+    )
 
 
 def load_gguf_tokenizer(path: str | Path) -> Tokenizer:
@@ -282,10 +287,12 @@ def _file_type(meta: dict[str, Any], gf: GGUFFile) -> str:
     from gguf import GGMLQuantizationType, LlamaFileType
 
     ftype = meta.get("general.file_type")
-    try:
-        return LlamaFileType(int(ftype)).name.removeprefix("MOSTLY_").removeprefix("ALL_")
-    except (TypeError, ValueError):
-        return "+".join(sorted({GGMLQuantizationType(t.ggml_type).name for t in gf.tensors.values()}))
+    if ftype is not None:
+        try:
+            return LlamaFileType(int(ftype)).name.removeprefix("MOSTLY_").removeprefix("ALL_")
+        except (TypeError, ValueError):
+            pass
+    return "+".join(sorted({GGMLQuantizationType(t.ggml_type).name for t in gf.tensors.values()}))
 
 
 __all__ = [

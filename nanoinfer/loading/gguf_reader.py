@@ -1,8 +1,8 @@
 """A fast, bounds-checked GGUF parser (header, metadata, tensor directory).
 
-gguf.GGUFReader builds numpy views for every element of every metadata array, which takes ~18 s
-for Gemma 3's 262k-token vocabulary. This reader decodes the same format in well under a second
-and hands tensor bytes to `gguf.quants.dequantize`, the reference dequantizer.
+gguf.GGUFReader builds a numpy view for every element of every metadata array, which is slow for
+Gemma 3's 262k-token vocabulary (docs/performance.md, "Loading"). This reader decodes the same
+format directly and hands tensor bytes to `gguf.quants.dequantize`, the reference dequantizer.
 """
 
 from __future__ import annotations
@@ -20,8 +20,17 @@ DEFAULT_ALIGNMENT = 32
 
 # GGUF value type -> (struct format, numpy dtype) for scalars
 _SCALARS: dict[int, tuple[str, str]] = {
-    0: ("<B", "<u1"), 1: ("<b", "<i1"), 2: ("<H", "<u2"), 3: ("<h", "<i2"), 4: ("<I", "<u4"), 5: ("<i", "<i4"),
-    6: ("<f", "<f4"), 7: ("<?", "<u1"), 10: ("<Q", "<u8"), 11: ("<q", "<i8"), 12: ("<d", "<f8"),
+    0: ("<B", "<u1"),
+    1: ("<b", "<i1"),
+    2: ("<H", "<u2"),
+    3: ("<h", "<i2"),
+    4: ("<I", "<u4"),
+    5: ("<i", "<i4"),
+    6: ("<f", "<f4"),
+    7: ("<?", "<u1"),
+    10: ("<Q", "<u8"),
+    11: ("<q", "<i8"),
+    12: ("<d", "<f8"),
 }
 _STRING, _ARRAY, _BOOL = 8, 9, 7
 
@@ -63,7 +72,7 @@ class GGUFFile:
         end = self._pos + n
         if n < 0 or end > len(self._buf):
             raise GGUFFormatError(f"unexpected end of file at byte {self._pos} (wanted {n} more bytes)")
-        view = self._buf[self._pos:end]
+        view = self._buf[self._pos : end]
         self._pos = end
         return view
 
@@ -92,11 +101,11 @@ class GGUFFile:
             for _ in range(count):  # hot loop for vocabularies: avoid method calls per item
                 if pos + 8 > end:
                     raise GGUFFormatError("unexpected end of file inside a string array")
-                n = int.from_bytes(buf[pos:pos + 8], "little")
+                n = int.from_bytes(buf[pos : pos + 8], "little")
                 pos += 8
                 if pos + n > end:
                     raise GGUFFormatError("unexpected end of file inside a string array")
-                out.append(bytes(buf[pos:pos + n]).decode("utf-8", errors="replace"))
+                out.append(bytes(buf[pos : pos + n]).decode("utf-8", errors="replace"))
                 pos += n
             self._pos = pos
             return out

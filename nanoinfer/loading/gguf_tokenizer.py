@@ -10,7 +10,8 @@ A GGUF has no tokenizer.json, only llama.cpp's description of the vocabulary. Tw
 from __future__ import annotations
 
 import logging
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 from tokenizers import AddedToken, Regex, decoders, normalizers, pre_tokenizers
 from tokenizers import Tokenizer as BackendTokenizer
@@ -45,8 +46,7 @@ _SPLITS = {
 
 # Tokens that end a turn. llama.cpp treats these as end-of-generation when the vocabulary has them
 # as control tokens, so a chat model stops at the end of its turn, not only at the document EOS.
-_END_OF_TURN_TOKENS = ("<|im_end|>", "<|eot_id|>", "<|eom_id|>", "<end_of_turn>", "<|end|>", "<|endoftext|>",
-                       "<EOT>")
+_END_OF_TURN_TOKENS = ("<|im_end|>", "<|eot_id|>", "<|eom_id|>", "<end_of_turn>", "<|end|>", "<|endoftext|>", "<EOT>")
 
 # Used only when the file carries no template but the vocabulary clearly speaks one of these formats.
 GEMMA_CHAT_TEMPLATE = (
@@ -119,19 +119,28 @@ def tokenizer_from_gguf_metadata(meta: dict[str, Any], architecture: str = "") -
         raise ModelLoadError(f"GGUF tokenizer model {model!r} is not supported; supported: gpt2, llama")
 
     bos = meta.get("tokenizer.ggml.bos_token_id")
-    eos = meta.get("tokenizer.ggml.eos_token_id")
     pad = meta.get("tokenizer.ggml.padding_token_id")
     # llama.cpp adds BOS for SentencePiece vocabularies that do not say otherwise.
     add_bos = meta.get("tokenizer.ggml.add_bos_token", model == "llama")
     add_eos = meta.get("tokenizer.ggml.add_eos_token", False)
     template = meta.get("tokenizer.chat_template") or _fallback_template(tokens)
-    return Tokenizer(backend, bos_token_id=bos, eos_token_ids=_stop_ids(tokens, types, meta), pad_token_id=pad,
-                     add_bos=bool(add_bos), add_eos=bool(add_eos), chat_template=template)
+    return Tokenizer(
+        backend,
+        bos_token_id=bos,
+        eos_token_ids=_stop_ids(tokens, types, meta),
+        pad_token_id=pad,
+        add_bos=bool(add_bos),
+        add_eos=bool(add_eos),
+        chat_template=template,
+    )
 
 
 def _stop_ids(tokens: Sequence[str], types: Sequence[int], meta: dict[str, Any]) -> tuple[int, ...]:
-    ids = [meta.get("tokenizer.ggml.eos_token_id"), meta.get("tokenizer.ggml.eot_token_id"),
-           meta.get("tokenizer.ggml.eom_token_id")]
+    ids = [
+        meta.get("tokenizer.ggml.eos_token_id"),
+        meta.get("tokenizer.ggml.eot_token_id"),
+        meta.get("tokenizer.ggml.eom_token_id"),
+    ]
     wanted = set(_END_OF_TURN_TOKENS)
     ids += [i for i, (t, ty) in enumerate(zip(tokens, types)) if ty == CONTROL and t in wanted]
     return tuple(dict.fromkeys(int(i) for i in ids if i is not None and 0 <= i < len(tokens)))
@@ -146,14 +155,25 @@ def _fallback_template(tokens: Sequence[str]) -> str | None:
     return None
 
 
-def _add_special_tokens(backend: BackendTokenizer, tokens: Sequence[str], types: Sequence[int],
-                        vocab: dict[str, int], allowed: set[str] | None) -> None:
+def _add_special_tokens(
+    backend: BackendTokenizer,
+    tokens: Sequence[str],
+    types: Sequence[int],
+    vocab: dict[str, int],
+    allowed: set[str] | None,
+) -> None:
     # Control tokens become special (skipped when decoding); user-defined ones (like "<think>" or
     # Gemma's "\n\n") are matched whole in text but decode as ordinary text.
-    control = [AddedToken(t, special=True, normalized=False) for t, ty in zip(tokens, types)
-               if ty == CONTROL and (allowed is None or set(t) <= allowed)]
-    user = [AddedToken(t, special=False, normalized=False) for t, ty in zip(tokens, types)
-            if ty == USER_DEFINED and t in vocab]
+    control = [
+        AddedToken(t, special=True, normalized=False)
+        for t, ty in zip(tokens, types)
+        if ty == CONTROL and (allowed is None or set(t) <= allowed)
+    ]
+    user = [
+        AddedToken(t, special=False, normalized=False)
+        for t, ty in zip(tokens, types)
+        if ty == USER_DEFINED and t in vocab
+    ]
     if control:
         backend.add_special_tokens(control)
     if user:
@@ -164,22 +184,27 @@ def _byte_level_backend(tokens: Sequence[str], types: Sequence[int], meta: dict[
     table = byte_alphabet()
     alphabet = set(table.values())
     # Tokens written in plain text (outside the byte alphabet) get respelled byte by byte.
-    vocab = {(t if set(t) <= alphabet else "".join(table[b] for b in t.encode("utf-8"))): i
-             for i, t in enumerate(tokens)}
+    vocab = {
+        (t if set(t) <= alphabet else "".join(table[b] for b in t.encode("utf-8"))): i for i, t in enumerate(tokens)
+    }
     merges = [tuple(m.split(" ", 1)) for m in meta.get("tokenizer.ggml.merges") or []]
     backend = BackendTokenizer(BPE(vocab=vocab, merges=merges, fuse_unk=False))
     pre = meta.get("tokenizer.ggml.pre") or "default"
     if pre in _SPLITS:
-        backend.pre_tokenizer = pre_tokenizers.Sequence([
-            pre_tokenizers.Split(Regex(_SPLITS[pre]), behavior="isolated"),
-            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
-        ])
+        backend.pre_tokenizer = pre_tokenizers.Sequence(
+            [
+                pre_tokenizers.Split(Regex(_SPLITS[pre]), behavior="isolated"),
+                pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+            ]
+        )
     elif pre == "smollm":
         # SmolLM was trained with every digit its own pre-token, then GPT-2's split.
-        backend.pre_tokenizer = pre_tokenizers.Sequence([
-            pre_tokenizers.Digits(individual_digits=True),
-            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True),
-        ])
+        backend.pre_tokenizer = pre_tokenizers.Sequence(
+            [
+                pre_tokenizers.Digits(individual_digits=True),
+                pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True),
+            ]
+        )
     else:
         if pre not in ("default", "gpt-2", "gpt2"):
             log.warning("unknown GGUF pre-tokenizer %r; using GPT-2's split", pre)
@@ -189,8 +214,9 @@ def _byte_level_backend(tokens: Sequence[str], types: Sequence[int], meta: dict[
     return backend
 
 
-def _sentencepiece_backend(tokens: Sequence[str], types: Sequence[int], meta: dict[str, Any],
-                           architecture: str) -> BackendTokenizer:
+def _sentencepiece_backend(
+    tokens: Sequence[str], types: Sequence[int], meta: dict[str, Any], architecture: str
+) -> BackendTokenizer:
     gemma = architecture.startswith("gemma")
     if gemma:
         # Gemma files spell its multi-space tokens with real spaces; the model sees them as '▁' runs.

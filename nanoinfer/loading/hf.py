@@ -13,10 +13,10 @@ from safetensors import SafetensorError, safe_open
 
 from nanoinfer.config import GenerationDefaults, ModelConfig
 from nanoinfer.errors import ModelLoadError
-from nanoinfer.loading import expected_shapes
+from nanoinfer.loading.package import expected_shapes
 
 if TYPE_CHECKING:
-    from nanoinfer.loading import ModelPackage
+    from nanoinfer.loading.package import ModelPackage
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
@@ -43,7 +43,7 @@ _TOP_LEVEL = {"embed_tokens.weight": "embed.weight", "norm.weight": "norm.weight
 _LAYER_RE = re.compile(r"layers\.(\d+)\.(.+)")
 
 
-def load_hf_dir(path: str | Path, dtype: torch.dtype | str | None = None) -> "ModelPackage":
+def load_hf_dir(path: str | Path, dtype: torch.dtype | str | None = None) -> ModelPackage:
     """Read config, weights, tokenizer and generation defaults of a transformers model directory."""
     root = Path(path)
     if not root.is_dir():
@@ -53,7 +53,7 @@ def load_hf_dir(path: str | Path, dtype: torch.dtype | str | None = None) -> "Mo
     weights = load_hf_weights(root, config, _torch_dtype(dtype))
     tokenizer = _load_tokenizer(root)
     generation = _generation_defaults(root, hf_config, tokenizer)
-    from nanoinfer.loading import ModelPackage  # late: the package module imports this one
+    from nanoinfer.loading.package import ModelPackage
 
     return ModelPackage(
         config=config,
@@ -133,7 +133,7 @@ def _locate_tensors(root: Path, config: ModelConfig) -> dict[str, tuple[Path, st
     elif (root / SINGLE_FILE).is_file():
         single = root / SINGLE_FILE
         with _open(single) as f:
-            files = {hf: single for hf in f.keys()}
+            files = {hf: single for hf in f.keys()}  # noqa: SIM118 -- a safe_open handle is not iterable
     else:
         other = " (PyTorch .bin checkpoints are not supported)" if any(root.glob("*.bin")) else ""
         raise ModelLoadError(f"no {SINGLE_FILE} or {INDEX_FILE} in {root}{other}")

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING
 
 from nanoinfer.errors import ModelLoadError
 
 if TYPE_CHECKING:
-    from nanoinfer.loading import ModelPackage
+    from nanoinfer.loading.package import ModelPackage
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
 
@@ -72,14 +73,13 @@ def builtin_path(name: str) -> Path:
     return BUILTIN_MODELS[name]()
 
 
-def load_builtin(name: str) -> "ModelPackage":
+def load_builtin(name: str) -> ModelPackage:
     """Load a built-in model by name."""
     from nanoinfer.loading.gguf import load_gguf
 
     package = load_gguf(builtin_path(name))
     package.source = name
-    # The fastest path whose quality holds: benchmarks/results/latest.md shows the int4 figures
-    # (reproduce float32 with `nanoinfer bench --quantization none`); perplexity +0.1% is checked
-    # by tests/test_quality.py and `nanoinfer bench --quality`.
+    # The fastest path whose quality holds (docs/performance.md, "Quantization quality"; the bound
+    # is checked by tests/test_quality.py and `nanoinfer bench --quality`).
     package.default_quantization = "int4"
     return package

@@ -7,9 +7,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from nanoinfer.config import ModelConfig
-from nanoinfer.engine.forward_batch import ForwardBatch
-from nanoinfer.engine.kv_cache import read_slots, write_slots
-from nanoinfer.kernels import KV_DTYPES, kernels
+from nanoinfer.kernels import KV_DTYPES, CpuKernels, kernels
+from nanoinfer.model.forward_batch import ForwardBatch
+from nanoinfer.model.kv_cache import read_slots, write_slots
 from nanoinfer.model.rope import apply_rotary
 
 
@@ -23,7 +23,8 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim, dtype=torch.float32))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # Runs twice per layer per step: our C kernel takes ~1 us where F.rms_norm takes ~15 us.
+        # Runs twice per layer per step, so per-call overhead counts: our C kernel has far less
+        # (docs/performance.md, "Small ops").
         ours = kernels() if x.dtype == torch.float32 and x.device.type == "cpu" and x.is_contiguous() else None
         if ours is not None:
             return ours.rms_norm(x, self.weight, self.eps)
@@ -40,9 +41,10 @@ class Attention(nn.Module):
         self.q_size, self.kv_size, self.scale = c.q_size, c.kv_size, c.scale
         self.sliding = c.is_sliding(layer)
         self.window = c.sliding_window if self.sliding and c.sliding_window else 0  # 0: full attention
-        # q, k and v share one matmul: one kernel launch instead of three per layer.
-        self.qkv_proj = nn.Linear(c.hidden_size, c.q_size + 2 * c.kv_size, bias=c.attention_bias)
-        self.o_proj = nn.Linear(c.q_size, c.hidden_size, bias=False)
+        # q, k and v share one matmul: one kernel launch instead of three per layer. The projections
+        # are nn.Linear until nanoinfer.quant swaps in quantized or 16-bit modules.
+        self.qkv_proj: nn.Module = nn.Linear(c.hidden_size, c.q_size + 2 * c.kv_size, bias=c.attention_bias)
+        self.o_proj: nn.Module = nn.Linear(c.q_size, c.hidden_size, bias=False)
         self.q_norm = RMSNorm(c.head_dim, c.rms_norm_eps) if c.qk_norm else None
         self.k_norm = RMSNorm(c.head_dim, c.rms_norm_eps) if c.qk_norm else None
 
@@ -61,13 +63,21 @@ class Attention(nn.Module):
         if ours is not None:
             # One C call for norm + RoPE + cache write, in place on the fused projection; then every
             # row, decode step or prompt token, attends in place over the paged cache with its
-            # queries read straight from qkv (1.25-2x torch's SDPA on prompts of 128-512 tokens,
-            # `python -m benchmarks.kernels`).
+            # queries read straight from qkv (faster than torch's SDPA on prompts too:
+            # docs/performance.md, "Attention").
             qn, kn = self.q_norm, self.k_norm
             ours.qk_rope_store(
-                qkv, self.num_heads, self.num_kv_heads, self.head_dim,
-                None if qn is None else qn.weight, None if kn is None else kn.weight,
-                0.0 if qn is None else qn.eps, *rope, k_cache, v_cache, batch.slot_mapping,
+                qkv,
+                self.num_heads,
+                self.num_kv_heads,
+                self.head_dim,
+                None if qn is None else qn.weight,
+                None if kn is None else kn.weight,
+                0.0 if qn is None else qn.eps,
+                *rope,
+                k_cache,
+                v_cache,
+                batch.slot_mapping,
             )
             return self.o_proj(self._attention_kernel(ours, qkv, batch, k_cache, v_cache))
         q, k, v = self._torch_qkv(qkv, rope)
@@ -81,21 +91,40 @@ class Attention(nn.Module):
         hd = self.head_dim
         return tuple(t.unflatten(-1, (-1, hd)) for t in qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1))
 
-    def _torch_qkv(self, qkv: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]):
+    def _torch_qkv(
+        self, qkv: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """q, k (normed if so, rotated) and v, in torch ops: the path for other dtypes and devices."""
         q, k, v = self._split(qkv)
-        if self.q_norm is not None:
+        if self.q_norm is not None and self.k_norm is not None:  # both or neither (config.qk_norm)
             q, k = self.q_norm(q), self.k_norm(k)
         return apply_rotary(q, *rope), apply_rotary(k, *rope), v
 
-    def _attention_kernel(self, ours, qkv: torch.Tensor, batch: ForwardBatch, k_cache, v_cache) -> torch.Tensor:
+    def _attention_kernel(
+        self, ours: CpuKernels, qkv: torch.Tensor, batch: ForwardBatch, k_cache: torch.Tensor, v_cache: torch.Tensor
+    ) -> torch.Tensor:
         """[T, H * hd] attention of every row of qkv, reading K/V in place from the cache blocks."""
         return ours.paged_attention(
-            qkv, self.num_heads, k_cache, v_cache, batch.block_tables, batch.ctx_lens, self.window, self.scale,
+            qkv,
+            self.num_heads,
+            k_cache,
+            v_cache,
+            batch.block_tables,
+            batch.ctx_lens,
+            self.window,
+            self.scale,
             batch.table_of_row,
         )
 
-    def _attend(self, q, k, v, batch: ForwardBatch, k_cache, v_cache) -> torch.Tensor:
+    def _attend(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        batch: ForwardBatch,
+        k_cache: torch.Tensor,
+        v_cache: torch.Tensor,
+    ) -> torch.Tensor:
         """Attention in torch ops (SDPA): the path for other dtypes and devices."""
         out = torch.empty_like(q)
         D = batch.num_decode
@@ -103,7 +132,8 @@ class Attention(nn.Module):
             # [D, ctx, kv_heads, hd] -> [D, kv_heads, ctx, hd]; one SDPA call for every decode row.
             keys = self._gather_blocks(k_cache, batch).to(q.dtype)
             values = self._gather_blocks(v_cache, batch).to(q.dtype)
-            mask = batch.decode_sliding_mask if self.sliding and batch.decode_sliding_mask is not None else batch.decode_mask
+            sliding_mask = batch.decode_sliding_mask
+            mask = sliding_mask if self.sliding and sliding_mask is not None else batch.decode_mask
             o = F.scaled_dot_product_attention(
                 q[:D].unsqueeze(2), keys, values, attn_mask=mask, scale=self.scale, enable_gqa=True
             )
@@ -119,23 +149,29 @@ class Attention(nn.Module):
             out[rows] = self._prefill_sdpa(q[rows].transpose(0, 1), keys, values, mask).transpose(0, 1)
         return out
 
-    def _prefill_sdpa(self, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask) -> torch.Tensor:
+    def _prefill_sdpa(
+        self, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor | None
+    ) -> torch.Tensor:
         """SDPA of q [H, T, hd] over keys/values [KVH, ctx, hd]. K/V heads are repeated and a batch
         dim added: torch's CPU flash kernel takes only 4-D inputs with equal head counts, and is
-        ~3x faster than the 3-D enable_gqa path at 320-512 tokens (measured, torch 2.13)."""
+        much faster than the 3-D enable_gqa path (docs/performance.md, "Small ops")."""
         group = self.num_heads // self.num_kv_heads
         if group > 1:
             keys, values = keys.repeat_interleave(group, 0), values.repeat_interleave(group, 0)
         o = F.scaled_dot_product_attention(
-            q.unsqueeze(0), keys.unsqueeze(0), values.unsqueeze(0),
-            attn_mask=mask, is_causal=mask is None, scale=self.scale,
+            q.unsqueeze(0),
+            keys.unsqueeze(0),
+            values.unsqueeze(0),
+            attn_mask=mask,
+            is_causal=mask is None,
+            scale=self.scale,
         )
         return o[0]
 
     def _gather_blocks(self, cache: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
         """[D, kv_heads, ctx, hd] context of every decode row, read block by block from the cache."""
         D, bs = batch.num_decode, batch.block_size
-        # index_select of whole blocks: 2.7x faster than advanced indexing in a microbenchmark
+        # index_select of whole blocks beats advanced indexing (docs/performance.md, "Small ops")
         tables = batch.block_tables[:D, : -(-batch.decode_ctx // bs)]  # prompt chunks may be longer
         blocks = torch.index_select(cache, 0, tables.flatten())  # [D * n, kv_heads, bs, hd]
         blocks = blocks.view(D, -1, self.num_kv_heads, bs, self.head_dim).transpose(1, 2)
@@ -148,8 +184,9 @@ class MLP(nn.Module):
     def __init__(self, config: ModelConfig):
         super().__init__()
         self.intermediate = config.intermediate_size
-        self.gate_up_proj = nn.Linear(config.hidden_size, 2 * config.intermediate_size, bias=False)
-        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
+        # nn.Linear until nanoinfer.quant swaps in quantized or 16-bit modules
+        self.gate_up_proj: nn.Module = nn.Linear(config.hidden_size, 2 * config.intermediate_size, bias=False)
+        self.down_proj: nn.Module = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
         self.gelu = config.activation == "gelu_tanh"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

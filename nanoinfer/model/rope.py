@@ -18,7 +18,7 @@ def inverse_frequencies(
     """Return (inv_freq [head_dim/2], attention_factor) for one rope configuration."""
     inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim)
     kind = (scaling or {}).get("rope_type", "default")
-    if kind == "default":
+    if scaling is None or kind == "default":
         return inv_freq.float(), 1.0
     if kind == "linear":
         return (inv_freq / scaling["factor"]).float(), 1.0
@@ -26,9 +26,7 @@ def inverse_frequencies(
         return _llama3(inv_freq, scaling).float(), 1.0
     if kind == "yarn":
         return _yarn(head_dim, theta, scaling, max_positions)
-    raise ModelLoadError(
-        f"rope_scaling type {kind!r} is not supported; supported: {', '.join(SUPPORTED_ROPE_TYPES)}"
-    )
+    raise ModelLoadError(f"rope_scaling type {kind!r} is not supported; supported: {', '.join(SUPPORTED_ROPE_TYPES)}")
 
 
 def _llama3(inv_freq: torch.Tensor, s: dict[str, Any]) -> torch.Tensor:
@@ -81,6 +79,8 @@ class RotaryEmbedding(torch.nn.Module):
     Computing angles on the fly costs T x head_dim/2 multiplies, less than a table of the
     whole context window (64 MiB for a 32k-context model with head_dim 256).
     """
+
+    inv_freq: torch.Tensor  # a buffer: [head_dim / 2]
 
     def __init__(self, head_dim: int, theta: float, scaling: dict[str, Any] | None, max_positions: int):
         super().__init__()

@@ -2,22 +2,27 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+import ctypes
+from collections.abc import Iterable
+from typing import TYPE_CHECKING, cast
 
 import torch
 from torch import nn
 
 from nanoinfer.config import ModelConfig
-from nanoinfer.engine.forward_batch import ForwardBatch, SequenceChunk
 from nanoinfer.errors import ModelLoadError
+from nanoinfer.kernels import KV_DTYPES, CpuKernels, DecodeLayer, DecodeStep, kernels, kv_half, q4_weight
+from nanoinfer.model.forward_batch import ForwardBatch, SequenceChunk
 from nanoinfer.model.layers import MLP, Attention, RMSNorm
 from nanoinfer.model.rope import RotaryEmbedding
-from nanoinfer.kernels import KV_DTYPES, DecodeLayer, DecodeStep, kernels, kv_half, q4_weight
 from nanoinfer.quant import Int4Linear
 
 if TYPE_CHECKING:
-    from nanoinfer.engine.kv_cache import PagedKVCache
     from nanoinfer.loading import ModelPackage
+    from nanoinfer.model.kv_cache import PagedKVCache
+
+# A layer's fused plan: the kernels and its [qkv, o, gate_up, down] Int4Linear (see DecoderLayer._fused_plan).
+FusedPlan = tuple[CpuKernels, list[Int4Linear]]
 
 
 class DecoderLayer(nn.Module):
@@ -32,10 +37,17 @@ class DecoderLayer(nn.Module):
         self.mlp = MLP(config)
         self.post_attn_norm = RMSNorm(config.hidden_size, eps) if config.post_norms else None
         self.post_mlp_norm = RMSNorm(config.hidden_size, eps) if config.post_norms else None
-        self._plan = False  # _fused_plan's answer, worked out on first use (False: not yet)
-        self._plan_modules: tuple = ()
+        self._plan: FusedPlan | None = None  # _fused_plan's answer for _plan_modules
+        self._plan_modules: tuple[nn.Module, ...] = ()  # () until first use, so the plan is worked out then
 
-    def forward(self, x, rope, batch: ForwardBatch, k_cache, v_cache) -> torch.Tensor:
+    def forward(
+        self,
+        x: torch.Tensor,
+        rope: tuple[torch.Tensor, torch.Tensor],
+        batch: ForwardBatch,
+        k_cache: torch.Tensor,
+        v_cache: torch.Tensor,
+    ) -> torch.Tensor:
         h = self.attn(self.input_norm(x), rope, batch, k_cache, v_cache)
         if self.post_attn_norm is not None:
             h = self.post_attn_norm(h)
@@ -45,28 +57,41 @@ class DecoderLayer(nn.Module):
             h = self.post_mlp_norm(h)
         return x + h
 
-    def _fused_plan(self):
+    def _fused_plan(self) -> FusedPlan | None:
         """(kernels, [qkv, o, gate_up, down] Int4Linear) if this layer can run in the C
         `decode_layer` (see Transformer._fused_stack), else None."""
         modules = (self.attn.qkv_proj, self.attn.o_proj, self.mlp.gate_up_proj, self.mlp.down_proj)
-        if self._plan is False or self._plan_modules != modules:  # first use, or quantized since
+        if self._plan_modules != modules:  # first use, or quantized since
             self._plan, self._plan_modules = None, modules
             ours = kernels()
-            if (ours is not None and self.post_attn_norm is None
-                    and all(isinstance(lin, Int4Linear) and lin.backend == "c" for lin in modules)):
-                self._plan = (ours, list(modules))
+            linears = [lin for lin in modules if isinstance(lin, Int4Linear) and lin.backend == "c"]
+            if ours is not None and self.post_attn_norm is None and len(linears) == len(modules):
+                self._plan = (ours, linears)
         return self._plan
 
-    def _describe(self, linears, k_cache: torch.Tensor, v_cache: torch.Tensor) -> DecodeLayer:
+    def _describe(self, linears: list[Int4Linear], k_cache: torch.Tensor, v_cache: torch.Tensor) -> DecodeLayer:
         a, qn, kn = self.attn, self.attn.q_norm, self.attn.k_norm
         qkv, o, gate_up, down = (q4_weight(lin.packed, lin.out_features, lin.bias) for lin in linears)
         return DecodeLayer(
-            hidden=self.input_norm.weight.shape[0], heads=a.num_heads, kv_heads=a.num_kv_heads,
-            head_dim=a.head_dim, inter=self.mlp.intermediate, window=a.window, gelu=int(self.mlp.gelu),
-            eps=self.input_norm.eps, scale=a.scale, input_norm=self.input_norm.weight.data_ptr(),
-            mlp_norm=self.pre_mlp_norm.weight.data_ptr(), q_norm=None if qn is None else qn.weight.data_ptr(),
-            k_norm=None if kn is None else kn.weight.data_ptr(), qkv=qkv, o=o, gate_up=gate_up, down=down,
-            k_cache=k_cache.data_ptr(), v_cache=v_cache.data_ptr(),
+            hidden=self.input_norm.weight.shape[0],
+            heads=a.num_heads,
+            kv_heads=a.num_kv_heads,
+            head_dim=a.head_dim,
+            inter=self.mlp.intermediate,
+            window=a.window,
+            gelu=int(self.mlp.gelu),
+            eps=self.input_norm.eps,
+            scale=a.scale,
+            input_norm=self.input_norm.weight.data_ptr(),
+            mlp_norm=self.pre_mlp_norm.weight.data_ptr(),
+            q_norm=None if qn is None else qn.weight.data_ptr(),
+            k_norm=None if kn is None else kn.weight.data_ptr(),
+            qkv=qkv,
+            o=o,
+            gate_up=gate_up,
+            down=down,
+            k_cache=k_cache.data_ptr(),
+            v_cache=v_cache.data_ptr(),
         )
 
 
@@ -79,10 +104,13 @@ class Transformer(nn.Module):
         self.embed = nn.Embedding(c.vocab_size, c.hidden_size)
         self.layers = nn.ModuleList(DecoderLayer(c, i) for i in range(c.num_layers))
         self.norm = RMSNorm(c.hidden_size, c.rms_norm_eps)
-        self.lm_head = None if c.tie_word_embeddings else nn.Linear(c.hidden_size, c.vocab_size, bias=False)
+        # An nn.Linear until quantization swaps in another module (see nanoinfer.quant).
+        self.lm_head: nn.Module | None = (
+            None if c.tie_word_embeddings else nn.Linear(c.hidden_size, c.vocab_size, bias=False)
+        )
         self.rope, self.local_rope = self._make_ropes()
-        self._stack_key: tuple | None = None  # what _fused_stack's pointer table was built for
-        self._stack = None
+        self._stack_key: tuple[int, ...] | None = None  # what _fused_stack's pointer table was built for
+        self._stack: ctypes.Array[DecodeLayer] | None = None
         # Activations' dtype; weights may be stored narrower (see quant.store_weights_16bit).
         self.activation_dtype = torch.float32
 
@@ -96,6 +124,11 @@ class Transformer(nn.Module):
         return rope, local
 
     @property
+    def decoder_layers(self) -> Iterable[DecoderLayer]:
+        """`layers`, typed as what it holds (to a type checker an nn.ModuleList holds any Module)."""
+        return cast("Iterable[DecoderLayer]", self.layers)
+
+    @property
     def dtype(self) -> torch.dtype:
         """The activations' (and KV cache's) dtype."""
         return self.activation_dtype
@@ -105,7 +138,9 @@ class Transformer(nn.Module):
         return self.embed.weight.device
 
     @classmethod
-    def from_package(cls, package: "ModelPackage", dtype: torch.dtype = torch.float32, device="cpu") -> "Transformer":
+    def from_package(
+        cls, package: ModelPackage, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"
+    ) -> Transformer:
         """Build the model described by a loaded package and fill in its weights."""
         with torch.device("meta"):  # no time spent on random init of weights we overwrite
             model = cls(package.config)
@@ -117,7 +152,7 @@ class Transformer(nn.Module):
         return model.eval()
 
     @torch.inference_mode()
-    def forward(self, batch: ForwardBatch, kv: "PagedKVCache") -> torch.Tensor:
+    def forward(self, batch: ForwardBatch, kv: PagedKVCache) -> torch.Tensor:
         """Run one step; returns float32 logits [rows, vocab] for batch.logits_indices (or every row)."""
         x = self.embed(batch.input_ids).to(self.activation_dtype)
         if self.config.embedding_scale != 1.0:
@@ -128,32 +163,50 @@ class Transformer(nn.Module):
         if fused is not None:
             x = fused
         else:
-            for i, layer in enumerate(self.layers):
+            for i, layer in enumerate(self.decoder_layers):
                 x = layer(x, local if layer.attn.sliding else rope, batch, kv.k[i], kv.v[i])
         if batch.logits_indices is not None:
             x = x[batch.logits_indices]
         return self.compute_logits(self.norm(x))
 
-    def _fused_stack(self, x: torch.Tensor, rope, batch: ForwardBatch, kv: "PagedKVCache") -> torch.Tensor | None:
+    def _fused_stack(
+        self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], batch: ForwardBatch, kv: PagedKVCache
+    ) -> torch.Tensor | None:
         """Every layer in one C call (`decode_layers`) when each can run fused; None otherwise.
 
         Only decode rows, float32, one RoPE table, every layer int4 on our kernel without
-        post-norms. At batch 1 per-layer calls from Python cost ~0.45 ms of a ~7.5 ms step.
+        post-norms. At batch 1 Python dispatch is a large share of a step (docs/performance.md,
+        "Fused decode stack").
         """
-        if (self.local_rope is not None or batch.num_decode != x.shape[0] or x.dtype != torch.float32
-                or kv.k[0].dtype not in KV_DTYPES or not x.is_contiguous()):
+        if (
+            self.local_rope is not None
+            or batch.num_decode != x.shape[0]
+            or x.dtype != torch.float32
+            or kv.k[0].dtype not in KV_DTYPES
+            or not x.is_contiguous()
+        ):
             return None
-        plans = [layer._fused_plan() for layer in self.layers]  # cached; rechecks the modules
-        if any(plan is None for plan in plans):
+        maybe_plans = [layer._fused_plan() for layer in self.decoder_layers]  # cached; rechecks the modules
+        plans = [plan for plan in maybe_plans if plan is not None]
+        if len(plans) != len(maybe_plans):
             return None
         key = (*(t.data_ptr() for t in (*kv.k, *kv.v)), *(lin.packed.data_ptr() for p in plans for lin in p[1]))
-        if self._stack_key != key:  # weights or cache moved: rebuild the pointer table
-            layers = [layer._describe(p[1], kv.k[i], kv.v[i]) for i, (layer, p) in enumerate(zip(self.layers, plans))]
+        if self._stack is None or self._stack_key != key:  # weights or cache moved: rebuild the pointer table
+            layers = [
+                layer._describe(p[1], kv.k[i], kv.v[i]) for i, (layer, p) in enumerate(zip(self.decoder_layers, plans))
+            ]
             self._stack, self._stack_key = (DecodeLayer * len(layers))(*layers), key
         # The RoPE tables live until forward returns, as long as this description is used.
-        step = DecodeStep(rope[0].data_ptr(), rope[1].data_ptr(), batch.slot_mapping.data_ptr(),
-                          batch.block_tables.data_ptr(), batch.ctx_lens.data_ptr(),
-                          batch.block_tables.shape[1], batch.block_size, kv_half(kv.k[0]))
+        step = DecodeStep(
+            rope[0].data_ptr(),
+            rope[1].data_ptr(),
+            batch.slot_mapping.data_ptr(),
+            batch.block_tables.data_ptr(),
+            batch.ctx_lens.data_ptr(),
+            batch.block_tables.shape[1],
+            batch.block_size,
+            kv_half(kv.k[0]),
+        )
         out = x.clone()
         plans[0][0].decode_layers(self._stack, step, out)
         return out
@@ -170,7 +223,7 @@ class Transformer(nn.Module):
     def score(self, input_ids: list[int], kv_dtype: torch.dtype | None = None) -> torch.Tensor:
         """Logits [T, vocab] for every position of one sequence, with a throwaway KV cache (in the
         activations' dtype unless `kv_dtype` is given)."""
-        from nanoinfer.engine.kv_cache import PagedKVCache
+        from nanoinfer.model.kv_cache import PagedKVCache
 
         block_size = 16
         num_blocks = (len(input_ids) + block_size - 1) // block_size

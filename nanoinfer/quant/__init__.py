@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -10,10 +12,14 @@ from nanoinfer.quant.half import HalfLinear
 from nanoinfer.quant.int4 import Int4Linear, dequantize_int4, quantize_int4
 from nanoinfer.quant.int8 import Int8Linear, dequantize_int8, quantize_int8
 
+if TYPE_CHECKING:
+    from nanoinfer.model.transformer import Transformer
+
 METHODS = ("none", "int8", "int4")
 DEFAULT_GROUP_SIZE = 32
 # The quantized head is int8 in groups of 32: GGUF embeddings are often Q8_0 (the same format),
-# which then round-trips exactly. Per-channel int8 here cost 1.2-2.9 points of top-1 agreement.
+# which then round-trips exactly; per-channel int8 cost agreement (docs/performance.md,
+# "Quantization quality").
 HEAD_GROUP_SIZE = 32
 # The projections of every decoder layer; embeddings and norms stay in float.
 _LAYER_LINEARS = ("attn.qkv_proj", "attn.o_proj", "mlp.gate_up_proj", "mlp.down_proj")
@@ -33,7 +39,7 @@ __all__ = [
 ]
 
 
-def _quantize_linear(linear: nn.Linear, method: str, group_size: int) -> nn.Module:
+def _quantize_linear(linear: nn.Linear, method: str, group_size: int) -> Int8Linear | Int4Linear:
     """The quantized replacement of one nn.Linear (int8: per output channel, whatever group_size)."""
     if method == "int8":
         return Int8Linear.from_linear(linear)
@@ -41,9 +47,12 @@ def _quantize_linear(linear: nn.Linear, method: str, group_size: int) -> nn.Modu
 
 
 def quantize_model(
-    model: nn.Module, method: str, group_size: int = DEFAULT_GROUP_SIZE, quantize_head: bool = True,
+    model: Transformer,
+    method: str,
+    group_size: int = DEFAULT_GROUP_SIZE,
+    quantize_head: bool = True,
     dense_above_rows: int | None = None,
-) -> nn.Module:
+) -> Transformer:
     """Replace each layer's qkv/o/gate_up/down nn.Linear, and the LM head, in place.
 
     The head is always group-wise int8 (a 49k x 576 head in int4 costs noticeably more quality
@@ -51,9 +60,9 @@ def quantize_model(
     for lookups.
     `dense_above_rows`: batches with more rows than this run a float copy of the dequantized
     weight, because on CPUs without native bf16 matmul torch's int8 kernel loses to fp32 GEMM at
-    large batch (measured: 1.3-1.6x slower at 64 rows). Costs the float weights' memory. Layers
+    large batch (docs/performance.md, "int8 matmul"). Costs the float weights' memory. Layers
     on our C kernels need no copy: their integer dot products beat fp32 GEMM at every batch size
-    (`python -m benchmarks.kernels`).
+    (`python -m nanoinfer.bench.kernels`).
     """
     if method not in METHODS:
         raise ValueError(f"unknown quantization method {method!r}; expected one of {', '.join(METHODS)}")
@@ -79,7 +88,7 @@ def quantize_model(
     return model
 
 
-def store_weights_16bit(model: nn.Module, dtype: torch.dtype) -> nn.Module:
+def store_weights_16bit(model: Transformer, dtype: torch.dtype) -> Transformer:
     """Keep the float weights that quantization left (projections, head, embedding, the float
     copies for large batches) in `dtype`.
 
@@ -109,7 +118,9 @@ class DenseForLargeBatch(nn.Module):
     """A quantized linear for small batches (decode), a dequantized float copy (`dense`, [N, K],
     run by F.linear) for large ones."""
 
-    def __init__(self, quantized: nn.Module, dense_weight: torch.Tensor, dense_above_rows: int):
+    dense: torch.Tensor  # a buffer
+
+    def __init__(self, quantized: Int8Linear | Int4Linear, dense_weight: torch.Tensor, dense_above_rows: int):
         super().__init__()
         self.quantized = quantized
         self.dense_above_rows = dense_above_rows
@@ -128,7 +139,7 @@ class DenseForLargeBatch(nn.Module):
         return F.linear(x, self.dense.to(x.dtype), bias)
 
 
-def _on_our_kernels(quantized: nn.Module) -> bool:
+def _on_our_kernels(quantized: Int8Linear | Int4Linear) -> bool:
     """Whether a quantized layer runs our C kernels, which need no float copy at any batch size."""
     if isinstance(quantized, Int4Linear):
         return quantized.backend == "c"
@@ -136,7 +147,7 @@ def _on_our_kernels(quantized: nn.Module) -> bool:
 
 
 def _maybe_dense(
-    quantized: nn.Module, linear: nn.Linear, group_size: int | None, dense_above_rows: int | None
+    quantized: Int8Linear | Int4Linear, linear: nn.Linear, group_size: int | None, dense_above_rows: int | None
 ) -> nn.Module:
     if dense_above_rows is None or _on_our_kernels(quantized):
         return quantized
@@ -146,7 +157,7 @@ def _maybe_dense(
     if isinstance(quantized, Int8Linear):
         dense = dequantize_int8(*quantize_int8(w, None if quantized.scales.dim() == 1 else group_size))
     else:
-        dense = dequantize_int4(*quantize_int4(w, group_size), group_size)
+        dense = dequantize_int4(*quantize_int4(w, quantized.group_size), quantized.group_size)
     return DenseForLargeBatch(quantized, dense.to(w.dtype), dense_above_rows)
 
 
@@ -155,7 +166,7 @@ def weight_bytes(model: nn.Module) -> int:
 
     A tensor shared by two modules (a tied 16-bit head and the embedding) counts once.
     """
-    tensors = list(model.parameters())
+    tensors: list[torch.Tensor] = list(model.parameters())
     for module in model.modules():
         if isinstance(module, (Int8Linear, Int4Linear, DenseForLargeBatch, HalfLinear)):
             tensors += [b for b in module.buffers(recurse=False) if b is not None]

@@ -1,10 +1,9 @@
 """16-bit weight storage with float32 activations: what `--dtype bfloat16` means on CPU.
 
 AVX2 CPUs have no bfloat16 arithmetic: a bf16 matmul widens both operands to float32 anyway, so
-rounding the activations (and the residual stream) to bf16 only adds error. Measured on
-SmolLM2-135M, bf16 activations agree with float32 on 96.9% of greedy top-1 positions; bf16
-weights with float32 activations on 99.5%. So, like llama.cpp, we keep the weights in 16 bits
-(half the memory and bandwidth) and everything else in float32.
+rounding the activations (and the residual stream) to bf16 only adds error, several times what
+bf16 weights alone cost (docs/performance.md, "Quantization quality"). So, like llama.cpp, we
+keep the weights in 16 bits (half the memory and bandwidth) and everything else in float32.
 
 bfloat16 is the top half of a float32, so the C kernel widens each weight exactly with a shift.
 """
@@ -18,13 +17,15 @@ from torch import nn
 from nanoinfer.kernels import kernels
 
 # Above this many rows, widening the whole weight once and calling fp32 GEMM takes over from the
-# row-tiled C kernel (measured on 1728x576, 3072x576, 576x1536, 49152x576: the kernel is 1.1-7x
-# faster at 16 rows and below, about level at 64, 2.5-3x slower at 512).
+# row-tiled C kernel, which wins on small batches only (docs/performance.md, "bf16 matmul").
 KERNEL_MAX_ROWS = 32
 
 
 class HalfLinear(nn.Module):
     """Drop-in for nn.Linear holding a bfloat16 or float16 weight; computes in the input's dtype."""
+
+    weight: torch.Tensor  # buffers
+    bias: torch.Tensor | None
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None):
         super().__init__()
@@ -33,7 +34,7 @@ class HalfLinear(nn.Module):
         self.register_buffer("bias", None if bias is None else bias.detach().float().clone())
 
     @classmethod
-    def from_linear(cls, linear: nn.Linear, dtype: torch.dtype) -> "HalfLinear":
+    def from_linear(cls, linear: nn.Linear, dtype: torch.dtype) -> HalfLinear:
         return cls(linear.weight.detach().to(dtype), linear.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -48,5 +49,7 @@ class HalfLinear(nn.Module):
         return out.reshape(*lead, self.out_features)
 
     def extra_repr(self) -> str:
-        return (f"in_features={self.in_features}, out_features={self.out_features}, "
-                f"bias={self.bias is not None}, dtype={self.weight.dtype}")
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, "
+            f"bias={self.bias is not None}, dtype={self.weight.dtype}"
+        )

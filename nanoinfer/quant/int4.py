@@ -5,8 +5,8 @@ Our mapping (per group of `group_size` consecutive input features of one output 
     q = clamp(round(w / scale + zero_point), 0, 15),  w ~= (q - zero_point) * scale
 so every element is within scale / 2 of its original. The zero point is not rounded to an
 integer (the kernel stores it as a float offset anyway): then a group that was already 4-bit
-with a float minimum, as GGUF's Q4_1 is, requantizes without loss (measured on SmolLM2: int4
-perplexity +25% with a rounded zero point, see `nanoinfer bench --quality` for the current figure).
+with a float minimum, as GGUF's Q4_1 is, requantizes without loss (a rounded zero point cost
+SmolLM2 a lot of perplexity: docs/performance.md, "Quantization quality").
 
 torch's CPU kernel (`aten._weight_int4pack_mm_for_cpu`, torch 2.13) dequantizes as
     w = (q - 8) * scale + zero
@@ -17,9 +17,9 @@ need not fit in 4 bits: a group of all-positive weights keeps its full 16 levels
 
 Kernel rules found by experiment (torch 2.13, AVX2): group size in {32, 64, 128, 256},
 K % group_size == 0, N % 16 == 0, activations f32/f16/bf16 with scales_and_zeros in the same
-dtype. Its float32 path is scalar code (measured 10-100x slower than an fp32 nn.Linear), so
-float32 activations are rounded to bf16 for the kernel unless `exact_fp32` is set; the rounding
-(~0.2%) is far below the int4 weight error.
+dtype. Its float32 path is scalar code, far slower than an fp32 nn.Linear (docs/performance.md,
+"Kernels"), so float32 activations are rounded to bf16 for the kernel unless `exact_fp32` is set;
+that rounding is far below the int4 weight error.
 """
 
 from __future__ import annotations
@@ -99,7 +99,8 @@ def _pack_panels(q: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor) -> t
     v = q.view(blocks, Q4_COLS, groups, 2, 4, 4).permute(0, 2, 3, 4, 1, 5)  # b, g, half, jj, c, i
     weight = v[:, :, 0] | (v[:, :, 1] << 4)  # [B, G, 4, 8, 4]
     parts = [weight.reshape(blocks, groups, 128)] + [
-        t.view(blocks, Q4_COLS, groups).transpose(1, 2).contiguous().view(torch.uint8) for t in (scales, mins)]
+        t.view(blocks, Q4_COLS, groups).transpose(1, 2).contiguous().view(torch.uint8) for t in (scales, mins)
+    ]
     spans = chunk_spans(blocks, Q4_CHUNK)
     return torch.cat([torch.cat([_chunked(t[b0:b1], c) for t in parts], dim=-1).reshape(-1) for b0, b1, c in spans])
 
@@ -117,12 +118,13 @@ def _unpack_panels(packed: torch.Tensor, n: int, k: int) -> tuple[torch.Tensor, 
     pieces, at = [], 0
     for b0, b1, c in chunk_spans(blocks, Q4_CHUNK):
         size = (b1 - b0) * groups * record
-        rec = packed[at:at + size].view(-1, groups, c * record)
+        rec = packed[at : at + size].view(-1, groups, c * record)
         at += size
-        w = rec[..., :c * 128].reshape(-1, groups, c, 128)
-        sm = rec[..., c * 128:].contiguous().view(torch.float32).view(-1, groups, 2, c, Q4_COLS)
-        pieces.append((w.transpose(1, 2).reshape(-1, groups, 128),
-                       sm.permute(0, 3, 2, 1, 4).reshape(-1, 2, groups, Q4_COLS)))
+        w = rec[..., : c * 128].reshape(-1, groups, c, 128)
+        sm = rec[..., c * 128 :].contiguous().view(torch.float32).view(-1, groups, 2, c, Q4_COLS)
+        pieces.append(
+            (w.transpose(1, 2).reshape(-1, groups, 128), sm.permute(0, 3, 2, 1, 4).reshape(-1, 2, groups, Q4_COLS))
+        )
     w = torch.cat([p[0] for p in pieces])  # [B, G, 128]
     sm = torch.cat([p[1] for p in pieces])  # [B, 2, G, 8]
     v = w.view(blocks, groups, 4, Q4_COLS, 4)  # b, g, jj, c, i
@@ -150,11 +152,14 @@ def _check_backend(backend: str, out_features: int, in_features: int, group_size
     if device.type != "cpu":
         raise ValueError(f"the int4 backend {backend!r} runs on CPU only, not {device.type}")
     if backend == "c" and not (group_size == Q4_GROUP and in_features % Q4_GROUP == 0 and kernels() is not None):
-        raise ValueError(f"the 'c' int4 backend needs group size {Q4_GROUP}, in_features a multiple of it and "
-                         f"built kernels (got group {group_size}, in_features {in_features})")
+        raise ValueError(
+            f"the 'c' int4 backend needs group size {Q4_GROUP}, in_features a multiple of it and "
+            f"built kernels (got group {group_size}, in_features {in_features})"
+        )
     if backend == "torch" and not int4_kernel_fits(out_features, in_features, group_size):
-        raise ValueError(f"torch's int4 kernel cannot run a {out_features}x{in_features} weight "
-                         f"with group size {group_size}")
+        raise ValueError(
+            f"torch's int4 kernel cannot run a {out_features}x{in_features} weight with group size {group_size}"
+        )
 
 
 class Int4Linear(nn.Module):
@@ -167,6 +172,10 @@ class Int4Linear(nn.Module):
     - "torch": `_weight_int4pack_mm_for_cpu` on torch's opaque packed layout, activations in bf16.
     - "dequant": plain nibbles; each call dequantizes, then runs F.linear (any device, any shape).
     """
+
+    packed: torch.Tensor  # buffers; scales_and_zeros only off the "c" backend (its scales are in `packed`)
+    scales_and_zeros: torch.Tensor
+    bias: torch.Tensor | None
 
     def __init__(
         self,
@@ -208,7 +217,7 @@ class Int4Linear(nn.Module):
         return self.backend != "dequant"
 
     @classmethod
-    def from_linear(cls, linear: nn.Linear, group_size: int = 32, backend: str | None = None) -> "Int4Linear":
+    def from_linear(cls, linear: nn.Linear, group_size: int = 32, backend: str | None = None) -> Int4Linear:
         """Quantize an existing nn.Linear (its dtype becomes the compute dtype)."""
         q, scales, zero_points = quantize_int4(linear.weight, group_size)
         return cls(q, scales, zero_points, group_size, linear.bias, linear.weight.dtype, backend)
@@ -245,7 +254,9 @@ class Int4Linear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.backend == "c" and x.dtype == torch.float32 and x.dim() == 2 and not self.exact_fp32:
             # The decode hot path (~120 calls per token): straight to the kernel.
-            return kernels().q4_matmul(x.contiguous(), self.packed, self.out_features, self.bias)
+            ours = kernels()
+            assert ours is not None  # the "c" backend is chosen only where the kernels loaded
+            return ours.q4_matmul(x.contiguous(), self.packed, self.out_features, self.bias)
         lead = x.shape[:-1]
         x2 = x.reshape(-1, self.in_features)
         if x2.shape[0] == 0:
@@ -255,7 +266,9 @@ class Int4Linear(nn.Module):
             out = F.linear(x2, self.dequantize(x.dtype), bias)
         elif self.backend == "c":
             bias = None if self.bias is None else self.bias.float()
-            out = kernels().q4_matmul(x2.float().contiguous(), self.packed, self.out_features, bias).to(x.dtype)
+            ours = kernels()
+            assert ours is not None
+            out = ours.q4_matmul(x2.float().contiguous(), self.packed, self.out_features, bias).to(x.dtype)
         else:
             out = self._torch_kernel(x2)
         return out.reshape(*lead, self.out_features)

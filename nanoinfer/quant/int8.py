@@ -9,13 +9,13 @@ On CPU the matmul is our C kernel (nanoinfer/kernels) when it could be built and
 number of groups of 32: the weight in its panel layout (`pack_panels`), activations rounded to
 int16 per group of 32 (an error of at most 2^-16 of the group's largest value, far below the
 weights' own rounding), integer dot products, float32 results. It beats float32 F.linear on the
-dequantized weights at every batch size (`python -m benchmarks.kernels`), so no float copy is
+dequantized weights at every batch size (`python -m nanoinfer.bench.kernels`), so no float copy is
 kept. Else (per-channel only) torch's `_weight_int8pack_mm(x [M, K], q int8 [N, K], scales [N])`,
 which wants x and scales in the same dtype (f32, f16 or bf16); elsewhere we dequantize and call
 F.linear.
 
-torch's float32 path of that kernel is scalar code on AVX2 (measured 2-70x slower than an fp32
-nn.Linear, worse as the batch grows), while its bf16 path is vectorized. So float32 activations
+torch's float32 path of that kernel is scalar code on AVX2, far slower than an fp32 nn.Linear
+(docs/performance.md, "Kernels"), while its bf16 path is vectorized. So float32 activations
 are rounded to bf16 for the kernel and the result cast back, unless `exact_fp32` is set, which
 dequantizes to float32 and calls F.linear instead.
 """
@@ -70,15 +70,21 @@ def pack_panels(q: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
     weight = q.view(panels, Q8_COLS, groups, 16, 2).permute(0, 2, 3, 1, 4).reshape(panels, groups, 256)
     scale_bytes = scales.view(panels, Q8_COLS, groups).transpose(1, 2).contiguous().view(torch.uint8)
     records = torch.cat([weight.view(torch.uint8), scale_bytes], dim=-1)  # [P, G, record]
-    return torch.cat([records[p0:p1].view(-1, c, groups, _RECORD).transpose(1, 2).reshape(-1)
-                      for p0, p1, c in chunk_spans(panels, Q8_CHUNK)])
+    return torch.cat(
+        [
+            records[p0:p1].view(-1, c, groups, _RECORD).transpose(1, 2).reshape(-1)
+            for p0, p1, c in chunk_spans(panels, Q8_CHUNK)
+        ]
+    )
 
 
 def unpack_panels(packed: torch.Tensor, n: int, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Inverse of pack_panels: (q int8 [N, K], scales [N, K/32])."""
     panels, groups = -(-n // Q8_COLS), k // Q8_GROUP
-    chunks = [packed[p0 * groups * _RECORD:p1 * groups * _RECORD].view(-1, groups, c, _RECORD)
-              for p0, p1, c in chunk_spans(panels, Q8_CHUNK)]
+    chunks = [
+        packed[p0 * groups * _RECORD : p1 * groups * _RECORD].view(-1, groups, c, _RECORD)
+        for p0, p1, c in chunk_spans(panels, Q8_CHUNK)
+    ]
     records = torch.cat([chunk.transpose(1, 2).reshape(-1, groups, _RECORD) for chunk in chunks])
     q = records[..., :256].view(torch.int8).reshape(-1, groups, 16, Q8_COLS, 2).permute(0, 3, 1, 2, 4)
     scales = records[..., 256:].contiguous().view(torch.float32).transpose(1, 2)
@@ -96,6 +102,12 @@ def int8_kernel_supported(device: torch.device, dtype: torch.dtype, in_features:
 class Int8Linear(nn.Module):
     """Drop-in for nn.Linear with int8 weights and per-output-channel (or per-group) scales."""
 
+    # Buffers. Exactly one of panels (our kernel's layout) and q_rows holds the weight.
+    scales: torch.Tensor
+    bias: torch.Tensor | None
+    panels: torch.Tensor | None
+    q_rows: torch.Tensor | None
+
     def __init__(self, q: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None, dtype: torch.dtype):
         super().__init__()
         self.out_features, self.in_features = q.shape
@@ -112,7 +124,7 @@ class Int8Linear(nn.Module):
         self._scales_cast: dict[torch.dtype, torch.Tensor] = {}  # scales in other activation dtypes
 
     @classmethod
-    def from_linear(cls, linear: nn.Linear, group_size: int | None = None) -> "Int8Linear":
+    def from_linear(cls, linear: nn.Linear, group_size: int | None = None) -> Int8Linear:
         """Quantize an existing nn.Linear (its dtype becomes the compute dtype)."""
         q, scales = quantize_int8(linear.weight, group_size)
         return cls(q, scales, linear.bias, linear.weight.dtype)
@@ -121,6 +133,7 @@ class Int8Linear(nn.Module):
     def q(self) -> torch.Tensor:
         """The int8 weight [N, K] (read back from the kernel's panels where they hold it)."""
         if self.panels is None:
+            assert self.q_rows is not None
             return self.q_rows
         return unpack_panels(self.panels, self.out_features, self.in_features)[0]
 
@@ -134,7 +147,9 @@ class Int8Linear(nn.Module):
         exact = x.dtype == torch.float32 and self.exact_fp32
         if self.panels is not None and self.use_kernel and not exact and x.device.type == "cpu" and x2.shape[0] > 0:
             bias = None if self.bias is None else self.bias.float()
-            out = kernels().q8_matmul(x2.float().contiguous(), self.panels, self.out_features, bias).to(x.dtype)
+            ours = kernels()
+            assert ours is not None  # panels are packed only where the kernels loaded
+            out = ours.q8_matmul(x2.float().contiguous(), self.panels, self.out_features, bias).to(x.dtype)
             return out.reshape(*lead, self.out_features)
         # fp32 goes through the bf16 kernel (fast) unless asked to stay exact (then: dequantize).
         cdtype = torch.bfloat16 if x.dtype == torch.float32 else x.dtype

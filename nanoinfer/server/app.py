@@ -29,8 +29,9 @@ from nanoinfer.server.state import ServerConfig, ServerState
 log = logging.getLogger("nanoinfer.server")
 
 
-def create_app(engine: LLMEngine | None, config: ServerConfig,
-               loader: Callable[[], LLMEngine] | None = None) -> FastAPI:
+def create_app(
+    engine: LLMEngine | None, config: ServerConfig, loader: Callable[[], LLMEngine] | None = None
+) -> FastAPI:
     """The HTTP app over `engine`, or over what `loader` returns, loaded in a thread at startup."""
     state = ServerState(config)
 
@@ -74,8 +75,7 @@ def _uvicorn_server(app: FastAPI, config: ServerConfig):  # -> uvicorn.Server (i
             finally:
                 self.should_exit = True  # not the signal: uvicorn would re-raise it and exit non-zero
 
-    uv_config = uvicorn.Config(app, host=config.host, port=config.port, log_level="info",
-                               timeout_graceful_shutdown=5)
+    uv_config = uvicorn.Config(app, host=config.host, port=config.port, log_level="info", timeout_graceful_shutdown=5)
     return DrainingServer(uv_config)
 
 

@@ -71,23 +71,38 @@ def _max_tokens(requested: int | None, prompt_len: int, max_model_len: int) -> i
     if requested is None:
         return max(max_model_len - prompt_len, 1)  # a prompt that fills the window fails validation
     if prompt_len < max_model_len and prompt_len + requested > max_model_len:
-        raise APIError(400, f"This model's maximum context length is {max_model_len} tokens. However, you requested "
-                            f"{prompt_len + requested} tokens ({prompt_len} in the prompt, {requested} for the "
-                            f"completion). Please reduce the prompt or max_tokens.",
-                       param="max_tokens", code="context_length_exceeded")
+        raise APIError(
+            400,
+            f"This model's maximum context length is {max_model_len} tokens. However, you requested "
+            f"{prompt_len + requested} tokens ({prompt_len} in the prompt, {requested} for the "
+            f"completion). Please reduce the prompt or max_tokens.",
+            param="max_tokens",
+            code="context_length_exceeded",
+        )
     return requested
 
 
-def _sampling_params(engine: LLMEngine, body: SamplingFields, ids: list[int], requested: int | None,
-                     logprobs: int | None) -> SamplingParams:
+def _sampling_params(
+    engine: LLMEngine, body: SamplingFields, ids: list[int], requested: int | None, logprobs: int | None
+) -> SamplingParams:
     """SamplingParams from the request over the model's defaults, validated with the prompt by the engine."""
     params = SamplingParams.from_request(
         defaults=engine.generation,
-        n=body.n, temperature=body.temperature, top_p=body.top_p, top_k=body.top_k, min_p=body.min_p,
-        repetition_penalty=body.repetition_penalty, presence_penalty=body.presence_penalty,
-        frequency_penalty=body.frequency_penalty, seed=body.seed, stop=body.stop,
-        stop_token_ids=body.stop_token_ids, ignore_eos=body.ignore_eos, logprobs=logprobs,
-        logit_bias=_logit_bias(body.logit_bias), skip_special_tokens=body.skip_special_tokens,
+        n=body.n,
+        temperature=body.temperature,
+        top_p=body.top_p,
+        top_k=body.top_k,
+        min_p=body.min_p,
+        repetition_penalty=body.repetition_penalty,
+        presence_penalty=body.presence_penalty,
+        frequency_penalty=body.frequency_penalty,
+        seed=body.seed,
+        stop=body.stop,
+        stop_token_ids=body.stop_token_ids,
+        ignore_eos=body.ignore_eos,
+        logprobs=logprobs,
+        logit_bias=_logit_bias(body.logit_bias),
+        skip_special_tokens=body.skip_special_tokens,
         include_stop_str_in_output=body.include_stop_str_in_output,
         max_tokens=_max_tokens(requested, len(ids), engine.max_model_len),
         # Streams take only what is new each step; whole answers wait for the end.
@@ -113,8 +128,9 @@ def message_dicts(engine: LLMEngine, messages: list[ChatMessage]) -> list[dict[s
     """Messages as the chat template wants them (content flattened to one string), within the limits."""
     limits = engine.config.limits
     if len(messages) > limits.max_messages:
-        raise APIError(400, f"{len(messages)} messages exceed this server's limit of {limits.max_messages}",
-                       param="messages")
+        raise APIError(
+            400, f"{len(messages)} messages exceed this server's limit of {limits.max_messages}", param="messages"
+        )
     out = []
     for i, m in enumerate(messages):
         content = m.content
@@ -132,8 +148,9 @@ def message_dicts(engine: LLMEngine, messages: list[ChatMessage]) -> list[dict[s
 
 def chat_prompt(engine: LLMEngine, messages: list[ChatMessage], add_generation_prompt: bool = True) -> list[int]:
     """Token ids of the messages rendered by the model's chat template."""
-    return engine.tokenizer.apply_chat_template(message_dicts(engine, messages),
-                                                add_generation_prompt=add_generation_prompt, tokenize=True)
+    return engine.tokenizer.apply_chat_template(
+        message_dicts(engine, messages), add_generation_prompt=add_generation_prompt, tokenize=True
+    )
 
 
 def chat_job(engine: LLMEngine, model: str, body: ChatCompletionRequest) -> Job:
@@ -145,8 +162,17 @@ def chat_job(engine: LLMEngine, model: str, body: ChatCompletionRequest) -> Job:
     requested = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
     logprobs = (body.top_logprobs or 0) if body.logprobs else None
     params = _sampling_params(engine, body, ids, requested, logprobs)
-    return Job(f"chatcmpl-{uuid.uuid4().hex}", model, [ids], [params], body.n, body.stream,
-               bool(body.stream_options and body.stream_options.include_usage), body.cache_salt, body.timeout)
+    return Job(
+        f"chatcmpl-{uuid.uuid4().hex}",
+        model,
+        [ids],
+        [params],
+        body.n,
+        body.stream,
+        bool(body.stream_options and body.stream_options.include_usage),
+        body.cache_salt,
+        body.timeout,
+    )
 
 
 def _completion_prompts(engine: LLMEngine, prompt: Any) -> list[list[int]]:
@@ -168,15 +194,26 @@ def completion_job(engine: LLMEngine, model: str, body: CompletionRequest) -> Jo
     """Validate a completions request (one engine request per prompt) and turn it into engine work."""
     _check_common(body)
     limit = engine.config.limits.max_choices
-    count = len(body.prompt) if isinstance(body.prompt, list) and body.prompt and \
-        not isinstance(body.prompt[0], int) else 1
+    count = (
+        len(body.prompt) if isinstance(body.prompt, list) and body.prompt and not isinstance(body.prompt[0], int) else 1
+    )
     if count * body.n > limit:
-        raise APIError(400, f"{count} prompts x n={body.n} exceeds this server's limit of {limit} choices "
-                            f"per request", param="n")
+        raise APIError(
+            400, f"{count} prompts x n={body.n} exceeds this server's limit of {limit} choices per request", param="n"
+        )
     prompts = _completion_prompts(engine, body.prompt)
     params = [_sampling_params(engine, body, ids, body.max_tokens, body.logprobs) for ids in prompts]
-    return Job(f"cmpl-{uuid.uuid4().hex}", model, prompts, params, body.n, body.stream,
-               bool(body.stream_options and body.stream_options.include_usage), body.cache_salt, body.timeout)
+    return Job(
+        f"cmpl-{uuid.uuid4().hex}",
+        model,
+        prompts,
+        params,
+        body.n,
+        body.stream,
+        bool(body.stream_options and body.stream_options.include_usage),
+        body.cache_salt,
+        body.timeout,
+    )
 
 
 def prompt_texts(engine: LLMEngine, body: CompletionRequest, job: Job) -> list[str]:
@@ -184,7 +221,7 @@ def prompt_texts(engine: LLMEngine, body: CompletionRequest, job: Job) -> list[s
     if isinstance(body.prompt, str):
         return [body.prompt]
     if body.prompt and isinstance(body.prompt[0], str):
-        return list(body.prompt)  # type: ignore[arg-type]
+        return list(body.prompt)
     return [engine.tokenizer.decode(ids) for ids in job.prompts]
 
 
@@ -198,13 +235,15 @@ def chat_logprobs(texts: TokenTexts, token_ids: list[int], logprobs: list[dict[i
         text, raw = texts(token_id)
         best = sorted(entry.items(), key=lambda kv: -kv[1])[:k]
         top = [TopLogprob(token=texts(t)[0], logprob=clamp(lp), bytes=texts(t)[1]) for t, lp in best]
-        content.append(TokenLogprob(token=text, logprob=clamp(entry.get(token_id, MIN_LOGPROB)), bytes=raw,
-                                    top_logprobs=top))
+        content.append(
+            TokenLogprob(token=text, logprob=clamp(entry.get(token_id, MIN_LOGPROB)), bytes=raw, top_logprobs=top)
+        )
     return ChatLogprobs(content=content)
 
 
-def completion_logprobs(texts: TokenTexts, token_ids: list[int], logprobs: list[dict[int, float] | None],
-                        offset: int) -> CompletionLogprobs:
+def completion_logprobs(
+    texts: TokenTexts, token_ids: list[int], logprobs: list[dict[int, float] | None], offset: int
+) -> CompletionLogprobs:
     """Legacy completions logprobs; `None` entries (echoed prompt tokens) have no logprob."""
     out = CompletionLogprobs()
     for token_id, entry in zip(token_ids, logprobs):
@@ -227,25 +266,38 @@ def usage(job: Job, finals: dict[int, RequestOutput]) -> Usage:
     prompt = sum(len(ids) for ids in job.prompts)
     completion = sum(len(c.token_ids) for out in finals.values() for c in out.outputs)
     cached = sum(out.num_cached_tokens for out in finals.values())
-    return Usage(prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion,
-                 prompt_tokens_details=PromptTokensDetails(cached_tokens=cached))
+    return Usage(
+        prompt_tokens=prompt,
+        completion_tokens=completion,
+        total_tokens=prompt + completion,
+        prompt_tokens_details=PromptTokensDetails(cached_tokens=cached),
+    )
 
 
-def chat_response(job: Job, finals: dict[int, RequestOutput], texts: TokenTexts,
-                  top: int | None) -> ChatCompletionResponse:
+def chat_response(
+    job: Job, finals: dict[int, RequestOutput], texts: TokenTexts, top: int | None
+) -> ChatCompletionResponse:
     """The non-streamed chat.completion body."""
     choices = []
     for out in finals.values():
         for c in out.outputs:
             logprobs = chat_logprobs(texts, c.token_ids, c.logprobs, top or 0) if c.logprobs is not None else None
-            choices.append(ChatChoice(index=c.index, message=ChatResponseMessage(content=c.text),
-                                      logprobs=logprobs, finish_reason=c.finish_reason))
-    return ChatCompletionResponse(id=job.id, model=job.model, choices=sorted(choices, key=lambda c: c.index),
-                                  usage=usage(job, finals))
+            choices.append(
+                ChatChoice(
+                    index=c.index,
+                    message=ChatResponseMessage(content=c.text),
+                    logprobs=logprobs,
+                    finish_reason=c.finish_reason,
+                )
+            )
+    return ChatCompletionResponse(
+        id=job.id, model=job.model, choices=sorted(choices, key=lambda c: c.index), usage=usage(job, finals)
+    )
 
 
-def completion_response(job: Job, finals: dict[int, RequestOutput], texts: TokenTexts, echo: list[str] | None,
-                        want_logprobs: bool) -> CompletionResponse:
+def completion_response(
+    job: Job, finals: dict[int, RequestOutput], texts: TokenTexts, echo: list[str] | None, want_logprobs: bool
+) -> CompletionResponse:
     """The non-streamed text_completion body (echo and logprobs included)."""
     choices = []
     for i, out in sorted(finals.items()):
@@ -256,7 +308,11 @@ def completion_response(job: Job, finals: dict[int, RequestOutput], texts: Token
                 ids = (job.prompts[i] if echo else []) + c.token_ids
                 entries = [None] * (len(ids) - len(c.token_ids)) + list(c.logprobs or [])
                 logprobs = completion_logprobs(texts, ids, entries, 0)
-            choices.append(CompletionChoice(index=i * job.n + c.index, text=prefix + c.text, logprobs=logprobs,
-                                            finish_reason=c.finish_reason))
-    return CompletionResponse(id=job.id, model=job.model, choices=sorted(choices, key=lambda c: c.index),
-                              usage=usage(job, finals))
+            choices.append(
+                CompletionChoice(
+                    index=i * job.n + c.index, text=prefix + c.text, logprobs=logprobs, finish_reason=c.finish_reason
+                )
+            )
+    return CompletionResponse(
+        id=job.id, model=job.model, choices=sorted(choices, key=lambda c: c.index), usage=usage(job, finals)
+    )

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hmac
 import logging
+from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -26,18 +27,40 @@ OPEN_PATHS = {"/health", "/metrics"}
 RETRY_AFTER_SECONDS = 1  # what a 503 for a full queue suggests
 
 
+# What every API route may answer besides its 200, for the OpenAPI schema: OpenAI error bodies with
+# 400 (bad input), 401 (API key), 404 (model), 405, 408 (timeout), 413 (body size), and 503
+# (loading, draining, dead engine, full queue).
+ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
+    "4XX": {"model": ErrorResponse, "description": "The request cannot be served as sent"},
+    503: {"model": ErrorResponse, "description": "Not serving now (loading, shutting down, busy: see Retry-After)"},
+}
+
+
 class APIError(Exception):
     """An error with its HTTP status, rendered as {"error": {message, type, param, code}}."""
 
-    def __init__(self, status: int, message: str, type: str = "invalid_request_error",
-                 param: str | None = None, code: str | int | None = None, headers: dict[str, str] | None = None):
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        type: str = "invalid_request_error",
+        param: str | None = None,
+        code: str | int | None = None,
+        headers: dict[str, str] | None = None,
+    ):
         super().__init__(message)
         self.status, self.message, self.type, self.param, self.code = status, message, type, param, code
         self.headers = headers
 
 
-def error_response(status: int, message: str, type: str, param: str | None = None,
-                   code: str | int | None = None, headers: dict[str, str] | None = None) -> JSONResponse:
+def error_response(
+    status: int,
+    message: str,
+    type: str,
+    param: str | None = None,
+    code: str | int | None = None,
+    headers: dict[str, str] | None = None,
+) -> JSONResponse:
     """The JSON error body OpenAI clients expect."""
     body = ErrorResponse(error=ErrorInfo(message=message, type=type, param=param, code=code))
     return JSONResponse(body.model_dump(), status_code=status, headers=headers)
@@ -88,7 +111,9 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(StarletteHTTPException)
     async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
         code = "request_too_large" if exc.status_code == 413 else None  # raised by BodySizeMiddleware
-        return error_response(exc.status_code, str(exc.detail), "invalid_request_error", code=code)
+        return error_response(
+            exc.status_code, str(exc.detail), "invalid_request_error", code=code, headers=getattr(exc, "headers", None)
+        )  # e.g. Allow on a 405
 
     async def _mapped(_: Request, exc: Exception) -> JSONResponse:
         error = as_api_error(exc)
@@ -99,7 +124,7 @@ def install_error_handlers(app: FastAPI) -> None:
     # Known kinds, each registered by class: Starlette re-raises whatever reaches its catch-all
     # `Exception` handler, which would print a traceback for a plain 400.
     for kind in (APIError, NanoInferError, ValueError, TimeoutError):
-        app.add_exception_handler(kind, _mapped)  # type: ignore[arg-type]
+        app.add_exception_handler(kind, _mapped)
     app.add_exception_handler(Exception, _mapped)  # a bug: a 500 body, and the traceback in the log
 
 
@@ -112,8 +137,12 @@ class APIKeyMiddleware:
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         key = self.api_key
         if scope["type"] == "http" and key and scope["path"] not in OPEN_PATHS and not _authorized(scope, key):
-            response = error_response(401, "missing or invalid API key (send `Authorization: Bearer KEY`)",
-                                      "authentication_error", code="invalid_api_key")
+            response = error_response(
+                401,
+                "missing or invalid API key (send `Authorization: Bearer KEY`)",
+                "authentication_error",
+                code="invalid_api_key",
+            )
             await response(scope, receive, send)
             return
         await self.app(scope, receive, send)
@@ -140,8 +169,9 @@ class BodySizeMiddleware:
             return
         declared = dict(scope.get("headers") or []).get(b"content-length")
         if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
-            await error_response(413, self._message(), "invalid_request_error",
-                                 code="request_too_large")(scope, receive, send)
+            await error_response(413, self._message(), "invalid_request_error", code="request_too_large")(
+                scope, receive, send
+            )
             return
         received = 0
 

@@ -7,9 +7,9 @@ OpenAI shapes so the official client parses them.
 from __future__ import annotations
 
 import time
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StrictInt
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt
 
 # OpenAI's own cap on alternatives per token; SamplingParams enforces the same bound.
 MAX_TOP_LOGPROBS = 20
@@ -43,25 +43,26 @@ class ChatMessage(_Request):
 class SamplingFields(_Request):
     """Fields shared by chat and completions requests."""
 
+    # Ranges here are the ones SamplingParams enforces, declared so the OpenAPI schema tells clients.
     model: str | None = None
-    max_tokens: int | None = Field(default=None, ge=1)
+    max_tokens: StrictInt | None = Field(default=None, ge=1)
     temperature: float | None = Field(default=None, ge=0)
-    top_p: float | None = None
-    top_k: int | None = None
-    min_p: float | None = None
+    top_p: float | None = Field(default=None, gt=0, le=1)
+    top_k: StrictInt | None = Field(default=None, ge=-1)
+    min_p: float | None = Field(default=None, ge=0, le=1)
     stop: str | list[str] | None = None
-    stop_token_ids: list[StrictInt] | None = None
-    seed: int | None = None
-    n: int = Field(default=1, ge=1)  # the upper bound is RequestLimits.max_n
-    presence_penalty: float | None = None
-    frequency_penalty: float | None = None
-    repetition_penalty: float | None = None
-    logit_bias: dict[str, float] | None = None
-    stream: bool = False
+    stop_token_ids: list[Annotated[StrictInt, Field(ge=0)]] | None = None
+    seed: StrictInt | None = None
+    n: StrictInt = Field(default=1, ge=1)  # the upper bound is RequestLimits.max_n
+    presence_penalty: float | None = Field(default=None, ge=-2, le=2)
+    frequency_penalty: float | None = Field(default=None, ge=-2, le=2)
+    repetition_penalty: float | None = Field(default=None, gt=0)
+    logit_bias: dict[str, Annotated[float, Field(ge=-100, le=100)]] | None = None
+    stream: StrictBool = False
     stream_options: StreamOptions | None = None
-    ignore_eos: bool = False
-    skip_special_tokens: bool = True
-    include_stop_str_in_output: bool = False
+    ignore_eos: StrictBool = False
+    skip_special_tokens: StrictBool = True
+    include_stop_str_in_output: StrictBool = False
     # vLLM's name: only requests with the same salt share prefix-cache entries.
     cache_salt: str | None = Field(default=None, min_length=1, max_length=256)
     timeout: float | None = Field(default=None, gt=0)  # seconds; the request is aborted after it
@@ -69,10 +70,10 @@ class SamplingFields(_Request):
 
 class ChatCompletionRequest(SamplingFields):
     messages: list[ChatMessage] = Field(min_length=1)
-    max_completion_tokens: int | None = Field(default=None, ge=1)
-    logprobs: bool = False
-    top_logprobs: int | None = Field(default=None, ge=0, le=MAX_TOP_LOGPROBS)
-    add_generation_prompt: bool = True
+    max_completion_tokens: StrictInt | None = Field(default=None, ge=1)
+    logprobs: StrictBool = False
+    top_logprobs: StrictInt | None = Field(default=None, ge=0, le=MAX_TOP_LOGPROBS)
+    add_generation_prompt: StrictBool = True
 
 
 # A prompt is text, a batch of texts, token ids, or a batch of token-id lists.
@@ -81,8 +82,8 @@ PromptInput = str | list[str] | list[StrictInt] | list[list[StrictInt]]
 
 class CompletionRequest(SamplingFields):
     prompt: PromptInput
-    logprobs: int | None = Field(default=None, ge=0, le=MAX_TOP_LOGPROBS)
-    echo: bool = False
+    logprobs: StrictInt | None = Field(default=None, ge=0, le=MAX_TOP_LOGPROBS)
+    echo: StrictBool = False
 
 
 class TokenizeRequest(_Request):
@@ -110,6 +111,11 @@ class ErrorInfo(BaseModel):
 
 class ErrorResponse(BaseModel):
     error: ErrorInfo
+
+
+class HealthStatus(BaseModel):
+    status: Literal["ok", "loading", "failed", "draining", "unhealthy"]
+    error: str | None = None
 
 
 class PromptTokensDetails(BaseModel):

@@ -7,9 +7,10 @@ worker thread, so /health and every open stream keep answering meanwhile.
 from __future__ import annotations
 
 import asyncio
+from typing import Any
 
 from fastapi import APIRouter, Request
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from nanoinfer.server.convert import (
@@ -20,12 +21,16 @@ from nanoinfer.server.convert import (
     completion_response,
     prompt_texts,
 )
-from nanoinfer.server.errors import APIError
+from nanoinfer.server.errors import ERROR_RESPONSES, APIError
 from nanoinfer.server.protocol import (
     ChatCompletionRequest,
+    ChatCompletionResponse,
     CompletionRequest,
+    CompletionResponse,
     DetokenizeRequest,
     DetokenizeResponse,
+    ErrorResponse,
+    HealthStatus,
     ModelCard,
     ModelList,
     TokenizeRequest,
@@ -47,9 +52,18 @@ def _state(request: Request) -> ServerState:
     return request.app.state.server
 
 
+def _answers(model: type, streams: bool = False) -> dict[int | str, dict[str, Any]]:
+    """OpenAPI responses of a route whose handler returns a plain Response: its 200 body (JSON, or
+    server-sent events when the request asks to stream)."""
+    # Each server-sent event carries one JSON chunk in `data` (then a last "[DONE]").
+    event = {"type": "object", "properties": {"data": {"type": "string"}}, "required": ["data"]}
+    content = {"text/event-stream": {"schema": event}} if streams else {}
+    return {200: {"model": model, "content": content}}
+
+
 def api_router() -> APIRouter:
     """The OpenAI routes plus /tokenize and /detokenize (behind the API key when one is set)."""
-    router = APIRouter()
+    router = APIRouter(responses=ERROR_RESPONSES)
 
     @router.get("/v1/models")
     async def models(request: Request) -> ModelList:
@@ -57,7 +71,7 @@ def api_router() -> APIRouter:
         max_len = state.engine.max_model_len if state.engine is not None else None
         return ModelList(data=[ModelCard(id=state.served_model_name, max_model_len=max_len)])
 
-    @router.post("/v1/chat/completions")
+    @router.post("/v1/chat/completions", response_model=None, responses=_answers(ChatCompletionResponse, True))
     async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
         state = _state(request)
         engine, async_engine = state.ready()
@@ -72,7 +86,7 @@ def api_router() -> APIRouter:
             return Response(status_code=499)  # nobody is listening any more
         return JSONResponse(chat_response(job, finals, texts, top).model_dump())
 
-    @router.post("/v1/completions")
+    @router.post("/v1/completions", response_model=None, responses=_answers(CompletionResponse, True))
     async def completions(body: CompletionRequest, request: Request) -> Response:
         state = _state(request)
         engine, async_engine = state.ready()
@@ -82,14 +96,15 @@ def api_router() -> APIRouter:
         echo = await asyncio.to_thread(prompt_texts, engine, body, job) if body.echo else None
         want_logprobs = body.logprobs is not None
         if job.stream:
-            return EventStreamResponse(completion_stream(job, merged_outputs(async_engine, job), texts, echo,
-                                                         want_logprobs))
+            return EventStreamResponse(
+                completion_stream(job, merged_outputs(async_engine, job), texts, echo, want_logprobs)
+            )
         finals = await final_outputs(request, async_engine, job)
         if finals is None:
             return Response(status_code=499)
         return JSONResponse(completion_response(job, finals, texts, echo, want_logprobs).model_dump())
 
-    @router.post("/tokenize", response_model=TokenizeResponse)
+    @router.post("/tokenize", response_model=None, responses=_answers(TokenizeResponse))
     async def tokenize(body: TokenizeRequest, request: Request) -> Response:
         state = _state(request)
         engine, _ = state.ready()
@@ -104,8 +119,9 @@ def api_router() -> APIRouter:
             text = body.prompt or ""
             limit = engine.config.limits.max_prompt_chars
             if len(text) > limit:
-                raise APIError(400, f"the prompt has {len(text)} characters, over this server's limit of {limit}",
-                               param="prompt")
+                raise APIError(
+                    400, f"the prompt has {len(text)} characters, over this server's limit of {limit}", param="prompt"
+                )
             ids = await asyncio.to_thread(engine.tokenizer.encode, text, body.add_special_tokens)
         # Serialized in a worker too: half a million ids take the event loop tens of milliseconds.
         payload = TokenizeResponse(tokens=ids, count=len(ids), max_model_len=engine.max_model_len)
@@ -129,12 +145,12 @@ def open_router() -> APIRouter:
     """/health and /metrics: they answer without an API key and never wait for the engine thread."""
     router = APIRouter()
 
-    @router.get("/health")
+    @router.get("/health", responses={200: {"model": HealthStatus}, 503: {"model": HealthStatus}})
     async def health(request: Request) -> JSONResponse:
         status, body = _state(request).health()
         return JSONResponse(body, status_code=status)
 
-    @router.get("/metrics")
+    @router.get("/metrics", response_class=PlainTextResponse, responses={503: {"model": ErrorResponse}})
     async def metrics(request: Request) -> Response:
         engine, _ = _state(request).loaded()
         # The engine thread refreshes the gauges after every step and every idle wait.

@@ -115,8 +115,12 @@ class ServerState:
     def check_model(self, name: str | None) -> None:
         """404 unless the request names the served model (or none at all)."""
         if name is not None and name != self.served_model_name:
-            raise APIError(404, f"The model `{name}` does not exist; this server serves "
-                                f"`{self.served_model_name}`.", param="model", code="model_not_found")
+            raise APIError(
+                404,
+                f"The model `{name}` does not exist; this server serves `{self.served_model_name}`.",
+                param="model",
+                code="model_not_found",
+            )
 
     def admit(self, job: Job) -> Job:
         """Apply the deployment's policies to a validated job; 503 with Retry-After when the queue is full."""

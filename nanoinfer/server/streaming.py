@@ -7,7 +7,7 @@ import asyncio
 import json
 import logging
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -32,13 +32,16 @@ from nanoinfer.server.token_text import TokenTexts
 log = logging.getLogger("nanoinfer.server")
 
 
-async def merged_outputs(async_engine: AsyncEngine, job: Job) -> AsyncIterator[tuple[int, RequestOutput]]:
+Outputs = AsyncGenerator[tuple[int, RequestOutput], None]  # (prompt index, output), closed with aclose()
+
+
+async def merged_outputs(async_engine: AsyncEngine, job: Job) -> Outputs:
     """(prompt index, output) from every engine request of the job as they arrive.
 
     Each engine request is pumped by its own task; closing this generator cancels them, and a
     cancelled AsyncEngine.generate aborts its request. Past job.timeout it raises TimeoutError.
     """
-    queue: asyncio.Queue = asyncio.Queue()
+    queue: asyncio.Queue[tuple[int, RequestOutput | Exception]] = asyncio.Queue()
     deadline = None if job.timeout is None else time.monotonic() + job.timeout
 
     async def pump(i: int) -> None:
@@ -130,9 +133,12 @@ class DeltaTracker:
 
     def usage(self, job: Job) -> Usage:
         prompt = sum(len(ids) for ids in job.prompts)
-        return Usage(prompt_tokens=prompt, completion_tokens=self.completion_tokens,
-                     total_tokens=prompt + self.completion_tokens,
-                     prompt_tokens_details=PromptTokensDetails(cached_tokens=sum(self.cached.values())))
+        return Usage(
+            prompt_tokens=prompt,
+            completion_tokens=self.completion_tokens,
+            total_tokens=prompt + self.completion_tokens,
+            prompt_tokens_details=PromptTokensDetails(cached_tokens=sum(self.cached.values())),
+        )
 
 
 def sse(payload: dict[str, Any]) -> str:
@@ -145,8 +151,9 @@ def _chunk_json(chunk: ChatCompletionChunk | CompletionResponse) -> str:
     return f"data: {chunk.model_dump_json(exclude={'usage'} if chunk.usage is None else None)}\n\n"
 
 
-async def _events(job: Job, outputs: AsyncIterator[tuple[int, RequestOutput]], first: list[str],
-                  render: Callable[[Delta], str], usage_chunk: Callable[[Usage], str]) -> AsyncIterator[str]:
+async def _events(
+    job: Job, outputs: Outputs, first: list[str], render: Callable[[Delta], str], usage_chunk: Callable[[Usage], str]
+) -> AsyncIterator[str]:
     """The SSE body shared by chat and completions: chunks, optional usage chunk, then [DONE]."""
     tracker = DeltaTracker(job.n)
     try:
@@ -161,10 +168,18 @@ async def _events(job: Job, outputs: AsyncIterator[tuple[int, RequestOutput]], f
         error = as_api_error(e)
         if error.type == "internal_error":  # a bug deserves its traceback; a 503 or 408 does not
             log.error("stream %s failed", job.id, exc_info=e)
-        yield sse({"error": {"message": error.message, "type": error.type, "param": error.param,
-                             "code": error.code if error.code is not None else error.status}})
+        yield sse(
+            {
+                "error": {
+                    "message": error.message,
+                    "type": error.type,
+                    "param": error.param,
+                    "code": error.code if error.code is not None else error.status,
+                }
+            }
+        )
     finally:
-        await outputs.aclose()  # type: ignore[attr-defined]
+        await outputs.aclose()
     yield "data: [DONE]\n\n"
 
 
@@ -177,33 +192,40 @@ class EventStreamResponse(StreamingResponse):
         try:
             await super().__call__(scope, receive, send)
         finally:
-            await self.body_iterator.aclose()  # type: ignore[attr-defined]
+            await self.body_iterator.aclose()  # type: ignore[attr-defined]  # Starlette types it AsyncIterable
 
 
-def chat_stream(job: Job, outputs: AsyncIterator[tuple[int, RequestOutput]], texts: TokenTexts,
-                top: int | None) -> AsyncIterator[str]:
+def chat_stream(job: Job, outputs: Outputs, texts: TokenTexts, top: int | None) -> AsyncIterator[str]:
     """SSE events of a streamed chat completion: role chunks, content chunks, usage, [DONE]."""
+
     def chunk(choices: list[ChatChunkChoice], usage: Usage | None = None) -> str:
         return _chunk_json(ChatCompletionChunk(id=job.id, model=job.model, choices=choices, usage=usage))
 
     def render(d: Delta) -> str:
         logprobs = chat_logprobs(texts, d.token_ids, d.logprobs, top or 0) if d.logprobs is not None else None
-        return chunk([ChatChunkChoice(index=d.index, delta={"content": d.text}, logprobs=logprobs,
-                                      finish_reason=d.finish_reason)])
+        return chunk(
+            [
+                ChatChunkChoice(
+                    index=d.index, delta={"content": d.text}, logprobs=logprobs, finish_reason=d.finish_reason
+                )
+            ]
+        )
 
     # The role goes first, before any token exists, so the client sees the stream open at once.
     first = [chunk([ChatChunkChoice(index=i, delta={"role": "assistant", "content": ""})]) for i in range(job.n)]
     return _events(job, outputs, first, render, lambda usage: chunk([], usage))
 
 
-def completion_stream(job: Job, outputs: AsyncIterator[tuple[int, RequestOutput]], texts: TokenTexts,
-                      echo: list[str] | None, want_logprobs: bool) -> AsyncIterator[str]:
+def completion_stream(
+    job: Job, outputs: Outputs, texts: TokenTexts, echo: list[str] | None, want_logprobs: bool
+) -> AsyncIterator[str]:
     """SSE events of a streamed completion; echo sends the prompt as each choice's first chunk."""
     offsets: dict[int, int] = {}  # text_offset continues across chunks of one choice
 
     def chunk(choices: list[CompletionChoice], usage: Usage | None = None) -> str:
-        return _chunk_json(CompletionResponse(id=job.id, object="text_completion", model=job.model,
-                                              choices=choices, usage=usage))
+        return _chunk_json(
+            CompletionResponse(id=job.id, object="text_completion", model=job.model, choices=choices, usage=usage)
+        )
 
     def render(d: Delta) -> str:
         logprobs = None

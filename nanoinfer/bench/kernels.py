@@ -1,6 +1,6 @@
 """Our C kernels against what they replace, on SmolLM2-135M's shapes (random weights).
 
-    python -m benchmarks.kernels
+    python -m nanoinfer.bench.kernels
 
 - int4 matmul vs float32 F.linear at 1-512 rows: why int4 layers keep no float copy for large
   batches (nanoinfer/quant/__init__.py).
@@ -16,18 +16,21 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
+from functools import partial
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 
-from nanoinfer.kernels import kernels
+from nanoinfer.kernels import CpuKernels, kernels
 from nanoinfer.quant.int4 import _pack_panels, quantize_int4
 from nanoinfer.quant.int8 import dequantize_int8, pack_panels, quantize_int8
 
 SHAPES = ((960, 576), (576, 576), (3072, 576), (576, 1536))  # qkv, o, gate_up, down: (N, K)
 
 
-def _seconds(fn, repeats: int = 20) -> float:
+def _seconds(fn: Callable[[], Any], repeats: int = 20) -> float:
     fn()
     start = time.perf_counter()
     for _ in range(repeats):
@@ -41,19 +44,19 @@ def _int4(n: int, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     return w, _pack_panels(q, scales, -zero_points * scales)
 
 
-def matmul_vs_fp32(ours) -> None:
+def matmul_vs_fp32(ours: CpuKernels) -> None:
     print("| rows | N x K | int4 kernel GFLOP/s | fp32 F.linear GFLOP/s | ratio |\n|---:|---|---:|---:|---:|")
     for rows in (1, 16, 64, 512):
         for n, k in SHAPES:
             w, packed = _int4(n, k)
             x = torch.randn(rows, k)
-            t_int4 = _seconds(lambda: ours.q4_matmul(x, packed, n))
-            t_fp32 = _seconds(lambda: F.linear(x, w))
+            t_int4 = _seconds(partial(ours.q4_matmul, x, packed, n))
+            t_fp32 = _seconds(partial(F.linear, x, w))
             flops = 2 * rows * n * k / 1e9
             print(f"| {rows} | {n} x {k} | {flops / t_int4:.0f} | {flops / t_fp32:.0f} | {t_fp32 / t_int4:.2f}x |")
 
 
-def decode_step_matmuls(ours, layers: int = 30) -> None:
+def decode_step_matmuls(ours: CpuKernels, layers: int = 30) -> None:
     weights = [(n, _int4(n, k)[1]) for _ in range(layers) for n, k in SHAPES]
     xs = {k: torch.randn(1, k) for _, k in SHAPES}
     ks = [k for _ in range(layers) for _, k in SHAPES]
@@ -61,25 +64,48 @@ def decode_step_matmuls(ours, layers: int = 30) -> None:
     print(f"\n{len(weights)} int4 matmuls of one decode step at batch 1: {t * 1e3:.2f} ms")
 
 
-def decode_attention(ours, seqs: int = 64, ctx: int = 450, layers: int = 30) -> None:
+def _attention_step(
+    ours: CpuKernels,
+    q: torch.Tensor,
+    heads: int,
+    caches: list[tuple[torch.Tensor, ...]],
+    tables: torch.Tensor,
+    lens: torch.Tensor,
+    scale: float,
+) -> list[torch.Tensor]:
+    """One decode step's attention: every layer's cache in turn."""
+    return [ours.paged_attention(q, heads, k, v, tables, lens, 0, scale) for k, v in caches]
+
+
+def decode_attention(ours: CpuKernels, seqs: int = 64, ctx: int = 450, layers: int = 30) -> None:
     """Per KV cache dtype: the whole cache streams from memory every step, so half the bytes pay."""
+    # 16-token blocks, as the history in docs/performance.md was timed; the engine's default is
+    # 128 ("Block size"), whose longer runs read faster.
     heads, kv_heads, d, block = 9, 3, 64, 16
     blocks = -(-ctx // block)
     tables = torch.randperm(seqs * blocks).view(seqs, blocks)  # scattered blocks, as a served pool
     lens = torch.full((seqs,), ctx, dtype=torch.long)
     q = torch.randn(seqs, (heads + 2 * kv_heads) * d)
-    times = {}
+    times: dict[torch.dtype, float] = {}
     for dtype in (torch.float32, torch.float16):
         caches = [torch.randn(2, seqs * blocks, kv_heads, block, d).to(dtype).unbind(0) for _ in range(layers)]
-        times[dtype] = _seconds(lambda: [ours.paged_attention(q, heads, k, v, tables, lens, 0, d**-0.5)
-                                         for k, v in caches], repeats=3)
-        del caches
-    print(f"decode attention, {seqs} sequences x {ctx} tokens x {layers} layers, ms a step: "
-          f"float32 cache {times[torch.float32] * 1e3:.1f}, float16 cache {times[torch.float16] * 1e3:.1f} "
-          f"({times[torch.float32] / times[torch.float16]:.2f}x)")
+        step = partial(_attention_step, ours, q, heads, caches, tables, lens, d**-0.5)
+        times[dtype] = _seconds(step, repeats=3)
+        del step, caches  # this dtype's caches are freed before the next dtype's are made
+    print(
+        f"decode attention, {seqs} sequences x {ctx} tokens x {layers} layers, ms a step: "
+        f"float32 cache {times[torch.float32] * 1e3:.1f}, float16 cache {times[torch.float16] * 1e3:.1f} "
+        f"({times[torch.float32] / times[torch.float16]:.2f}x)"
+    )
 
 
-def prompt_attention(ours) -> None:
+def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, group: int, scale: float) -> torch.Tensor:
+    """4-D with K/V heads repeated: torch's CPU flash kernel, as the torch path runs it."""
+    keys, values = (t.transpose(0, 1).repeat_interleave(group, 0)[None] for t in (k, v))
+    return F.scaled_dot_product_attention(q, keys, values, is_causal=True, scale=scale)
+
+
+def prompt_attention(ours: CpuKernels) -> None:
     heads, kv_heads, d, block = 9, 3, 64, 16
     print("\n| prompt tokens | paged_attention ms | SDPA ms | ratio |\n|---:|---:|---:|---:|")
     for n in (128, 320, 512):
@@ -87,22 +113,18 @@ def prompt_attention(ours) -> None:
         k, v = torch.randn(2, n, kv_heads, d).unbind(0)
         blocks = -(-n // block)
         # [n, kv_heads, d] -> the cache's [blocks, kv_heads, block, d]
-        k_cache, v_cache = (F.pad(t, (0, 0, 0, 0, 0, blocks * block - n)).view(blocks, block, kv_heads, d)
-                            .transpose(1, 2).contiguous() for t in (k, v))
+        k_cache, v_cache = (
+            F.pad(t, (0, 0, 0, 0, 0, blocks * block - n)).view(blocks, block, kv_heads, d).transpose(1, 2).contiguous()
+            for t in (k, v)
+        )
         tables, rows, lens = torch.arange(blocks)[None], torch.zeros(n, dtype=torch.long), torch.arange(1, n + 1)
         q = qkv[:, : heads * d].view(n, heads, d).transpose(0, 1)[None]
-        group = heads // kv_heads
-
-        def sdpa():  # 4-D with K/V heads repeated: torch's CPU flash kernel, as the torch path runs it
-            keys, values = (t.transpose(0, 1).repeat_interleave(group, 0)[None] for t in (k, v))
-            return F.scaled_dot_product_attention(q, keys, values, is_causal=True, scale=d**-0.5)
-
-        t_ours = _seconds(lambda: ours.paged_attention(qkv, heads, k_cache, v_cache, tables, lens, 0, d**-0.5, rows))
-        t_sdpa = _seconds(sdpa)
+        t_ours = _seconds(partial(ours.paged_attention, qkv, heads, k_cache, v_cache, tables, lens, 0, d**-0.5, rows))
+        t_sdpa = _seconds(partial(_sdpa, q, k, v, heads // kv_heads, d**-0.5))
         print(f"| {n} | {t_ours * 1e3:.2f} | {t_sdpa * 1e3:.2f} | {t_sdpa / t_ours:.2f}x |")
 
 
-def int8_vs_fp32(ours, vocab: int = 49152, hidden: int = 576) -> None:
+def int8_vs_fp32(ours: CpuKernels, vocab: int = 49152, hidden: int = 576) -> None:
     """The int8 kernel against float32 F.linear on the same (dequantized) weights: the 49k x 576
     head (Q8_0, groups of 32), and per-channel int8 on a layer's shapes."""
     print("\n| rows | N x K | int8 kernel ms | fp32 F.linear ms | ratio |\n|---:|---|---:|---:|---:|")
@@ -115,8 +137,8 @@ def int8_vs_fp32(ours, vocab: int = 49152, hidden: int = 576) -> None:
             w, packed = dequantize_int8(q, scales), pack_panels(q, scales)
             x = torch.randn(rows, k)
             repeats = 5 if n == vocab else 20
-            t_int8 = _seconds(lambda: ours.q8_matmul(x, packed, n), repeats)
-            t_fp32 = _seconds(lambda: F.linear(x, w), repeats)
+            t_int8 = _seconds(partial(ours.q8_matmul, x, packed, n), repeats)
+            t_fp32 = _seconds(partial(F.linear, x, w), repeats)
             print(f"| {rows} | {n} x {k} | {t_int8 * 1e3:.2f} | {t_fp32 * 1e3:.2f} | {t_fp32 / t_int8:.2f}x |")
 
 

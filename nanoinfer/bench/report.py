@@ -39,8 +39,7 @@ def markdown(results: dict[str, Any]) -> str:
         f"# nanoinfer vs peers: {results['model']}",
         "",
         f"Machine: {m['cpu']}, {m['cores']} cores, {m['threads']} threads; torch {m['torch']}. "
-        f"nanoinfer: {engines['nanoinfer']['info']}. "
-        + " ".join(f"{p}: {engines[p]['info']}." for p in peers),
+        f"nanoinfer: {engines['nanoinfer']['info']}. " + " ".join(f"{p}: {engines[p]['info']}." for p in peers),
         "",
         "Ratios are nanoinfer's advantage (>1 means nanoinfer is better: faster or lower latency). Each "
         "figure is the median of its runs after a warm-up; the engines ran in turn within each round.",
@@ -59,8 +58,11 @@ def markdown(results: dict[str, Any]) -> str:
                 ratios.append("–")
         lines.append(f"| {label} | {value:.1f} | " + " | ".join(cells) + " | " + " | ".join(ratios) + " |")
     if "shared_prefix" in engines["nanoinfer"]:
-        lines += ["", f"Prefix cache TTFT speed-up on the shared-prefix workload: "
-                      f"{engines['nanoinfer']['shared_prefix']['speedup']:.1f}×"]
+        lines += [
+            "",
+            f"Prefix cache TTFT speed-up on the shared-prefix workload: "
+            f"{engines['nanoinfer']['shared_prefix']['speedup']:.1f}×",
+        ]
     return "\n".join(lines) + "\n"
 
 

@@ -11,9 +11,12 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
+
+if TYPE_CHECKING:
+    from nanoinfer import SamplingParams
 
 
 @dataclass
@@ -52,8 +55,11 @@ class NanoinferPeer:
         self.engine = self.llm.engine
 
     def describe(self) -> dict[str, Any]:
-        return {"dtype": self.dtype, "quantization": self.engine.quantization,
-                **{k: v for k, v in self.kwargs.items() if isinstance(v, (str, int, bool))}}
+        return {
+            "dtype": self.dtype,
+            "quantization": self.engine.quantization,
+            **{k: v for k, v in self.kwargs.items() if isinstance(v, (str, int, bool))},
+        }
 
     def reconfigure(self, **engine_kwargs: Any) -> None:
         """A fresh engine with other knobs (e.g. prefix cache off); weights are loaded again."""
@@ -62,7 +68,7 @@ class NanoinferPeer:
         self.llm = LLM(self.model, dtype=self.dtype, **{**self.kwargs, **engine_kwargs})
         self.engine = self.llm.engine
 
-    def _params(self, n: int):
+    def _params(self, n: int) -> SamplingParams:
         from nanoinfer import SamplingParams
 
         return SamplingParams(temperature=0, max_tokens=n, ignore_eos=True)
@@ -75,10 +81,12 @@ class NanoinferPeer:
 
     def decode(self, ids: list[int], n: int) -> float:
         self.engine.prefix_cache.reset()
-        first = None
-        for out in self.llm.stream(ids, self._params(n + 1)):
+        first: float | None = None
+        for _ in self.llm.stream(ids, self._params(n + 1)):
             if first is None:
                 first = time.perf_counter()
+        if first is None:
+            raise RuntimeError("the engine returned no output")
         return time.perf_counter() - first
 
     def serve(self, requests: list[Request], concurrency: int, fresh_cache: bool = True) -> list[RequestTiming]:
@@ -122,8 +130,14 @@ class LlamaCppPeer:
     def __init__(self, gguf_path: Path, threads: int, n_ctx: int = 2048):
         from llama_cpp import Llama
 
-        self.llm = Llama(model_path=str(gguf_path), n_ctx=n_ctx, n_threads=threads, n_threads_batch=threads,
-                         n_batch=512, verbose=False)
+        self.llm = Llama(
+            model_path=str(gguf_path),
+            n_ctx=n_ctx,
+            n_threads=threads,
+            n_threads_batch=threads,
+            n_batch=512,
+            verbose=False,
+        )
         self.eos = self.llm.token_eos()
 
     def describe(self) -> dict[str, Any]:
@@ -134,7 +148,7 @@ class LlamaCppPeer:
     def _complete(self, ids: list[int], n: int) -> tuple[float, float]:
         """(time of first token, time of finish) for one greedy completion of n tokens, EOS banned."""
         self.llm.reset()  # no reuse of the previous prompt's KV
-        first = None
+        first: float | None = None
         for _ in self.llm.create_completion(
             ids, max_tokens=n, temperature=0.0, stream=True, logit_bias={self.eos: -1e9}
         ):
@@ -155,7 +169,7 @@ class LlamaCppPeer:
         # One server, FIFO, `concurrency` closed-loop clients: a request is submitted when a slot
         # frees, so its queueing time behind earlier requests counts in its TTFT.
         slots_free_at = [time.perf_counter()] * concurrency
-        timings = []
+        timings: list[RequestTiming] = []
         for req in requests:
             submit = min(slots_free_at)
             first, end = self._complete(req.prompt_ids, req.output_len)
@@ -198,8 +212,8 @@ class TransformersPeer:
         ids = torch.zeros(len(prompts), width, dtype=torch.long)
         mask = torch.zeros(len(prompts), width, dtype=torch.long)
         for i, p in enumerate(prompts):
-            ids[i, width - len(p):] = torch.tensor(p)
-            mask[i, width - len(p):] = 1
+            ids[i, width - len(p) :] = torch.tensor(p)
+            mask[i, width - len(p) :] = 1
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
         # logits_to_keep=1, as generate() does: the prompt's other positions need no LM head (at 64 x
         # 512 tokens that head alone is 1.9 TFLOP and 6 GB of logits).
@@ -210,8 +224,13 @@ class TransformersPeer:
             token = out.logits[:, -1].argmax(-1, keepdim=True)
             mask = torch.cat([mask, torch.ones(len(prompts), 1, dtype=torch.long)], dim=1)
             positions = positions[:, -1:] + 1
-            out = self.model(input_ids=token, attention_mask=mask, position_ids=positions,
-                             past_key_values=out.past_key_values, use_cache=True)
+            out = self.model(
+                input_ids=token,
+                attention_mask=mask,
+                position_ids=positions,
+                past_key_values=out.past_key_values,
+                use_cache=True,
+            )
             now = time.perf_counter()
             for i, n in enumerate(out_lens):
                 if n == step + 1:
@@ -228,7 +247,7 @@ class TransformersPeer:
         return finish[0] - first
 
     def serve(self, requests: list[Request], concurrency: int) -> list[RequestTiming]:
-        timings = []
+        timings: list[RequestTiming] = []
         for i in range(0, len(requests), concurrency):
             batch = requests[i : i + concurrency]
             submit = time.perf_counter()

@@ -2,7 +2,7 @@
 
     nanoinfer bench --quality [--model M]
 
-The text (benchmarks/data/quality.txt, written for this project) is scored in one forward pass
+The text (nanoinfer/bench/data/quality.txt, written for this project) is scored in one forward pass
 per format; agreement counts the positions whose argmax equals float32's.
 """
 
@@ -20,9 +20,13 @@ TEXT = Path(__file__).parent / "data" / "quality.txt"
 # in bf16 and keeps activations float32 (nanoinfer/quant/half.py). Weight formats are scored with
 # a float32 cache, so they are compared alone; the last row is what serving's default float16
 # cache costs on its own.
-FORMATS = (("float32", "float32", "none", torch.float32), ("bfloat16", "bfloat16", "none", torch.float32),
-           ("int8", "float32", "int8", torch.float32), ("int4", "float32", "int4", torch.float32),
-           ("float16 KV cache", "float32", "none", torch.float16))
+FORMATS = (
+    ("float32", "float32", "none", torch.float32),
+    ("bfloat16", "bfloat16", "none", torch.float32),
+    ("int8", "float32", "int8", torch.float32),
+    ("int4", "float32", "int4", torch.float32),
+    ("float16 KV cache", "float32", "none", torch.float16),
+)
 
 
 def score_formats(model: str, max_tokens: int | None = None, formats=FORMATS) -> dict[str, dict[str, float]]:
@@ -51,18 +55,20 @@ def score_formats(model: str, max_tokens: int | None = None, formats=FORMATS) ->
     return results
 
 
-def main(args: argparse.Namespace) -> int:
-    results = score_formats(args.model)
+def main(model: str) -> int:
+    results = score_formats(model)
     base = results["float32"]["perplexity"]
     print("| format | perplexity | vs float32 | top-1 agreement with float32 |\n|---|---:|---:|---:|")
     for label, r in results.items():
-        print(f"| {label} | {r['perplexity']:.3f} | {100 * (r['perplexity'] / base - 1):+.2f}% | "
-              f"{100 * r['top1_agreement']:.2f}% |")
-    print(f"\n{results['float32']['tokens']} tokens of {TEXT.name}, model {args.model}")
+        print(
+            f"| {label} | {r['perplexity']:.3f} | {100 * (r['perplexity'] / base - 1):+.2f}% | "
+            f"{100 * r['top1_agreement']:.2f}% |"
+        )
+    print(f"\n{results['float32']['tokens']} tokens of {TEXT.name}, model {model}")
     return 0
 
 
 if __name__ == "__main__":
-    from benchmarks.compare import parse_args
-
-    sys.exit(main(parse_args(sys.argv[1:] + ["--quality"])))
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--model", default="smollm2-135m-instruct")
+    sys.exit(main(parser.parse_args().model))

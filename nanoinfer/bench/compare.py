@@ -1,43 +1,55 @@
 """nanoinfer vs transformers vs llama-cpp-python on one model, in one run.
 
-    python -m benchmarks.compare            # or: nanoinfer bench / make bench
+    python -m nanoinfer.bench.compare       # or: nanoinfer bench / make bench
 
-Writes benchmarks/results/latest.{json,md,png}. Every figure is the median of --repeats runs after
-a warm-up; the JSON keeps every raw sample and the machine it ran on.
+Writes benchmarks/results/latest.{json,md,png} under the current directory (--out). Every figure
+is the median of --repeats runs after a warm-up; the JSON keeps every raw sample and the machine it
+ran on. The recorded runs, and the command behind each: docs/performance.md.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import random
 import statistics
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from functools import partial
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from benchmarks.peers import LlamaCppPeer, NanoinferPeer, Request, RequestTiming, TransformersPeer
+from nanoinfer.bench.peers import LlamaCppPeer, NanoinferPeer, Request, RequestTiming, TransformersPeer
 from nanoinfer.config import KV_CACHE_DTYPES
 
-RESULTS = Path(__file__).parent / "results"
+RESULTS = Path("benchmarks") / "results"  # relative to where it runs: the repository root for make bench
+
+Log = Callable[[str], None]
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="nanoinfer bench", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="nanoinfer bench", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--model", default="smollm2-135m-instruct", help="built-in name, .gguf file or HF directory")
     p.add_argument("--engines", default="nanoinfer,transformers,llama.cpp")
     p.add_argument("--dtype", default=None, help="nanoinfer --dtype (default: the fastest measured)")
-    p.add_argument("--quantization", default=None, choices=["none", "int8", "int4"],
-                   help="nanoinfer weight format (default: the model's default)")
-    p.add_argument("--kv-cache-dtype", default="auto", choices=KV_CACHE_DTYPES,
-                   help="nanoinfer KV cache storage (default auto: float16 on CPU)")
+    p.add_argument(
+        "--quantization",
+        default=None,
+        choices=["none", "int8", "int4"],
+        help="nanoinfer weight format (default: the model's default)",
+    )
+    p.add_argument(
+        "--kv-cache-dtype",
+        default="auto",
+        choices=KV_CACHE_DTYPES,
+        help="nanoinfer KV cache storage (default auto: float16 on CPU)",
+    )
     p.add_argument("--threads", type=int, default=os.cpu_count())
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--num-requests", type=int, default=64)
@@ -57,12 +69,14 @@ def _range(text: str) -> tuple[int, int]:
     return lo, hi
 
 
-def _interleaved(samplers: dict[str, Callable[[], Any]], repeats: int,
-                 warmups: dict[str, Callable[[], Any]] | None = None) -> dict[str, list[Any]]:
+def _interleaved(
+    samplers: Mapping[str, Callable[[], Any]], repeats: int, warmups: Mapping[str, Callable[[], Any]] | None = None
+) -> dict[str, list[Any]]:
     """Each engine's samples, taken in rounds that run every engine once in turn after one warm-up
-    each (the sampler itself unless `warmups` gives a cheaper call). This shared machine drifts by
-    up to 40% within an hour; in rounds the engines share each stretch of it, so the drift moves
-    them together instead of skewing the ratios, as one engine's runs after another's would."""
+    each (the sampler itself unless `warmups` gives a cheaper call). This shared machine's speed
+    drifts (docs/performance.md, "Limits of this machine"); in rounds the engines share each
+    stretch of it, so the drift moves them together instead of skewing the ratios, as one
+    engine's runs after another's would."""
     for name in samplers:
         (warmups or samplers)[name]()
     samples: dict[str, list[Any]] = {name: [] for name in samplers}
@@ -77,31 +91,47 @@ def _percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(round(q / 100 * (len(ordered) - 1))))]
 
 
+def _serving_sample(peer: Any, requests: list[Request], concurrency: int) -> dict[str, float]:
+    return _serving_figures(peer.serve(requests, concurrency))
+
+
 def _serving_figures(timings: list[RequestTiming]) -> dict[str, float]:
     span = max(t.finish for t in timings) - min(t.submit for t in timings)
     ttft = [t.ttft for t in timings]
     tpot = [t.tpot for t in timings]
     return {
         "output_tok_s": sum(t.output_len for t in timings) / span,
-        "ttft_p50": _percentile(ttft, 50), "ttft_p99": _percentile(ttft, 99),
-        "tpot_p50": _percentile(tpot, 50), "tpot_p99": _percentile(tpot, 99),
+        "ttft_p50": _percentile(ttft, 50),
+        "ttft_p99": _percentile(ttft, 99),
+        "tpot_p50": _percentile(tpot, 50),
+        "tpot_p99": _percentile(tpot, 99),
     }
 
 
-def make_requests(vocab: list[int], n: int, input_len: tuple[int, int], output_len: tuple[int, int], seed: int = 0) -> list[Request]:
+def make_requests(
+    vocab: list[int], n: int, input_len: tuple[int, int], output_len: tuple[int, int], seed: int = 0
+) -> list[Request]:
     rng = random.Random(seed)
-    return [Request([rng.choice(vocab) for _ in range(rng.randint(*input_len))], rng.randint(*output_len)) for _ in range(n)]
+    return [
+        Request([rng.choice(vocab) for _ in range(rng.randint(*input_len))], rng.randint(*output_len)) for _ in range(n)
+    ]
 
 
-def _tokens_per_s(results: dict[str, Any], label: str, tokens: int, samplers: dict[str, Callable[[], float]],
-                  args: argparse.Namespace, log) -> None:
+def _tokens_per_s(
+    results: dict[str, Any],
+    label: str,
+    tokens: int,
+    samplers: dict[str, Callable[[], float]],
+    args: argparse.Namespace,
+    log: Log,
+) -> None:
     """results[engine][label]: `tokens` over the median of the samplers' seconds, interleaved."""
     for name, samples in _interleaved(samplers, args.repeats).items():
         results[name][label] = {"tok_s": tokens / statistics.median(samples), "samples_s": samples}
         log(f"{name}: {label} {results[name][label]['tok_s']:.1f} tok/s")
 
 
-def run_engines(peers: dict[str, Any], args: argparse.Namespace, vocab: list[int], log) -> dict[str, Any]:
+def run_engines(peers: dict[str, Any], args: argparse.Namespace, vocab: list[int], log: Log) -> dict[str, Any]:
     """Every scenario for every engine, the engines interleaved (see _interleaved); figures plus raw samples."""
     scenarios = set(args.scenarios.split(","))
     rng = random.Random(1)
@@ -111,43 +141,51 @@ def run_engines(peers: dict[str, Any], args: argparse.Namespace, vocab: list[int
         _tokens_per_s(results, "pp512", 512, {name: partial(p.prefill, ids) for name, p in peers.items()}, args, log)
     if "tg128" in scenarios:
         ids = [rng.choice(vocab) for _ in range(16)]
-        _tokens_per_s(results, "tg128", 128, {name: partial(p.decode, ids, 128) for name, p in peers.items()}, args, log)
+        _tokens_per_s(
+            results, "tg128", 128, {name: partial(p.decode, ids, 128) for name, p in peers.items()}, args, log
+        )
     if "serving" in scenarios:
         requests = make_requests(vocab, args.num_requests, _range(args.input_len), _range(args.output_len))
         warm = make_requests(vocab, 2, (16, 32), (4, 8), seed=9)
         for c in (int(x) for x in args.concurrency.split(",")):
-            samplers = {name: (lambda p=p: _serving_figures(p.serve(requests, c))) for name, p in peers.items()}
+            samplers = {name: partial(_serving_sample, p, requests, c) for name, p in peers.items()}
             warmups = {name: partial(p.serve, warm, c) for name, p in peers.items()}
             for name, runs in _interleaved(samplers, args.repeats, warmups).items():
                 figures = {k: statistics.median(r[k] for r in runs) for k in runs[0]}
                 results[name].setdefault("serving", {})[str(c)] = {**figures, "samples": runs}
-                log(f"{name}: serving c={c} {figures['output_tok_s']:.1f} out tok/s, "
-                    f"TTFT p50 {figures['ttft_p50'] * 1000:.0f} ms, TPOT p50 {figures['tpot_p50'] * 1000:.1f} ms")
+                log(
+                    f"{name}: serving c={c} {figures['output_tok_s']:.1f} out tok/s, "
+                    f"TTFT p50 {figures['ttft_p50'] * 1000:.0f} ms, TPOT p50 {figures['tpot_p50'] * 1000:.1f} ms"
+                )
     nano = peers.get("nanoinfer")
     if "shared_prefix" in scenarios and isinstance(nano, NanoinferPeer):
         results["nanoinfer"]["shared_prefix"] = shared_prefix(nano, args, vocab, log)
     return results
 
 
-def shared_prefix(peer: NanoinferPeer, args: argparse.Namespace, vocab: list[int], log) -> dict[str, Any]:
+def shared_prefix(peer: NanoinferPeer, args: argparse.Namespace, vocab: list[int], log: Log) -> dict[str, Any]:
     """Mean TTFT of requests sharing a long system prompt, prefix cache on vs off."""
     rng = random.Random(2)
     system = [rng.choice(vocab) for _ in range(args.prefix_len)]
-    requests = [Request(system + [rng.choice(vocab) for _ in range(rng.randint(8, 24))], 8) for _ in range(args.prefix_requests)]
+    requests = [
+        Request(system + [rng.choice(vocab) for _ in range(rng.randint(8, 24))], 8) for _ in range(args.prefix_requests)
+    ]
     out: dict[str, Any] = {}
     for label, enabled in (("cache_off", False), ("cache_on", True)):
         peer.reconfigure(enable_prefix_cache=enabled)
         # warm-up; with the cache on the system prompt is now cached, as on a server that has seen it
         peer.serve(requests[:1], 1, fresh_cache=False)
-        runs = []
+        runs: list[float] = []
         for _ in range(args.repeats):
             timings = peer.serve(requests, args.prefix_requests, fresh_cache=False)
             runs.append(statistics.mean(t.ttft for t in timings))
         out[label] = {"mean_ttft_s": statistics.median(runs), "samples": runs}
     peer.reconfigure()
     out["speedup"] = out["cache_off"]["mean_ttft_s"] / out["cache_on"]["mean_ttft_s"]
-    log(f"nanoinfer: shared prefix mean TTFT off {out['cache_off']['mean_ttft_s'] * 1000:.0f} ms, "
-        f"on {out['cache_on']['mean_ttft_s'] * 1000:.0f} ms ({out['speedup']:.1f}x)")
+    log(
+        f"nanoinfer: shared prefix mean TTFT off {out['cache_off']['mean_ttft_s'] * 1000:.0f} ms, "
+        f"on {out['cache_on']['mean_ttft_s'] * 1000:.0f} ms ({out['speedup']:.1f}x)"
+    )
     return out
 
 
@@ -160,28 +198,41 @@ def machine_info(threads: int) -> dict[str, Any]:
                 break
     except OSError:
         pass
-    return {"cpu": cpu, "cores": os.cpu_count(), "threads": threads, "python": platform.python_version(),
-            "torch": torch.__version__, "platform": platform.platform()}
+    return {
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "threads": threads,
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "platform": platform.platform(),
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.quality:
-        from benchmarks.quality import main as quality_main
+        from nanoinfer.bench.quality import main as quality_main
 
-        return quality_main(args)
+        return quality_main(args.model)
     torch.set_num_threads(args.threads)
     log = lambda msg: print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)  # noqa: E731
     from nanoinfer.loading import resolve_model_path
 
     model_path = resolve_model_path(args.model)
     engines = args.engines.split(",")
-    nano_kwargs: dict[str, Any] = {"max_num_seqs": max(int(c) for c in args.concurrency.split(",")),
-                                   "kv_cache_dtype": args.kv_cache_dtype}
+    nano_kwargs: dict[str, Any] = {
+        "max_num_seqs": max(int(c) for c in args.concurrency.split(",")),
+        "kv_cache_dtype": args.kv_cache_dtype,
+    }
     nano = NanoinferPeer(args.model, dtype=args.dtype or "auto", quantization=args.quantization, **nano_kwargs)
     vocab = list(range(1000, min(nano.engine.model_config.vocab_size, 20000)))  # ordinary tokens, no specials
-    results: dict[str, Any] = {"model": args.model, "model_path": str(model_path), "machine": machine_info(args.threads),
-                               "settings": {k: str(v) for k, v in vars(args).items()}, "engines": {}}
+    results: dict[str, Any] = {
+        "model": args.model,
+        "model_path": str(model_path),
+        "machine": machine_info(args.threads),
+        "settings": {k: str(v) for k, v in vars(args).items()},
+        "engines": {},
+    }
     peers: dict[str, Any] = {"nanoinfer": nano}  # all loaded at once: their runs are interleaved
     if "llama.cpp" in engines:
         if model_path.suffix != ".gguf":
@@ -191,7 +242,7 @@ def main(argv: list[str] | None = None) -> int:
     if "transformers" in engines:
         peers["transformers"] = TransformersPeer(model_path)
     results["engines"] = run_engines(peers, args, vocab, log)
-    from benchmarks.report import write_reports
+    from nanoinfer.bench.report import write_reports
 
     paths = write_reports(results, args.out)
     print(Path(paths["md"]).read_text())

@@ -63,7 +63,7 @@ class ForwardBatch:
         sliding_window: int | None = None,
         device: torch.device | str = "cpu",
         all_logits: bool = False,
-    ) -> "ForwardBatch":
+    ) -> ForwardBatch:
         """Flatten chunks (one-token chunks first, so they share one attention call) into one batch."""
         # Any leading one-token chunk attends like a decode step, prefix-hit prompts included.
         num_decode = 0

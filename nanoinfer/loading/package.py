@@ -1,0 +1,65 @@
+"""ModelPackage, what every loader produces, and the weight shapes a config requires."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+from nanoinfer.config import GenerationDefaults, ModelConfig
+
+if TYPE_CHECKING:
+    import torch
+
+    from nanoinfer.tokenizer import Tokenizer
+
+
+@dataclass
+class ModelPackage:
+    """Everything needed to serve one model: architecture, weights, tokenizer, generation defaults."""
+
+    config: ModelConfig
+    weights: dict[str, torch.Tensor]  # canonical names (docs/contracts.md) -> float tensors
+    tokenizer: Tokenizer
+    generation: GenerationDefaults = field(default_factory=GenerationDefaults)
+    source: str = ""  # the path (or built-in name) it was loaded from
+    file_type: str = ""  # e.g. "Q4_1", "Q4_K_M", "bfloat16"
+    default_quantization: str = "none"  # weight format the engine uses unless told otherwise
+
+
+def expected_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """Canonical weight name -> shape this config requires."""
+    c = config
+    shapes: dict[str, tuple[int, ...]] = {
+        "embed.weight": (c.vocab_size, c.hidden_size),
+        "norm.weight": (c.hidden_size,),
+    }
+    if not c.tie_word_embeddings:
+        shapes["lm_head.weight"] = (c.vocab_size, c.hidden_size)
+    for i in range(c.num_layers):
+        p = f"layers.{i}."
+        shapes.update(
+            {
+                p + "input_norm.weight": (c.hidden_size,),
+                p + "attn.q_proj.weight": (c.q_size, c.hidden_size),
+                p + "attn.k_proj.weight": (c.kv_size, c.hidden_size),
+                p + "attn.v_proj.weight": (c.kv_size, c.hidden_size),
+                p + "attn.o_proj.weight": (c.hidden_size, c.q_size),
+                p + "pre_mlp_norm.weight": (c.hidden_size,),
+                p + "mlp.gate_proj.weight": (c.intermediate_size, c.hidden_size),
+                p + "mlp.up_proj.weight": (c.intermediate_size, c.hidden_size),
+                p + "mlp.down_proj.weight": (c.hidden_size, c.intermediate_size),
+            }
+        )
+        if c.attention_bias:
+            shapes.update(
+                {
+                    p + "attn.q_proj.bias": (c.q_size,),
+                    p + "attn.k_proj.bias": (c.kv_size,),
+                    p + "attn.v_proj.bias": (c.kv_size,),
+                }
+            )
+        if c.qk_norm:
+            shapes.update({p + "attn.q_norm.weight": (c.head_dim,), p + "attn.k_norm.weight": (c.head_dim,)})
+        if c.post_norms:
+            shapes.update({p + "post_attn_norm.weight": (c.hidden_size,), p + "post_mlp_norm.weight": (c.hidden_size,)})
+    return shapes
