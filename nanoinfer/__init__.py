@@ -1,8 +1,8 @@
 """nanoinfer: a from-scratch LLM inference engine.
 
-from nanoinfer import LLM, SamplingParams
-llm = LLM("smollm2-135m-instruct")
-print(llm.chat([{"role": "user", "content": "Hi"}], SamplingParams(max_tokens=32)).text)
+>>> from nanoinfer import LLM, SamplingParams
+>>> llm = LLM("smollm2-135m-instruct")
+>>> print(llm.chat([{"role": "user", "content": "Hi"}], SamplingParams(max_tokens=32)).text)
 """
 
 from nanoinfer.outputs import CompletionOutput, RequestOutput

@@ -2,8 +2,8 @@
 formula for how many bytes it takes.
 
 The pool holds one *slot* per cached token, grouped into fixed-size *blocks* of ``block_size``
-slots: ``slot = block * block_size + offset``. Which blocks belong to whom is the engine's
-business (``nanoinfer.engine.block_allocator``, ``kv_cache_manager``); this module only owns memory.
+slots: ``slot = block * block_size + offset``. Which blocks belong to whom is decided by the
+engine's KVCacheManager; this module only owns memory.
 """
 
 from __future__ import annotations

@@ -15,7 +15,7 @@ from nanoinfer.kernels import KV_DTYPES, CpuKernels, DecodeLayer, DecodeStep, ke
 from nanoinfer.model.forward_batch import ForwardBatch, SequenceChunk
 from nanoinfer.model.layers import MLP, Attention, RMSNorm
 from nanoinfer.model.rope import RotaryEmbedding
-from nanoinfer.quant import Int4Linear
+from nanoinfer.quant.int4 import Int4Linear
 
 if TYPE_CHECKING:
     from nanoinfer.loading import ModelPackage
