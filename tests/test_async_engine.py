@@ -218,3 +218,30 @@ def test_delta_outputs_join_to_the_cumulative_ones(engine):
     assert sum((o.outputs[0].logprobs for o in deltas), []) == whole.logprobs
     assert [o.outputs[0].finish_reason for o in deltas][-1] == "length"
     assert len(final_only) == 1 and final_only[0].outputs[0].token_ids == whole.token_ids
+
+
+def test_server_stream_that_stops_being_read_is_aborted(engine):
+    """Through the server's merged stream too: a reader that stops reading stops the pumps, the
+    engine's queue for the request fills, and the request is aborted with its KV freed."""
+    from nanoinfer.server.convert import Job
+    from nanoinfer.server.streaming import merged_outputs
+
+    ae = AsyncEngine(engine, max_pending_outputs=32)  # roomy enough that a reading pump never overflows
+    job = Job("job", "m", [PROMPT], [_params(200)], n=1, stream=True, include_usage=False)
+
+    async def main() -> None:
+        stream = merged_outputs(ae, job)
+        await stream.__anext__()  # one output, then nothing while the engine decodes
+        deadline = time.monotonic() + 20
+        while await asyncio.wrap_future(ae.call(lambda: bool(ae.engine.requests))):  # without blocking the loop
+            assert time.monotonic() < deadline, "the unread request was never aborted"
+            await asyncio.sleep(0.05)
+        await stream.aclose()
+
+    try:
+        asyncio.run(main())
+        _idle(ae)
+    finally:
+        ae.shutdown()
+    generated = engine.metrics.registry.get_sample_value("nanoinfer:generation_tokens_total")
+    assert generated < 100, f"{generated} tokens generated for a reader that stopped after one"

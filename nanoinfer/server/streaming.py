@@ -41,15 +41,17 @@ async def merged_outputs(async_engine: AsyncEngine, job: Job) -> Outputs:
     Each engine request is pumped by its own task; closing this generator cancels them, and a
     cancelled AsyncEngine.generate aborts its request. Past job.timeout it raises TimeoutError.
     """
-    queue: asyncio.Queue[tuple[int, RequestOutput | Exception]] = asyncio.Queue()
+    # Bounded, and filled with an awaited put: a reader that stops reading stops the pumps, so the
+    # engine's per-request queue fills and AsyncEngine aborts the request (memory stays bounded).
+    queue: asyncio.Queue[tuple[int, RequestOutput | Exception]] = asyncio.Queue(maxsize=len(job.prompts) + 1)
     deadline = None if job.timeout is None else time.monotonic() + job.timeout
 
     async def pump(i: int) -> None:
         try:
             async for out in async_engine.generate(f"{job.id}-{i}", job.prompts[i], job.params[i], job.cache_salt):
-                queue.put_nowait((i, out))
+                await queue.put((i, out))
         except Exception as e:  # CancelledError is not an Exception: cancellation passes through
-            queue.put_nowait((i, e))
+            await queue.put((i, e))
 
     tasks = [asyncio.create_task(pump(i)) for i in range(len(job.prompts))]
     try:
