@@ -59,6 +59,13 @@ def _add_engine_args(p: argparse.ArgumentParser) -> None:
         "memory traffic; else the activations' dtype)",
     )
     p.add_argument("--no-prefix-cache", action="store_true", help="turn the radix prefix cache off")
+    p.add_argument(
+        "--speculative-config",
+        default=None,
+        metavar="JSON",
+        help='speculative decoding, as vLLM spells it: \'{"method": "ngram", "num_speculative_tokens": 4, '
+        '"prompt_lookup_max": 4, "prompt_lookup_min": 2}\' (default: off)',
+    )
 
 
 def _add_sampling_args(p: argparse.ArgumentParser) -> None:
@@ -80,6 +87,8 @@ def _engine_kwargs(args: argparse.Namespace) -> dict[str, Any]:
         kwargs["kv_cache_memory"] = parse_memory(args.kv_cache_memory)
     if getattr(args, "no_prefix_cache", False):
         kwargs["enable_prefix_cache"] = False
+    if getattr(args, "speculative_config", None):
+        kwargs["speculative_config"] = args.speculative_config
     return kwargs
 
 
@@ -99,8 +108,9 @@ def _stream_to_stdout(llm, prompt_ids: list[int], params) -> tuple[str, dict[str
     """Print the answer as it is generated; return its text and timing stats."""
     start = time.perf_counter()
     first = None
-    text, n_tokens = "", 0
+    text, n_tokens, steps = "", 0, 0
     for out in llm.stream(prompt_ids, params):
+        steps += 1  # one output per forward pass that produced tokens
         if first is None:
             first = time.perf_counter()
         piece = out.outputs[0].delta_text
@@ -116,6 +126,7 @@ def _stream_to_stdout(llm, prompt_ids: list[int], params) -> tuple[str, dict[str
         "ttft": first - start,
         "output_tokens": n_tokens,
         "decode_tps": decode_tokens / (end - first) if end > first else 0.0,
+        "tokens_per_forward": decode_tokens / max(steps - 1, 1),
     }
 
 
@@ -136,6 +147,16 @@ def cmd_run(args: argparse.Namespace) -> int:
             f"decode: {stats['decode_tps']:.1f} tok/s",
             file=sys.stderr,
         )
+        if llm.engine.proposer is not None:
+            metric = llm.engine.metrics.registry.get_sample_value
+            drafted = metric("nanoinfer:spec_decode_num_draft_tokens_total") or 0.0
+            accepted = metric("nanoinfer:spec_decode_num_accepted_tokens_total") or 0.0
+            print(
+                f"[spec] draft tokens: {drafted:.0f}, accepted: {accepted:.0f} "
+                f"({100 * accepted / max(drafted, 1):.1f}%), mean tokens per target forward: "
+                f"{stats['tokens_per_forward']:.2f}",
+                file=sys.stderr,
+            )
     return 0
 
 

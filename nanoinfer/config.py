@@ -287,6 +287,9 @@ class EngineConfig:
     dense_above_rows: int | None = 16
     device: str = "cpu"
     limits: RequestLimits = field(default_factory=RequestLimits)
+    # vLLM's speculative_config: {"method": "ngram", "num_speculative_tokens": 4, "prompt_lookup_max": 4,
+    # "prompt_lookup_min": 2}, or its JSON text; None: no speculation (see engine/speculative.py).
+    speculative_config: Any = None
 
 
 # Decimal units are powers of 1000, binary ones powers of 1024. The bare letters K/M/G/T are

@@ -195,8 +195,8 @@ def test_request_timeout(server):
     wait_idle(server)
 
 
-def test_health_answers_while_a_huge_prompt_is_tokenized(server):
-    text = "Hello world, this is a long prompt with words. " * 75_000  # 3.5 MB
+def _health_latencies_while_tokenizing(server: Running, text: str) -> tuple[list[float], dict[str, Any]]:
+    """/health latencies, probed every 20 ms while /tokenize works on `text` in another thread."""
     done = threading.Event()
     result: dict[str, Any] = {}
 
@@ -216,9 +216,20 @@ def test_health_answers_while_a_huge_prompt_is_tokenized(server):
             latencies.append(time.monotonic() - start)
             time.sleep(0.02)
     worker.join()
-    assert result["response"].status_code == 200 and result["response"].json()["count"] > 800_000
-    assert result["seconds"] > 0.3 and len(latencies) >= 5, (result["seconds"], latencies)
-    assert max(latencies) < 0.1, latencies
+    return latencies, result
+
+
+def test_health_answers_while_a_huge_prompt_is_tokenized(server):
+    text = "Hello world, this is a long prompt with words. " * 75_000  # 3.5 MB
+    # Two tries: on 2 shared cores a neighbouring test's thread can delay one probe past 100 ms,
+    # but a server that tokenizes on its event loop fails both (one probe waits the whole 1.7 s).
+    for _ in range(2):
+        latencies, result = _health_latencies_while_tokenizing(server, text)
+        assert result["response"].status_code == 200 and result["response"].json()["count"] > 800_000
+        assert result["seconds"] > 0.3 and len(latencies) >= 5, (result["seconds"], latencies)
+        if max(latencies) < 0.1:
+            return
+    raise AssertionError(f"/health took {max(latencies):.3f} s while a prompt was tokenized: {latencies}")
 
 
 # ---- 3. who may see whose prefix -------------------------------------------------------------

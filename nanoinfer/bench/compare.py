@@ -50,6 +50,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         choices=KV_CACHE_DTYPES,
         help="nanoinfer KV cache storage (default auto: float16 on CPU)",
     )
+    p.add_argument("--speculative-config", default=None, metavar="JSON", help="nanoinfer speculative decoding")
     p.add_argument("--threads", type=int, default=os.cpu_count())
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--num-requests", type=int, default=64)
@@ -223,6 +224,7 @@ def main(argv: list[str] | None = None) -> int:
     nano_kwargs: dict[str, Any] = {
         "max_num_seqs": max(int(c) for c in args.concurrency.split(",")),
         "kv_cache_dtype": args.kv_cache_dtype,
+        "speculative_config": args.speculative_config,
     }
     nano = NanoinferPeer(args.model, dtype=args.dtype or "auto", quantization=args.quantization, **nano_kwargs)
     vocab = list(range(1000, min(nano.engine.model_config.vocab_size, 20000)))  # ordinary tokens, no specials

@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 
@@ -18,9 +19,10 @@ from nanoinfer.engine.kv_cache_manager import KVCacheManager
 from nanoinfer.engine.metrics import EngineMetrics
 from nanoinfer.engine.radix_cache import RadixCache
 from nanoinfer.engine.runner import ModelRunner
-from nanoinfer.engine.sampler import Sampler, SamplingState
+from nanoinfer.engine.sampler import Sampler, SamplingState, row_logprobs
 from nanoinfer.engine.scheduler import ScheduledChunk, Scheduler
 from nanoinfer.engine.sequence import Sequence
+from nanoinfer.engine.speculative import DraftState, NgramProposer, SpeculativeConfig, verify_token
 from nanoinfer.engine.stop import StopChecker
 from nanoinfer.errors import RequestError
 from nanoinfer.kernels import kernels
@@ -111,6 +113,9 @@ class LLMEngine:
         )
         self.scheduler = Scheduler(self.kv_manager, config.max_num_seqs, config.max_num_batched_tokens)
         self.sampler = Sampler()
+        self.speculative = SpeculativeConfig.parse(config.speculative_config)
+        self.proposer = NgramProposer(self.speculative) if self.speculative is not None else None
+        self._num_steps = 0  # steps that proposed drafts: the proposer's clock for backing off
         self.metrics = EngineMetrics()
         self.metrics.kv_blocks_total.set(kv.num_blocks)
         self.eos_ids = set(self.generation.eos_token_ids) | set(self.tokenizer.eos_token_ids)
@@ -217,27 +222,36 @@ class LLMEngine:
         A failure in one request's own work (detokenizing, stop checks) fails that request alone:
         its output carries the error and it is finished. A failure of the batch's forward pass or
         sampling raises, and the caller decides (AsyncEngine fails the requests in the batch)."""
+        self._propose()
         chunks = self.scheduler.schedule()
         self.last_step_requests = list(dict.fromkeys(c.seq.request_id for c in chunks))
         if not chunks:
             self.update_metrics()
             return []
         logits = self.runner.execute(chunks)
-        completing = [c for c in chunks if c.completes]
+        plain: list[tuple[ScheduledChunk, int]] = []  # completing chunks and their first logits row
+        verifying: list[tuple[ScheduledChunk, int]] = []
+        row = 0
+        for chunk in [c for c in chunks if c.completes]:  # before commit moves num_computed
+            (verifying if chunk.num_draft else plain).append((chunk, row))
+            row += 1 + chunk.num_draft
         for chunk in chunks:
             self.scheduler.commit(chunk)
-        rows, seqs = self._expand_forks(completing)
-        sampled = self.sampler.sample(
-            logits[rows] if len(rows) != len(completing) else logits, [s.sampling for s in seqs]
-        )
+        rows, seqs = self._expand_forks(plain)
+        sampled = self.sampler.sample(logits[rows], [s.sampling for s in seqs])
         now = time.monotonic()
         touched: dict[str, None] = {}
         failed: dict[str, str] = {}
-        for seq, token, logprobs in zip(seqs, sampled.token_ids, sampled.logprobs):
+        work = [
+            (seq, partial(self._append, seq, token, logprobs, now))
+            for seq, token, logprobs in zip(seqs, sampled.token_ids, sampled.logprobs)
+        ]
+        work += [(c.seq, partial(self._verify, c, logits[r : r + 1 + c.num_draft], now)) for c, r in verifying]
+        for seq, run in work:
             if seq.request_id in failed:
                 continue
             try:
-                self._append(seq, token, logprobs, now)
+                run()
             except Exception as e:  # noqa: BLE001 - a bug in one request's postprocessing stays there
                 log.exception("request %s failed", seq.request_id)
                 failed[seq.request_id] = f"{type(e).__name__}: {e}"
@@ -254,11 +268,12 @@ class LLMEngine:
         self.abort(request_id)
         return RequestOutput(request_id, request.prompt_ids, [], True, error=error)
 
-    def _expand_forks(self, completing: list[ScheduledChunk]) -> tuple[list[int], list[Sequence]]:
-        """n > 1: when the prompt is computed, fork the siblings; all sample from the same logits row."""
+    def _expand_forks(self, completing: list[tuple[ScheduledChunk, int]]) -> tuple[list[int], list[Sequence]]:
+        """Each completing chunk's logits row and sequence; n > 1: when the prompt is computed, fork
+        the siblings, which all sample from the same row."""
         rows: list[int] = []
         seqs: list[Sequence] = []
-        for row, chunk in enumerate(completing):
+        for chunk, row in completing:
             seq = chunk.seq
             rows.append(row)
             seqs.append(seq)
@@ -281,6 +296,41 @@ class LLMEngine:
         request.seqs.extend(siblings)
         parent.num_forks_pending = 0
         return self.scheduler.add_forks(parent, siblings)
+
+    # ---- speculative decoding ---------------------------------------------------------------
+
+    def _propose(self) -> None:
+        """Give each decoding sequence this step's drafts (none without speculative_config)."""
+        if self.proposer is None:
+            return
+        self._num_steps += 1
+        for seq in self.scheduler.decoding():
+            if seq.draft_state is None:
+                seq.draft_state = DraftState()
+            # Room for the drafts and the token sampled after them, within max_tokens and the window.
+            left = self.max_model_len - len(seq)
+            if seq.params.max_tokens is not None:
+                left = min(left, seq.params.max_tokens - len(seq.output_ids))
+            seq.draft_ids = self.proposer.propose(seq.draft_state, seq.token_ids, self._num_steps, left - 1)
+
+    def _verify(self, chunk: ScheduledChunk, logits: torch.Tensor, now: float) -> None:
+        """Keep the drafts the target agrees with, then its own next token (see speculative.py);
+        give back the KV slots of the rest."""
+        seq, drafts = chunk.seq, chunk.seq.draft_ids[: chunk.num_draft]
+        accepted = 0
+        for j, draft in enumerate([*drafts, None]):
+            token = verify_token(self.sampler, logits[j], seq.sampling, draft)
+            kept = draft is not None and token == draft
+            if kept:
+                seq.num_computed += 1  # the draft's K/V, computed this step, is now the sequence's
+                accepted += 1
+            self._append(seq, token, row_logprobs(logits[j], seq.params, token), now)
+            if seq.finished or not kept:
+                break
+        seq.draft_ids = []
+        self.scheduler.trim(seq)
+        self.metrics.count_drafts(len(drafts), accepted)
+        self.proposer.record(seq.draft_state, len(drafts), accepted, self._num_steps)  # type: ignore[union-attr]
 
     def _append(self, seq: Sequence, token: int, logprobs: dict[int, float] | None, now: float) -> None:
         """Add a sampled token, then decide whether seq stops and what text it may stream."""

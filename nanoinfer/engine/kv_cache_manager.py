@@ -160,6 +160,14 @@ class KVCacheManager:
         self.holders[child] = None
         return True
 
+    def trim(self, seq: Sequence) -> None:
+        """Drop the blocks past ``seq.num_computed`` (slots of rejected speculative drafts): only
+        ``seq`` references them, since they were allocated for this step."""
+        keep = self._blocks_for(seq.num_computed)
+        for block in seq.block_table[keep:]:
+            self.allocator.decref(block)
+        del seq.block_table[keep:]
+
     def free(self, seq: Sequence, cache: bool) -> None:
         """Release everything ``seq`` holds, caching its computed pages first when ``cache``
         (a finished or aborted sequence; a preempted one recomputes and caches nothing)."""

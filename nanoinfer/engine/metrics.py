@@ -65,3 +65,26 @@ class EngineMetrics:
         self.e2e = Histogram(
             "nanoinfer:e2e_request_latency_seconds", "Request latency", buckets=_LATENCY_BUCKETS, registry=r
         )
+        # Speculative decoding, as vLLM names it: drafts proposed, draft tokens, tokens accepted,
+        # and accepted tokens by draft position (position 0 is the first guessed token).
+        self.spec_drafts = Counter("nanoinfer:spec_decode_num_drafts", "Drafts verified", registry=r)
+        self.spec_draft_tokens = Counter("nanoinfer:spec_decode_num_draft_tokens", "Draft tokens verified", registry=r)
+        self.spec_accepted_tokens = Counter(
+            "nanoinfer:spec_decode_num_accepted_tokens", "Draft tokens accepted", registry=r
+        )
+        self.spec_accepted_per_pos = Counter(
+            "nanoinfer:spec_decode_num_accepted_tokens_per_pos",
+            "Draft tokens accepted, by draft position",
+            ["position"],
+            registry=r,
+        )
+
+    def count_drafts(self, num_draft: int, num_accepted: int) -> None:
+        """Record one verified draft of `num_draft` tokens, of which the first `num_accepted` were kept."""
+        if not num_draft:
+            return
+        self.spec_drafts.inc()
+        self.spec_draft_tokens.inc(num_draft)
+        self.spec_accepted_tokens.inc(num_accepted)
+        for position in range(num_accepted):
+            self.spec_accepted_per_pos.labels(position=str(position)).inc()

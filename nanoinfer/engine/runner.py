@@ -18,14 +18,17 @@ class ModelRunner:
         self.num_forwarded_tokens = 0  # tokens run through the model, for tests and stats
 
     def execute(self, chunks: list[ScheduledChunk]) -> torch.Tensor:
-        """Logits [k, vocab] for the k chunks that complete their sequence, in chunk order."""
+        """Logits for the chunks that complete their sequence, in chunk order: one row each, or
+        1 + num_draft rows for a chunk verifying drafts."""
         batch = ForwardBatch.build(
             [
                 SequenceChunk(
-                    token_ids=c.seq.token_slice(c.seq.num_computed, c.seq.num_computed + c.num_tokens),
+                    token_ids=c.seq.token_slice(c.seq.num_computed, c.seq.num_computed + c.num_tokens - c.num_draft)
+                    + c.seq.draft_ids[: c.num_draft],
                     start_pos=c.seq.num_computed,
                     block_table=c.seq.block_table,
                     want_logits=c.completes,
+                    num_logits=1 + c.num_draft,
                 )
                 for c in chunks
             ],

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import torch
 
-from nanoinfer.sampling_params import SamplingParams
+from nanoinfer.sampling_params import GREEDY_EPS, SamplingParams
 
 # Exponential noise can be exactly 0; dividing by it would turn masked (p = 0) tokens into NaN.
 _TINY = torch.finfo(torch.float32).tiny
@@ -226,6 +226,22 @@ class Sampler:
                 entry.setdefault(token, value)
             out[i] = entry
         return out
+
+
+def processed_probs(logits: torch.Tensor, state: SamplingState) -> torch.Tensor:
+    """The distribution a sampled row draws from (penalties, logit bias, temperature, top-k/p,
+    min-p), for one row of logits [V]: what speculative verification accepts drafts against."""
+    x = logits.to(torch.float32, copy=True).unsqueeze(0)
+    Sampler._apply_penalties(x, [state])
+    Sampler._apply_logit_bias(x, [state])
+    x /= max(state.params.temperature, GREEDY_EPS)
+    _filter_top_k_top_p_min_p(x, [state.params])
+    return torch.softmax(x, dim=-1)[0]
+
+
+def row_logprobs(logits: torch.Tensor, params: SamplingParams, token: int) -> dict[int, float] | None:
+    """Logprobs of one chosen token and its top alternatives, from one raw row [V] (None if not asked)."""
+    return Sampler._logprobs(logits.unsqueeze(0), [params], torch.tensor([token], device=logits.device), [token])[0]
 
 
 def _filter_top_k_top_p_min_p(logits: torch.Tensor, params: Sequence[SamplingParams]) -> None:

@@ -20,12 +20,13 @@ from nanoinfer.engine.sequence import Sequence, SequenceStatus
 @dataclass
 class ScheduledChunk:
     seq: Sequence
-    num_tokens: int  # tokens computed this step, from seq.num_computed on
+    num_tokens: int  # tokens computed this step, from seq.num_computed on (drafts included)
+    num_draft: int = 0  # of those, speculative guesses after the sequence's last token
 
     @property
     def completes(self) -> bool:
         """True when this chunk reaches the end of the sequence, so a token is sampled."""
-        return self.seq.num_computed + self.num_tokens == len(self.seq)
+        return self.seq.num_computed + self.num_tokens == len(self.seq) + self.num_draft
 
 
 class Scheduler:
@@ -66,11 +67,16 @@ class Scheduler:
         """Choose this step's work: decode chunks first, then prefill chunks."""
         budget = self.max_num_batched_tokens
         decodes: list[ScheduledChunk] = []
+        verifies: list[ScheduledChunk] = []  # decodes with drafts: after the one-token rows
         prefills: list[ScheduledChunk] = []
         for seq in list(self.running):
             if seq.status is not SequenceStatus.RUNNING or seq.num_pending != 1:
                 continue  # preempted below, or still prefilling
-            if self._reserve(seq, 1):
+            num_draft = len(seq.draft_ids)
+            if num_draft and self.kv.allocate_slots(seq, 1 + num_draft):  # drafts never cost a preemption
+                verifies.append(ScheduledChunk(seq, 1 + num_draft, num_draft))
+                budget -= 1 + num_draft
+            elif self._reserve(seq, 1):
                 decodes.append(ScheduledChunk(seq, 1))
                 budget -= 1
         for seq in list(self.running):
@@ -92,7 +98,7 @@ class Scheduler:
             (decodes if chunk.num_tokens == 1 else prefills).append(chunk)
             budget -= chunk.num_tokens
         # a preempted sequence may already have been given a chunk earlier in this pass
-        return [c for c in decodes + prefills if c.seq.status is SequenceStatus.RUNNING]
+        return [c for c in decodes + verifies + prefills if c.seq.status is SequenceStatus.RUNNING]
 
     def _admit(self, seq: Sequence, budget: int) -> ScheduledChunk | None:
         """The cached prefix and blocks for the first chunk; None if memory is short (no preemption
@@ -130,9 +136,19 @@ class Scheduler:
     def commit(self, chunk: ScheduledChunk) -> None:
         """Record that chunk's K/V are now in the cache; share computed prompt pages via the tree."""
         seq = chunk.seq
-        seq.num_computed += chunk.num_tokens
-        if chunk.num_tokens > 1:
+        computed = chunk.num_tokens - chunk.num_draft  # drafts count once verification keeps them
+        seq.num_computed += computed
+        if computed > 1:
             self.kv.cache(seq)
+
+    def trim(self, seq: Sequence) -> None:
+        """After verification: give back the blocks that only held rejected drafts."""
+        if seq.status is SequenceStatus.RUNNING:
+            self.kv.trim(seq)
+
+    def decoding(self) -> list[Sequence]:
+        """Running sequences whose next step is a decode (one token pending): they may speculate."""
+        return [s for s in self.running if s.status is SequenceStatus.RUNNING and s.num_pending == 1]
 
     def finish(self, seq: Sequence, reason: str | None) -> None:
         """Retire seq: keep its computed pages in the prefix cache, drop its own references."""

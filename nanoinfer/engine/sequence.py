@@ -54,6 +54,8 @@ class Sequence:
     num_forks_pending: int = 0  # n > 1: siblings to fork off once the prompt is computed
     # Prefix-cache namespace: only sequences with the same salt share cached prefixes (None: the shared one).
     cache_salt: str | None = None
+    draft_ids: list[int] = field(default_factory=list)  # speculative guesses for this step (not yet tokens)
+    draft_state: Any = None  # the proposer's per-sequence state (speculative.DraftState)
 
     @property
     def token_ids(self) -> list[int]:

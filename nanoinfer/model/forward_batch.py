@@ -20,6 +20,7 @@ class SequenceChunk:
     start_pos: int  # tokens of this sequence already in the KV cache
     block_table: list[int]  # KV blocks covering positions [0, start_pos + len(token_ids))
     want_logits: bool = True  # False for a prefill chunk that does not end the prompt
+    num_logits: int = 1  # rows at the chunk's end that need logits (1 + drafts when verifying a guess)
 
 
 @dataclass
@@ -80,7 +81,8 @@ class ForwardBatch:
             positions.extend(new_pos)
             slots.extend(_slot(c.block_table, p, block_size) for p in new_pos)
             if c.want_logits:
-                logits_rows.append(row0 + len(c.token_ids) - 1)
+                end = row0 + len(c.token_ids)
+                logits_rows.extend(range(end - c.num_logits, end))
         t = lambda xs: torch.tensor(xs, dtype=torch.long, device=device)  # noqa: E731
         decode_mask = decode_sliding = None
         decode_ctx = max((c.start_pos + 1 for c in chunks[:num_decode]), default=0)
