@@ -142,3 +142,50 @@ def test_sampled_tokens_keep_the_target_distribution(tiny_model):
     df = sum(1 for c in columns if c) - 1
     assert df >= 2, "too few outcomes for the test to mean anything"
     assert stat < _chi_square_critical(df), f"chi-square {stat:.1f} on {df} degrees of freedom"
+
+
+def test_preemption_abort_and_n_while_speculating(tiny_model):
+    """A small KV pool forces preemptions mid-speculation; n = 3 forks; aborts free everything."""
+    directory, _ = tiny_model("llama")
+    prompts = [_prompts()[0][i:] for i in range(0, 24, 3)]
+    plain = LLM(str(directory), kv_cache_memory=_small_pool(directory), block_size=16)
+    spec = LLM(str(directory), kv_cache_memory=_small_pool(directory), block_size=16, speculative_config=SPEC)
+    expected = [o.token_ids for o in plain.generate(prompts, GREEDY)]
+    assert [o.token_ids for o in spec.generate(prompts, GREEDY)] == expected
+    assert spec.engine.scheduler.num_preemptions > 0, "the pool was large enough: nothing was preempted"
+    forked = spec.generate([prompts[0]], SamplingParams(temperature=0, max_tokens=20, ignore_eos=True, n=3))[0]
+    assert [c.token_ids for c in forked.outputs] == [expected[0][:20]] * 3
+    spec.engine.add_request("gone", prompts[1], GREEDY)
+    for _ in range(4):
+        spec.engine.step()
+    spec.engine.abort("gone")
+    assert not spec.engine.has_unfinished_requests()
+    spec.engine.check_integrity()
+    assert spec.engine.kv_manager.usage().in_use == 0
+
+
+def _small_pool(directory) -> int:
+    """Bytes for 8 blocks of 16 tokens: too few for 8 sequences of ~80 tokens at once."""
+    from nanoinfer.loading import load_package
+    from nanoinfer.model.kv_cache import kv_bytes_per_token
+
+    config = load_package(str(directory)).config
+    return kv_bytes_per_token(config, __import__("torch").float16) * 16 * 8
+
+
+def test_stop_string_inside_an_accepted_run_and_counters(tiny_model):
+    directory, _ = tiny_model("llama")
+    plain, spec = LLM(str(directory)), LLM(str(directory), speculative_config=SPEC)
+    # The model's own greedy continuation in the prompt: most drafts are right, so stops fall in accepted runs.
+    prompt = _prompts()[0] + plain.generate([_prompts()[0]], GREEDY)[0].token_ids
+    text = plain.generate([prompt], GREEDY)[0].text
+    for cut in (len(text) // 3, len(text) // 2, 2 * len(text) // 3):
+        params = SamplingParams(temperature=0, max_tokens=40, ignore_eos=True, stop=[text[cut : cut + 3]])
+        ours, theirs = spec.generate([prompt], params)[0], plain.generate([prompt], params)[0]
+        assert (ours.text, ours.token_ids, ours.finish_reason) == (theirs.text, theirs.token_ids, "stop")
+    metric = spec.engine.metrics.registry.get_sample_value
+    per_pos = [
+        metric("nanoinfer:spec_decode_num_accepted_tokens_per_pos_total", {"position": str(i)}) or 0 for i in range(4)
+    ]
+    assert sum(per_pos) == metric("nanoinfer:spec_decode_num_accepted_tokens_total") > 0
+    assert per_pos == sorted(per_pos, reverse=True)  # a later position is kept only after the earlier ones
