@@ -8,16 +8,13 @@ from __future__ import annotations
 import random
 
 import pytest
+from bare_sequences import bare_sequence
 
 from nanoinfer.engine.block_allocator import BlockAllocator
 from nanoinfer.engine.kv_cache_manager import KVCacheManager
 from nanoinfer.engine.radix_cache import RadixCache
-from nanoinfer.engine.sampler import SamplingState
 from nanoinfer.engine.scheduler import Scheduler
 from nanoinfer.engine.sequence import Sequence
-from nanoinfer.engine.stop import StopChecker
-from nanoinfer.sampling_params import SamplingParams
-from nanoinfer.tokenizer import IncrementalDetokenizer
 
 BS = 2
 PROMPT = [1, 2, 3, 4, 5, 6, 7]
@@ -194,18 +191,7 @@ def test_random_ops_agree_with_one_cache_per_salt() -> None:
 
 
 def _sequence(request_id: str, prompt: list[int], salt: str | None) -> Sequence:
-    """A Sequence built as Engine._new_sequence does (the scheduler never detokenizes)."""
-    params = SamplingParams(temperature=0, max_tokens=4)
-    return Sequence(
-        request_id=request_id,
-        index=0,
-        prompt_ids=prompt,
-        params=params,
-        sampling=SamplingState(params, prompt, 0),
-        detokenizer=IncrementalDetokenizer(None),  # type: ignore[arg-type]
-        stop_checker=StopChecker(params.stop, params.include_stop_str_in_output),
-        cache_salt=salt,
-    )
+    return bare_sequence(request_id, prompt, max_tokens=4, salt=salt)
 
 
 def _admit_and_prefill(scheduler: Scheduler, seq: Sequence) -> None:

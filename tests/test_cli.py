@@ -39,6 +39,18 @@ def test_run_streams_and_reports_stats(model_dir):
     assert "prompt tokens" in result.stderr and "decode" in result.stderr and "time to first token" in result.stderr
 
 
+def test_run_speculative_reports_acceptance(model_dir):
+    plain = nanoinfer("run", "--model", model_dir, "--max-tokens", "24", "--temperature", "0", "--raw", "a b a b a b a")
+    spec_config = json.dumps({"method": "ngram", "num_speculative_tokens": 3})
+    args = ("run", "--model", model_dir, "--max-tokens", "24", "--temperature", "0", "--raw", "-v")
+    result = nanoinfer(*args, "--speculative-config", spec_config, "a b a b a b a")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == plain.stdout  # greedy output unchanged
+    assert "[spec] draft tokens:" in result.stderr and "mean tokens per target forward:" in result.stderr
+    bad = nanoinfer(*args, "--speculative-config", "{not json", "hi")
+    assert bad.returncode == 1 and "speculative-config" in bad.stderr
+
+
 def test_run_seed_reproducible(model_dir):
     args = ("run", "--model", model_dir, "--max-tokens", "10", "--temperature", "1.0", "--seed", "3", "--raw", "Hi")
     assert nanoinfer(*args).stdout == nanoinfer(*args).stdout

@@ -11,16 +11,13 @@ from __future__ import annotations
 import random
 
 import pytest
+from bare_sequences import bare_sequence
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
 from nanoinfer.engine.kv_cache_manager import KVCacheManager
-from nanoinfer.engine.sampler import SamplingState
 from nanoinfer.engine.sequence import Sequence
-from nanoinfer.engine.stop import StopChecker
-from nanoinfer.sampling_params import SamplingParams
-from nanoinfer.tokenizer import IncrementalDetokenizer
 
 BS = 8
 PS = 2
@@ -49,17 +46,7 @@ def make(num_blocks: int = 16, enabled: bool = True) -> tuple[KVCacheManager, To
 
 
 def sequence(prompt: list[int], salt: str | None = None, rid: str = "r") -> Sequence:
-    params = SamplingParams(temperature=0, max_tokens=64)
-    return Sequence(
-        request_id=rid,
-        index=0,
-        prompt_ids=list(prompt),
-        params=params,
-        sampling=SamplingState(params, prompt, 0),
-        detokenizer=IncrementalDetokenizer(None),  # type: ignore[arg-type]
-        stop_checker=StopChecker(params.stop, params.include_stop_str_in_output),
-        cache_salt=salt,
-    )
+    return bare_sequence(rid, prompt, salt=salt)
 
 
 def compute(kv: KVCacheManager, storage: TokenStorage, seq: Sequence, n: int, cache: bool = True) -> None:

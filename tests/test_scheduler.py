@@ -8,14 +8,11 @@ around the model: schedule, commit every chunk, append a token to every complete
 from __future__ import annotations
 
 import pytest
+from bare_sequences import bare_sequence
 
 from nanoinfer.engine.kv_cache_manager import KVCacheManager
-from nanoinfer.engine.sampler import SamplingState
 from nanoinfer.engine.scheduler import ScheduledChunk, Scheduler
 from nanoinfer.engine.sequence import Sequence, SequenceStatus
-from nanoinfer.engine.stop import StopChecker
-from nanoinfer.sampling_params import SamplingParams
-from nanoinfer.tokenizer import IncrementalDetokenizer
 
 BS = 4
 
@@ -34,17 +31,7 @@ def make(num_blocks: int = 32, max_num_seqs: int = 8, budget: int = 64) -> Sched
 
 
 def seq(name: str, length: int, first: int = 0) -> Sequence:
-    prompt = list(range(first, first + length))
-    params = SamplingParams(temperature=0, max_tokens=100)
-    return Sequence(
-        request_id=name,
-        index=0,
-        prompt_ids=prompt,
-        params=params,
-        sampling=SamplingState(params, prompt, 0),
-        detokenizer=IncrementalDetokenizer(None),  # type: ignore[arg-type]
-        stop_checker=StopChecker(params.stop, params.include_stop_str_in_output),
-    )
+    return bare_sequence(name, list(range(first, first + length)), max_tokens=100)
 
 
 def step(scheduler: Scheduler) -> list[tuple[str, int]]:

@@ -73,12 +73,13 @@ def test_ngram_proposer_and_backoff():
     state = DraftState()
     tokens = [1, 2, 3, 4, 5, 9, 1, 2, 3]
     assert proposer.propose(state, tokens, step=1, limit=10) == [4, 5, 9]  # after the earlier [1, 2, 3]
-    assert proposer.propose(state, tokens, step=1, limit=2) == [4, 5]
+    assert proposer.propose(state, [], step=1, limit=2) == [4, 5]  # nothing new since
     assert proposer.propose(DraftState(), [7, 8, 9, 10], step=1, limit=10) == []
     assert proposer.propose(DraftState(), [256, 1, 256, 1], step=1, limit=10) == [256, 1]  # token-aligned
     proposer.record(state, 3, 0, step=1)  # a miss: wait 2 steps
-    assert proposer.propose(state, tokens, step=2, limit=10) == []
-    assert proposer.propose(state, tokens, step=3, limit=10) == [4, 5, 9]
+    assert proposer.propose(state, [], step=2, limit=10) == []
+    assert proposer.propose(state, [], step=3, limit=10) == [4, 5, 9]
+    assert proposer.propose(state, [4], step=3, limit=10) == [5, 9, 1]  # a new token moves the lookup
     proposer.record(state, 3, 1, step=3)
     assert state.misses == 0
 

@@ -311,7 +311,8 @@ class LLMEngine:
             left = self.max_model_len - len(seq)
             if seq.params.max_tokens is not None:
                 left = min(left, seq.params.max_tokens - len(seq.output_ids))
-            seq.draft_ids = self.proposer.propose(seq.draft_state, seq.token_ids, self._num_steps, left - 1)
+            new_tokens = seq.token_slice(seq.draft_state.num_tokens, len(seq))  # not the whole list per step
+            seq.draft_ids = self.proposer.propose(seq.draft_state, new_tokens, self._num_steps, left - 1)
 
     def _verify(self, chunk: ScheduledChunk, logits: torch.Tensor, now: float) -> None:
         """Keep the drafts the target agrees with, then its own next token (see speculative.py);

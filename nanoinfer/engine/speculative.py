@@ -73,12 +73,22 @@ class SpeculativeConfig:
 
 @dataclass
 class DraftState:
-    """One sequence's proposer state: its tokens as bytes (for fast search) and its back-off."""
+    """One sequence's proposer state: its tokens, also as bytes (searched with rfind in C), and its
+    back-off. Tokens only ever grow, so each step adds just the new ones."""
 
+    tokens: list[int] = field(default_factory=list)
     haystack: bytearray = field(default_factory=bytearray)  # 4 bytes per token, little-endian
-    num_tokens: int = 0
     misses: int = 0  # drafts in a row with nothing accepted
     resume_at: int = 0  # the step from which it may propose again
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.tokens)
+
+    def extend(self, new_tokens: list[int]) -> None:
+        self.tokens += new_tokens
+        for token in new_tokens:
+            self.haystack += int(token).to_bytes(4, "little")
 
 
 class NgramProposer:
@@ -87,13 +97,13 @@ class NgramProposer:
     def __init__(self, config: SpeculativeConfig):
         self.config = config
 
-    def propose(self, state: DraftState, tokens: list[int], step: int, limit: int) -> list[int]:
-        """Up to min(k, limit) draft tokens for a sequence whose tokens are `tokens`."""
-        self._sync(state, tokens)
+    def propose(self, state: DraftState, new_tokens: list[int], step: int, limit: int) -> list[int]:
+        """Up to min(k, limit) draft tokens, after adding the sequence's tokens since the last call."""
+        state.extend(new_tokens)
         k = min(self.config.num_speculative_tokens, limit)
         if k <= 0 or step < state.resume_at:
             return []
-        hay = bytes(state.haystack)
+        hay, tokens = state.haystack, state.tokens
         for n in range(min(self.config.prompt_lookup_max, len(tokens) - 1), self.config.prompt_lookup_min - 1, -1):
             needle = hay[-4 * n :]
             at = hay.rfind(needle, 0, len(hay) - 1)  # an earlier occurrence, not the suffix itself
@@ -115,15 +125,6 @@ class NgramProposer:
         state.misses += 1
         state.resume_at = step + min(2**state.misses, _MAX_BACKOFF_STEPS)
 
-    @staticmethod
-    def _sync(state: DraftState, tokens: list[int]) -> None:
-        if len(tokens) < state.num_tokens:  # tokens were dropped (preemption does not): rebuild
-            state.haystack.clear()
-            state.num_tokens = 0
-        for token in tokens[state.num_tokens :]:
-            state.haystack += int(token).to_bytes(4, "little")
-        state.num_tokens = len(tokens)
-
 
 def verify_token(sampler: Sampler, logits: torch.Tensor, state: SamplingState, draft: int | None) -> int:
     """The target's token for one position, given a draft there (None: the bonus position).
@@ -131,9 +132,8 @@ def verify_token(sampler: Sampler, logits: torch.Tensor, state: SamplingState, d
     Returns the draft itself when it is accepted, else the token sampled in its place."""
     if draft is None:
         return sampler.sample(logits[None], [state]).token_ids[0]
-    if state.params.greedy:
-        chosen = sampler.sample(logits[None], [state]).token_ids[0]  # argmax after penalties and bias
-        return chosen
+    if state.params.greedy:  # argmax after penalties and bias: kept iff it is the draft
+        return sampler.sample(logits[None], [state]).token_ids[0]
     probs = processed_probs(logits, state)
     generator = state.generator(logits.device)
     if torch.rand((), generator=generator, device=logits.device).item() < probs[draft].item():

@@ -124,6 +124,8 @@ class ServerState:
 
     def admit(self, job: Job) -> Job:
         """Apply the deployment's policies to a validated job; 503 with Retry-After when the queue is full."""
+        # Checked again, not only at the route's start: tokenizing ran meanwhile (seconds for a huge
+        # prompt), and a drain or a dead engine since then must still turn the request away.
         _, async_engine = self.ready()
         try:
             async_engine.check_capacity(job.num_seqs)
