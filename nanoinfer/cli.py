@@ -64,7 +64,8 @@ def _add_engine_args(p: argparse.ArgumentParser) -> None:
         default=None,
         metavar="JSON",
         help='speculative decoding, as vLLM spells it: \'{"method": "ngram", "num_speculative_tokens": 4, '
-        '"prompt_lookup_max": 4, "prompt_lookup_min": 2}\' (default: off)',
+        '"prompt_lookup_max": 4, "prompt_lookup_min": 2}\' or \'{"method": "draft_model", "model": "NAME", '
+        '"quantization": "int4", "num_speculative_tokens": 4}\' (default: off)',
     )
 
 

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import json
 from argparse import Namespace
 
-from nanoinfer.bench.compare import run_engines
+from nanoinfer.bench.compare import main, run_engines
 from nanoinfer.bench.peers import NanoinferPeer, Request, TransformersPeer
 from nanoinfer.bench.report import markdown
 
@@ -64,3 +65,37 @@ def test_engines_run_in_rounds():
     assert calls == ["a:prefill", "b:prefill"] * 3 + ["a:decode", "b:decode"] * 3
     assert results["a"]["pp512"] == {"tok_s": 1024.0, "samples_s": [0.5, 0.5]}
     assert results["b"]["tg128"]["tok_s"] == 64.0
+
+
+def test_spec_scenario(tiny_model, tmp_path, capsys):
+    """The spec scenario end to end on a tiny model: speculation off vs n-gram, transformers' own
+    prompt lookup beside it, a serving pass, and the report's tables."""
+    directory, _ = tiny_model("llama")
+    sets = {"input-grounded": ["the quick brown fox the quick brown fox the quick"], "free-form": ["Hello world"]}
+    (tmp_path / "w.json").write_text(json.dumps(sets))
+    args = ["--model", str(directory), "--engines", "nanoinfer,transformers", "--scenarios", "spec"]
+    args += ["--repeats", "1", "--out", str(tmp_path), "--spec-workloads", str(tmp_path / "w.json")]
+    args += ["--spec-max-tokens", "12", "--spec-concurrency", "2", "--spec-requests", "3", "--spec-prompts", "1"]
+    assert main(args) == 0
+    results = json.loads((tmp_path / "latest.json").read_text())
+    nano = results["engines"]["nanoinfer"]["spec"]
+    assert list(nano["batch1"]) == ["baseline", "ngram k=4", "ngram k=8"]
+    for setting, workloads in nano["batch1"].items():
+        assert list(workloads) == ["input-grounded", "free-form"]
+        for row in workloads.values():
+            assert row["identical"] is True  # greedy speculation is lossless
+            assert row["tok_s"] > 0 and 1 <= row["generated_tokens"] <= 12
+            assert row["tokens_per_forward"] >= 1
+            assert (row["acceptance"] is None) == (setting == "baseline" or row["draft_tokens"] == 0)
+    assert nano["batch1"]["baseline"]["free-form"]["tokens_per_forward"] == 1.0
+    assert sum(row["draft_tokens"] for row in nano["batch1"]["ngram k=4"].values()) > 0  # the tiny model repeats
+    serving = nano["serving"]["2"]
+    assert serving["baseline"]["free-form"]["ratio"] == 1.0 and serving["ngram k=4"]["free-form"]["output_tok_s"] > 0
+    hf = results["engines"]["transformers"]["spec"]["batch1"]
+    assert list(hf) == ["baseline", "prompt lookup k=10"]
+    assert hf["prompt lookup k=10"]["input-grounded"]["identical"] is True
+    table = capsys.readouterr().out
+    assert "| nanoinfer | ngram k=4 | input-grounded |" in table
+    assert "| transformers | prompt lookup k=10 | free-form |" in table
+    assert "| setting | workload | output tok/s | vs baseline |" in table
+    assert "| figure |" not in table  # no other scenario ran

@@ -98,3 +98,16 @@ def test_logits_rows_are_the_last_row_of_chunks_that_want_them() -> None:
     assert torch.equal(batch.logits_indices, longs([0, 5]))
     every = ForwardBatch.build(chunks, BS, all_logits=True)
     assert every.logits_indices is None  # prompt logprobs: the head runs on every row
+
+
+def test_a_verify_chunk_runs_as_decode_rows() -> None:
+    """1 + k rows that all want logits become one decode row per position, each with its own context."""
+    decode = SequenceChunk([11], start_pos=5, block_table=[7, 3])
+    verify = SequenceChunk([1, 2, 3], start_pos=6, block_table=[5, 2, 6], num_logits=3)
+    prompt = SequenceChunk([4, 5], start_pos=0, block_table=[8])
+    batch = ForwardBatch.build([decode, verify, prompt], BS)
+    assert batch.num_decode == 4 and len(batch.prefills) == 1
+    assert batch.positions.tolist() == [5, 6, 7, 8, 0, 1]
+    assert batch.ctx_lens.tolist() == [6, 7, 8, 9, 1, 2]  # causal within the verify chunk
+    assert batch.block_tables.tolist()[1:4] == [[5, 2, 0], [5, 2, 0], [5, 2, 6]]
+    assert batch.logits_indices.tolist() == [0, 1, 2, 3, 5]

@@ -19,7 +19,7 @@ import time
 from collections.abc import Callable, Mapping
 from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 
@@ -29,6 +29,12 @@ from nanoinfer.config import KV_CACHE_DTYPES
 RESULTS = Path("benchmarks") / "results"  # relative to where it runs: the repository root for make bench
 
 Log = Callable[[str], None]
+K = TypeVar("K")
+# The spec scenario's default settings besides its baseline: vLLM's n-gram prompt lookup.
+SPEC_CONFIGS = (
+    '[{"method": "ngram", "num_speculative_tokens": 4, "prompt_lookup_max": 4, "prompt_lookup_min": 2},'
+    ' {"method": "ngram", "num_speculative_tokens": 8, "prompt_lookup_max": 4, "prompt_lookup_min": 2}]'
+)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -59,7 +65,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--output-len", default="64,256", help="uniform range of serving output lengths")
     p.add_argument("--prefix-requests", type=int, default=32)
     p.add_argument("--prefix-len", type=int, default=1024)
-    p.add_argument("--scenarios", default="pp512,tg128,serving,shared_prefix")
+    p.add_argument("--scenarios", default="pp512,tg128,serving,shared_prefix", help="and spec (see spec.py)")
+    p.add_argument(
+        "--spec-configs",
+        default=SPEC_CONFIGS,
+        metavar="JSON",
+        help="spec: a JSON list of nanoinfer speculative_config objects; a baseline without speculation always runs",
+    )
+    p.add_argument("--spec-workloads", type=Path, default=None, help="spec: JSON {set: [user messages]}")
+    p.add_argument("--spec-prompts", type=int, default=None, metavar="N", help="spec: the first N prompts of each set")
+    p.add_argument("--spec-max-tokens", type=int, default=128, help="spec: greedy answers stop at EOS or here")
+    p.add_argument("--spec-concurrency", type=int, default=16, help="spec: serving clients (0: batch 1 only)")
+    p.add_argument("--spec-requests", type=int, default=32, help="spec: serving requests per set")
+    p.add_argument("--spec-lookup-tokens", type=int, default=10, help="spec: transformers/llama.cpp prompt lookup k")
     p.add_argument("--out", type=Path, default=RESULTS)
     p.add_argument("--quality", action="store_true", help="report perplexity / top-1 agreement per format instead")
     return p.parse_args(argv)
@@ -71,8 +89,8 @@ def _range(text: str) -> tuple[int, int]:
 
 
 def _interleaved(
-    samplers: Mapping[str, Callable[[], Any]], repeats: int, warmups: Mapping[str, Callable[[], Any]] | None = None
-) -> dict[str, list[Any]]:
+    samplers: Mapping[K, Callable[[], Any]], repeats: int, warmups: Mapping[K, Callable[[], Any]] | None = None
+) -> dict[K, list[Any]]:
     """Each engine's samples, taken in rounds that run every engine once in turn after one warm-up
     each (the sampler itself unless `warmups` gives a cheaper call). This shared machine's speed
     drifts (docs/performance.md, "Limits of this machine"); in rounds the engines share each
@@ -80,7 +98,7 @@ def _interleaved(
     engine's runs after another's would."""
     for name in samplers:
         (warmups or samplers)[name]()
-    samples: dict[str, list[Any]] = {name: [] for name in samplers}
+    samples: dict[K, list[Any]] = {name: [] for name in samplers}
     for _ in range(repeats):
         for name, sample in samplers.items():
             samples[name].append(sample())
@@ -161,6 +179,11 @@ def run_engines(peers: dict[str, Any], args: argparse.Namespace, vocab: list[int
     nano = peers.get("nanoinfer")
     if "shared_prefix" in scenarios and isinstance(nano, NanoinferPeer):
         results["nanoinfer"]["shared_prefix"] = shared_prefix(nano, args, vocab, log)
+    if "spec" in scenarios:
+        from nanoinfer.bench.spec import run_spec  # it imports this module
+
+        for name, spec in run_spec(peers, args, log).items():
+            results[name]["spec"] = spec
     return results
 
 

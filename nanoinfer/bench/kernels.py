@@ -11,6 +11,8 @@
 - int8 matmul vs float32 F.linear, on the 49k x 576 LM head (group-wise, as the quantized
   models' head) and per-channel on the layers' shapes: why int8 layers and the head keep no
   float copy for large batches either.
+- one whole decode step of the built-in SmolLM2 (int4, fused C stack) at 1-9 rows of one
+  sequence: what a speculative verify chunk of 1 + k tokens costs the target.
 """
 
 from __future__ import annotations
@@ -142,6 +144,29 @@ def int8_vs_fp32(ours: CpuKernels, vocab: int = 49152, hidden: int = 576) -> Non
             print(f"| {rows} | {n} x {k} | {t_int8 * 1e3:.2f} | {t_fp32 * 1e3:.2f} | {t_fp32 / t_int8:.2f}x |")
 
 
+def verify_rows(model: str = "smollm2-135m-instruct", context: int = 200) -> None:
+    """One target step over one sequence's 1 + k verify rows (decode rows of the fused stack)."""
+    from nanoinfer import LLM
+    from nanoinfer.model.forward_batch import ForwardBatch, SequenceChunk
+
+    engine = LLM(model, max_num_seqs=1, max_model_len=512).engine
+    kv = engine.runner.kv_cache
+    table = list(range(-(-(context + 16) // kv.block_size)))
+    print(f"\n{model}: one decode step of 1 + k rows at context {context} (median of 30)")
+    print("| rows | ms |\n|---:|---:|")
+    for rows in (1, 2, 3, 5, 9):
+        chunk = SequenceChunk(list(range(100, 100 + rows)), context, table, True, rows)
+        batch = ForwardBatch.build([chunk], kv.block_size, None, engine.model.device)
+        for _ in range(5):
+            engine.model(batch, kv)
+        times = []
+        for _ in range(30):
+            start = time.perf_counter()
+            engine.model(batch, kv)
+            times.append(time.perf_counter() - start)
+        print(f"| {rows} | {sorted(times)[len(times) // 2] * 1e3:.2f} |")
+
+
 def main() -> int:
     ours = kernels()
     if ours is None:
@@ -153,6 +178,7 @@ def main() -> int:
     decode_attention(ours)
     prompt_attention(ours)
     int8_vs_fp32(ours)
+    verify_rows()
     return 0
 
 

@@ -4,6 +4,8 @@ Every adapter offers:
   prefill(ids) -> seconds for one forward over the prompt (batch 1)
   decode(ids, n) -> seconds for n decode steps after the prompt (batch 1, EOS ignored)
   serve(requests, concurrency) -> list[RequestTiming] for a closed loop of `concurrency` clients
+and, for the speculative-decoding scenario (spec.py):
+  complete(ids, n, eos) -> Completion: one greedy answer at batch 1 that stops at EOS
 """
 
 from __future__ import annotations
@@ -39,6 +41,32 @@ class RequestTiming:
     @property
     def tpot(self) -> float:
         return (self.finish - self.first_token) / max(self.output_len - 1, 1)
+
+
+@dataclass
+class Completion:
+    """One greedy answer at batch 1."""
+
+    token_ids: list[int]
+    decode_s: float  # from the first token to the last
+    decode_tokens: int  # tokens after those the first forward produced
+    steps: int | None  # forward passes after the first (None: the engine does not say)
+
+
+class _TokenClock:
+    """A transformers streamer that notes when each forward's tokens arrive (the first put is the prompt)."""
+
+    def __init__(self) -> None:
+        self.puts: list[tuple[float, int]] = []
+        self.prompt_seen = False
+
+    def put(self, value: torch.Tensor) -> None:
+        if self.prompt_seen:
+            self.puts.append((time.perf_counter(), value.numel()))
+        self.prompt_seen = True
+
+    def end(self) -> None:
+        pass
 
 
 class NanoinferPeer:
@@ -89,6 +117,22 @@ class NanoinferPeer:
             raise RuntimeError("the engine returned no output")
         return time.perf_counter() - first
 
+    def complete(self, ids: list[int], n: int, eos: list[int] | None = None) -> Completion:
+        """Greedy until EOS or n tokens; every step that streams tokens is one forward pass.
+        (`eos` is the engine's own set already.)"""
+        from nanoinfer import SamplingParams
+
+        self.engine.prefix_cache.reset()
+        times: list[float] = []
+        token_ids: list[int] = []
+        for out in self.llm.stream(ids, SamplingParams(temperature=0, max_tokens=n)):
+            if out.outputs[0].delta_token_ids:
+                times.append(time.perf_counter())
+                token_ids = out.token_ids
+        if not times:
+            raise RuntimeError("the engine returned no output")
+        return Completion(token_ids, times[-1] - times[0], len(token_ids) - 1, len(times) - 1)
+
     def serve(self, requests: list[Request], concurrency: int, fresh_cache: bool = True) -> list[RequestTiming]:
         """Closed loop; fresh_cache drops what earlier runs cached, so repetitions measure the same work."""
         engine = self.engine
@@ -127,15 +171,23 @@ class LlamaCppPeer:
 
     name = "llama.cpp"
 
-    def __init__(self, gguf_path: Path, threads: int, n_ctx: int = 2048):
+    def __init__(self, gguf_path: Path, threads: int, n_ctx: int = 2048, prompt_lookup: int | None = None):
+        """prompt_lookup: draft that many tokens by prompt lookup (LlamaPromptLookupDecoding)."""
         from llama_cpp import Llama
 
+        draft = None
+        if prompt_lookup:
+            from llama_cpp.llama_speculative import LlamaPromptLookupDecoding
+
+            draft = LlamaPromptLookupDecoding(num_pred_tokens=prompt_lookup)
+        self.gguf_path, self.threads = gguf_path, threads
         self.llm = Llama(
             model_path=str(gguf_path),
             n_ctx=n_ctx,
             n_threads=threads,
             n_threads_batch=threads,
             n_batch=512,
+            draft_model=draft,
             verbose=False,
         )
         self.eos = self.llm.token_eos()
@@ -164,6 +216,22 @@ class LlamaCppPeer:
     def decode(self, ids: list[int], n: int) -> float:
         first, end = self._complete(ids, n + 1)
         return end - first
+
+    def complete(self, ids: list[int], n: int, eos: list[int] | None = None) -> Completion:
+        # generate() yields ids one by one even when a forward verified several, so it cannot
+        # tell forwards apart: steps stays unknown.
+        self.llm.reset()
+        stop = set(eos or [self.eos])
+        token_ids: list[int] = []
+        first = now = 0.0
+        for token in self.llm.generate(ids, temp=0.0, reset=True):
+            now = time.perf_counter()
+            if not token_ids:
+                first = now
+            token_ids.append(token)
+            if token in stop or len(token_ids) >= n:
+                break
+        return Completion(token_ids, now - first, max(len(token_ids) - 1, 0), None)
 
     def serve(self, requests: list[Request], concurrency: int) -> list[RequestTiming]:
         # One server, FIFO, `concurrency` closed-loop clients: a request is submitted when a slot
@@ -245,6 +313,32 @@ class TransformersPeer:
     def decode(self, ids: list[int], n: int) -> float:
         first, finish = self._run([ids], [n + 1])
         return finish[0] - first
+
+    @torch.inference_mode()
+    def complete(
+        self, ids: list[int], n: int, eos: list[int] | None = None, prompt_lookup: int | None = None
+    ) -> Completion:
+        """Greedy generate() until EOS or n tokens; prompt_lookup: its prompt-lookup decoding with
+        that many draft tokens. generate(), not _run: assisted decoding lives only there."""
+        clock = _TokenClock()
+        prompt = torch.tensor([ids])
+        eos = eos if eos is not None else self.model.generation_config.eos_token_id
+        out = self.model.generate(
+            prompt,
+            attention_mask=torch.ones_like(prompt),
+            max_new_tokens=n,
+            do_sample=False,
+            eos_token_id=eos,
+            pad_token_id=eos[0] if isinstance(eos, list) else eos,
+            prompt_lookup_num_tokens=prompt_lookup,
+            streamer=clock,
+        )
+        if not clock.puts:
+            raise RuntimeError("generate() streamed no tokens")
+        # A forward verifying drafts streams all its tokens in one put, the first one included.
+        (first, first_n), (last, _) = clock.puts[0], clock.puts[-1]
+        token_ids = out[0, len(ids) :].tolist()
+        return Completion(token_ids, last - first, len(token_ids) - first_n, len(clock.puts) - 1)
 
     def serve(self, requests: list[Request], concurrency: int) -> list[RequestTiming]:
         timings: list[RequestTiming] = []

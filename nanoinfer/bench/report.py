@@ -40,13 +40,16 @@ def markdown(results: dict[str, Any]) -> str:
         "",
         f"Machine: {m['cpu']}, {m['cores']} cores, {m['threads']} threads; torch {m['torch']}. "
         f"nanoinfer: {engines['nanoinfer']['info']}. " + " ".join(f"{p}: {engines[p]['info']}." for p in peers),
-        "",
-        "Ratios are nanoinfer's advantage (>1 means nanoinfer is better: faster or lower latency). Each "
-        "figure is the median of its runs after a warm-up; the engines ran in turn within each round.",
-        "",
-        "| figure | nanoinfer | " + " | ".join(peers) + " | " + " | ".join(f"vs {p}" for p in peers) + " |",
-        "|---|---:|" + "---:|" * (2 * len(peers)),
     ]
+    if ours:  # none when only the spec scenario ran
+        lines += [
+            "",
+            "Ratios are nanoinfer's advantage (>1 means nanoinfer is better: faster or lower latency). Each "
+            "figure is the median of its runs after a warm-up; the engines ran in turn within each round.",
+            "",
+            "| figure | nanoinfer | " + " | ".join(peers) + " | " + " | ".join(f"vs {p}" for p in peers) + " |",
+            "|---|---:|" + "---:|" * (2 * len(peers)),
+        ]
     for label, (value, higher) in ours.items():
         cells = [f"{theirs[p][label][0]:.1f}" if label in theirs[p] else "–" for p in peers]
         ratios = []
@@ -63,7 +66,51 @@ def markdown(results: dict[str, Any]) -> str:
             f"Prefix cache TTFT speed-up on the shared-prefix workload: "
             f"{engines['nanoinfer']['shared_prefix']['speedup']:.1f}×",
         ]
+    if any("spec" in e for e in engines.values()):
+        lines += ["", *spec_markdown(engines)]
     return "\n".join(lines) + "\n"
+
+
+def _cell(value: float | None, fmt: str) -> str:
+    return "–" if value is None else format(value, fmt)
+
+
+def spec_markdown(engines: dict[str, Any]) -> list[str]:
+    """The spec scenario's tables: batch-1 decode per engine, setting and workload, then serving."""
+    lines = [
+        "## Speculative decoding",
+        "",
+        "Batch 1, greedy chat answers: decode tok/s after the first token (median of the runs after a "
+        "warm-up; every setting of every engine ran in turn within each round); vs baseline is the "
+        "same engine without speculation; acceptance is accepted / proposed draft tokens; "
+        "tokens/forward counts decode tokens per target forward pass; identical: every answer equals "
+        "the baseline's.",
+        "",
+        f"nanoinfer here: {engines['nanoinfer'].get('spec', {}).get('info', {})}, one engine per setting.",
+        "",
+        "| engine | setting | workload | decode tok/s | vs baseline | acceptance | tokens/forward | identical |",
+        "|---|---|---|---:|---:|---:|---:|---|",
+    ]
+    for engine, result in engines.items():
+        for setting, workloads in result.get("spec", {}).get("batch1", {}).items():
+            for workload, r in workloads.items():
+                lines.append(
+                    f"| {engine} | {setting} | {workload} | {r['tok_s']:.1f} | {_cell(r['ratio'], '.2f')}× | "
+                    f"{_cell(r['acceptance'], '.2f')} | {_cell(r['tokens_per_forward'], '.2f')} | "
+                    f"{'yes' if r['identical'] else 'NO'} |"
+                )
+    for c, settings in engines["nanoinfer"].get("spec", {}).get("serving", {}).items():
+        lines += [
+            "",
+            f"nanoinfer serving, concurrency {c}, each answer as long as the baseline's greedy one:",
+            "",
+            "| setting | workload | output tok/s | vs baseline |",
+            "|---|---|---:|---:|",
+        ]
+        for setting, workloads in settings.items():
+            for workload, r in workloads.items():
+                lines.append(f"| {setting} | {workload} | {r['output_tok_s']:.1f} | {r['ratio']:.2f}× |")
+    return lines
 
 
 def chart(results: dict[str, Any], path: Path) -> bool:
@@ -77,6 +124,8 @@ def chart(results: dict[str, Any], path: Path) -> bool:
         return False
     engines = list(results["engines"])
     labels = [label for label, (_, higher) in figures(results["engines"]["nanoinfer"]).items() if higher]
+    if not labels:
+        return False
     fig, ax = plt.subplots(figsize=(max(8, 1.6 * len(labels)), 4.5))
     width = 0.8 / len(engines)
     for i, engine in enumerate(engines):

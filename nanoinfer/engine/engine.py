@@ -17,60 +17,25 @@ import torch
 from nanoinfer.config import EngineConfig
 from nanoinfer.engine.kv_cache_manager import KVCacheManager
 from nanoinfer.engine.metrics import EngineMetrics
+from nanoinfer.engine.model_setup import build_model, kv_cache_dtype
 from nanoinfer.engine.radix_cache import RadixCache
 from nanoinfer.engine.runner import ModelRunner
 from nanoinfer.engine.sampler import Sampler, SamplingState, row_logprobs
 from nanoinfer.engine.scheduler import ScheduledChunk, Scheduler
 from nanoinfer.engine.sequence import Sequence
-from nanoinfer.engine.speculative import DraftState, NgramProposer, SpeculativeConfig, verify_token
+from nanoinfer.engine.speculative import NgramProposer, Proposer, SpeculativeConfig, verify_token
 from nanoinfer.engine.stop import StopChecker
 from nanoinfer.errors import RequestError
-from nanoinfer.kernels import kernels
 from nanoinfer.loading import ModelPackage, load_package
 from nanoinfer.model.kv_cache import PagedKVCache, kv_bytes_per_token
-from nanoinfer.model.transformer import Transformer
 from nanoinfer.outputs import CompletionOutput, RequestOutput
-from nanoinfer.quant import quantize_model, store_weights_16bit
 from nanoinfer.sampling_params import RequestOutputKind, SamplingParams
 from nanoinfer.tokenizer import IncrementalDetokenizer
 
 log = logging.getLogger(__name__)
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 # With neither --kv-cache-memory nor --max-model-len given, the pool is capped here.
 DEFAULT_KV_CAP_BYTES = 2 << 30
-
-
-def weight_dtype(name: str) -> torch.dtype:
-    """The float weights' dtype for EngineConfig.dtype `name` ("auto": float32)."""
-    if name == "auto":
-        return torch.float32
-    if name not in DTYPES:
-        raise ValueError(f"unknown dtype {name!r}; expected auto, {', '.join(DTYPES)}")
-    return DTYPES[name]
-
-
-def activation_dtype(weight_dtype: torch.dtype, device: str | torch.device) -> torch.dtype:
-    """float32 on CPU whatever the weights' dtype (no 16-bit arithmetic there; see quant/half.py)."""
-    return torch.float32 if torch.device(device).type == "cpu" else weight_dtype
-
-
-def kv_cache_dtype(
-    name: str, activations: torch.dtype, device: str | torch.device, model_dtype: str = "auto"
-) -> torch.dtype:
-    """The KV cache's dtype for EngineConfig.kv_cache_dtype `name`.
-
-    "auto" is float16 where our C attention reads the cache (float32 activations on a CPU with the
-    kernels built), because decode attention over many sequences streams the whole cache every
-    step and half the bytes make it much faster (docs/performance.md, "KV cache dtype"). A user
-    who asked for dtype float32 asked for float32 numerics, so then the cache is float32 too.
-    Elsewhere it is the activations' dtype, as in vLLM."""
-    if name == "auto":
-        ours = torch.device(device).type == "cpu" and activations == torch.float32 and kernels() is not None
-        return torch.float16 if ours and model_dtype != "float32" else activations
-    if name not in DTYPES:
-        raise ValueError(f"unknown kv_cache_dtype {name!r}; expected auto, {', '.join(DTYPES)}")
-    return DTYPES[name]
 
 
 @dataclass
@@ -92,13 +57,9 @@ class LLMEngine:
         self.tokenizer = package.tokenizer
         self.generation = package.generation
         self.source = package.source
-        weights = weight_dtype(config.dtype)
-        dtype = activation_dtype(weights, config.device)
-        self.model = Transformer.from_package(package, dtype, config.device)
         self.quantization = config.quantization or package.default_quantization
-        quantize_model(self.model, self.quantization, dense_above_rows=config.dense_above_rows)
-        if weights != dtype:
-            store_weights_16bit(self.model, weights)
+        self.model = build_model(package, config.dtype, self.quantization, config.device, config.dense_above_rows)
+        dtype = self.model.dtype
         self.max_model_len = min(
             config.max_model_len or package.config.max_position_embeddings, package.config.max_position_embeddings
         )
@@ -114,7 +75,7 @@ class LLMEngine:
         self.scheduler = Scheduler(self.kv_manager, config.max_num_seqs, config.max_num_batched_tokens)
         self.sampler = Sampler()
         self.speculative = SpeculativeConfig.parse(config.speculative_config)
-        self.proposer = NgramProposer(self.speculative) if self.speculative is not None else None
+        self.proposer = self._make_proposer(package, kv.num_slots)
         self._num_steps = 0  # steps that proposed drafts: the proposer's clock for backing off
         self.metrics = EngineMetrics()
         self.metrics.kv_blocks_total.set(kv.num_blocks)
@@ -127,6 +88,16 @@ class LLMEngine:
     def prefix_cache(self) -> RadixCache:
         """The manager's radix tree, for stats and benchmarks (``reset()`` between timed runs)."""
         return self.kv_manager.prefix_cache
+
+    def _make_proposer(self, package: ModelPackage, target_slots: int) -> Proposer | None:
+        spec = self.speculative
+        if spec is None:
+            return None
+        if spec.method == "draft_model":
+            from nanoinfer.engine.draft_model import DraftModelProposer  # loads a second model
+
+            return DraftModelProposer(spec, package, self.config, target_slots)
+        return NgramProposer(spec)
 
     def _make_kv_cache(self, dtype: torch.dtype) -> PagedKVCache:
         c = self.config
@@ -210,6 +181,8 @@ class LLMEngine:
         for seq in request.seqs:
             if not seq.finished:
                 self.scheduler.finish(seq, "abort")
+        if self.proposer is not None:
+            self.proposer.release_idle()
 
     def has_unfinished_requests(self) -> bool:
         return bool(self.requests)
@@ -260,6 +233,8 @@ class LLMEngine:
         outputs = [self._failed_output(rid, why) for rid, why in failed.items()]
         outputs += [out for r in touched if r in self.requests and (out := self._output(self.requests[r]))]
         self._retire_finished(touched)
+        if self.proposer is not None:
+            self.proposer.release_idle()  # finished, aborted or preempted sequences' draft KV
         return outputs
 
     def _failed_output(self, request_id: str, error: str) -> RequestOutput:
@@ -304,23 +279,30 @@ class LLMEngine:
         if self.proposer is None:
             return
         self._num_steps += 1
-        for seq in self.scheduler.decoding():
-            if seq.draft_state is None:
-                seq.draft_state = DraftState()
+        seqs = self.scheduler.decoding()
+        limits = []
+        for seq in seqs:
             # Room for the drafts and the token sampled after them, within max_tokens and the window.
             left = self.max_model_len - len(seq)
             if seq.params.max_tokens is not None:
                 left = min(left, seq.params.max_tokens - len(seq.output_ids))
-            new_tokens = seq.token_slice(seq.draft_state.num_tokens, len(seq))  # not the whole list per step
-            seq.draft_ids = self.proposer.propose(seq.draft_state, new_tokens, self._num_steps, left - 1)
+            limits.append(left - 1)
+        self.proposer.propose(seqs, limits, self._num_steps)
 
     def _verify(self, chunk: ScheduledChunk, logits: torch.Tensor, now: float) -> None:
         """Keep the drafts the target agrees with, then its own next token (see speculative.py);
         give back the KV slots of the rest."""
         seq, drafts = chunk.seq, chunk.seq.draft_ids[: chunk.num_draft]
         accepted = 0
+        p = seq.params
+        # Plain greedy rows do not depend on the tokens before them: one argmax for every position.
+        argmax = logits.argmax(dim=-1).tolist() if p.greedy and not (p.has_penalties or p.logit_bias) else None
+        qs = [None] * (len(drafts) + 1) if seq.draft_probs is None else [*seq.draft_probs, None]
         for j, draft in enumerate([*drafts, None]):
-            token = verify_token(self.sampler, logits[j], seq.sampling, draft)
+            if argmax is not None:
+                token = argmax[j]
+            else:
+                token = verify_token(self.sampler, logits[j], seq.sampling, draft, qs[j])
             kept = draft is not None and token == draft
             if kept:
                 seq.num_computed += 1  # the draft's K/V, computed this step, is now the sequence's
@@ -328,7 +310,7 @@ class LLMEngine:
             self._append(seq, token, row_logprobs(logits[j], seq.params, token), now)
             if seq.finished or not kept:
                 break
-        seq.draft_ids = []
+        seq.draft_ids, seq.draft_probs = [], None
         self.scheduler.trim(seq)
         self.metrics.count_drafts(len(drafts), accepted)
         self.proposer.record(seq.draft_state, len(drafts), accepted, self._num_steps)  # type: ignore[union-attr]
@@ -442,5 +424,7 @@ class LLMEngine:
         m.kv_blocks_cached.set(usage.cached_only)
 
     def check_integrity(self) -> None:
-        """Raise AssertionError unless every KV block is accounted for."""
+        """Raise AssertionError unless every KV block (the draft model's too) is accounted for."""
         self.scheduler.check_integrity()
+        if self.proposer is not None:
+            self.proposer.check_integrity()

@@ -55,6 +55,7 @@ class Sequence:
     # Prefix-cache namespace: only sequences with the same salt share cached prefixes (None: the shared one).
     cache_salt: str | None = None
     draft_ids: list[int] = field(default_factory=list)  # speculative guesses for this step (not yet tokens)
+    draft_probs: Any = None  # torch.Tensor [len(draft_ids), vocab]: the q each draft was drawn from; None: point masses
     draft_state: Any = None  # the proposer's per-sequence state (speculative.DraftState)
 
     @property

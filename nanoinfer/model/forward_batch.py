@@ -66,6 +66,7 @@ class ForwardBatch:
         all_logits: bool = False,
     ) -> ForwardBatch:
         """Flatten chunks (one-token chunks first, so they share one attention call) into one batch."""
+        chunks = [row for c in chunks for row in _as_decode_rows(c)]
         # Any leading one-token chunk attends like a decode step, prefix-hit prompts included.
         num_decode = 0
         while num_decode < len(chunks) and len(chunks[num_decode].token_ids) == 1:
@@ -110,6 +111,17 @@ class ForwardBatch:
             prefills=prefills,
             logits_indices=None if all_logits else t(logits_rows),
         )
+
+
+def _as_decode_rows(c: SequenceChunk) -> list[SequenceChunk]:
+    """A chunk verifying drafts (logits on every row) as one-token chunks, one per position, each
+    reading the keys up to its own: exactly causal attention, since every row's K/V is written
+    before any row attends. Its rows then run as decode rows, in the fused C decode stack when
+    the model can (speculative verification at decode speed, not prompt speed)."""
+    n = len(c.token_ids)
+    if n == 1 or not c.want_logits or c.num_logits != n:
+        return [c]
+    return [SequenceChunk([t], c.start_pos + i, c.block_table) for i, t in enumerate(c.token_ids)]
 
 
 def _slot(block_table: list[int], pos: int, block_size: int) -> int:
