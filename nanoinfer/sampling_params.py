@@ -35,6 +35,40 @@ class RequestOutputKind(enum.Enum):
 
 
 @dataclass
+class StructuredOutputsParams:
+    """Constrain the output to a language (vLLM's names): exactly one of a JSON schema, any JSON
+    object, a regular expression, a choice of strings or a Lark grammar (llguidance's dialect)."""
+
+    json: dict[str, Any] | str | None = None  # a JSON schema, as a dict or its text
+    regex: str | None = None
+    choice: list[str] | None = None
+    grammar: str | None = None
+    json_object: bool = False  # any JSON object (OpenAI's response_format json_object)
+
+    def __post_init__(self) -> None:
+        given = [name for name in ("json", "regex", "choice", "grammar") if getattr(self, name) is not None]
+        given += ["json_object"] if self.json_object else []
+        if len(given) != 1:
+            which = ", ".join(given) if given else "none"
+            _fail(
+                f"structured outputs need exactly one of json, regex, choice, grammar, json_object (got {which})",
+                "structured_outputs",
+            )
+        if self.choice is not None and (
+            not isinstance(self.choice, list) or not self.choice or not all(isinstance(c, str) for c in self.choice)
+        ):
+            _fail("structured_outputs.choice must be a non-empty list of strings", "structured_outputs")
+
+    @property
+    def kind(self) -> str:
+        return (
+            "json_object"
+            if self.json_object
+            else next(n for n in ("json", "regex", "choice", "grammar") if getattr(self, n) is not None)
+        )
+
+
+@dataclass
 class SamplingParams:
     """Per-request sampling parameters (OpenAI/vLLM names and semantics).
 
@@ -59,8 +93,16 @@ class SamplingParams:
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
     output_kind: RequestOutputKind = RequestOutputKind.CUMULATIVE
+    # Decoding is masked to the language it names; logprobs are then those of the masked logits.
+    structured_outputs: StructuredOutputsParams | None = None
 
     def __post_init__(self) -> None:
+        if isinstance(self.structured_outputs, dict):
+            fields = {f.name for f in dataclasses.fields(StructuredOutputsParams)}
+            unknown = sorted(set(self.structured_outputs) - fields)
+            if unknown:
+                _fail(f"unknown structured_outputs field(s): {', '.join(unknown)}", "structured_outputs")
+            self.structured_outputs = StructuredOutputsParams(**self.structured_outputs)
         if not isinstance(self.n, int) or isinstance(self.n, bool) or self.n < 1:
             _fail(f"n must be an integer >= 1, got {self.n!r}", "n")
         if not _is_number(self.temperature) or self.temperature < 0:

@@ -99,3 +99,18 @@ def test_spec_scenario(tiny_model, tmp_path, capsys):
     assert "| transformers | prompt lookup k=10 | free-form |" in table
     assert "| setting | workload | output tok/s | vs baseline |" in table
     assert "| figure |" not in table  # no other scenario ran
+
+
+def test_structured_scenario(tiny_model, tmp_path, capsys):
+    """The structured scenario end to end on a tiny model: constrained vs free serving, TTFT with a
+    fresh schema, mask times, and the report's table."""
+    directory, _ = tiny_model("llama")
+    args = ["--model", str(directory), "--engines", "nanoinfer", "--scenarios", "structured", "--repeats", "1"]
+    args += ["--out", str(tmp_path), "--structured-requests", "4", "--structured-concurrency", "2"]
+    args += ["--structured-max-tokens", "12"]
+    assert main(args) == 0
+    result = json.loads((tmp_path / "latest.json").read_text())["engines"]["nanoinfer"]["structured"]
+    assert result["output_tok_s"]["free"] > 0 and result["output_tok_s"]["json_schema"] > 0
+    assert result["ratio"] == result["output_tok_s"]["json_schema"] / result["output_tok_s"]["free"]
+    assert result["ttft_ms"]["new_schema"] > 0 and 0 < result["mask_ms_p50"] <= result["mask_ms_p90"]
+    assert "| serving output tok/s |" in capsys.readouterr().out

@@ -65,7 +65,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--output-len", default="64,256", help="uniform range of serving output lengths")
     p.add_argument("--prefix-requests", type=int, default=32)
     p.add_argument("--prefix-len", type=int, default=1024)
-    p.add_argument("--scenarios", default="pp512,tg128,serving,shared_prefix", help="and spec (see spec.py)")
+    p.add_argument(
+        "--scenarios",
+        default="pp512,tg128,serving,shared_prefix",
+        help="and spec (see spec.py), structured (see structured.py)",
+    )
+    p.add_argument("--structured-concurrency", type=int, default=16, help="structured: serving clients")
+    p.add_argument("--structured-requests", type=int, default=32, help="structured: serving requests")
+    p.add_argument("--structured-max-tokens", type=int, default=96, help="structured: answer budget")
     p.add_argument(
         "--spec-configs",
         default=SPEC_CONFIGS,
@@ -184,6 +191,10 @@ def run_engines(peers: dict[str, Any], args: argparse.Namespace, vocab: list[int
 
         for name, spec in run_spec(peers, args, log).items():
             results[name]["spec"] = spec
+    if "structured" in scenarios and isinstance(nano, NanoinferPeer):
+        from nanoinfer.bench.structured import run_structured  # it imports this module
+
+        results["nanoinfer"]["structured"] = run_structured(nano, args, log)
     return results
 
 

@@ -68,6 +68,10 @@ def markdown(results: dict[str, Any]) -> str:
         ]
     if any("spec" in e for e in engines.values()):
         lines += ["", *spec_markdown(engines)]
+    if "structured" in engines.get("nanoinfer", {}):
+        from nanoinfer.bench.structured import structured_markdown
+
+        lines += ["", *structured_markdown(engines["nanoinfer"]["structured"])]
     return "\n".join(lines) + "\n"
 
 

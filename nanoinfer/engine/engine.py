@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import partial
 
@@ -25,6 +26,7 @@ from nanoinfer.engine.scheduler import ScheduledChunk, Scheduler
 from nanoinfer.engine.sequence import Sequence
 from nanoinfer.engine.speculative import NgramProposer, Proposer, SpeculativeConfig, verify_token
 from nanoinfer.engine.stop import StopChecker
+from nanoinfer.engine.structured import StructuredOutputs
 from nanoinfer.errors import RequestError
 from nanoinfer.loading import ModelPackage, load_package
 from nanoinfer.model.kv_cache import PagedKVCache, kv_bytes_per_token
@@ -74,6 +76,8 @@ class LLMEngine:
         )
         self.scheduler = Scheduler(self.kv_manager, config.max_num_seqs, config.max_num_batched_tokens)
         self.sampler = Sampler()
+        self.structured = StructuredOutputs(self.tokenizer, self.model_config.vocab_size)
+        self._mask_worker: ThreadPoolExecutor | None = None  # started by the first constrained request
         self.speculative = SpeculativeConfig.parse(config.speculative_config)
         self.proposer = self._make_proposer(package, kv.num_slots)
         self._num_steps = 0  # steps that proposed drafts: the proposer's clock for backing off
@@ -151,6 +155,8 @@ class LLMEngine:
             )
         params.check_vocab(vocab)
         params.check_limits(self.config.limits)
+        if params.structured_outputs is not None:
+            self.structured.grammar(params.structured_outputs)  # compiled once, cached for its sequences
 
     def _new_sequence(
         self,
@@ -161,12 +167,15 @@ class LLMEngine:
         now: float,
         cache_salt: str | None = None,
     ) -> Sequence:
+        sampling = SamplingState(params, ids, index)
+        if params.structured_outputs is not None:
+            sampling.grammar = self.structured.state(params.structured_outputs)
         return Sequence(
             request_id=request_id,
             index=index,
             prompt_ids=ids,
             params=params,
-            sampling=SamplingState(params, ids, index),
+            sampling=sampling,
             detokenizer=IncrementalDetokenizer(self.tokenizer, skip_special_tokens=params.skip_special_tokens),
             stop_checker=StopChecker(params.stop or [], params.include_stop_str_in_output),
             arrival_time=now,
@@ -201,7 +210,10 @@ class LLMEngine:
         if not chunks:
             self.update_metrics()
             return []
+        masks = self._prefetch_masks(chunks)
         logits = self.runner.execute(chunks)
+        if masks is not None:
+            masks.result()  # the grammar masks of this step's constrained rows, computed meanwhile
         plain: list[tuple[ScheduledChunk, int]] = []  # completing chunks and their first logits row
         verifying: list[tuple[ScheduledChunk, int]] = []
         row = 0
@@ -236,6 +248,22 @@ class LLMEngine:
         if self.proposer is not None:
             self.proposer.release_idle()  # finished, aborted or preempted sequences' draft KV
         return outputs
+
+    def _prefetch_masks(self, chunks: list[ScheduledChunk]) -> Future[None] | None:
+        """Compute the grammar masks that sampling will need while the forward pass runs
+        (llguidance works without the GIL); the sampler then finds them cached."""
+        grammars = [c.seq.sampling.grammar for c in chunks if c.completes and c.seq.sampling.grammar is not None]
+        if not grammars:
+            return None
+        if self._mask_worker is None:
+            self._mask_worker = ThreadPoolExecutor(1, thread_name_prefix="nanoinfer-grammar")
+
+        def compute() -> None:
+            for grammar in grammars:
+                if grammar is not None:
+                    grammar.allowed()
+
+        return self._mask_worker.submit(compute)
 
     def _failed_output(self, request_id: str, error: str) -> RequestOutput:
         """Abort a request whose own work raised; its final output carries the error."""
@@ -294,20 +322,21 @@ class LLMEngine:
         give back the KV slots of the rest."""
         seq, drafts = chunk.seq, chunk.seq.draft_ids[: chunk.num_draft]
         accepted = 0
-        p = seq.params
+        p, grammar = seq.params, seq.sampling.grammar
         # Plain greedy rows do not depend on the tokens before them: one argmax for every position.
-        argmax = logits.argmax(dim=-1).tolist() if p.greedy and not (p.has_penalties or p.logit_bias) else None
+        plain = p.greedy and not (p.has_penalties or p.logit_bias) and grammar is None
+        argmax = logits.argmax(dim=-1).tolist() if plain else None
         qs = [None] * (len(drafts) + 1) if seq.draft_probs is None else [*seq.draft_probs, None]
         for j, draft in enumerate([*drafts, None]):
-            if argmax is not None:
-                token = argmax[j]
-            else:
-                token = verify_token(self.sampler, logits[j], seq.sampling, draft, qs[j])
+            row = logits[j]
+            if grammar is not None:  # masked after the tokens kept so far: invalid drafts have p = 0
+                row = grammar.mask_(row.clone())
+            token = argmax[j] if argmax is not None else verify_token(self.sampler, row, seq.sampling, draft, qs[j])
             kept = draft is not None and token == draft
             if kept:
                 seq.num_computed += 1  # the draft's K/V, computed this step, is now the sequence's
                 accepted += 1
-            self._append(seq, token, row_logprobs(logits[j], seq.params, token), now)
+            self._append(seq, token, row_logprobs(row, seq.params, token), now)
             if seq.finished or not kept:
                 break
         seq.draft_ids, seq.draft_probs = [], None
@@ -318,6 +347,9 @@ class LLMEngine:
     def _append(self, seq: Sequence, token: int, logprobs: dict[int, float] | None, now: float) -> None:
         """Add a sampled token, then decide whether seq stops and what text it may stream."""
         seq.append_token(token)
+        grammar = seq.sampling.grammar
+        if grammar is not None:
+            grammar.accept(token)
         if logprobs is not None:
             seq.logprobs.append(logprobs)
         self.metrics.generation_tokens.inc()
@@ -334,12 +366,19 @@ class LLMEngine:
         if cut is not None:
             seq.text = seq.text[:cut]
             self.scheduler.finish(seq, "stop")
-        elif (token in self.eos_ids and not p.ignore_eos) or token in (p.stop_token_ids or ()):
+        elif self._stops_at(seq, token):
             self.scheduler.finish(seq, "stop")
         elif (p.max_tokens is not None and len(seq.output_ids) >= p.max_tokens) or len(seq) >= self.max_model_len:
             self.scheduler.finish(seq, "length")
         if seq.finished and cut is None:
             seq.text += seq.detokenizer.flush()
+
+    def _stops_at(self, seq: Sequence, token: int) -> bool:
+        """EOS (unless ignored), a stop token, or a structured output that is complete."""
+        p, grammar = seq.params, seq.sampling.grammar
+        if (token in self.eos_ids and not p.ignore_eos) or token in (p.stop_token_ids or ()):
+            return True
+        return grammar is not None and grammar.finished
 
     def _output(self, request: _Request) -> RequestOutput | None:
         """This step's output of a request, shaped by its params.output_kind (None: nothing to send)."""

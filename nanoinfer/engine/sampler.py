@@ -15,10 +15,14 @@ from __future__ import annotations
 import secrets
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
 from nanoinfer.sampling_params import GREEDY_EPS, SamplingParams
+
+if TYPE_CHECKING:
+    from nanoinfer.engine.structured import GrammarState
 
 # Exponential noise can be exactly 0; dividing by it would turn masked (p = 0) tokens into NaN.
 _TINY = torch.finfo(torch.float32).tiny
@@ -52,6 +56,7 @@ class SamplingState:
         self._counted = 0  # how many of output_ids are in _seen/_counts
         self._bias: tuple[torch.Tensor, torch.Tensor] | None = None  # logit_bias as (ids, values)
         self._bias_key: tuple[int, torch.device] | None = None  # (vocab size, device) _bias was built for
+        self.grammar: GrammarState | None = None  # structured outputs: masks this sequence's logits
 
     def generator(self, device: torch.device) -> torch.Generator:
         """This sequence's generator on `device`, created (and seeded) on first use."""
@@ -118,6 +123,13 @@ class Sampler:
         if len(states) != batch:
             raise ValueError(f"got {batch} rows of logits but {len(states)} sampling states")
         params = [s.params for s in states]
+        constrained = [i for i, s in enumerate(states) if s.grammar is not None]
+        if constrained:  # masked before everything else: logprobs too are of the constrained distribution
+            logits = logits.clone()
+            for i in constrained:
+                grammar = states[i].grammar
+                assert grammar is not None
+                grammar.mask_(logits[i])
         needs_processing = any(p.has_penalties or p.logit_bias or not p.greedy for p in params)
         if not needs_processing:  # all plain greedy: skip the float copy
             tokens = logits.argmax(dim=-1)

@@ -12,7 +12,7 @@ from typing import Any
 
 from nanoinfer.engine.engine import LLMEngine
 from nanoinfer.outputs import RequestOutput
-from nanoinfer.sampling_params import RequestOutputKind, SamplingParams
+from nanoinfer.sampling_params import RequestOutputKind, SamplingParams, StructuredOutputsParams
 from nanoinfer.server.errors import APIError
 from nanoinfer.server.protocol import (
     ChatChoice,
@@ -82,6 +82,29 @@ def _max_tokens(requested: int | None, prompt_len: int, max_model_len: int) -> i
     return requested
 
 
+def _structured_outputs(body: SamplingFields) -> StructuredOutputsParams | None:
+    """The request's output constraint: vLLM's structured_outputs, or OpenAI's response_format."""
+    fmt = getattr(body, "response_format", None)
+    wanted = body.structured_outputs
+    if fmt is not None and fmt.type != "text":
+        if wanted is not None:
+            raise APIError(400, "give response_format or structured_outputs, not both", param="response_format")
+        if fmt.type == "json_object":
+            return StructuredOutputsParams(json_object=True)
+        if fmt.json_schema is None or fmt.json_schema.json_schema is None:
+            raise APIError(400, "response_format json_schema needs json_schema.schema", param="response_format")
+        return StructuredOutputsParams(json=fmt.json_schema.json_schema)
+    if wanted is None:
+        return None
+    return StructuredOutputsParams(
+        json=wanted.json_schema,
+        regex=wanted.regex,
+        choice=wanted.choice,
+        grammar=wanted.grammar,
+        json_object=bool(wanted.json_object),
+    )
+
+
 def _sampling_params(
     engine: LLMEngine, body: SamplingFields, ids: list[int], requested: int | None, logprobs: int | None
 ) -> SamplingParams:
@@ -107,6 +130,7 @@ def _sampling_params(
         max_tokens=_max_tokens(requested, len(ids), engine.max_model_len),
         # Streams take only what is new each step; whole answers wait for the end.
         output_kind=RequestOutputKind.DELTA if body.stream else RequestOutputKind.FINAL_ONLY,
+        structured_outputs=_structured_outputs(body),
     )
     engine.validate_request(ids, params)
     return params
@@ -156,6 +180,12 @@ def chat_prompt(engine: LLMEngine, messages: list[ChatMessage], add_generation_p
 def chat_job(engine: LLMEngine, model: str, body: ChatCompletionRequest) -> Job:
     """Validate a chat request and turn it into engine work; raises APIError or RequestError."""
     _check_common(body)
+    for name in ("tools", "functions"):
+        if getattr(body, name):
+            raise APIError(400, f"{name} (tool calling) is not supported by this server yet", param=name)
+    for name in ("tool_choice", "function_call"):
+        if getattr(body, name) not in (None, "none"):
+            raise APIError(400, f"{name} needs tools, which this server does not support yet", param=name)
     if body.top_logprobs is not None and not body.logprobs:
         raise APIError(400, "top_logprobs requires logprobs to be true", param="top_logprobs")
     ids = chat_prompt(engine, body.messages, body.add_generation_prompt)

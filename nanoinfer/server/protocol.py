@@ -40,6 +40,34 @@ class ChatMessage(_Request):
     name: str | None = None
 
 
+class StructuredOutputsRequest(_Request):
+    """vLLM's structured_outputs: exactly one of these (checked by StructuredOutputsParams)."""
+
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+    json_schema: dict[str, Any] | str | None = Field(default=None, alias="json")
+    regex: str | None = None
+    choice: list[str] | None = None
+    grammar: str | None = None
+    json_object: StrictBool | None = None
+
+
+class JsonSchemaFormat(_Request):
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+    name: str = Field(min_length=1, max_length=64)
+    description: str | None = None
+    # "schema" would shadow a BaseModel attribute; the wire name stays "schema".
+    json_schema: dict[str, Any] | None = Field(default=None, alias="schema")
+    strict: StrictBool | None = None
+
+
+class ResponseFormat(_Request):
+    """OpenAI's response_format: plain text, any JSON object, or JSON matching a schema."""
+
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+
+
 class SamplingFields(_Request):
     """Fields shared by chat and completions requests."""
 
@@ -66,6 +94,7 @@ class SamplingFields(_Request):
     # vLLM's name: only requests with the same salt share prefix-cache entries.
     cache_salt: str | None = Field(default=None, min_length=1, max_length=256)
     timeout: float | None = Field(default=None, gt=0)  # seconds; the request is aborted after it
+    structured_outputs: StructuredOutputsRequest | None = None
 
 
 class ChatCompletionRequest(SamplingFields):
@@ -74,6 +103,14 @@ class ChatCompletionRequest(SamplingFields):
     logprobs: StrictBool = False
     top_logprobs: StrictInt | None = Field(default=None, ge=0, le=MAX_TOP_LOGPROBS)
     add_generation_prompt: StrictBool = True
+    response_format: ResponseFormat | None = None
+    # Tool calling is not built yet: these are declared so a request using them gets a 400 naming
+    # the field instead of an answer that silently ignored it.
+    tools: list[dict[str, Any]] | None = None
+    tool_choice: str | dict[str, Any] | None = None
+    parallel_tool_calls: StrictBool | None = None
+    functions: list[dict[str, Any]] | None = None
+    function_call: str | dict[str, Any] | None = None
 
 
 # A prompt is text, a batch of texts, token ids, or a batch of token-id lists.
