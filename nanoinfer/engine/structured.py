@@ -19,6 +19,7 @@ import threading
 from collections import OrderedDict
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
 import torch
 
 from nanoinfer.errors import RequestError
@@ -38,7 +39,6 @@ _JSON_OPTIONS: JsonCompileOptions = {
     "item_separator": ", ",
     "key_separator": ": ",
 }
-_BIT = torch.arange(32, dtype=torch.int32)
 
 
 class GrammarState:
@@ -55,12 +55,13 @@ class GrammarState:
         Computed once per position, so `prefetch` on another thread can do it ahead of time."""
         if self._mask is not None and self._mask[0] == self._num_accepted:
             return self._mask[1]
-        words = torch.frombuffer(bytearray(self._matcher.compute_bitmask()), dtype=torch.int32)
-        bits = (words.unsqueeze(1) >> _BIT) & 1
-        allowed = bits.flatten().bool()
-        if allowed.numel() < self._vocab_size:  # the model's padded rows are never allowed
-            allowed = torch.cat([allowed, allowed.new_zeros(self._vocab_size - allowed.numel())])
-        self._mask = (self._num_accepted, allowed[: self._vocab_size])
+        # Little-endian 32-bit words, bit j of word i for token 32 i + j: as bytes, unpackbits in
+        # little bit order yields the tokens in order (one C call; torch shifts cost 10x more).
+        bits = np.unpackbits(np.frombuffer(self._matcher.compute_bitmask(), dtype=np.uint8), bitorder="little")
+        allowed = np.zeros(self._vocab_size, dtype=np.bool_)  # the model's padded rows are never allowed
+        n = min(len(bits), self._vocab_size)
+        allowed[:n] = bits[:n]
+        self._mask = (self._num_accepted, torch.from_numpy(allowed))
         return self._mask[1]
 
     def mask_(self, logits: torch.Tensor) -> torch.Tensor:
