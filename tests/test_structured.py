@@ -251,3 +251,15 @@ def test_every_schema_on_tiny_random_models(tiny_model, case_id):
         jsonschema.validate(json.loads(out.text), p.structured_outputs.json)
     assert all(o.finish_reason in ("stop", "length") for o in outs)
     assert len(complete) >= len(params) // 4, f"only {len(complete)} of {len(params)} finished"
+
+
+def test_logprobs_are_of_the_constrained_distribution_and_stop_strings_apply(llm):
+    prompt = _prompt(llm, "Say something.")
+    only = StructuredOutputsParams(choice=["positive feedback"])  # one allowed token at every step
+    out = llm.generate([prompt], SamplingParams(temperature=1.0, max_tokens=20, logprobs=3, structured_outputs=only))[0]
+    assert out.text == "positive feedback" and out.finish_reason == "stop"
+    assert all(abs(entry[t]) < 1e-5 for t, entry in zip(out.token_ids, out.logprobs))  # a point mass: log 1
+    spec = StructuredOutputsParams(json=_obj({"name": _S, "age": _I}))
+    params = SamplingParams(temperature=0, max_tokens=60, stop=['"age"'], structured_outputs=spec)
+    out = llm.generate([prompt], params)[0]
+    assert out.finish_reason == "stop" and out.text.startswith('{"name": ') and '"age"' not in out.text
