@@ -263,3 +263,14 @@ def test_logprobs_are_of_the_constrained_distribution_and_stop_strings_apply(llm
     params = SamplingParams(temperature=0, max_tokens=60, stop=['"age"'], structured_outputs=spec)
     out = llm.generate([prompt], params)[0]
     assert out.finish_reason == "stop" and out.text.startswith('{"name": ') and '"age"' not in out.text
+
+
+def test_regex_digits_are_ascii(llm):
+    """llguidance's own \\d takes any Unicode digit; a regex constraint's \\d means 0-9."""
+    from nanoinfer.engine.structured import ascii_digits
+
+    assert ascii_digits(r"\d{2}[\d.]\D\\d") == r"[0-9]{2}[0-9.][^0-9]\\d"
+    spec = StructuredOutputsParams(regex=r"\d{3}-\d{4}")
+    params = SamplingParams(temperature=1.5, seed=4, max_tokens=20, n=16, structured_outputs=spec)
+    out = llm.generate([_prompt(llm, "A phone number?")], params)[0]
+    assert all(re.fullmatch(r"[0-9]{3}-[0-9]{4}", c.text) for c in out.outputs), [c.text for c in out.outputs]

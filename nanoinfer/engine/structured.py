@@ -154,8 +154,44 @@ def _to_grammar(spec: StructuredOutputsParams) -> str:
             re.compile(spec.regex)
         except re.error as e:
             raise RequestError(f"invalid regex for structured outputs: {e}", "structured_outputs") from None
-        return LLMatcher.grammar_from_regex(spec.regex)
+        return LLMatcher.grammar_from_regex(ascii_digits(spec.regex))
     if spec.choice is not None:
         return LLMatcher.grammar_from_regex("|".join(f"(?:{re.escape(c)})" for c in spec.choice))
     assert spec.grammar is not None
     return LLMatcher.grammar_from_lark(spec.grammar)
+
+
+def ascii_digits(regex: str) -> str:
+    """`\\d` as [0-9]: llguidance's regex `\\d` matches any Unicode digit ("٩", "𝟎"), but users of a
+    regex constraint (and JSON schema's ECMA-262 `pattern`) mean ASCII digits. Inside a class
+    `\\d` becomes `0-9`; `\\D` outside one becomes `[^0-9]`."""
+    out: list[str] = []
+    in_class, i = False, 0
+    while i < len(regex):
+        c = regex[i]
+        if c == "\\" and i + 1 < len(regex):
+            escaped = regex[i + 1]
+            if escaped == "d":
+                out.append("0-9" if in_class else "[0-9]")
+            elif escaped == "D" and not in_class:
+                out.append("[^0-9]")
+            else:
+                out.append(c + escaped)
+            i += 2
+            continue
+        if c == "[" and not in_class:
+            in_class = True
+            out.append(c)
+            i += 1
+            if i < len(regex) and regex[i] == "^":
+                out.append("^")
+                i += 1
+            if i < len(regex) and regex[i] == "]":  # a leading ] is a literal
+                out.append("]")
+                i += 1
+            continue
+        if c == "]" and in_class:
+            in_class = False
+        out.append(c)
+        i += 1
+    return "".join(out)
