@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+from collections import Counter
 
 import pytest
 from tiny_models import CASE_IDS
@@ -122,7 +123,7 @@ def _chi_square_critical(df: int, z: float = 3.09) -> float:
     return df * (1 - 2 / (9 * df) + z * (2 / (9 * df)) ** 0.5) ** 3
 
 
-def _chi_square(counts: list[dict[tuple[int, ...], int]]) -> tuple[float, int]:
+def _chi_square(counts: list[Counter[tuple[int, ...]]]) -> tuple[float, int]:
     """Two-sample chi-square statistic and degrees of freedom of two outcome tallies."""
     outcomes = sorted(set(counts[0]) | set(counts[1]))
     # Pool the rare outcomes so every expected count is at least 5.
@@ -156,10 +157,7 @@ def test_sampled_tokens_keep_the_target_distribution(tiny_model):
     for config in (None, SPEC):
         llm = LLM(str(directory), speculative_config=config, max_num_seqs=256)
         outs = llm.generate([prompt] * 2000, params)
-        tally: dict[tuple[int, ...], int] = {}
-        for o in outs:
-            tally[tuple(o.token_ids)] = tally.get(tuple(o.token_ids), 0) + 1
-        counts.append(tally)
+        counts.append(Counter(tuple(o.token_ids) for o in outs))
         if config is not None:
             assert (
                 0
@@ -270,10 +268,7 @@ def test_draft_model_sampling_keeps_the_target_distribution(tiny_model):
     for config in (None, _draft_config(directory, num_speculative_tokens=2, quantization="int4")):
         llm = LLM(str(directory), speculative_config=config, max_num_seqs=256)
         outs = llm.generate([prompt] * 2000, params)
-        tally: dict[tuple[int, ...], int] = {}
-        for o in outs:
-            tally[tuple(o.token_ids)] = tally.get(tuple(o.token_ids), 0) + 1
-        counts.append(tally)
+        counts.append(Counter(tuple(o.token_ids) for o in outs))
         if config is not None:
             drafted = llm.engine.metrics.registry.get_sample_value("nanoinfer:spec_decode_num_draft_tokens_total")
             assert 0 < _accepted(llm) < drafted, "the test needs both accepted and rejected drafts"

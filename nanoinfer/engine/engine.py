@@ -252,7 +252,7 @@ class LLMEngine:
     def _prefetch_masks(self, chunks: list[ScheduledChunk]) -> Future[None] | None:
         """Compute the grammar masks that sampling will need while the forward pass runs
         (llguidance works without the GIL); the sampler then finds them cached."""
-        grammars = [c.seq.sampling.grammar for c in chunks if c.completes and c.seq.sampling.grammar is not None]
+        grammars = [g for c in chunks if c.completes and (g := c.seq.sampling.grammar) is not None]
         if not grammars:
             return None
         if self._mask_worker is None:
@@ -260,8 +260,7 @@ class LLMEngine:
 
         def compute() -> None:
             for grammar in grammars:
-                if grammar is not None:
-                    grammar.allowed()
+                grammar.allowed()
 
         return self._mask_worker.submit(compute)
 
