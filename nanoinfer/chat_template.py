@@ -19,6 +19,7 @@ from typing import Any
 
 import jinja2
 import jinja2.ext
+import jinja2.meta
 from jinja2 import nodes
 from jinja2.runtime import markup_join, str_join
 from jinja2.sandbox import MAX_RANGE, ImmutableSandboxedEnvironment
@@ -549,6 +550,8 @@ class ChatTemplate:
         self.max_chars = max_chars  # None: CHAT_TEMPLATE_MAX_CHARS at render time
         try:
             self._template = _ENV.from_string(source)
+            # The variables the template reads from its caller: tells e.g. whether it shows tools.
+            self.variables = frozenset(jinja2.meta.find_undeclared_variables(_ENV.parse(source)))
         except jinja2.TemplateError as e:
             raise ValueError(f"invalid chat template: {e}") from None
 

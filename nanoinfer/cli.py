@@ -236,6 +236,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         request_timeout=args.request_timeout,
         shutdown_timeout=args.shutdown_timeout,
         prefix_cache_isolation=args.prefix_cache_isolation,
+        chat_template=_chat_template_arg(args.chat_template),
+        tool_call_parser=args.tool_call_parser,
     )
     engine = EngineConfig(
         dtype=args.dtype,
@@ -247,11 +249,31 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def _chat_template_arg(value: str | None) -> str | None:
+    """--chat-template: a file's contents, or the template itself; checked that it compiles."""
+    from pathlib import Path
+
+    from nanoinfer.chat_template import ChatTemplate
+
+    if value is None:
+        return None
+    path = Path(value)
+    source = path.read_text(encoding="utf-8") if ("{" not in value and path.is_file()) else value
+    if "{" not in source:
+        raise NanoInferError(f"--chat-template {value!r} is neither a file nor a Jinja template")
+    try:
+        ChatTemplate(source)
+    except ValueError as e:
+        raise NanoInferError(f"--chat-template: {e}") from None
+    return source
+
+
 def _add_server_args(p: argparse.ArgumentParser) -> None:
     import dataclasses
 
     from nanoinfer.config import RequestLimits
     from nanoinfer.server.state import PREFIX_CACHE_ISOLATION, ServerConfig
+    from nanoinfer.server.tool_parsers import TOOL_CALL_PARSERS
 
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
@@ -289,6 +311,17 @@ def _add_server_args(p: argparse.ArgumentParser) -> None:
         help="shared: all requests reuse each other's cached prefixes (fastest, but timing and "
         "usage.cached_tokens can reveal what others sent); salt: only requests with the same "
         "cache_salt share, and one without a salt shares with nobody (default: shared)",
+    )
+    p.add_argument(
+        "--chat-template",
+        default=None,
+        help="a Jinja chat template (a file, or the template itself) used instead of the model's own",
+    )
+    p.add_argument(
+        "--tool-call-parser",
+        default=None,
+        choices=sorted(TOOL_CALL_PARSERS),
+        help="the format the model writes tool calls in (default: read from the chat template)",
     )
     for f in dataclasses.fields(RequestLimits):
         p.add_argument(

@@ -170,6 +170,19 @@ class Tokenizer:
             marked = compiled.render(hidden_messages, add_generation_prompt=add_generation_prompt, **hidden_vars)
         return guard.encode(text, marked, hidden)
 
+    def set_chat_template(self, source: str) -> None:
+        """Use `source` instead of the model's own chat template; ValueError if it does not compile."""
+        compiled = ChatTemplate(source, self._special_token_vars())
+        self.chat_template, self._template = source, compiled
+
+    def chat_template_uses(self, variable: str) -> bool:
+        """Whether the chat template reads `variable` (e.g. "tools": whether it can show tools)."""
+        if self.chat_template is None:
+            return False
+        if self._template is None:
+            self._template = ChatTemplate(self.chat_template, self._special_token_vars())
+        return variable in self._template.variables
+
     def _special_text_guard(self) -> SpecialTextGuard:
         if self._guard is None:  # a race only builds it twice
             self._guard = SpecialTextGuard(self.backend)

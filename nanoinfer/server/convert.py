@@ -6,6 +6,7 @@ the routes run `chat_job`/`completion_job` in a worker thread, never on the even
 
 from __future__ import annotations
 
+import json
 import uuid
 from dataclasses import dataclass
 from typing import Any
@@ -32,6 +33,16 @@ from nanoinfer.server.protocol import (
     Usage,
 )
 from nanoinfer.server.token_text import MIN_LOGPROB, TokenTexts, clamp
+from nanoinfer.server.tools import (
+    ToolCallStream,
+    ToolUse,
+    check_parameters,
+    finish_reason,
+    parse_answer,
+    template_messages,
+    tool_call_stream,
+    tool_use,
+)
 
 
 @dataclass
@@ -47,6 +58,11 @@ class Job:
     include_usage: bool
     cache_salt: str | None = None
     timeout: float | None = None  # seconds from submission; None: no limit
+    tools: ToolUse | None = None  # chat requests with tools: how the answers are read
+
+    def tool_call_stream(self) -> ToolCallStream | None:
+        """A fresh reader of one choice's tool calls; None when answers are plain content."""
+        return tool_call_stream(self.tools)
 
     @property
     def num_seqs(self) -> int:
@@ -106,9 +122,15 @@ def _structured_outputs(body: SamplingFields) -> StructuredOutputsParams | None:
 
 
 def _sampling_params(
-    engine: LLMEngine, body: SamplingFields, ids: list[int], requested: int | None, logprobs: int | None
+    engine: LLMEngine,
+    body: SamplingFields,
+    ids: list[int],
+    requested: int | None,
+    logprobs: int | None,
+    tools: ToolUse | None = None,
 ) -> SamplingParams:
     """SamplingParams from the request over the model's defaults, validated with the prompt by the engine."""
+    constraint = tools.constraint() if tools is not None else None
     params = SamplingParams.from_request(
         defaults=engine.generation,
         n=body.n,
@@ -125,12 +147,12 @@ def _sampling_params(
         ignore_eos=body.ignore_eos,
         logprobs=logprobs,
         logit_bias=_logit_bias(body.logit_bias),
-        skip_special_tokens=body.skip_special_tokens,
+        skip_special_tokens=body.skip_special_tokens and not (tools is not None and tools.keeps_special_tokens),
         include_stop_str_in_output=body.include_stop_str_in_output,
         max_tokens=_max_tokens(requested, len(ids), engine.max_model_len),
         # Streams take only what is new each step; whole answers wait for the end.
         output_kind=RequestOutputKind.DELTA if body.stream else RequestOutputKind.FINAL_ONLY,
-        structured_outputs=_structured_outputs(body),
+        structured_outputs=constraint or _structured_outputs(body),
     )
     engine.validate_request(ids, params)
     return params
@@ -165,33 +187,55 @@ def message_dicts(engine: LLMEngine, messages: list[ChatMessage]) -> list[dict[s
         message: dict[str, Any] = {"role": m.role, "content": content or ""}
         if m.name is not None:
             message["name"] = m.name
+        if m.tool_calls is not None:
+            if m.role != "assistant":
+                raise APIError(400, f"messages[{i}]: only assistant messages carry tool_calls", param="messages")
+            message["tool_calls"] = [call.model_dump() for call in m.tool_calls]
+        if m.role == "tool":
+            if m.tool_call_id is None:
+                raise APIError(
+                    400, f"messages[{i}]: a tool message needs the tool_call_id it answers", param="messages"
+                )
+            message["tool_call_id"] = m.tool_call_id
         out.append(message)
-    _check_chars(engine, sum(len(m["content"]) + len(m["role"]) for m in out), "messages")
+    template_messages(out)
+    _check_chars(engine, sum(map(_message_chars, out)), "messages")
     return out
 
 
-def chat_prompt(engine: LLMEngine, messages: list[ChatMessage], add_generation_prompt: bool = True) -> list[int]:
-    """Token ids of the messages rendered by the model's chat template."""
+def _message_chars(message: dict[str, Any]) -> int:
+    calls = message.get("tool_calls") or []
+    arguments = sum(len(json.dumps(c["function"]["arguments"], ensure_ascii=False)) for c in calls)
+    return len(message["content"]) + len(message["role"]) + arguments
+
+
+def chat_prompt(
+    engine: LLMEngine,
+    messages: list[ChatMessage],
+    add_generation_prompt: bool = True,
+    tools: list[dict[str, Any]] | None = None,
+) -> list[int]:
+    """Token ids of the messages (and tools) rendered by the model's chat template."""
     return engine.tokenizer.apply_chat_template(
-        message_dicts(engine, messages), add_generation_prompt=add_generation_prompt, tokenize=True
+        message_dicts(engine, messages), add_generation_prompt=add_generation_prompt, tokenize=True, tools=tools
     )
 
 
-def chat_job(engine: LLMEngine, model: str, body: ChatCompletionRequest) -> Job:
-    """Validate a chat request and turn it into engine work; raises APIError or RequestError."""
+def chat_job(engine: LLMEngine, model: str, body: ChatCompletionRequest, tool_call_parser: str | None = None) -> Job:
+    """Validate a chat request and turn it into engine work; raises APIError or RequestError.
+
+    `tool_call_parser` names the model's tool-call format (None: read it from the chat template).
+    """
     _check_common(body)
-    for name in ("tools", "functions"):
-        if getattr(body, name):
-            raise APIError(400, f"{name} (tool calling) is not supported by this server yet", param=name)
-    for name in ("tool_choice", "function_call"):
-        if getattr(body, name) not in (None, "none"):
-            raise APIError(400, f"{name} needs tools, which this server does not support yet", param=name)
+    tools = tool_use(body, engine.tokenizer, tool_call_parser)
+    if tools is not None:
+        check_parameters(tools, engine.structured.grammar)
     if body.top_logprobs is not None and not body.logprobs:
         raise APIError(400, "top_logprobs requires logprobs to be true", param="top_logprobs")
-    ids = chat_prompt(engine, body.messages, body.add_generation_prompt)
+    ids = chat_prompt(engine, body.messages, body.add_generation_prompt, tools.tools if tools is not None else None)
     requested = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
     logprobs = (body.top_logprobs or 0) if body.logprobs else None
-    params = _sampling_params(engine, body, ids, requested, logprobs)
+    params = _sampling_params(engine, body, ids, requested, logprobs, tools)
     return Job(
         f"chatcmpl-{uuid.uuid4().hex}",
         model,
@@ -202,6 +246,7 @@ def chat_job(engine: LLMEngine, model: str, body: ChatCompletionRequest) -> Job:
         bool(body.stream_options and body.stream_options.include_usage),
         body.cache_salt,
         body.timeout,
+        tools if tools is not None and tools.makes_calls else None,
     )
 
 
@@ -312,12 +357,14 @@ def chat_response(
     for out in finals.values():
         for c in out.outputs:
             logprobs = chat_logprobs(texts, c.token_ids, c.logprobs, top or 0) if c.logprobs is not None else None
+            calls = job.tool_call_stream()
+            content, tool_calls = parse_answer(calls, c.text) if calls is not None else (c.text, [])
             choices.append(
                 ChatChoice(
                     index=c.index,
-                    message=ChatResponseMessage(content=c.text),
+                    message=ChatResponseMessage(content=content, tool_calls=tool_calls or None),
                     logprobs=logprobs,
-                    finish_reason=c.finish_reason,
+                    finish_reason=finish_reason(c.finish_reason, calls),
                 )
             )
     return ChatCompletionResponse(

@@ -34,10 +34,52 @@ class TextPart(_Request):
     text: str | None = None
 
 
+class FunctionCall(BaseModel):
+    name: str
+    arguments: str  # JSON text, as OpenAI sends it
+
+
+class ToolCall(BaseModel):
+    """A call the assistant made: in a response, and in the history a client sends back."""
+
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
 class ChatMessage(_Request):
     role: str
     content: str | list[TextPart] | None = None
     name: str | None = None
+    tool_calls: list[ToolCall] | None = None  # an assistant's earlier calls
+    tool_call_id: str | None = None  # a tool message: the call it answers
+
+
+class FunctionDefinition(_Request):
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+    name: str
+    description: str | None = None
+    parameters: dict[str, Any] | None = None  # a JSON schema; none: the function takes no arguments
+    # Calls made under tool_choice "required" or a named function always match `parameters`;
+    # under "auto" the model's own calls are parsed, not constrained (see the README).
+    strict: StrictBool | None = None
+
+
+class Tool(_Request):
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+    type: Literal["function"]
+    function: FunctionDefinition
+
+
+class FunctionName(_Request):
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+    name: str
+
+
+class NamedToolChoice(_Request):
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+    type: Literal["function"]
+    function: FunctionName
 
 
 class StructuredOutputsRequest(_Request):
@@ -104,11 +146,11 @@ class ChatCompletionRequest(SamplingFields):
     top_logprobs: StrictInt | None = Field(default=None, ge=0, le=MAX_TOP_LOGPROBS)
     add_generation_prompt: StrictBool = True
     response_format: ResponseFormat | None = None
-    # Tool calling is not built yet: these are declared so a request using them gets a 400 naming
-    # the field instead of an answer that silently ignored it.
-    tools: list[dict[str, Any]] | None = None
-    tool_choice: str | dict[str, Any] | None = None
+    tools: list[Tool] | None = None
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
     parallel_tool_calls: StrictBool | None = None
+    # OpenAI's deprecated forms of tools: declared so that a request using them gets a 400 naming
+    # the field, not an answer that ignored it.
     functions: list[dict[str, Any]] | None = None
     function_call: str | dict[str, Any] | None = None
 
@@ -127,6 +169,7 @@ class TokenizeRequest(_Request):
     model: str | None = None
     prompt: str | None = None
     messages: list[ChatMessage] | None = None
+    tools: list[Tool] | None = None  # shown to the chat template, as in a chat request
     add_special_tokens: bool = True
     add_generation_prompt: bool = True
 
@@ -182,7 +225,8 @@ class ChatLogprobs(BaseModel):
 
 class ChatResponseMessage(BaseModel):
     role: Literal["assistant"] = "assistant"
-    content: str
+    content: str | None  # None when the answer is only tool calls
+    tool_calls: list[ToolCall] | None = None
 
 
 class ChatChoice(BaseModel):
@@ -207,7 +251,8 @@ class ChatCompletionResponse(BaseModel):
 
 class ChatChunkChoice(BaseModel):
     index: int
-    delta: dict[str, Any]  # {"role": "assistant", "content": ""} first, then {"content": "..."}
+    # {"role": "assistant", "content": ""} first, then {"content": "..."} or {"tool_calls": [...]}
+    delta: dict[str, Any]
     logprobs: ChatLogprobs | None = None
     finish_reason: str | None = None
 

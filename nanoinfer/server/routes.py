@@ -76,7 +76,8 @@ def api_router() -> APIRouter:
         state = _state(request)
         engine, async_engine = state.ready()
         state.check_model(body.model)
-        job = state.admit(await asyncio.to_thread(chat_job, engine, state.served_model_name, body))
+        parser = state.config.tool_call_parser
+        job = state.admit(await asyncio.to_thread(chat_job, engine, state.served_model_name, body, parser))
         texts = TokenTexts(engine.tokenizer)
         top = body.top_logprobs if body.logprobs else None
         if job.stream:
@@ -114,7 +115,8 @@ def api_router() -> APIRouter:
         if body.messages is not None:
             if not body.messages:
                 raise APIError(400, "messages must not be empty", param="messages")
-            ids = await asyncio.to_thread(chat_prompt, engine, body.messages, body.add_generation_prompt)
+            tools = [t.model_dump(exclude_none=True) for t in body.tools] if body.tools else None
+            ids = await asyncio.to_thread(chat_prompt, engine, body.messages, body.add_generation_prompt, tools)
         else:
             text = body.prompt or ""
             limit = engine.config.limits.max_prompt_chars

@@ -15,6 +15,7 @@ from nanoinfer.engine.engine import LLMEngine
 from nanoinfer.errors import NanoInferError
 from nanoinfer.server.convert import Job
 from nanoinfer.server.errors import APIError, as_api_error
+from nanoinfer.server.tool_parsers import TOOL_CALL_PARSERS
 
 log = logging.getLogger("nanoinfer.server")
 
@@ -39,10 +40,14 @@ class ServerConfig:
     # caller that someone sent the same prefix before. salt: only requests that send the same
     # cache_salt share; one without a salt shares with nobody (slower, private).
     prefix_cache_isolation: str = "shared"
+    chat_template: str | None = None  # Jinja source used instead of the model's own chat template
+    tool_call_parser: str | None = None  # the model's tool-call format (None: read from the template)
 
     def __post_init__(self) -> None:
         if self.prefix_cache_isolation not in PREFIX_CACHE_ISOLATION:
             raise ValueError(f"prefix_cache_isolation must be one of {', '.join(PREFIX_CACHE_ISOLATION)}")
+        if self.tool_call_parser is not None and self.tool_call_parser not in TOOL_CALL_PARSERS:
+            raise ValueError(f"tool_call_parser must be one of {', '.join(TOOL_CALL_PARSERS)}")
         for name in ("max_request_bytes", "max_waiting_requests", "request_timeout", "shutdown_timeout"):
             value = getattr(self, name)
             if value is not None and not value > 0:
@@ -69,6 +74,8 @@ class ServerState:
 
     def attach(self, engine: LLMEngine) -> None:
         """Start serving `engine`: its loop thread begins here."""
+        if self.config.chat_template is not None:
+            engine.tokenizer.set_chat_template(self.config.chat_template)
         waiting = self.config.max_waiting_requests or 4 * engine.config.max_num_seqs
         self.async_engine = AsyncEngine(engine, max_outstanding_seqs=engine.config.max_num_seqs + waiting)
         self.engine = engine

@@ -28,6 +28,7 @@ from nanoinfer.server.protocol import (
     Usage,
 )
 from nanoinfer.server.token_text import TokenTexts
+from nanoinfer.server.tools import finish_reason
 
 log = logging.getLogger("nanoinfer.server")
 
@@ -203,15 +204,29 @@ def chat_stream(job: Job, outputs: Outputs, texts: TokenTexts, top: int | None) 
     def chunk(choices: list[ChatChunkChoice], usage: Usage | None = None) -> str:
         return _chunk_json(ChatCompletionChunk(id=job.id, model=job.model, choices=choices, usage=usage))
 
+    calls = {i: job.tool_call_stream() for i in range(job.num_seqs)}  # per choice; None: plain content
+
     def render(d: Delta) -> str:
         logprobs = chat_logprobs(texts, d.token_ids, d.logprobs, top or 0) if d.logprobs is not None else None
-        return chunk(
-            [
+        stream = calls[d.index]
+        if stream is None:
+            deltas = [{"content": d.text}]
+        else:  # content and tool-call pieces; a step may make several, or none yet
+            deltas = stream.feed(d.text) + (stream.close() if d.finish_reason is not None else [])
+            if not deltas and (logprobs is not None or d.finish_reason is not None):
+                deltas = [{}]
+        pieces = []
+        for k, delta in enumerate(deltas):
+            last = k == len(deltas) - 1
+            pieces.append(
                 ChatChunkChoice(
-                    index=d.index, delta={"content": d.text}, logprobs=logprobs, finish_reason=d.finish_reason
+                    index=d.index,
+                    delta=delta,
+                    logprobs=logprobs if k == 0 else None,
+                    finish_reason=finish_reason(d.finish_reason, stream) if last else None,
                 )
-            ]
-        )
+            )
+        return "".join(chunk([piece]) for piece in pieces)
 
     # The role goes first, before any token exists, so the client sees the stream open at once.
     first = [chunk([ChatChunkChoice(index=i, delta={"role": "assistant", "content": ""})]) for i in range(job.n)]
