@@ -260,6 +260,13 @@ def test_stop_conditions(model_dir):
     eos = free.token_ids[3]
     by_token = llm.generate([prompt], SamplingParams(temperature=0, max_tokens=24, stop_token_ids=[eos]))[0]
     assert by_token.finish_reason == "stop" and by_token.token_ids[-1] == eos
+    # The stop token's text is not part of the answer, special or not, unless asked for.
+    decode = llm.tokenizer.decode
+    assert by_token.text == decode(by_token.token_ids[:-1]) and decode([eos]).strip()
+    kept = SamplingParams(temperature=0, max_tokens=24, stop_token_ids=[eos], include_stop_str_in_output=True)
+    assert llm.generate([prompt], kept)[0].text == decode(by_token.token_ids)
+    raw = SamplingParams(temperature=0, max_tokens=24, stop_token_ids=[eos], skip_special_tokens=False)
+    assert llm.generate([prompt], raw)[0].text == by_token.text
     short = LLM(str(model_dir), max_model_len=16).generate([prompt], GREEDY)[0]
     assert short.finish_reason == "length" and len(short.token_ids) == 16 - len(prompt)
 

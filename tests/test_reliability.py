@@ -313,7 +313,7 @@ def test_sigterm_drains_then_exits_zero(tmp_path):
     sock = free_socket()
     port = sock.getsockname()[1]
     sock.close()
-    server_args = ["--model", MODEL, "--port", str(port), "--max-model-len", "512", "--shutdown-timeout", "2"]
+    server_args = ["--model", MODEL, "--port", str(port), "--max-model-len", "2048", "--shutdown-timeout", "2"]
     cmd = [sys.executable, "-m", "nanoinfer.cli", "serve", *server_args]
     with open(tmp_path / "server.log", "w+") as log:
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"})
@@ -331,7 +331,7 @@ def test_sigterm_drains_then_exits_zero(tmp_path):
             results: dict[str, Any] = {}
 
             def long_stream() -> None:
-                body = {"messages": HELLO, "max_tokens": 400, "ignore_eos": True, "stream": True}
+                body = {"messages": HELLO, "max_tokens": 1800, "ignore_eos": True, "stream": True}
                 with httpx.stream("POST", f"{url}/v1/chat/completions", json=body, timeout=60) as r:
                     results["events"] = [line for line in r.iter_lines() if line.startswith("data: ")]
 

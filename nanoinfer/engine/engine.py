@@ -359,25 +359,23 @@ class LLMEngine:
             self.metrics.itl.observe(now - seq.last_token_time)
         seq.last_token_time = now
         start = len(seq.text)
-        seq.text += seq.detokenizer.add(token)
-        cut = seq.stop_checker.check(seq.text, start)
         p = seq.params
+        stop_token = (token in self.eos_ids and not p.ignore_eos) or token in (p.stop_token_ids or ())
+        # The text of the token that ends the answer is not part of it (as in vLLM), unless asked
+        # for: with special tokens kept, "</s>" would otherwise trail every answer.
+        if not stop_token or p.include_stop_str_in_output:
+            seq.text += seq.detokenizer.add(token)
+        cut = seq.stop_checker.check(seq.text, start)
+        grammar_done = grammar is not None and grammar.finished
         if cut is not None:
             seq.text = seq.text[:cut]
             self.scheduler.finish(seq, "stop")
-        elif self._stops_at(seq, token):
+        elif stop_token or grammar_done:
             self.scheduler.finish(seq, "stop")
         elif (p.max_tokens is not None and len(seq.output_ids) >= p.max_tokens) or len(seq) >= self.max_model_len:
             self.scheduler.finish(seq, "length")
         if seq.finished and cut is None:
             seq.text += seq.detokenizer.flush()
-
-    def _stops_at(self, seq: Sequence, token: int) -> bool:
-        """EOS (unless ignored), a stop token, or a structured output that is complete."""
-        p, grammar = seq.params, seq.sampling.grammar
-        if (token in self.eos_ids and not p.ignore_eos) or token in (p.stop_token_ids or ()):
-            return True
-        return grammar is not None and grammar.finished
 
     def _output(self, request: _Request) -> RequestOutput | None:
         """This step's output of a request, shaped by its params.output_kind (None: nothing to send)."""
