@@ -329,6 +329,68 @@ def _add_server_args(p: argparse.ArgumentParser) -> None:
         )
 
 
+def cmd_finetune(args: argparse.Namespace) -> int:
+    from nanoinfer.train import FinetuneConfig, finetune
+
+    config = FinetuneConfig(
+        model=args.model,
+        data=args.data,
+        eval_data=args.eval_data,
+        output=args.output,
+        method=args.method,
+        lora_r=args.lora_r,
+        lora_alpha=args.lora_alpha,
+        lora_dropout=args.lora_dropout,
+        lora_target=tuple(t.strip() for t in args.lora_target.split(",") if t.strip()),
+        epochs=args.epochs,
+        lr=args.lr,
+        batch_size=args.batch_size,
+        grad_accum=args.grad_accum,
+        block_size=args.block_size,
+        max_steps=args.max_steps,
+        warmup_ratio=args.warmup_ratio,
+        weight_decay=args.weight_decay,
+        max_grad_norm=args.max_grad_norm,
+        dtype=args.dtype,
+        seed=args.seed,
+        resume=args.resume,
+        progress=not args.quiet,
+    )
+    result = finetune(config)
+    evals = ", ".join(f"{loss:.4f}" for loss in result.eval_losses)
+    print(f"{result.steps} steps; eval loss by epoch: {evals or 'n/a'}; written to {result.output}")
+    return 0
+
+
+def _add_finetune_args(p: argparse.ArgumentParser) -> None:
+    from nanoinfer.loading.registry import DEFAULT_MODEL
+    from nanoinfer.model.lora import TARGETS
+    from nanoinfer.train import FinetuneConfig as F
+
+    p.add_argument("--model", default=DEFAULT_MODEL, help="built-in name, HF model directory or .gguf file")
+    p.add_argument("--data", required=True, help="train.txt (lines) or train.jsonl (messages or prompt/completion)")
+    p.add_argument("--eval-data", default=None, help="held-out examples, same formats; loss after every epoch")
+    p.add_argument("--output", required=True, help="directory for the adapter or model, checkpoints and logs")
+    p.add_argument("--method", choices=("lora", "full"), default=F.method)
+    p.add_argument("--lora-r", type=int, default=F.lora_r)
+    p.add_argument("--lora-alpha", type=float, default=F.lora_alpha)
+    p.add_argument("--lora-dropout", type=float, default=F.lora_dropout)
+    p.add_argument("--lora-target", default=",".join(F.lora_target), help=f"comma-separated, from {', '.join(TARGETS)}")
+    p.add_argument("--epochs", type=int, default=F.epochs)
+    p.add_argument("--lr", type=float, default=None, help="peak learning rate (default: 2e-4 LoRA, 2e-5 full)")
+    p.add_argument("--batch-size", type=int, default=F.batch_size)
+    p.add_argument("--grad-accum", type=int, default=F.grad_accum, help="micro-batches per optimizer step")
+    p.add_argument("--block-size", type=int, default=F.block_size, help="tokens per block of plain-text data")
+    p.add_argument("--max-steps", type=int, default=None, help="stop after this many optimizer steps")
+    p.add_argument("--warmup-ratio", type=float, default=F.warmup_ratio)
+    p.add_argument("--weight-decay", type=float, default=F.weight_decay)
+    p.add_argument("--max-grad-norm", type=float, default=F.max_grad_norm)
+    p.add_argument("--dtype", choices=("float32", "bfloat16"), default=F.dtype, help="bfloat16: autocast, fp32 master")
+    p.add_argument("--seed", type=int, default=F.seed)
+    p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --output")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
     from nanoinfer.bench.compare import main as bench_main
 
@@ -366,6 +428,10 @@ def build_parser() -> argparse.ArgumentParser:
     _add_engine_args(serve)
     _add_server_args(serve)
     serve.set_defaults(func=cmd_serve)
+
+    finetune = sub.add_parser("finetune", help="fine-tune a model, fully or with LoRA (PEFT format)")
+    _add_finetune_args(finetune)
+    finetune.set_defaults(func=cmd_finetune)
 
     bench = sub.add_parser(
         "bench",

@@ -71,7 +71,7 @@ def load_hf_weights(root: Path, config: ModelConfig, dtype: torch.dtype | None =
     found = _locate_tensors(root, config)  # canonical -> (file, hf name)
     for name in expected:
         if name not in found:
-            raise ModelLoadError(f"weights in {root} lack tensor {_hf_name(name, config)!r} (canonical {name!r})")
+            raise ModelLoadError(f"weights in {root} lack tensor {hf_name(name, config)!r} (canonical {name!r})")
     weights: dict[str, torch.Tensor] = {}
     by_file: dict[Path, list[str]] = {}
     for name in expected:
@@ -106,7 +106,7 @@ def _layer_suffix(hf_suffix: str, config: ModelConfig) -> str | None:
     return _LAYER_SUFFIXES.get(hf_suffix)
 
 
-def _hf_name(canonical: str, config: ModelConfig) -> str:
+def hf_name(canonical: str, config: ModelConfig) -> str:
     """The usual HF name of a canonical weight, for error messages."""
     if canonical == "lm_head.weight":
         return canonical

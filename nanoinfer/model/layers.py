@@ -25,7 +25,9 @@ class RMSNorm(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # Runs twice per layer per step, so per-call overhead counts: our C kernel has far less
         # (docs/performance.md, "Small ops").
-        ours = kernels() if x.dtype == torch.float32 and x.device.type == "cpu" and x.is_contiguous() else None
+        # The C kernels have no backward: training (grad enabled) takes torch ops.
+        fast = x.dtype == torch.float32 and x.device.type == "cpu" and x.is_contiguous() and not torch.is_grad_enabled()
+        ours = kernels() if fast else None
         if ours is not None:
             return ours.rms_norm(x, self.weight, self.eps)
         return F.rms_norm(x.float(), self.weight.shape, self.weight, self.eps).to(x.dtype)
@@ -85,6 +87,21 @@ class Attention(nn.Module):
         write_slots(v_cache, batch.slot_mapping, v)
         out = self._attend(q, k, v, batch, k_cache, v_cache)
         return self.o_proj(out.reshape(T, self.q_size))
+
+    def forward_dense(
+        self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], mask: torch.Tensor | None
+    ) -> torch.Tensor:
+        """Causal self-attention over whole sequences x [B, T, D], no cache: the training path.
+
+        `mask` [T, T] (True: may attend) narrows causal attention to a sliding window; None: causal."""
+        B, T, _ = x.shape
+        q, k, v = self._torch_qkv(self.qkv_proj(x), rope)  # [B, T, heads, hd]
+        group = self.num_heads // self.num_kv_heads
+        k, v = (t.transpose(1, 2).repeat_interleave(group, 1) for t in (k, v))
+        o = F.scaled_dot_product_attention(
+            q.transpose(1, 2), k, v, attn_mask=mask, is_causal=mask is None, scale=self.scale
+        )
+        return self.o_proj(o.transpose(1, 2).reshape(B, T, self.q_size))
 
     def _split(self, qkv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Views q [T, H, hd], k and v [T, KVH, hd] of the fused projection."""
@@ -191,7 +208,12 @@ class MLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate_up = self.gate_up_proj(x)
-        if gate_up.dtype == torch.float32 and gate_up.dim() == 2 and gate_up.device.type == "cpu":
+        if (
+            gate_up.dtype == torch.float32
+            and gate_up.dim() == 2
+            and gate_up.device.type == "cpu"
+            and not torch.is_grad_enabled()
+        ):
             ours = kernels()
             if ours is not None:
                 return self.down_proj(ours.gated_act(gate_up, self.gelu))

@@ -57,6 +57,19 @@ class DecoderLayer(nn.Module):
             h = self.post_mlp_norm(h)
         return x + h
 
+    def forward_dense(
+        self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], mask: torch.Tensor | None
+    ) -> torch.Tensor:
+        """The same block over whole sequences [B, T, D] without a cache (training)."""
+        h = self.attn.forward_dense(self.input_norm(x), rope, mask if self.attn.sliding else None)
+        if self.post_attn_norm is not None:
+            h = self.post_attn_norm(h)
+        x = x + h
+        h = self.mlp(self.pre_mlp_norm(x))
+        if self.post_mlp_norm is not None:
+            h = self.post_mlp_norm(h)
+        return x + h
+
     def _fused_plan(self) -> FusedPlan | None:
         """(kernels, [qkv, o, gate_up, down] Int4Linear) if this layer can run in the C
         `decode_layer` (see Transformer._fused_stack), else None."""
@@ -169,6 +182,26 @@ class Transformer(nn.Module):
             x = x[batch.logits_indices]
         return self.compute_logits(self.norm(x))
 
+    def forward_dense(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """Logits [B, T, vocab] of whole sequences [B, T] (right-padded), with autograd and no KV
+        cache: the training path. Padding sits after every real token, so causal attention
+        keeps it out of the real rows."""
+        T = input_ids.shape[1]
+        x = self.embed(input_ids).to(self.activation_dtype)
+        if self.config.embedding_scale != 1.0:
+            x = x * torch.tensor(self.config.embedding_scale, dtype=x.dtype)
+        positions = torch.arange(T, device=input_ids.device)
+        rope = self.rope(positions, x.dtype)
+        local = self.local_rope(positions, x.dtype) if self.local_rope is not None else rope
+        window = self.config.sliding_window
+        mask = None
+        if window:
+            distance = positions[:, None] - positions[None, :]
+            mask = (distance >= 0) & (distance < window)
+        for layer in self.decoder_layers:
+            x = layer.forward_dense(x, local if layer.attn.sliding else rope, mask)
+        return self.compute_logits(self.norm(x))
+
     def _fused_stack(
         self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], batch: ForwardBatch, kv: PagedKVCache
     ) -> torch.Tensor | None:
@@ -233,6 +266,29 @@ class Transformer(nn.Module):
         return self.forward(batch, kv)
 
     # ---- weights -------------------------------------------------------------------------------
+
+    def canonical_weights(self) -> dict[str, torch.Tensor]:
+        """The inverse of load_weights: canonical-named float tensors, fused projections split and
+        norm offsets taken back out (what a checkpoint of this model holds)."""
+        c = self.config
+        splits = {
+            "attn.qkv_proj": [("attn.q_proj", c.q_size), ("attn.k_proj", c.kv_size), ("attn.v_proj", c.kv_size)],
+            "mlp.gate_up_proj": [("mlp.gate_proj", c.intermediate_size), ("mlp.up_proj", c.intermediate_size)],
+        }
+        out: dict[str, torch.Tensor] = {}
+        for name, param in self.named_parameters():
+            tensor = param.detach()
+            if name.endswith("norm.weight") and c.norm_weight_offset:
+                tensor = tensor - c.norm_weight_offset
+            fused = next((f for f in splits if f".{f}." in name), None)
+            if fused is None:
+                out[name] = tensor
+                continue
+            start = 0
+            for part, rows in splits[fused]:
+                out[name.replace(fused, part)] = tensor[start : start + rows]
+                start += rows
+        return out
 
     def load_weights(self, weights: dict[str, torch.Tensor], dtype: torch.dtype) -> None:
         """Copy canonical-named tensors in, fusing q/k/v and gate/up; norms stay float32."""

@@ -1,0 +1,144 @@
+"""LoRA: a frozen linear plus a trainable low-rank update, y = W x + (alpha / r) * B (A x).
+
+Our projections are fused (q, k and v in one `qkv_proj`; gate and up in one `gate_up_proj`), so
+one LoRALinear carries an update per target (e.g. q_proj and v_proj), each writing its own
+slice of the fused output. PEFT's names for the targets are kept, so adapters move between
+PEFT and nanoinfer unchanged (`loading/peft_adapter.py`).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, cast
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from nanoinfer.config import ModelConfig
+
+if TYPE_CHECKING:
+    from nanoinfer.model.transformer import Transformer
+
+# PEFT's target name -> (our module under a decoder layer, which rows of its output).
+TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+def target_rows(config: ModelConfig, target: str) -> tuple[str, slice]:
+    """Where a PEFT target lives in our model: module path under a layer and its output rows."""
+    q, kv, inter, hidden = config.q_size, config.kv_size, config.intermediate_size, config.hidden_size
+    places = {
+        "q_proj": ("attn.qkv_proj", slice(0, q)),
+        "k_proj": ("attn.qkv_proj", slice(q, q + kv)),
+        "v_proj": ("attn.qkv_proj", slice(q + kv, q + 2 * kv)),
+        "o_proj": ("attn.o_proj", slice(0, hidden)),
+        "gate_proj": ("mlp.gate_up_proj", slice(0, inter)),
+        "up_proj": ("mlp.gate_up_proj", slice(inter, 2 * inter)),
+        "down_proj": ("mlp.down_proj", slice(0, hidden)),
+    }
+    if target not in places:
+        raise ValueError(f"unknown LoRA target {target!r}; choose from {', '.join(TARGETS)}")
+    return places[target]
+
+
+@dataclass(frozen=True)
+class LoRASpec:
+    """The shape of an adapter: rank, scaling and where it applies."""
+
+    r: int
+    alpha: float
+    targets: tuple[str, ...]
+    dropout: float = 0.0
+    use_rslora: bool = False  # scaling alpha / sqrt(r) instead of alpha / r
+
+    def __post_init__(self) -> None:
+        if self.r < 1:
+            raise ValueError(f"LoRA rank must be at least 1, got {self.r}")
+        if not self.targets:
+            raise ValueError("LoRA needs at least one target module")
+        for t in self.targets:
+            if t not in TARGETS:
+                raise ValueError(f"unknown LoRA target {t!r}; choose from {', '.join(TARGETS)}")
+        if not 0 <= self.dropout < 1:
+            raise ValueError(f"LoRA dropout must be in [0, 1), got {self.dropout}")
+
+    @property
+    def scaling(self) -> float:
+        return self.alpha / (math.sqrt(self.r) if self.use_rslora else self.r)
+
+
+class LoRALinear(nn.Module):
+    """A frozen base linear and, per target, A [r, in] and B [rows, r] updating those output rows."""
+
+    def __init__(self, base: nn.Module, rows: dict[str, slice], spec: LoRASpec) -> None:
+        super().__init__()
+        weight = cast(torch.Tensor, base.weight)
+        self.base = base
+        self.rows = rows
+        self.scaling = spec.scaling
+        self.dropout = spec.dropout
+        in_features = weight.shape[1]
+        self.lora_A = nn.ParameterDict(
+            {t: nn.Parameter(torch.empty(spec.r, in_features, dtype=torch.float32, device=weight.device)) for t in rows}
+        )
+        self.lora_B = nn.ParameterDict(
+            {
+                t: nn.Parameter(torch.zeros(s.stop - s.start, spec.r, dtype=torch.float32, device=weight.device))
+                for t, s in rows.items()
+            }
+        )
+        for a in self.lora_A.values():  # PEFT's initialisation: B = 0, so training starts at the base model
+            nn.init.kaiming_uniform_(a, a=math.sqrt(5))
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return cast(torch.Tensor, self.base.weight)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.base(x)
+        h = F.dropout(x, self.dropout, self.training) if self.dropout else x
+        parts: list[torch.Tensor] = []
+        at = 0
+        for target, rows in sorted(self.rows.items(), key=lambda kv: kv[1].start):
+            if rows.start > at:
+                parts.append(out.new_zeros(*out.shape[:-1], rows.start - at))
+            a, b = self.lora_A[target], self.lora_B[target]
+            parts.append(((h.to(a.dtype) @ a.t()) @ b.t() * self.scaling).to(out.dtype))
+            at = rows.stop
+        if at < out.shape[-1]:
+            parts.append(out.new_zeros(*out.shape[:-1], out.shape[-1] - at))
+        return out + torch.cat(parts, dim=-1)
+
+    def merged_weight(self) -> torch.Tensor:
+        """The base weight with every update folded in: W + scaling * B @ A on each target's rows."""
+        weight = self.weight.detach().float().clone()
+        for target, rows in self.rows.items():
+            weight[rows] += self.scaling * (self.lora_B[target] @ self.lora_A[target]).detach()
+        return weight
+
+
+def apply_lora(model: Transformer, config: ModelConfig, spec: LoRASpec) -> dict[str, LoRALinear]:
+    """Wrap every targeted projection of every layer in a LoRALinear; returns them by module path."""
+    by_module: dict[str, dict[str, slice]] = {}
+    for target in spec.targets:
+        module, rows = target_rows(config, target)
+        by_module.setdefault(module, {})[target] = rows
+    wrapped: dict[str, LoRALinear] = {}
+    for i, layer in enumerate(model.decoder_layers):
+        for path, targets in by_module.items():
+            parent_path, name = path.rsplit(".", 1)
+            parent = layer.get_submodule(parent_path)
+            lora = LoRALinear(getattr(parent, name), targets, spec)
+            setattr(parent, name, lora)
+            wrapped[f"layers.{i}.{path}"] = lora
+    return wrapped
+
+
+def merge_lora(model: nn.Module) -> None:
+    """Fold every LoRALinear into its base weight and put the plain base module back."""
+    for name, module in list(model.named_modules()):
+        if isinstance(module, LoRALinear):
+            module.weight.data.copy_(module.merged_weight().to(module.weight.dtype))
+            parent_path, attr = name.rsplit(".", 1)
+            setattr(model.get_submodule(parent_path), attr, module.base)
