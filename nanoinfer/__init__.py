@@ -15,7 +15,11 @@ def __getattr__(name: str):
         from nanoinfer.llm import LLM
 
         return LLM
+    if name == "LoRARequest":
+        from nanoinfer.adapters.serving import LoRARequest
+
+        return LoRARequest
     raise AttributeError(name)
 
 
-__all__ = ["LLM", "SamplingParams", "StructuredOutputsParams", "RequestOutput", "CompletionOutput"]
+__all__ = ["LLM", "LoRARequest", "SamplingParams", "StructuredOutputsParams", "RequestOutput", "CompletionOutput"]

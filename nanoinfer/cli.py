@@ -67,6 +67,18 @@ def _add_engine_args(p: argparse.ArgumentParser) -> None:
         '"prompt_lookup_max": 4, "prompt_lookup_min": 2}\' or \'{"method": "draft_model", "model": "NAME", '
         '"quantization": "int4", "num_speculative_tokens": 4}\' (default: off)',
     )
+    p.add_argument(
+        "--enable-lora", action="store_true", help="serve LoRA adapters (PEFT format) next to the base model"
+    )
+    p.add_argument(
+        "--max-loras", type=int, default=EngineConfig.max_loras, help="adapters resident (and in a batch) at once"
+    )
+    p.add_argument(
+        "--max-lora-rank", type=int, default=EngineConfig.max_lora_rank, help="largest adapter rank accepted"
+    )
+    p.add_argument(
+        "--merge-lora", default=None, metavar="DIR", help="fold this PEFT LoRA adapter into the weights at load"
+    )
 
 
 def _add_sampling_args(p: argparse.ArgumentParser) -> None:
@@ -90,6 +102,10 @@ def _engine_kwargs(args: argparse.Namespace) -> dict[str, Any]:
         kwargs["enable_prefix_cache"] = False
     if getattr(args, "speculative_config", None):
         kwargs["speculative_config"] = args.speculative_config
+    if getattr(args, "enable_lora", False) or getattr(args, "lora_modules", None):
+        kwargs.update(enable_lora=True, max_loras=args.max_loras, max_lora_rank=args.max_lora_rank)
+    if getattr(args, "merge_lora", None):
+        kwargs["merge_lora"] = args.merge_lora
     return kwargs
 
 
@@ -237,6 +253,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         shutdown_timeout=args.shutdown_timeout,
         prefix_cache_isolation=args.prefix_cache_isolation,
         chat_template=_chat_template_arg(args.chat_template),
+        lora_modules=tuple(_lora_module(m) for m in args.lora_modules or ()),
         tool_call_parser=args.tool_call_parser,
     )
     engine = EngineConfig(
@@ -247,6 +264,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
     )
     serve(config, engine)
     return 0
+
+
+def _lora_module(value: str) -> tuple[str, str]:
+    name, sep, path = value.partition("=")
+    if not sep or not name or not path:
+        raise NanoInferError(f"--lora-modules takes name=path, got {value!r}")
+    return name, path
 
 
 def _chat_template_arg(value: str | None) -> str | None:
@@ -316,6 +340,9 @@ def _add_server_args(p: argparse.ArgumentParser) -> None:
         "--chat-template",
         default=None,
         help="a Jinja chat template (a file, or the template itself) used instead of the model's own",
+    )
+    p.add_argument(
+        "--lora-modules", nargs="+", default=None, metavar="NAME=PATH", help="LoRA adapters clients name in `model`"
     )
     p.add_argument(
         "--tool-call-parser",

@@ -290,6 +290,13 @@ class EngineConfig:
     # vLLM's speculative_config: {"method": "ngram", "num_speculative_tokens": 4, "prompt_lookup_max": 4,
     # "prompt_lookup_min": 2}, or its JSON text; None: no speculation (see engine/speculative.py).
     speculative_config: Any = None
+    # LoRA serving (vLLM's names): adapters resident at once (the most distinct adapters in one
+    # batch) and the largest rank accepted; requests name theirs with a LoRARequest.
+    enable_lora: bool = False
+    max_loras: int = 4
+    max_lora_rank: int = 16
+    # A PEFT LoRA adapter folded into the weights at load: one adapter at base-model speed.
+    merge_lora: str | None = None
 
 
 # Decimal units are powers of 1000, binary ones powers of 1024. The bare letters K/M/G/T are

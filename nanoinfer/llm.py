@@ -6,6 +6,7 @@ import itertools
 from collections.abc import Iterator, Sequence
 from typing import Any, TypeGuard, cast
 
+from nanoinfer.adapters.serving import LoRARequest
 from nanoinfer.config import EngineConfig
 from nanoinfer.engine.engine import LLMEngine
 from nanoinfer.errors import NanoInferError
@@ -40,15 +41,23 @@ class LLM:
         return SamplingParams.from_request(defaults=self.engine.generation, **overrides)
 
     def generate(
-        self, prompts: Prompt | Sequence[Prompt], params: SamplingParams | list[SamplingParams] | None = None
+        self,
+        prompts: Prompt | Sequence[Prompt],
+        params: SamplingParams | list[SamplingParams] | None = None,
+        lora_request: LoRARequest | list[LoRARequest | None] | None = None,
     ) -> list[RequestOutput]:
-        """Generate for every prompt (text or token ids) in one continuous batch; outputs in prompt order."""
+        """Generate for every prompt (text or token ids) in one continuous batch; outputs in prompt order.
+
+        `lora_request`: one adapter for every prompt, or one (or None: the base model) per prompt."""
         # One prompt (text or token ids) is a batch of one; anything else is a batch already.
         batch = [prompts] if isinstance(prompts, str) or _is_token_ids(prompts) else cast(Sequence[Prompt], prompts)
         params_list = params if isinstance(params, list) else [params or self.default_params()] * len(batch)
         if len(params_list) != len(batch):
             raise ValueError(f"got {len(batch)} prompts but {len(params_list)} SamplingParams")
-        ids = [self._submit(p, sp) for p, sp in zip(batch, params_list)]
+        loras = lora_request if isinstance(lora_request, list) else [lora_request] * len(batch)
+        if len(loras) != len(batch):
+            raise ValueError(f"got {len(batch)} prompts but {len(loras)} LoRA requests")
+        ids = [self._submit(p, sp, lora) for p, sp, lora in zip(batch, params_list, loras)]
         finals: dict[str, RequestOutput] = {}
         try:
             while len(finals) < len(ids):
@@ -97,7 +106,7 @@ class LLM:
             messages, add_generation_prompt=add_generation_prompt, tokenize=True, **template_vars
         )
 
-    def _submit(self, prompt: Prompt, params: SamplingParams) -> str:
+    def _submit(self, prompt: Prompt, params: SamplingParams, lora_request: LoRARequest | None = None) -> str:
         rid = f"llm-{next(self._ids)}"
-        self.engine.add_request(rid, prompt, params)
+        self.engine.add_request(rid, prompt, params, lora_request=lora_request)
         return rid

@@ -15,6 +15,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
+from nanoinfer.config import ModelConfig
 from nanoinfer.errors import ModelLoadError
 from nanoinfer.model.lora import TARGETS, LoRALinear, LoRASpec
 
@@ -114,3 +115,15 @@ def load_into(
                         f"the model needs {tuple(param.shape)}"
                     )
                 param.data.copy_(tensor)
+
+
+def merge_adapter(weights: dict[str, torch.Tensor], config: ModelConfig, directory: str | Path) -> None:
+    """Fold a PEFT LoRA adapter into canonical float weights in place: W += scaling * B @ A."""
+    spec, pairs = read_adapter(directory, config.num_layers)
+    for (layer, target), (a, b) in pairs.items():
+        block = "attn" if target in _BLOCK else "mlp"
+        name = f"layers.{layer}.{block}.{target}.weight"
+        w = weights[name]
+        if tuple(w.shape) != (b.shape[0], a.shape[1]):
+            raise ModelLoadError(f"{directory}: {target} of layer {layer} does not fit the model's {tuple(w.shape)}")
+        weights[name] = (w.float() + spec.scaling * (b @ a)).to(w.dtype)

@@ -21,6 +21,7 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from nanoinfer.adapters.serving import LoRARequest
 from nanoinfer.engine.engine import LLMEngine
 from nanoinfer.errors import EngineDeadError, EngineOverloadedError, NanoInferError
 from nanoinfer.outputs import RequestOutput
@@ -111,7 +112,12 @@ class AsyncEngine:
             )
 
     async def generate(
-        self, request_id: str, prompt: str | list[int], params: SamplingParams, cache_salt: str | None = None
+        self,
+        request_id: str,
+        prompt: str | list[int],
+        params: SamplingParams,
+        cache_salt: str | None = None,
+        lora_request: LoRARequest | None = None,
     ) -> AsyncIterator[RequestOutput]:
         """Stream outputs of one request; leaving early (client gone, cancelled) aborts it."""
         self.check_capacity(params.n)
@@ -120,7 +126,7 @@ class AsyncEngine:
         self._count(params.n)
         finished = False
         try:
-            add = self.call(lambda: self.engine.add_request(request_id, prompt, params, cache_salt))
+            add = self.call(lambda: self.engine.add_request(request_id, prompt, params, cache_salt, lora_request))
             await asyncio.wrap_future(add)
             while True:
                 item = await stream.items.get()

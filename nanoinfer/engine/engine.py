@@ -15,6 +15,8 @@ from functools import partial
 
 import torch
 
+from nanoinfer.adapters.peft_files import merge_adapter
+from nanoinfer.adapters.serving import LoRAManager, LoRARequest
 from nanoinfer.config import EngineConfig
 from nanoinfer.engine.kv_cache_manager import KVCacheManager
 from nanoinfer.engine.metrics import EngineMetrics
@@ -60,6 +62,8 @@ class LLMEngine:
         self.generation = package.generation
         self.source = package.source
         self.quantization = config.quantization or package.default_quantization
+        if config.merge_lora is not None:
+            merge_adapter(package.weights, package.config, config.merge_lora)
         self.model = build_model(package, config.dtype, self.quantization, config.device, config.dense_above_rows)
         dtype = self.model.dtype
         self.max_model_len = min(
@@ -69,12 +73,14 @@ class LLMEngine:
         if kv.num_slots < self.max_model_len:
             log.warning("KV pool holds %d tokens; max_model_len lowered from %d", kv.num_slots, self.max_model_len)
             self.max_model_len = kv.num_slots
-        self.runner = ModelRunner(self.model, kv)
+        self.lora = LoRAManager(self.model, config.max_loras, config.max_lora_rank) if config.enable_lora else None
+        self.runner = ModelRunner(self.model, kv, self.lora)
         # The one owner of block references; the scheduler asks it for memory, the engine never does.
         self.kv_manager = KVCacheManager(
             kv, kv.num_blocks, config.block_size, config.prefix_page_size, config.enable_prefix_cache
         )
-        self.scheduler = Scheduler(self.kv_manager, config.max_num_seqs, config.max_num_batched_tokens)
+        can_start = self._lora_slot_ready if self.lora is not None else None
+        self.scheduler = Scheduler(self.kv_manager, config.max_num_seqs, config.max_num_batched_tokens, can_start)
         self.sampler = Sampler()
         self.structured = StructuredOutputs(self.tokenizer, self.model_config.vocab_size)
         self._mask_worker: ThreadPoolExecutor | None = None  # started by the first constrained request
@@ -120,17 +126,26 @@ class LLMEngine:
         prompt: str | list[int],
         params: SamplingParams | None = None,
         cache_salt: str | None = None,
+        lora_request: LoRARequest | None = None,
     ) -> None:
         """Queue a request (text is encoded with the tokenizer's special tokens). Raises RequestError.
 
-        Only requests with the same `cache_salt` share prefix-cache entries (None: the common pool)."""
+        Only requests with the same `cache_salt` and adapter share prefix-cache entries (None: the
+        common pool); `lora_request` runs it through that LoRA adapter (loaded on first use)."""
         params = params or SamplingParams()
         if request_id in self.requests:
             raise RequestError(f"request id {request_id!r} is already in use")
         ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
         self.validate_request(ids, params)
+        lora_id = 0
+        if lora_request is not None:
+            self.add_lora(lora_request)
+            lora_id = lora_request.lora_int_id
+            # K/V computed through an adapter differ from the base model's: never share them.
+            cache_salt = f"{cache_salt or ''}\x1flora:{lora_id}"
         now = time.monotonic()
         seq = self._new_sequence(request_id, 0, ids, params, now, cache_salt)
+        seq.lora_id = lora_id
         seq.num_forks_pending = params.n - 1
         self.requests[request_id] = _Request(request_id, ids, params, [seq], now)
         self.scheduler.add(seq)
@@ -181,6 +196,31 @@ class LLMEngine:
             arrival_time=now,
             cache_salt=cache_salt,
         )
+
+    # ---- LoRA adapters ------------------------------------------------------------------------
+
+    def add_lora(self, lora_request: LoRARequest) -> None:
+        """Load an adapter (checked: PEFT format, rank, shapes); RequestError if it cannot serve."""
+        if self.lora is None:
+            raise RequestError("this engine serves no LoRA adapters: start it with enable_lora=True", "lora")
+        self.lora.add(lora_request)
+
+    def remove_lora(self, lora_int_id: int) -> None:
+        """Unload an adapter; refused while unfinished requests use it."""
+        if self.lora is not None:
+            self.lora.remove(lora_int_id, self._loras_in_use())
+
+    def list_loras(self) -> list[LoRARequest]:
+        return self.lora.requests() if self.lora is not None else []
+
+    def _loras_in_use(self) -> set[int]:
+        return {s.lora_id for r in self.requests.values() for s in r.seqs if not s.finished and s.lora_id}
+
+    def _lora_slot_ready(self, seq: Sequence) -> bool:
+        """A waiting sequence may start once its adapter holds a slot (taken from idle adapters)."""
+        assert self.lora is not None
+        running = {s.lora_id for s in self.scheduler.running if s.lora_id}
+        return self.lora.acquire(seq.lora_id, running)
 
     def abort(self, request_id: str) -> None:
         """Stop a request wherever it is (waiting, prefilling, decoding) and free what it holds."""
@@ -295,6 +335,8 @@ class LLMEngine:
             )
             for i in range(1, parent.num_forks_pending + 1)
         ]
+        for sibling in siblings:
+            sibling.lora_id = parent.lora_id
         request.seqs.extend(siblings)
         parent.num_forks_pending = 0
         return self.scheduler.add_forks(parent, siblings)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from nanoinfer.adapters.serving import LoRAManager
 from nanoinfer.engine.scheduler import ScheduledChunk
 from nanoinfer.model.forward_batch import ForwardBatch, SequenceChunk
 from nanoinfer.model.kv_cache import PagedKVCache
@@ -11,9 +12,10 @@ from nanoinfer.model.transformer import Transformer
 
 
 class ModelRunner:
-    def __init__(self, model: Transformer, kv_cache: PagedKVCache):
+    def __init__(self, model: Transformer, kv_cache: PagedKVCache, lora: LoRAManager | None = None):
         self.model = model
         self.kv_cache = kv_cache
+        self.lora = lora  # tells the adapters which rows are whose
         self.sliding_window = model.config.sliding_window
         self.num_forwarded_tokens = 0  # tokens run through the model, for tests and stats
 
@@ -37,4 +39,6 @@ class ModelRunner:
             self.model.device,
         )
         self.num_forwarded_tokens += batch.num_tokens
+        if self.lora is not None:  # rows keep chunk order, so each chunk's rows are contiguous
+            self.lora.set_rows([(self.lora.slot_of(c.seq.lora_id), c.num_tokens) for c in chunks])
         return self.model(batch, self.kv_cache)

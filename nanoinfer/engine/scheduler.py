@@ -11,6 +11,7 @@ The scheduler owns the queues and each sequence's status; it never touches a blo
 from __future__ import annotations
 
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from nanoinfer.engine.kv_cache_manager import KVCacheManager
@@ -30,11 +31,19 @@ class ScheduledChunk:
 
 
 class Scheduler:
-    def __init__(self, kv: KVCacheManager, max_num_seqs: int, max_num_batched_tokens: int) -> None:
+    def __init__(
+        self,
+        kv: KVCacheManager,
+        max_num_seqs: int,
+        max_num_batched_tokens: int,
+        can_start: Callable[[Sequence], bool] | None = None,
+    ) -> None:
         self.kv = kv
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
         self.waiting: deque[Sequence] = deque()
+        # Whether a waiting sequence may start now beyond memory (its LoRA adapter needs a slot).
+        self.can_start = can_start
         self.running: list[Sequence] = []
         self.num_preemptions = 0
 
@@ -88,6 +97,8 @@ class Scheduler:
                     prefills.append(ScheduledChunk(seq, n))
                     budget -= n
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
+            if self.can_start is not None and not self.can_start(self.waiting[0]):
+                break  # its adapter waits for a slot; keep FCFS order
             chunk = self._admit(self.waiting[0], budget)
             if chunk is None:
                 break  # the oldest waiting request must wait for memory; keep FCFS order

@@ -57,6 +57,7 @@ class Sequence:
     draft_ids: list[int] = field(default_factory=list)  # speculative guesses for this step (not yet tokens)
     draft_probs: Any = None  # torch.Tensor [len(draft_ids), vocab]: the q each draft was drawn from; None: point masses
     draft_state: Any = None  # the proposer's per-sequence state (speculative.DraftState)
+    lora_id: int = 0  # the LoRA adapter's lora_int_id; 0: the base model
 
     @property
     def token_ids(self) -> list[int]:

@@ -142,3 +142,88 @@ def merge_lora(model: nn.Module) -> None:
             module.weight.data.copy_(module.merged_weight().to(module.weight.dtype))
             parent_path, attr = name.rsplit(".", 1)
             setattr(model.get_submodule(parent_path), attr, module.base)
+
+
+# ---- serving many adapters at once ------------------------------------------------------------
+
+
+class LoRABatch:
+    """Which adapter each row of the current step uses, shared by every MultiLoRALinear.
+
+    Adapters live in `max_slots` slots (slot 0 means none). A row's mask is its slot's scaling on
+    that slot's `max_rank` columns and zero elsewhere, so one dense product per module gives every
+    row its own adapter's update (a dense form of Punica's gathered LoRA, cheap while
+    slots x rank stays small), and rows of different adapters share one forward pass.
+    """
+
+    def __init__(self, max_slots: int, max_rank: int, device: torch.device | str = "cpu") -> None:
+        self.max_slots = max_slots
+        self.max_rank = max_rank
+        self.scaling = torch.zeros(max_slots + 1, device=device)  # per slot; slot 0 stays 0
+        self.mask: torch.Tensor | None = None  # [rows, max_slots * max_rank]; None: no row uses an adapter
+        self._tiled: dict[int, torch.Tensor] = {}
+
+    def set_rows(self, slots: torch.Tensor | None) -> None:
+        """The step's per-row slots [rows] (0: base model), or None when no row has an adapter."""
+        self._tiled = {}
+        if slots is None or not bool((slots > 0).any()):
+            self.mask = None
+            return
+        per_slot = F.one_hot(slots, self.max_slots + 1).to(self.scaling.dtype) * self.scaling
+        self.mask = per_slot[:, 1:].repeat_interleave(self.max_rank, dim=1)
+
+    def tiled(self, num_targets: int) -> torch.Tensor:
+        """The mask repeated for a module carrying `num_targets` targets side by side."""
+        assert self.mask is not None
+        if num_targets not in self._tiled:
+            self._tiled[num_targets] = self.mask.repeat(1, num_targets)
+        return self._tiled[num_targets]
+
+
+class MultiLoRALinear(nn.Module):
+    """A base projection plus every resident adapter's update, each row taking its own.
+
+    A holds, for each target and slot, that adapter's A (rank padded to max_rank with zero rows);
+    B holds its B transposed, placed at the target's output columns. Then
+    delta = ((x @ A.T) * mask) @ B: two matmuls per module whatever the mix of adapters.
+    """
+
+    lora_a: torch.Tensor  # buffers: [targets * slots * rank, in], [targets * slots * rank, out]
+    lora_b: torch.Tensor
+
+    def __init__(self, base: nn.Module, rows: dict[str, slice], batch: LoRABatch) -> None:
+        super().__init__()
+        self.base = base
+        self.batch = batch
+        self.rows = dict(sorted(rows.items(), key=lambda kv: kv[1].start))
+        size = len(self.rows) * batch.max_slots * batch.max_rank
+        in_features, out_features = int(base.in_features), int(base.out_features)  # type: ignore[arg-type]
+        device = batch.scaling.device
+        self.register_buffer("lora_a", torch.zeros(size, in_features, device=device), persistent=False)
+        self.register_buffer("lora_b", torch.zeros(size, out_features, device=device), persistent=False)
+
+    def _block(self, target: str, slot: int) -> slice:
+        t = list(self.rows).index(target)
+        start = (t * self.batch.max_slots + slot - 1) * self.batch.max_rank
+        return slice(start, start + self.batch.max_rank)
+
+    def load(self, slot: int, target: str, a: torch.Tensor, b: torch.Tensor) -> None:
+        """Put one target's A [r, in] and B [rows, r] into `slot` (1-based)."""
+        block, r = self._block(target, slot), a.shape[0]
+        self.lora_a[block] = 0
+        self.lora_b[block] = 0
+        self.lora_a[block.start : block.start + r] = a.to(self.lora_a)
+        self.lora_b[block.start : block.start + r, self.rows[target]] = b.t().to(self.lora_b)
+
+    def clear(self, slot: int) -> None:
+        for target in self.rows:
+            block = self._block(target, slot)
+            self.lora_a[block] = 0
+            self.lora_b[block] = 0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.base(x)
+        if self.batch.mask is None:
+            return out
+        h = (x.to(self.lora_a.dtype) @ self.lora_a.t()) * self.batch.tiled(len(self.rows))
+        return out + (h @ self.lora_b).to(out.dtype)

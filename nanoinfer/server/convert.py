@@ -11,6 +11,7 @@ import uuid
 from dataclasses import dataclass
 from typing import Any
 
+from nanoinfer.adapters.serving import LoRARequest
 from nanoinfer.engine.engine import LLMEngine
 from nanoinfer.outputs import RequestOutput
 from nanoinfer.sampling_params import RequestOutputKind, SamplingParams, StructuredOutputsParams
@@ -59,6 +60,7 @@ class Job:
     cache_salt: str | None = None
     timeout: float | None = None  # seconds from submission; None: no limit
     tools: ToolUse | None = None  # chat requests with tools: how the answers are read
+    lora_request: LoRARequest | None = None  # the adapter the request's `model` names
 
     def tool_call_stream(self) -> ToolCallStream | None:
         """A fresh reader of one choice's tool calls; None when answers are plain content."""

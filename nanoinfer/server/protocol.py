@@ -174,6 +174,17 @@ class TokenizeRequest(_Request):
     add_generation_prompt: bool = True
 
 
+class LoadLoRAAdapterRequest(_Request):
+    model_config = ConfigDict(extra="forbid")
+    lora_name: str = Field(min_length=1, max_length=256)
+    lora_path: str = Field(min_length=1)
+
+
+class UnloadLoRAAdapterRequest(_Request):
+    model_config = ConfigDict(extra="forbid")
+    lora_name: str = Field(min_length=1, max_length=256)
+
+
 class DetokenizeRequest(_Request):
     model: str | None = None
     tokens: list[StrictInt]
@@ -295,6 +306,8 @@ class ModelCard(BaseModel):
     created: int = Field(default_factory=_now)
     owned_by: str = "nanoinfer"
     max_model_len: int | None = None
+    root: str | None = None  # where the weights came from (an adapter's directory)
+    parent: str | None = None  # an adapter's base model
 
 
 class ModelList(BaseModel):

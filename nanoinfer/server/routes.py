@@ -13,6 +13,8 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from nanoinfer.adapters.serving import LoRARequest
+from nanoinfer.errors import RequestError
 from nanoinfer.server.convert import (
     chat_job,
     chat_prompt,
@@ -31,10 +33,12 @@ from nanoinfer.server.protocol import (
     DetokenizeResponse,
     ErrorResponse,
     HealthStatus,
+    LoadLoRAAdapterRequest,
     ModelCard,
     ModelList,
     TokenizeRequest,
     TokenizeResponse,
+    UnloadLoRAAdapterRequest,
 )
 from nanoinfer.server.state import ServerState
 from nanoinfer.server.streaming import (
@@ -69,15 +73,54 @@ def api_router() -> APIRouter:
     async def models(request: Request) -> ModelList:
         state = _state(request)
         max_len = state.engine.max_model_len if state.engine is not None else None
-        return ModelList(data=[ModelCard(id=state.served_model_name, max_model_len=max_len)])
+        base = ModelCard(id=state.served_model_name, max_model_len=max_len, root=state.config.model)
+        adapters = [
+            ModelCard(id=name, max_model_len=max_len, root=lora.lora_path, parent=state.served_model_name)
+            for name, lora in list(state.loras.items())
+        ]
+        return ModelList(data=[base, *adapters])
+
+    @router.post("/v1/load_lora_adapter", response_class=PlainTextResponse)
+    async def load_lora_adapter(body: LoadLoRAAdapterRequest, request: Request) -> str:
+        state = _state(request)
+        engine, async_engine = state.ready()
+        if engine.lora is None:
+            raise APIError(400, "this server serves no LoRA adapters: start it with --enable-lora", param="lora_name")
+        if body.lora_name in state.loras or body.lora_name == state.served_model_name:
+            raise APIError(400, f"the name {body.lora_name!r} is already in use", param="lora_name")
+        lora = LoRARequest(
+            body.lora_name, max((x.lora_int_id for x in state.loras.values()), default=0) + 1, body.lora_path
+        )
+        try:
+            await asyncio.wrap_future(async_engine.call(lambda: engine.add_lora(lora)))
+        except RequestError as e:
+            raise APIError(400, str(e), param="lora_path") from None
+        state.loras[body.lora_name] = lora
+        return f"Success: LoRA adapter '{body.lora_name}' added successfully."
+
+    @router.post("/v1/unload_lora_adapter", response_class=PlainTextResponse)
+    async def unload_lora_adapter(body: UnloadLoRAAdapterRequest, request: Request) -> str:
+        state = _state(request)
+        engine, async_engine = state.ready()
+        lora = state.loras.get(body.lora_name)
+        if lora is None:
+            raise APIError(404, f"no LoRA adapter named {body.lora_name!r} is loaded", param="lora_name")
+        try:
+            await asyncio.wrap_future(async_engine.call(lambda: engine.remove_lora(lora.lora_int_id)))
+        except RequestError as e:
+            raise APIError(400, str(e), param="lora_name") from None
+        del state.loras[body.lora_name]
+        return f"Success: LoRA adapter '{body.lora_name}' removed successfully."
 
     @router.post("/v1/chat/completions", response_model=None, responses=_answers(ChatCompletionResponse, True))
     async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
         state = _state(request)
         engine, async_engine = state.ready()
-        state.check_model(body.model)
+        lora = state.check_model(body.model)
         parser = state.config.tool_call_parser
-        job = state.admit(await asyncio.to_thread(chat_job, engine, state.served_model_name, body, parser))
+        job = await asyncio.to_thread(chat_job, engine, body.model or state.served_model_name, body, parser)
+        job.lora_request = lora
+        job = state.admit(job)
         texts = TokenTexts(engine.tokenizer)
         top = body.top_logprobs if body.logprobs else None
         if job.stream:
@@ -91,8 +134,10 @@ def api_router() -> APIRouter:
     async def completions(body: CompletionRequest, request: Request) -> Response:
         state = _state(request)
         engine, async_engine = state.ready()
-        state.check_model(body.model)
-        job = state.admit(await asyncio.to_thread(completion_job, engine, state.served_model_name, body))
+        lora = state.check_model(body.model)
+        job = await asyncio.to_thread(completion_job, engine, body.model or state.served_model_name, body)
+        job.lora_request = lora
+        job = state.admit(job)
         texts = TokenTexts(engine.tokenizer)
         echo = await asyncio.to_thread(prompt_texts, engine, body, job) if body.echo else None
         want_logprobs = body.logprobs is not None

@@ -10,6 +10,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from nanoinfer.adapters.serving import LoRARequest
 from nanoinfer.engine.async_engine import AsyncEngine
 from nanoinfer.engine.engine import LLMEngine
 from nanoinfer.errors import NanoInferError
@@ -41,6 +42,7 @@ class ServerConfig:
     # cache_salt share; one without a salt shares with nobody (slower, private).
     prefix_cache_isolation: str = "shared"
     chat_template: str | None = None  # Jinja source used instead of the model's own chat template
+    lora_modules: tuple[tuple[str, str], ...] = ()  # (name, PEFT directory) served from the start
     tool_call_parser: str | None = None  # the model's tool-call format (None: read from the template)
 
     def __post_init__(self) -> None:
@@ -67,6 +69,9 @@ class ServerState:
     async_engine: AsyncEngine | None = None
     load_error: str | None = None
     draining: bool = False  # shutting down: running requests finish, new ones get 503
+    # Adapters clients may name in `model`; the server's own registry, so lookups on the event
+    # loop never read the engine's state while its thread changes it.
+    loras: dict[str, LoRARequest] = dataclasses.field(default_factory=dict)
 
     @property
     def served_model_name(self) -> str:
@@ -76,6 +81,9 @@ class ServerState:
         """Start serving `engine`: its loop thread begins here."""
         if self.config.chat_template is not None:
             engine.tokenizer.set_chat_template(self.config.chat_template)
+        for name, path in self.config.lora_modules:  # before the loop thread starts
+            self.loras[name] = LoRARequest(name, len(self.loras) + 1, path)
+            engine.add_lora(self.loras[name])
         waiting = self.config.max_waiting_requests or 4 * engine.config.max_num_seqs
         self.async_engine = AsyncEngine(engine, max_outstanding_seqs=engine.config.max_num_seqs + waiting)
         self.engine = engine
@@ -119,15 +127,19 @@ class ServerState:
         dead = self.async_engine.health()
         return (503, {"status": "unhealthy", "error": dead}) if dead else (200, {"status": "ok"})
 
-    def check_model(self, name: str | None) -> None:
-        """404 unless the request names the served model (or none at all)."""
-        if name is not None and name != self.served_model_name:
-            raise APIError(
-                404,
-                f"The model `{name}` does not exist; this server serves `{self.served_model_name}`.",
-                param="model",
-                code="model_not_found",
-            )
+    def check_model(self, name: str | None) -> LoRARequest | None:
+        """The adapter a request's `model` names (None: the base model); 404 for an unknown name."""
+        if name is None or name == self.served_model_name:
+            return None
+        if name in self.loras:
+            return self.loras[name]
+        known = ", ".join([self.served_model_name, *self.loras])
+        raise APIError(
+            404,
+            f"The model `{name}` does not exist; this server serves: {known}.",
+            param="model",
+            code="model_not_found",
+        )
 
     def admit(self, job: Job) -> Job:
         """Apply the deployment's policies to a validated job; 503 with Retry-After when the queue is full."""

@@ -49,7 +49,8 @@ async def merged_outputs(async_engine: AsyncEngine, job: Job) -> Outputs:
 
     async def pump(i: int) -> None:
         try:
-            async for out in async_engine.generate(f"{job.id}-{i}", job.prompts[i], job.params[i], job.cache_salt):
+            rid, prompt, params = f"{job.id}-{i}", job.prompts[i], job.params[i]
+            async for out in async_engine.generate(rid, prompt, params, job.cache_salt, job.lora_request):
                 await queue.put((i, out))
         except Exception as e:  # CancelledError is not an Exception: cancellation passes through
             await queue.put((i, e))
