@@ -65,6 +65,10 @@ def _answers(model: type, streams: bool = False) -> dict[int | str, dict[str, An
     return {200: {"model": model, "content": content}}
 
 
+# Success of the adapter routes is a line of text, as vLLM answers; errors stay JSON.
+_TEXT_ANSWER: dict[int | str, dict[str, Any]] = {200: {"content": {"text/plain": {"schema": {"type": "string"}}}}}
+
+
 def api_router() -> APIRouter:
     """The OpenAI routes plus /tokenize and /detokenize (behind the API key when one is set)."""
     router = APIRouter(responses=ERROR_RESPONSES)
@@ -80,8 +84,8 @@ def api_router() -> APIRouter:
         ]
         return ModelList(data=[base, *adapters])
 
-    @router.post("/v1/load_lora_adapter", response_class=PlainTextResponse)
-    async def load_lora_adapter(body: LoadLoRAAdapterRequest, request: Request) -> str:
+    @router.post("/v1/load_lora_adapter", response_model=None, responses=_TEXT_ANSWER)
+    async def load_lora_adapter(body: LoadLoRAAdapterRequest, request: Request) -> Response:
         state = _state(request)
         engine, async_engine = state.ready()
         if engine.lora is None:
@@ -96,10 +100,10 @@ def api_router() -> APIRouter:
         except RequestError as e:
             raise APIError(400, str(e), param="lora_path") from None
         state.loras[body.lora_name] = lora
-        return f"Success: LoRA adapter '{body.lora_name}' added successfully."
+        return PlainTextResponse(f"Success: LoRA adapter '{body.lora_name}' added successfully.")
 
-    @router.post("/v1/unload_lora_adapter", response_class=PlainTextResponse)
-    async def unload_lora_adapter(body: UnloadLoRAAdapterRequest, request: Request) -> str:
+    @router.post("/v1/unload_lora_adapter", response_model=None, responses=_TEXT_ANSWER)
+    async def unload_lora_adapter(body: UnloadLoRAAdapterRequest, request: Request) -> Response:
         state = _state(request)
         engine, async_engine = state.ready()
         lora = state.loras.get(body.lora_name)
@@ -110,7 +114,7 @@ def api_router() -> APIRouter:
         except RequestError as e:
             raise APIError(400, str(e), param="lora_name") from None
         del state.loras[body.lora_name]
-        return f"Success: LoRA adapter '{body.lora_name}' removed successfully."
+        return PlainTextResponse(f"Success: LoRA adapter '{body.lora_name}' removed successfully.")
 
     @router.post("/v1/chat/completions", response_model=None, responses=_answers(ChatCompletionResponse, True))
     async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
