@@ -357,32 +357,15 @@ def _add_server_args(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_finetune(args: argparse.Namespace) -> int:
+    import dataclasses
+
     from nanoinfer.train import FinetuneConfig, finetune
 
-    config = FinetuneConfig(
-        model=args.model,
-        data=args.data,
-        eval_data=args.eval_data,
-        output=args.output,
-        method=args.method,
-        lora_r=args.lora_r,
-        lora_alpha=args.lora_alpha,
-        lora_dropout=args.lora_dropout,
-        lora_target=tuple(t.strip() for t in args.lora_target.split(",") if t.strip()),
-        epochs=args.epochs,
-        lr=args.lr,
-        batch_size=args.batch_size,
-        grad_accum=args.grad_accum,
-        block_size=args.block_size,
-        max_steps=args.max_steps,
-        warmup_ratio=args.warmup_ratio,
-        weight_decay=args.weight_decay,
-        max_grad_norm=args.max_grad_norm,
-        dtype=args.dtype,
-        seed=args.seed,
-        resume=args.resume,
-        progress=not args.quiet,
-    )
+    # Every option is named after its FinetuneConfig field, except these two.
+    values = {f.name: getattr(args, f.name) for f in dataclasses.fields(FinetuneConfig) if hasattr(args, f.name)}
+    values["lora_target"] = tuple(t.strip() for t in args.lora_target.split(",") if t.strip())
+    values["progress"] = not args.quiet
+    config = FinetuneConfig(**values)
     result = finetune(config)
     evals = ", ".join(f"{loss:.4f}" for loss in result.eval_losses)
     print(f"{result.steps} steps; eval loss by epoch: {evals or 'n/a'}; written to {result.output}")

@@ -88,6 +88,18 @@ def test_cli_reports_bad_data_and_exits_nonzero(tiny_model, tmp_path):
     assert done.returncode == 1 and "d.jsonl:2: not valid JSON" in done.stderr, done.stderr
 
 
+def test_cli_trains_an_adapter(tiny_model, word_data):
+    path, _ = tiny_model("llama")
+    out = word_data / "cli"
+    args = ["--model", str(path), "--data", str(word_data / "train.txt"), "--eval-data", str(word_data / "val.txt")]
+    args += ["--output", str(out), "--lora-target", "q_proj, down_proj", "--lora-r", "4", "--max-steps", "3"]
+    cmd = [sys.executable, "-m", "nanoinfer.cli", "finetune", *args, "--block-size", "32", "--quiet"]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and "3 steps" in done.stdout, done.stderr
+    config = json.loads((out / "adapter_config.json").read_text())
+    assert config["r"] == 4 and config["target_modules"] == ["down_proj", "q_proj"]
+
+
 # ---- the training path and adapters against the oracles ---------------------------------------
 
 

@@ -96,19 +96,12 @@ class LoRALinear(nn.Module):
         return cast(torch.Tensor, self.base.weight)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.base(x)
+        out = self.base(x)  # the base's backward keeps its inputs, not out: adding in place is safe
         h = F.dropout(x, self.dropout, self.training) if self.dropout else x
-        parts: list[torch.Tensor] = []
-        at = 0
-        for target, rows in sorted(self.rows.items(), key=lambda kv: kv[1].start):
-            if rows.start > at:
-                parts.append(out.new_zeros(*out.shape[:-1], rows.start - at))
+        for target, rows in self.rows.items():
             a, b = self.lora_A[target], self.lora_B[target]
-            parts.append(((h.to(a.dtype) @ a.t()) @ b.t() * self.scaling).to(out.dtype))
-            at = rows.stop
-        if at < out.shape[-1]:
-            parts.append(out.new_zeros(*out.shape[:-1], out.shape[-1] - at))
-        return out + torch.cat(parts, dim=-1)
+            out[..., rows] += ((h.to(a.dtype) @ a.t()) @ b.t() * self.scaling).to(out.dtype)
+        return out
 
     def merged_weight(self) -> torch.Tensor:
         """The base weight with every update folded in: W + scaling * B @ A on each target's rows."""

@@ -48,7 +48,10 @@ class DecoderLayer(nn.Module):
         k_cache: torch.Tensor,
         v_cache: torch.Tensor,
     ) -> torch.Tensor:
-        h = self.attn(self.input_norm(x), rope, batch, k_cache, v_cache)
+        return self._after_attention(x, self.attn(self.input_norm(x), rope, batch, k_cache, v_cache))
+
+    def _after_attention(self, x: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+        """Residual add of the attention output h, then the MLP half of the block."""
         if self.post_attn_norm is not None:
             h = self.post_attn_norm(h)
         x = x + h
@@ -62,13 +65,7 @@ class DecoderLayer(nn.Module):
     ) -> torch.Tensor:
         """The same block over whole sequences [B, T, D] without a cache (training)."""
         h = self.attn.forward_dense(self.input_norm(x), rope, mask if self.attn.sliding else None)
-        if self.post_attn_norm is not None:
-            h = self.post_attn_norm(h)
-        x = x + h
-        h = self.mlp(self.pre_mlp_norm(x))
-        if self.post_mlp_norm is not None:
-            h = self.post_mlp_norm(h)
-        return x + h
+        return self._after_attention(x, h)
 
     def _fused_plan(self) -> FusedPlan | None:
         """(kernels, [qkv, o, gate_up, down] Int4Linear) if this layer can run in the C

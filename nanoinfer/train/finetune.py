@@ -149,8 +149,8 @@ class Trainer:
             self.wrapped = apply_lora(self.model, self.model.config, c.lora_spec())
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(self.params, lr=c.learning_rate, weight_decay=c.weight_decay)
-        per_epoch = math.ceil(math.ceil(len(self.train_set) / c.batch_size) / c.grad_accum)
-        self.total_steps = min(per_epoch * c.epochs, c.max_steps or per_epoch * c.epochs)
+        self.steps_per_epoch = math.ceil(math.ceil(len(self.train_set) / c.batch_size) / c.grad_accum)
+        self.total_steps = min(self.steps_per_epoch * c.epochs, c.max_steps or self.steps_per_epoch * c.epochs)
         self.warmup = int(self.total_steps * c.warmup_ratio)
         self.step = 0
         self.epoch = 0
@@ -164,7 +164,6 @@ class Trainer:
         if c.resume:
             self._resume()
         autocast = c.dtype == "bfloat16"
-        result = FinetuneResult(self.output, 0)
         if self.eval_set and self.step == 0:
             self._record(
                 kind="eval", epoch=0, loss=evaluate(self.model, self.eval_set, c.batch_size, self.pad_id, autocast)
@@ -180,10 +179,12 @@ class Trainer:
         if bar is not None:
             bar.close()
         self._save_result()
-        result.steps = self.step
-        result.train_losses = [e["loss"] for e in self.log if e["kind"] == "train"]
-        result.eval_losses = [e["loss"] for e in self.log if e["kind"] == "eval"]
-        return result
+        return FinetuneResult(
+            self.output,
+            self.step,
+            train_losses=[e["loss"] for e in self.log if e["kind"] == "train"],
+            eval_losses=[e["loss"] for e in self.log if e["kind"] == "eval"],
+        )
 
     def _train_epoch(self, autocast: bool, bar: Any) -> None:
         c = self.config
@@ -225,9 +226,7 @@ class Trainer:
                 bar.set_postfix(loss=f"{loss_value:.4f}", tok_s=f"{speed:.0f}")
 
     def _steps_before_epoch(self) -> int:
-        c = self.config
-        per_epoch = math.ceil(math.ceil(len(self.train_set) / c.batch_size) / c.grad_accum)
-        return min(self.epoch * per_epoch, self.total_steps)
+        return min(self.epoch * self.steps_per_epoch, self.total_steps)
 
     def _record(self, **entry: Any) -> None:
         self.log.append(entry)
