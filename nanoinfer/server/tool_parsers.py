@@ -226,7 +226,6 @@ def _json_string(raw: str) -> str | None:
 class ToolCallParser(ABC):
     """Splits one answer into content and calls; feed it text as it arrives, then close it."""
 
-    name: str = ""
     # Markers that are special tokens in the model's vocabulary vanish when special tokens are
     # skipped in decoding, so the server keeps them for parsers that need them.
     needs_special_tokens = False
@@ -370,7 +369,6 @@ class _CallSequence:
 class HermesParser(_MarkedCalls):
     """`<tool_call>{json}</tool_call>` blocks among ordinary text."""
 
-    name = "hermes"
     marker = "<tool_call>"
     end = "</tool_call>"
 
@@ -425,7 +423,6 @@ class HermesParser(_MarkedCalls):
 class Llama3JsonParser(ToolCallParser):
     """Llama 3.1+: an answer that is a JSON call (or several, joined by `;`) is a tool call."""
 
-    name = "llama3_json"
     needs_special_tokens = True
     python_tag = "<|python_tag|>"
 
@@ -468,7 +465,6 @@ class Llama3JsonParser(ToolCallParser):
 class MistralParser(_MarkedCalls):
     """`[TOOL_CALLS]` then a JSON array of calls, or (newer tokenizers) `name[ARGS]{...}` per call."""
 
-    name = "mistral"
     needs_special_tokens = True
     marker = "[TOOL_CALLS]"
     args_marker = "[ARGS]"
@@ -544,8 +540,6 @@ class MistralParser(_MarkedCalls):
 class JsonArrayParser(ToolCallParser):
     """tool_choice "required": decoding is held to `[{"name": ..., "parameters": {...}}, ...]`."""
 
-    name = "json_array"
-
     def __init__(self) -> None:
         super().__init__()
         self.buffer = ""
@@ -568,8 +562,6 @@ class JsonArrayParser(ToolCallParser):
 
 class NamedCallParser(ToolCallParser):
     """tool_choice names a function: the whole output is that call's arguments."""
-
-    name = "named"
 
     def __init__(self, function: str) -> None:
         super().__init__()

@@ -265,7 +265,8 @@ def tool_call_stream(use: ToolUse | None) -> ToolCallStream | None:
     parser = use.new_parser() if use is not None else None
     if parser is None:
         return None
-    return ToolCallStream(parser, None if use is None or use.parallel else 1)
+    assert use is not None  # a parser comes only from a ToolUse
+    return ToolCallStream(parser, None if use.parallel else 1)
 
 
 def parse_answer(stream: ToolCallStream, text: str) -> tuple[str | None, list[ToolCall]]:
