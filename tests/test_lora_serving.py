@@ -106,8 +106,13 @@ def test_adapters_that_cannot_serve_are_refused(adapters, tmp_path):
     small.engine.check_integrity()
 
 
-def test_server_serves_adapters_by_name_and_loads_them_at_run_time(adapters):
+def test_server_serves_adapters_by_name_and_loads_them_at_run_time(adapters, tmp_path):
     path, loras = adapters
+    lm_head_adapter = str(tmp_path / "lm_head")  # PEFT adapts any linear; our layers take seven kinds
+    base = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    peft.get_peft_model(base, peft.LoraConfig(r=4, target_modules=["q_proj", "lm_head"])).save_pretrained(
+        lm_head_adapter
+    )
     config = ServerConfig(model=str(path), served_model_name="base", lora_modules=(("a0", loras[0].lora_path),))
     engine_config = EngineConfig(dtype="float32", max_model_len=128, enable_lora=True, max_loras=2, max_lora_rank=8)
     app = create_app(None, config, loader=lambda: LLMEngine(str(path), engine_config))
@@ -133,6 +138,8 @@ def test_server_serves_adapters_by_name_and_loads_them_at_run_time(adapters):
         assert "a1" in {m.id for m in client.models.list().data}
         bad = httpx.post(f"{srv.url}/v1/load_lora_adapter", json={"lora_name": "a9", "lora_path": "/nonexistent"})
         assert bad.status_code == 400 and bad.json()["error"]["param"] == "lora_path"
+        head = httpx.post(f"{srv.url}/v1/load_lora_adapter", json={"lora_name": "h", "lora_path": lm_head_adapter})
+        assert head.status_code == 400 and "lm_head, which this model lacks" in head.json()["error"]["message"]
         assert (
             httpx.post(
                 f"{srv.url}/v1/load_lora_adapter", json={"lora_name": "a1", "lora_path": loras[1].lora_path}
@@ -144,3 +151,31 @@ def test_server_serves_adapters_by_name_and_loads_them_at_run_time(adapters):
         with pytest.raises(openai.NotFoundError):
             client.completions.create(model="a1", prompt="hi", max_tokens=2)
         wait_idle(srv)
+
+
+def test_steps_without_adapter_rows_keep_the_fused_decode_stack(adapters, monkeypatch):
+    """Wrapping projections for adapters must not cost base-model traffic its one-call C decode:
+    steps with no adapter row run fused, steps with one run layer by layer, answers unchanged."""
+    from nanoinfer.model.transformer import Transformer
+
+    path, loras = adapters
+    kwargs = {"quantization": "int4", "max_model_len": 128, "enable_prefix_cache": False}
+    plain = LLM(str(path), **kwargs)
+    served = LLM(str(path), enable_lora=True, **kwargs)
+    fused_steps: list[bool] = []
+    real = Transformer._fused_stack
+
+    def spy(self, *args):
+        out = real(self, *args)
+        fused_steps.append(out is not None)
+        return out
+
+    served.generate(PROMPTS[:1], GREEDY, lora_request=loras[0])  # the projections are wrapped from here on
+    monkeypatch.setattr(Transformer, "_fused_stack", spy)
+    base = served.generate(PROMPTS[:2], GREEDY)
+    assert fused_steps.count(True) == GREEDY.max_tokens - 1, "every decode step should run fused"
+    assert [o.token_ids for o in base] == [o.token_ids for o in plain.generate(PROMPTS[:2], GREEDY)]
+    fused_steps.clear()
+    mixed = served.generate(PROMPTS[:2], GREEDY, lora_request=[None, loras[0]])
+    assert fused_steps and not any(fused_steps), "a step with adapter rows cannot run the base stack"
+    assert mixed[0].token_ids == base[0].token_ids

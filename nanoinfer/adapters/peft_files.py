@@ -75,6 +75,7 @@ def read_adapter(
     for key, allowed in (("bias", "none"), ("use_dora", False), ("modules_to_save", None), ("fan_in_fan_out", False)):
         if config.get(key, allowed) not in (allowed, []):
             raise ModelLoadError(f"{directory}: adapter_config {key}={config[key]!r} is not supported")
+    _check_targets(directory, config.get("target_modules"))
     pairs: dict[tuple[int, str], dict[str, torch.Tensor]] = {}
     for name, tensor in tensors.items():
         match = _KEY.match(name.replace(".default.", "."))
@@ -98,6 +99,19 @@ def read_adapter(
         use_rslora=bool(config.get("use_rslora", False)),
     )
     return spec, {key: (p["A"], p["B"]) for key, p in pairs.items()}
+
+
+def _check_targets(directory: Path, targets: Any) -> None:
+    """Refuse an adapter naming modules our layers do not have (say lm_head, or GPT-2's c_attn).
+    A regex string is left to the tensor names, which are checked one by one."""
+    if isinstance(targets, str) or not targets:
+        return
+    lacking = sorted(set(targets) - set(TARGETS))
+    if lacking:
+        raise ModelLoadError(
+            f"{directory}: the adapter targets {', '.join(lacking)}, which this model lacks; "
+            f"LoRA can target {', '.join(TARGETS)}"
+        )
 
 
 def load_into(

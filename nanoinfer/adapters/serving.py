@@ -51,6 +51,7 @@ class LoRAManager:
         self.model = model
         self.max_lora_rank = max_lora_rank
         self.batch = LoRABatch(max_loras, max_lora_rank, model.device)
+        model.lora_batch = self.batch  # rows without adapters keep the fused decode stack
         self.adapters: dict[int, _Adapter] = {}
         self.slots: list[int | None] = [None] * max_loras  # adapter id in slot i + 1
         self._wrapped: dict[str, list[MultiLoRALinear]] = {}  # module path under a layer -> one per layer

@@ -14,6 +14,7 @@ from nanoinfer.errors import ModelLoadError
 from nanoinfer.kernels import KV_DTYPES, CpuKernels, DecodeLayer, DecodeStep, kernels, kv_half, q4_weight
 from nanoinfer.model.forward_batch import ForwardBatch, SequenceChunk
 from nanoinfer.model.layers import MLP, Attention, RMSNorm
+from nanoinfer.model.lora import LoRABatch, MultiLoRALinear
 from nanoinfer.model.rope import RotaryEmbedding
 from nanoinfer.quant.int4 import Int4Linear
 
@@ -71,10 +72,13 @@ class DecoderLayer(nn.Module):
         """(kernels, [qkv, o, gate_up, down] Int4Linear) if this layer can run in the C
         `decode_layer` (see Transformer._fused_stack), else None."""
         modules = (self.attn.qkv_proj, self.attn.o_proj, self.mlp.gate_up_proj, self.mlp.down_proj)
-        if self._plan_modules != modules:  # first use, or quantized since
+        if self._plan_modules != modules:  # first use, or quantized or wrapped for adapters since
             self._plan, self._plan_modules = None, modules
             ours = kernels()
-            linears = [lin for lin in modules if isinstance(lin, Int4Linear) and lin.backend == "c"]
+            # Adapter-wrapped projections run fused on their base when no row uses an adapter
+            # (Transformer._fused_stack checks the step).
+            bases = [m.base if isinstance(m, MultiLoRALinear) else m for m in modules]
+            linears = [lin for lin in bases if isinstance(lin, Int4Linear) and lin.backend == "c"]
             if ours is not None and self.post_attn_norm is None and len(linears) == len(modules):
                 self._plan = (ours, linears)
         return self._plan
@@ -123,6 +127,7 @@ class Transformer(nn.Module):
         self._stack: ctypes.Array[DecodeLayer] | None = None
         # Activations' dtype; weights may be stored narrower (see quant.store_weights_16bit).
         self.activation_dtype = torch.float32
+        self.lora_batch: LoRABatch | None = None  # set while adapters are served (adapters.serving)
 
     def _make_ropes(self) -> tuple[RotaryEmbedding, RotaryEmbedding | None]:
         c = self.config
@@ -214,6 +219,7 @@ class Transformer(nn.Module):
             or x.dtype != torch.float32
             or kv.k[0].dtype not in KV_DTYPES
             or not x.is_contiguous()
+            or (self.lora_batch is not None and self.lora_batch.mask is not None)
         ):
             return None
         maybe_plans = [layer._fused_plan() for layer in self.decoder_layers]  # cached; rechecks the modules
