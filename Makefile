@@ -49,6 +49,12 @@ clean:
 
 # Property-based API fuzzing (schemathesis) with many more examples per operation than make test
 # runs; several minutes. NANOINFER_FUZZ_EXAMPLES=N overrides the count.
+# The seed's fine-tuning experiment: LoRA and full fine-tuning of the default model on the 杨语
+# word list, base vs tuned on held-out words and perplexity (about 15 minutes on 2 cores).
+.PHONY: yangyu
+yangyu: $(STAMP)
+	$(PY) -m nanoinfer.bench.yangyu $(YANGYU_ARGS)
+
 .PHONY: fuzz soak
 fuzz: $(STAMP)
 	NANOINFER_FUZZ_EXAMPLES=$${NANOINFER_FUZZ_EXAMPLES:-300} $(PY) -m pytest -q -p no:cacheprovider tests/test_fuzz.py

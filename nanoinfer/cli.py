@@ -224,7 +224,20 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         print(f"\ntokens ({len(ids)}):")
         for i in ids:
             print(f"  {i:>7}  {package.tokenizer.id_to_token(i)!r}")
+        if package.config.num_experts:
+            _print_expert_load(model, ids)
     return 0
+
+
+def _print_expert_load(model: Any, ids: list[int]) -> None:
+    """Run the prompt once and show how many of its tokens each expert of each MoE layer took."""
+    from nanoinfer.engine.metrics import expert_load
+
+    model.score(ids)
+    k = model.config.num_experts_per_tok
+    print(f"\nexpert load (tokens per expert; each token picks {k} of {model.config.num_experts}):")
+    for layer, counts in expert_load(model).items():
+        print(f"  layer {layer:>3}: " + " ".join(f"{n:>3}" for n in counts))
 
 
 def _limit_kwargs(args: argparse.Namespace) -> dict[str, Any]:
@@ -430,7 +443,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     inspect = sub.add_parser("inspect", help="module tree, parameter count, config, tokens")
     _add_model_args(inspect)
-    inspect.add_argument("--tokens", default=None, metavar="TEXT", help="show the tokens of TEXT")
+    inspect.add_argument(
+        "--tokens",
+        default=None,
+        metavar="TEXT",
+        help="show the tokens of TEXT (and, for a mixture-of-experts model, how many of them each expert takes)",
+    )
     inspect.set_defaults(func=cmd_inspect)
 
     serve = sub.add_parser("serve", help="OpenAI-compatible HTTP server")

@@ -15,7 +15,7 @@ from typing import Any
 
 from nanoinfer.errors import ModelLoadError
 
-SUPPORTED_ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3", "gemma3")
+SUPPORTED_ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3", "gemma3", "qwen3_moe", "mixtral", "phi3")
 
 
 @dataclass(frozen=True)
@@ -48,6 +48,12 @@ class ModelConfig:
     rope_local_theta: float | None = None  # gemma3: rope base of sliding layers
     final_logit_softcapping: float | None = None
     torch_dtype: str = "float32"  # dtype the weights were saved in
+    # Mixture of experts (qwen3_moe, mixtral): routed experts per MoE layer; 0 means dense MLPs.
+    num_experts: int = 0
+    num_experts_per_tok: int = 0  # top k
+    moe_intermediate_size: int = 0  # each expert's MLP width
+    norm_topk_prob: bool = True  # renormalize the top-k router weights to sum to one
+    dense_layers: tuple[int, ...] = ()  # layers of a MoE model whose MLP is dense
 
     def __post_init__(self) -> None:
         if self.architecture not in SUPPORTED_ARCHITECTURES:
@@ -62,6 +68,11 @@ class ModelConfig:
             object.__setattr__(self, "layer_types", ("full",) * self.num_layers)
         if len(self.layer_types) != self.num_layers:
             raise ModelLoadError("layer_types must have one entry per layer")
+        if self.num_experts and not 0 < self.num_experts_per_tok <= self.num_experts:
+            raise ModelLoadError(
+                f"num_experts_per_tok must be between 1 and num_experts ({self.num_experts}), "
+                f"got {self.num_experts_per_tok}"
+            )
 
     @property
     def q_size(self) -> int:
@@ -74,6 +85,9 @@ class ModelConfig:
     @property
     def scale(self) -> float:
         return self.attention_scale if self.attention_scale is not None else self.head_dim**-0.5
+
+    def is_moe_layer(self, layer: int) -> bool:
+        return self.num_experts > 0 and layer not in self.dense_layers
 
     def is_sliding(self, layer: int) -> bool:
         return self.layer_types[layer] == "sliding" and self.sliding_window is not None
@@ -124,13 +138,15 @@ class ModelConfig:
             common["attention_bias"] = True
         if model_type in ("llama", "mistral"):
             common["attention_bias"] = bool(hf.get("attention_bias", False))
-        if model_type == "qwen3":
+        if model_type in ("qwen3", "qwen3_moe"):
             common["qk_norm"] = True
             common["attention_bias"] = bool(hf.get("attention_bias", False))
-        if model_type == "mistral" and hf.get("sliding_window"):
+        if model_type == "phi3":
+            _check_phi3(hf)
+        if model_type in ("mistral", "mixtral", "phi3") and hf.get("sliding_window"):
             common["sliding_window"] = hf["sliding_window"]
             common["layer_types"] = ("sliding",) * num_layers
-        if model_type in ("qwen2", "qwen3") and hf.get("use_sliding_window") and hf.get("sliding_window"):
+        if model_type in ("qwen2", "qwen3", "qwen3_moe") and hf.get("use_sliding_window") and hf.get("sliding_window"):
             common["sliding_window"] = hf["sliding_window"]
             max_window = hf.get("max_window_layers", num_layers)
             default_types = tuple("sliding" if i >= max_window else "full" for i in range(num_layers))
@@ -149,7 +165,44 @@ class ModelConfig:
                 rope_local_theta=_gemma3_local_theta(hf),
                 final_logit_softcapping=hf.get("final_logit_softcapping"),
             )
+        common.update(_moe_fields(model_type, hf, num_layers))
         return cls(**common)
+
+
+def _check_phi3(hf: dict[str, Any]) -> None:
+    """Refuse the Phi-3 variants our one attention path cannot run exactly."""
+    # transformers 4 writes it at the top (Phi-4-mini: 0.75), transformers 5 inside rope_parameters
+    for rotary in (hf.get("partial_rotary_factor"), (hf.get("rope_parameters") or {}).get("partial_rotary_factor")):
+        if rotary not in (None, 1, 1.0):
+            raise ModelLoadError(
+                f"phi3 partial_rotary_factor {rotary} is not supported (only 1.0: RoPE on the whole head)"
+            )
+
+
+def _moe_fields(model_type: str, hf: dict[str, Any], num_layers: int) -> dict[str, Any]:
+    """The mixture-of-experts fields of a qwen3_moe or mixtral config; {} for dense families."""
+    try:
+        if model_type == "qwen3_moe":
+            step = hf.get("decoder_sparse_step") or 1
+            dense_only = set(hf.get("mlp_only_layers") or ())
+            return {
+                # transformers 5 writes num_local_experts; released checkpoints say num_experts
+                "num_experts": hf["num_experts"] if "num_experts" in hf else hf["num_local_experts"],
+                "num_experts_per_tok": hf["num_experts_per_tok"],
+                "moe_intermediate_size": hf["moe_intermediate_size"],
+                "norm_topk_prob": bool(hf.get("norm_topk_prob", False)),
+                "dense_layers": tuple(i for i in range(num_layers) if i in dense_only or (i + 1) % step),
+            }
+        if model_type == "mixtral":  # every layer sparse, experts as wide as intermediate_size
+            return {
+                "num_experts": hf["num_local_experts"],
+                "num_experts_per_tok": hf["num_experts_per_tok"],
+                "moe_intermediate_size": hf["intermediate_size"],
+                "norm_topk_prob": True,
+            }
+    except KeyError as e:
+        raise ModelLoadError(f"config.json of a {model_type} model lacks required field {e.args[0]!r}") from None
+    return {}
 
 
 def _rope_theta(hf: dict[str, Any]) -> float:

@@ -114,3 +114,19 @@ def test_structured_scenario(tiny_model, tmp_path, capsys):
     assert result["ratio"] == result["output_tok_s"]["json_schema"] / result["output_tok_s"]["free"]
     assert result["ttft_ms"]["new_schema"] > 0 and 0 < result["mask_ms_p50"] <= result["mask_ms_p90"]
     assert "| serving output tok/s |" in capsys.readouterr().out
+
+
+def test_lora_scenario(tiny_model, tmp_path, capsys):
+    """The lora scenario end to end on a tiny model: our Trainer's steps against transformers +
+    peft on the same batches, serving through several adapters against the base, the table."""
+    directory, _ = tiny_model("llama")
+    args = ["--model", str(directory), "--engines", "nanoinfer", "--scenarios", "lora", "--repeats", "1"]
+    args += ["--out", str(tmp_path), "--lora-requests", "4", "--lora-concurrency", "2", "--lora-batch-size", "2"]
+    args += ["--lora-adapters", "2", "--input-len", "8,16", "--output-len", "4,8"]
+    assert main(args) == 0
+    result = json.loads((tmp_path / "latest.json").read_text())["engines"]["nanoinfer"]["lora"]
+    train, serve = result["training"], result["serving"]
+    assert train["ratio"] == train["tok_s"]["nanoinfer"] / train["tok_s"]["transformers+peft"] > 0
+    assert len(train["samples_s"]["nanoinfer"]) == 5 and serve["adapters"] == 2
+    assert serve["ratio"] == serve["output_tok_s"]["adapters"] / serve["output_tok_s"]["base"] > 0
+    assert "| LoRA training tok/s (reference: transformers + peft) |" in capsys.readouterr().out

@@ -103,7 +103,7 @@ def test_cli_trains_an_adapter(tiny_model, word_data):
 # ---- the training path and adapters against the oracles ---------------------------------------
 
 
-@pytest.mark.parametrize("case_id", ["llama", "qwen3", "gemma3"])
+@pytest.mark.parametrize("case_id", ["llama", "qwen3", "gemma3", "qwen3_moe"])
 def test_dense_training_forward_matches_transformers(tiny_model, case_id):
     path, hf = tiny_model(case_id)
     ids = torch.randint(3, 300, (2, 40), generator=torch.Generator().manual_seed(0))
@@ -111,6 +111,31 @@ def test_dense_training_forward_matches_transformers(tiny_model, case_id):
         expected = hf(ids).logits
     got = _ours(path).forward_dense(ids)
     assert torch.allclose(got, expected, atol=1e-4), (got - expected).abs().max()
+
+
+@pytest.mark.parametrize("softcap", [0.0, 30.0])
+def test_chunked_linear_cross_entropy_equals_the_plain_one(monkeypatch, softcap):
+    """Loss and both gradients of the fused LM head + loss against logits -> cross_entropy, over
+    several chunks (the last one short) and ignored positions."""
+    from nanoinfer.train import loss as loss_module
+
+    monkeypatch.setattr(loss_module, "CHUNK_VALUES", 7 * 50)  # 7 rows a chunk
+    torch.manual_seed(0)
+    hidden = torch.randn(30, 16, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(50, 16, dtype=torch.float64, requires_grad=True)
+    targets = torch.randint(0, 50, (30,))
+    targets[::4] = IGNORE
+    logits = hidden @ weight.t()
+    if softcap:
+        logits = torch.tanh(logits / softcap) * softcap
+    want = torch.nn.functional.cross_entropy(logits, targets, ignore_index=IGNORE)
+    (want * 3).backward()
+    want_grads = hidden.grad.clone(), weight.grad.clone()
+    hidden.grad = weight.grad = None
+    got = loss_module.linear_cross_entropy(hidden, weight, targets, IGNORE, softcap)
+    (got * 3).backward()
+    assert torch.allclose(got, want)
+    assert torch.allclose(hidden.grad, want_grads[0]) and torch.allclose(weight.grad, want_grads[1])
 
 
 @pytest.mark.parametrize("case_id", ["llama", "qwen3", "gemma3"])
@@ -177,9 +202,10 @@ def test_adapters_we_cannot_apply_exactly_are_refused(tiny_model, tmp_path):
 # ---- full fine-tuning -----------------------------------------------------------------------
 
 
-def test_full_finetune_writes_a_directory_both_libraries_load(tiny_model, word_data):
-    path, _ = tiny_model("gemma3")
-    out = word_data / "full"
+@pytest.mark.parametrize("case_id", ["gemma3", "mixtral", "phi3_longrope"])
+def test_full_finetune_writes_a_directory_both_libraries_load(tiny_model, word_data, case_id):
+    path, _ = tiny_model(case_id)
+    out = word_data / f"full-{case_id}"
     trainer = Trainer(
         FinetuneConfig(
             model=str(path),
@@ -289,3 +315,17 @@ def test_bfloat16_autocast_trains(tiny_model, word_data):
         progress=False,
     )
     assert result.eval_losses[-1] < result.eval_losses[0]
+
+
+def test_the_seeds_experiment_runs_end_to_end(tiny_model, tmp_path):
+    """`make yangyu` on a tiny model: base, LoRA and full rows, each fine-tune lowering held-out loss."""
+    from nanoinfer.bench.yangyu import main
+
+    path, _ = tiny_model("llama")
+    args = ["--model", str(path), "--out", str(tmp_path), "--lora-epochs", "1", "--full-epochs", "1"]
+    assert main([*args, "--block-size", "64", "--batch-size", "8"]) == 0
+    rows = json.loads((tmp_path / "yangyu.json").read_text())["rows"]
+    assert [r["label"] for r in rows] == ["base", "LoRA", "full"]
+    assert all(0 <= r["exact_match"] <= 1 and r["perplexity"] > 1 for r in rows)
+    assert all(r["eval_losses"][-1] < r["eval_losses"][0] for r in rows[1:])
+    assert "| LoRA |" in (tmp_path / "yangyu.md").read_text()

@@ -19,7 +19,8 @@ from nanoinfer.errors import RequestError
 from nanoinfer.server.app import ServerConfig, create_app
 
 GREEDY = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
-PROMPTS = [[5, 17, 33, 40, 2 + i, 99, 120 + i] for i in range(8)]
+# Short prompts share the masked product with decode rows; long ones (>= SEGMENT_ROWS) are segments.
+PROMPTS = [[5, 17, 33, 40, 2 + i, 99, 120 + i] * (1 if i % 3 else 4) for i in range(8)]
 ADAPTERS = [(["q_proj", "v_proj"], 4), (["o_proj", "down_proj"], 6), (["k_proj", "gate_proj", "up_proj"], 8)]
 
 

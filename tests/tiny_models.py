@@ -82,6 +82,13 @@ def _cases() -> dict[str, TinyCase]:
         "high_freq_factor": 4.0,
         "original_max_position_embeddings": 64,  # so the smoothed band lands inside head_dim 16
     }
+    longrope = {
+        "rope_type": "longrope",
+        "rope_theta": 10000.0,
+        "short_factor": [1.0 + 0.2 * i for i in range(8)],
+        "long_factor": [2.0 + 0.7 * i for i in range(8)],
+        "original_max_position_embeddings": 24,
+    }
     yarn_rope = {"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0, "original_max_position_embeddings": 64}
     return {
         "llama": TinyCase(t.LlamaConfig, {}),
@@ -93,10 +100,35 @@ def _cases() -> dict[str, TinyCase]:
         "linear_rope": TinyCase(t.LlamaConfig, dict(rope_parameters={"rope_type": "linear", "factor": 4.0})),
         "yarn_rope": TinyCase(t.Qwen3Config, dict(rope_parameters=yarn_rope)),
         "tied": TinyCase(t.Qwen3Config, dict(tie_word_embeddings=True, num_key_value_heads=1)),
+        # 8 experts, top 2 without renormalization; layer 1 keeps a dense MLP (mlp_only_layers)
+        "qwen3_moe": TinyCase(
+            t.Qwen3MoeConfig, dict(num_experts=8, num_experts_per_tok=2, moe_intermediate_size=32, mlp_only_layers=[1])
+        ),
+        # q/k/v and gate/up stored fused; a sliding window over every layer
+        "phi3": TinyCase(t.Phi3Config, dict(sliding_window=12)),
+        # LongRoPE: per-frequency factors; the 32-token prompt passes the original 24 positions,
+        # so the long factors and the attention factor sqrt(1 + ln(256/24) / ln 24) are checked
+        "phi3_longrope": TinyCase(t.Phi3Config, dict(rope_parameters=longrope, original_max_position_embeddings=24)),
+        # 4 experts as wide as intermediate_size, top 2 renormalized, every layer sparse
+        "mixtral": TinyCase(t.MixtralConfig, dict(num_local_experts=4, num_experts_per_tok=2)),
     }
 
 
-CASE_IDS = ("llama", "mistral", "qwen2", "qwen3", "gemma3", "llama3_rope", "linear_rope", "yarn_rope", "tied")
+CASE_IDS = (
+    "llama",
+    "mistral",
+    "qwen2",
+    "qwen3",
+    "gemma3",
+    "llama3_rope",
+    "linear_rope",
+    "yarn_rope",
+    "tied",
+    "qwen3_moe",
+    "mixtral",
+    "phi3",
+    "phi3_longrope",
+)
 
 
 def hf_config(case_id: str, **extra: Any) -> Any:

@@ -76,7 +76,10 @@ class LoRAManager:
                 f"LoRA adapter {request.lora_name!r} has rank {spec.r}, above max_lora_rank {self.max_lora_rank}",
                 "lora",
             )
-        self._check_shapes(request, weights)
+        try:
+            self._check_shapes(request, weights)
+        except ValueError as e:  # targets this model cannot adapt
+            raise RequestError(f"LoRA adapter {request.lora_name!r}: {e}", "lora") from None
         self.adapters[request.lora_int_id] = _Adapter(request, spec, weights)
 
     def _check_shapes(
@@ -168,8 +171,4 @@ class LoRAManager:
 
     def set_rows(self, slots_per_chunk: list[tuple[int, int]]) -> None:
         """This step's (slot, rows) per chunk, in batch order."""
-        if not any(slot for slot, _ in slots_per_chunk):
-            self.batch.set_rows(None)
-            return
-        slots = torch.tensor([slot for slot, n in slots_per_chunk for _ in range(n)], device=self.batch.scaling.device)
-        self.batch.set_rows(slots)
+        self.batch.set_rows(slots_per_chunk)

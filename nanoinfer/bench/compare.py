@@ -67,12 +67,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--prefix-len", type=int, default=1024)
     p.add_argument(
         "--scenarios",
-        default="pp512,tg128,serving,shared_prefix",
-        help="and spec (see spec.py), structured (see structured.py)",
+        default="pp512,tg128,serving,shared_prefix,lora,moe",
+        help="lora, moe: see lora.py, moe.py; also spec (see spec.py), structured (see structured.py)",
     )
     p.add_argument("--structured-concurrency", type=int, default=16, help="structured: serving clients")
     p.add_argument("--structured-requests", type=int, default=32, help="structured: serving requests")
     p.add_argument("--structured-max-tokens", type=int, default=96, help="structured: answer budget")
+    p.add_argument("--lora-batch-size", type=int, default=8, help="lora: training sequences per step")
+    p.add_argument("--lora-adapters", type=int, default=4, help="lora: distinct adapters served at once")
+    p.add_argument("--lora-concurrency", type=int, default=16, help="lora: serving clients")
+    p.add_argument("--lora-requests", type=int, default=32, help="lora: serving requests")
     p.add_argument(
         "--spec-configs",
         default=SPEC_CONFIGS,
@@ -195,6 +199,14 @@ def run_engines(peers: dict[str, Any], args: argparse.Namespace, vocab: list[int
         from nanoinfer.bench.structured import run_structured  # it imports this module
 
         results["nanoinfer"]["structured"] = run_structured(nano, args, log)
+    if "moe" in scenarios:
+        from nanoinfer.bench.moe import run_moe  # it imports this module
+
+        results["nanoinfer"]["moe"] = run_moe(args, log)
+    if "lora" in scenarios and isinstance(nano, NanoinferPeer):
+        from nanoinfer.bench.lora import run_lora  # it imports this module
+
+        results["nanoinfer"]["lora"] = run_lora(nano, args, vocab, log)
     return results
 
 
@@ -261,7 +273,8 @@ def main(argv: list[str] | None = None) -> int:
         "speculative_config": args.speculative_config,
     }
     nano = NanoinferPeer(args.model, dtype=args.dtype or "auto", quantization=args.quantization, **nano_kwargs)
-    vocab = list(range(1000, min(nano.engine.model_config.vocab_size, 20000)))  # ordinary tokens, no specials
+    size = nano.engine.model_config.vocab_size
+    vocab = list(range(min(1000, size // 2), min(size, 20000)))  # ordinary tokens, no specials (tiny vocabularies too)
     results: dict[str, Any] = {
         "model": args.model,
         "model_path": str(model_path),

@@ -18,13 +18,14 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 if TYPE_CHECKING:
-    from nanoinfer import SamplingParams
+    from nanoinfer import LoRARequest, SamplingParams
 
 
 @dataclass
 class Request:
     prompt_ids: list[int]
     output_len: int
+    lora_request: LoRARequest | None = None  # nanoinfer only: the adapter this request runs through
 
 
 @dataclass
@@ -145,7 +146,7 @@ class NanoinferPeer:
         def submit() -> None:
             i, req = pending.pop(0)
             rid = f"bench-{i}-{time.perf_counter_ns()}"
-            engine.add_request(rid, req.prompt_ids, self._params(req.output_len))
+            engine.add_request(rid, req.prompt_ids, self._params(req.output_len), lora_request=req.lora_request)
             live[rid] = i
             timings[i] = RequestTiming(time.perf_counter(), 0.0, 0.0, req.output_len)
 

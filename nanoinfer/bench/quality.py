@@ -12,6 +12,7 @@ import argparse
 import math
 import sys
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -29,6 +30,18 @@ FORMATS = (
 )
 
 
+def perplexity(llm: Any, ids: list[int], kv_dtype: torch.dtype | None = None) -> tuple[float, torch.Tensor]:
+    """The perplexity of `ids` under an LLM's model, and its argmax at each position."""
+    logits = llm.engine.model.score(ids, kv_dtype)[:-1].float()
+    nll = torch.nn.functional.cross_entropy(logits, torch.tensor(ids[1:])).item()
+    return math.exp(nll), logits.argmax(-1)
+
+
+def text_ids(llm: Any, max_tokens: int | None = None) -> list[int]:
+    """quality.txt as the LLM's tokenizer encodes it."""
+    return llm.tokenizer.encode(TEXT.read_text(), add_special_tokens=True)[:max_tokens]
+
+
 def score_formats(model: str, max_tokens: int | None = None, formats=FORMATS) -> dict[str, dict[str, float]]:
     """{label: {"perplexity", "top1_agreement", "tokens"}} for each format."""
     from nanoinfer import LLM
@@ -39,15 +52,12 @@ def score_formats(model: str, max_tokens: int | None = None, formats=FORMATS) ->
     for label, dtype, quantization, kv_dtype in formats:
         llm = LLM(model, dtype=dtype, quantization=quantization, max_num_seqs=1)
         if not ids:
-            ids = llm.tokenizer.encode(TEXT.read_text(), add_special_tokens=True)[:max_tokens]
-        logits = llm.engine.model.score(ids, kv_dtype)[:-1].float()
-        targets = torch.tensor(ids[1:])
-        nll = torch.nn.functional.cross_entropy(logits, targets).item()
-        top1 = logits.argmax(-1)
+            ids = text_ids(llm, max_tokens)
+        ppl, top1 = perplexity(llm, ids, kv_dtype)
         if reference is None:
             reference = top1
         results[label] = {
-            "perplexity": math.exp(nll),
+            "perplexity": ppl,
             "top1_agreement": (top1 == reference).float().mean().item(),
             "tokens": len(ids),
         }

@@ -72,6 +72,14 @@ def markdown(results: dict[str, Any]) -> str:
         from nanoinfer.bench.structured import structured_markdown
 
         lines += ["", *structured_markdown(engines["nanoinfer"]["structured"])]
+    if "moe" in engines.get("nanoinfer", {}):
+        from nanoinfer.bench.moe import moe_markdown
+
+        lines += ["", *moe_markdown(engines["nanoinfer"]["moe"])]
+    if "lora" in engines.get("nanoinfer", {}):
+        from nanoinfer.bench.lora import lora_markdown
+
+        lines += ["", *lora_markdown(engines["nanoinfer"]["lora"])]
     return "\n".join(lines) + "\n"
 
 

@@ -19,7 +19,7 @@ from nanoinfer.adapters.peft_files import merge_adapter
 from nanoinfer.adapters.serving import LoRAManager, LoRARequest
 from nanoinfer.config import EngineConfig
 from nanoinfer.engine.kv_cache_manager import KVCacheManager
-from nanoinfer.engine.metrics import EngineMetrics
+from nanoinfer.engine.metrics import EngineMetrics, ExpertLoadCollector
 from nanoinfer.engine.model_setup import build_model, kv_cache_dtype
 from nanoinfer.engine.radix_cache import RadixCache
 from nanoinfer.engine.runner import ModelRunner
@@ -88,6 +88,8 @@ class LLMEngine:
         self.proposer = self._make_proposer(package, kv.num_slots)
         self._num_steps = 0  # steps that proposed drafts: the proposer's clock for backing off
         self.metrics = EngineMetrics()
+        if self.model_config.num_experts:
+            self.metrics.registry.register(ExpertLoadCollector(self.model))
         self.metrics.kv_blocks_total.set(kv.num_blocks)
         self.eos_ids = set(self.generation.eos_token_ids) | set(self.tokenizer.eos_token_ids)
         self.requests: dict[str, _Request] = {}

@@ -2,7 +2,14 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from typing import TYPE_CHECKING
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.core import CounterMetricFamily, Metric
+
+if TYPE_CHECKING:
+    from nanoinfer.model.transformer import Transformer
 
 _LATENCY_BUCKETS = (
     0.001,
@@ -88,3 +95,32 @@ class EngineMetrics:
         self.spec_accepted_tokens.inc(num_accepted)
         for position in range(num_accepted):
             self.spec_accepted_per_pos.labels(position=str(position)).inc()
+
+
+class ExpertLoadCollector:
+    """`nanoinfer:moe_expert_tokens_total{layer, expert}`: tokens routed to each expert of each
+    mixture-of-experts layer since the engine started. Read from the model's own counts when
+    /metrics is scraped, so decoding pays nothing for it."""
+
+    def __init__(self, model: Transformer) -> None:
+        self.model = model
+
+    def collect(self) -> Iterator[Metric]:
+        family = CounterMetricFamily(
+            "nanoinfer:moe_expert_tokens", "Tokens routed to each expert of each MoE layer", labels=["layer", "expert"]
+        )
+        for layer, counts in expert_load(self.model).items():
+            for expert, tokens in enumerate(counts):
+                family.add_metric([str(layer), str(expert)], tokens)
+        yield family
+
+
+def expert_load(model: Transformer) -> dict[int, list[int]]:
+    """Tokens routed to each expert, per MoE layer (layer index -> counts), since the last reset."""
+    from nanoinfer.model.moe import SparseMoE
+
+    return {
+        i: layer.mlp.expert_tokens.tolist()
+        for i, layer in enumerate(model.decoder_layers)
+        if isinstance(layer.mlp, SparseMoE)
+    }

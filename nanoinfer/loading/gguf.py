@@ -21,7 +21,10 @@ from nanoinfer.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
 
-GGUF_ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3", "gemma3")
+GGUF_ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3", "gemma3", "qwen3moe", "phi3")
+
+# llama.cpp's architecture names where ours differ (llama with experts becomes mixtral: _moe_fields)
+_ARCHITECTURE_NAMES = {"qwen3moe": "qwen3_moe"}
 
 # GGUF tensor name (inside blk.N) -> canonical name (inside layers.N)
 _LAYER_NAMES = {
@@ -38,9 +41,15 @@ _LAYER_NAMES = {
     "ffn_gate": "mlp.gate_proj",
     "ffn_up": "mlp.up_proj",
     "ffn_down": "mlp.down_proj",
+    "ffn_gate_inp": "mlp.router",
 }
+# Experts stacked in one 3-D tensor [experts, out, in]: split into mlp.experts.N.<projection>.
+_EXPERT_NAMES = {"ffn_gate_exps": "gate_proj", "ffn_up_exps": "up_proj", "ffn_down_exps": "down_proj"}
 _GLOBAL_NAMES = {"token_embd": "embed", "output_norm": "norm", "output": "lm_head"}
-_IGNORED = {"rope_freqs.weight"}  # llama 3 precomputed rope factors; see config notes
+# llama 3 precomputed rope factors (see config notes); Phi-3's LongRoPE factors, read into the config
+_IGNORED = {"rope_freqs.weight", "rope_factors_long.weight", "rope_factors_short.weight"}
+# Phi-3 keeps q/k/v in one attn_qkv and gate/up in one ffn_up (2 x feed_forward_length rows)
+_FUSED = {"attn_qkv": ("attn.q_proj", "attn.k_proj", "attn.v_proj"), "ffn_up": ("mlp.gate_proj", "mlp.up_proj")}
 _BLOCK = re.compile(r"^blk\.(\d+)\.(\w+)\.(weight|bias)$")
 
 
@@ -57,8 +66,10 @@ def load_gguf(path: str | Path) -> ModelPackage:
             )
         shapes = {name: info.shape for name, info in gf.tensors.items()}
         config = config_from_metadata(meta, shapes)
+        if "rope_factors_long.weight" in shapes:
+            config = config.replace(rope_scaling=_longrope_scaling(gf, meta, config))
         # Check shapes before the (slow) dequantization so a mismatched file fails fast.
-        check_shapes(config, {canonical_name(n) or n: s for n, s in shapes.items() if n not in _IGNORED}, path.name)
+        check_shapes(config, _canonical_shapes(shapes, config), path.name)
         tokenizer = tokenizer_from_gguf_metadata(meta, arch)
         weights = _load_weights(gf, config, path)
     finally:
@@ -139,7 +150,7 @@ def config_from_metadata(meta: dict[str, Any], shapes: dict[str, tuple[int, ...]
     if "rope_freqs.weight" in shapes:
         log.warning("GGUF has llama3 rope frequency factors (rope_freqs.weight); they are not applied")
     kwargs: dict[str, Any] = dict(
-        architecture=arch,
+        architecture=_ARCHITECTURE_NAMES.get(arch, arch),
         vocab_size=shapes["token_embd.weight"][0],
         hidden_size=hidden,
         intermediate_size=intermediate,
@@ -156,12 +167,95 @@ def config_from_metadata(meta: dict[str, Any], shapes: dict[str, tuple[int, ...]
         qk_norm="blk.0.attn_q_norm.weight" in shapes,
         torch_dtype="float32",
     )
+    kwargs.update(_moe_fields(arch, get, shapes, num_layers, intermediate))
     window = get("attention.sliding_window")
-    if arch == "mistral" and window:
+    if arch in ("mistral", "phi3") and window:
         kwargs.update(sliding_window=int(window), layer_types=("sliding",) * num_layers)
     if arch == "gemma3":
         kwargs.update(_gemma3_fields(meta, hidden, heads, head_dim, num_layers))
     return ModelConfig(**kwargs)
+
+
+def _moe_fields(
+    arch: str, get: Any, shapes: dict[str, tuple[int, ...]], num_layers: int, intermediate: int
+) -> dict[str, Any]:
+    """Mixture-of-experts fields: qwen3moe, or llama with experts (how llama.cpp stores Mixtral).
+    llama.cpp renormalizes the top-k weights for both; a layer without a router is dense."""
+    experts = int(get("expert_count") or 0)
+    if not experts:
+        return {}
+    if arch not in ("qwen3moe", "llama"):
+        raise ModelLoadError(f"GGUF {arch} with experts is not supported")
+    return {
+        "architecture": "qwen3_moe" if arch == "qwen3moe" else "mixtral",
+        "num_experts": experts,
+        "num_experts_per_tok": int(get("expert_used_count") or 0),
+        "moe_intermediate_size": int(get("expert_feed_forward_length") or intermediate),
+        "norm_topk_prob": True,
+        "dense_layers": tuple(i for i in range(num_layers) if f"blk.{i}.ffn_gate_inp.weight" not in shapes),
+    }
+
+
+def _canonical_shapes(shapes: dict[str, tuple[int, ...]], config: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """Tensor shapes under canonical names, stacked experts and fused projections counted one by one."""
+    out: dict[str, tuple[int, ...]] = {}
+    for name, shape in shapes.items():
+        if name in _IGNORED:
+            continue
+        experts = _expert_names(name, shape[0] if shape else 0)
+        parts = _fused_parts(name, config)
+        if experts:
+            out.update({n: tuple(shape[1:]) for n in experts})
+        elif parts:
+            out.update({n: (stop - start, *shape[1:]) for n, (start, stop) in parts.items()})
+        else:
+            out[canonical_name(name) or name] = shape
+    return out
+
+
+def _fused_parts(gguf_name: str, config: ModelConfig) -> dict[str, tuple[int, int]]:
+    """Phi-3's fused tensors: canonical name -> its rows; {} for other tensors and architectures."""
+    m = _BLOCK.match(gguf_name)
+    if config.architecture != "phi3" or not m or m.group(2) not in _FUSED or m.group(3) != "weight":
+        return {}
+    c = config
+    sizes = [c.q_size, c.kv_size, c.kv_size] if m.group(2) == "attn_qkv" else [c.intermediate_size] * 2
+    parts, start = {}, 0
+    for part, n in zip(_FUSED[m.group(2)], sizes):
+        parts[f"layers.{m.group(1)}.{part}.weight"] = (start, start + n)
+        start += n
+    return parts
+
+
+def _longrope_scaling(gf: GGUFFile, meta: dict[str, Any], config: ModelConfig) -> dict[str, Any]:
+    """Phi-3's LongRoPE as rope_scaling: the factors are tensors, the rest metadata."""
+    from gguf import GGMLQuantizationType
+    from gguf.quants import dequantize
+
+    def factors(name: str) -> list[float]:
+        info = gf.tensors[name]
+        return [float(x) for x in dequantize(gf.raw(name), GGMLQuantizationType(info.ggml_type)).reshape(-1)]
+
+    original = meta.get("phi3.rope.scaling.original_context_length") or config.max_position_embeddings
+    scaling: dict[str, Any] = {
+        "rope_type": "longrope",
+        "long_factor": factors("rope_factors_long.weight"),
+        "short_factor": factors("rope_factors_short.weight"),
+        "original_max_position_embeddings": int(original),
+    }
+    attn_factor = meta.get("phi3.rope.scaling.attn_factor")
+    if attn_factor is not None:
+        scaling["attention_factor"] = _f32(attn_factor)
+    return scaling
+
+
+def _expert_names(gguf_name: str, count: int) -> list[str]:
+    """Canonical names of the experts stacked in `gguf_name`; [] for other tensors."""
+    m = _BLOCK.match(gguf_name)
+    if not m or m.group(2) not in _EXPERT_NAMES:
+        return []
+    layer, part = m.group(1), _EXPERT_NAMES[m.group(2)]
+    return [f"layers.{layer}.mlp.experts.{e}.{part}.weight" for e in range(count)]
 
 
 def _scalar_per_layer(value: Any, key: str) -> int:
@@ -240,12 +334,14 @@ def _load_weights(gf: GGUFFile, config: ModelConfig, path: Path) -> dict[str, to
     from gguf import GGMLQuantizationType
     from gguf.quants import dequantize
 
-    permute = config.architecture in ("llama", "mistral")
+    permute = config.architecture in ("llama", "mistral", "mixtral")
     gemma = config.architecture == "gemma3"
     weights: dict[str, torch.Tensor] = {}
     for gname, info in gf.tensors.items():
         name = canonical_name(gname)
-        if name is None:
+        experts = _expert_names(gname, info.shape[0])
+        fused = _fused_parts(gname, config)
+        if name is None and not experts and not fused:
             if gname in _IGNORED:
                 continue
             raise ModelLoadError(f"{path.name}: unexpected tensor {gname!r} for {config.architecture}")
@@ -258,6 +354,13 @@ def _load_weights(gf: GGUFFile, config: ModelConfig, path: Path) -> dict[str, to
             raise ModelLoadError(f"{path.name}: cannot decode tensor {gname}: {_one_line(e)}") from None
         # Copy out of the file mapping (F32 tensors come back as read-only views of it).
         w = np.array(w, dtype=np.float32, copy=True).reshape(info.shape)
+        if experts:
+            weights.update({n: torch.from_numpy(np.ascontiguousarray(w[e])) for e, n in enumerate(experts)})
+            continue
+        if fused:
+            weights.update({n: torch.from_numpy(np.ascontiguousarray(w[a:b])) for n, (a, b) in fused.items()})
+            continue
+        assert name is not None
         if permute and name.endswith(("q_proj.weight", "q_proj.bias")):
             w = _unpermute(w, config.num_heads)
         elif permute and name.endswith(("k_proj.weight", "k_proj.bias")):

@@ -41,6 +41,10 @@ _HF_SUFFIXES = {canon: hf for hf, canon in _LAYER_SUFFIXES.items()} | {
 }
 _TOP_LEVEL = {"embed_tokens.weight": "embed.weight", "norm.weight": "norm.weight", "lm_head.weight": "lm_head.weight"}
 _LAYER_RE = re.compile(r"layers\.(\d+)\.(.+)")
+FusedRows = tuple[int, int, int]  # (first row, end row, rows of the whole fused tensor)
+# Experts: qwen3_moe's mlp.experts.N.gate_proj; mixtral's block_sparse_moe.experts.N.w1 (gate), w3 (up), w2 (down).
+_EXPERT_RE = re.compile(r"(?:mlp|block_sparse_moe)\.experts\.(\d+)\.(gate_proj|up_proj|down_proj|w1|w2|w3)\.weight")
+_MIXTRAL_EXPERT = {"w1": "gate_proj", "w3": "up_proj", "w2": "down_proj"}
 
 
 def load_hf_dir(path: str | Path, dtype: torch.dtype | str | None = None) -> ModelPackage:
@@ -68,7 +72,7 @@ def load_hf_dir(path: str | Path, dtype: torch.dtype | str | None = None) -> Mod
 def load_hf_weights(root: Path, config: ModelConfig, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
     """Canonical name -> tensor for every weight the config needs, shape-checked, read one tensor at a time."""
     expected = expected_shapes(config)
-    found = _locate_tensors(root, config)  # canonical -> (file, hf name)
+    found = _locate_tensors(root, config)  # canonical -> (file, hf name, rows of a fused tensor)
     for name in expected:
         if name not in found:
             raise ModelLoadError(f"weights in {root} lack tensor {hf_name(name, config)!r} (canonical {name!r})")
@@ -79,7 +83,8 @@ def load_hf_weights(root: Path, config: ModelConfig, dtype: torch.dtype | None =
     for file, names in by_file.items():
         with _open(file) as f:
             for name in names:
-                weights[name] = _read_tensor(f, file, found[name][1], expected[name], dtype)
+                _, hf, rows = found[name]
+                weights[name] = _read_tensor(f, file, hf, expected[name], dtype, rows)
     return weights
 
 
@@ -103,6 +108,11 @@ def _layer_suffix(hf_suffix: str, config: ModelConfig) -> str | None:
     """Canonical per-layer suffix; gemma3's post_attention_layernorm normalizes the attention output."""
     if hf_suffix == "post_attention_layernorm.weight":
         return "post_attn_norm.weight" if config.post_norms else "pre_mlp_norm.weight"
+    expert = _EXPERT_RE.fullmatch(hf_suffix)
+    if expert:
+        return f"mlp.experts.{expert.group(1)}.{_MIXTRAL_EXPERT.get(expert.group(2), expert.group(2))}.weight"
+    if hf_suffix in ("mlp.gate.weight", "block_sparse_moe.gate.weight") and config.num_experts:
+        return "mlp.router.weight"
     return _LAYER_SUFFIXES.get(hf_suffix)
 
 
@@ -116,10 +126,15 @@ def hf_name(canonical: str, config: ModelConfig) -> str:
     _, layer, suffix = canonical.split(".", 2)
     if suffix == "pre_mlp_norm.weight" and not config.post_norms:
         suffix = "post_attention_layernorm.weight"  # llama-likes name their pre-MLP norm this way
+    if config.architecture == "mixtral" and suffix.startswith("mlp."):
+        suffix = "block_sparse_moe." + suffix[len("mlp.") :]
+        for ours, theirs in {v: k for k, v in _MIXTRAL_EXPERT.items()}.items():
+            suffix = suffix.replace(f".{ours}.", f".{theirs}.")
+    suffix = suffix.replace(".router.", ".gate.")
     return f"model.layers.{layer}.{_HF_SUFFIXES.get(suffix, suffix)}"
 
 
-def _locate_tensors(root: Path, config: ModelConfig) -> dict[str, tuple[Path, str]]:
+def _locate_tensors(root: Path, config: ModelConfig) -> dict[str, tuple[Path, str, FusedRows | None]]:
     """Canonical name -> (safetensors file, HF name), from the shard index or the single file."""
     index_path = root / INDEX_FILE
     if index_path.is_file():
@@ -137,12 +152,32 @@ def _locate_tensors(root: Path, config: ModelConfig) -> dict[str, tuple[Path, st
     else:
         other = " (PyTorch .bin checkpoints are not supported)" if any(root.glob("*.bin")) else ""
         raise ModelLoadError(f"no {SINGLE_FILE} or {INDEX_FILE} in {root}{other}")
-    located: dict[str, tuple[Path, str]] = {}
+    located: dict[str, tuple[Path, str, FusedRows | None]] = {}
     for hf, file in files.items():
+        for part, rows in _fused_parts(hf, config):
+            located[part] = (file, hf, rows)
         canon = canonical_name(hf, config)
         if canon is not None:
-            located[canon] = (file, hf)
+            located[canon] = (file, hf, None)
     return located
+
+
+def _fused_parts(hf_name: str, config: ModelConfig) -> list[tuple[str, FusedRows]]:
+    """Phi-3 stores q/k/v in one qkv_proj and gate/up in one gate_up_proj: each part's canonical
+    name, its rows, and the fused tensor's row count; [] for other tensors."""
+    match = _LAYER_RE.fullmatch(hf_name.removeprefix("model."))
+    if not match or match.group(2) not in ("self_attn.qkv_proj.weight", "mlp.gate_up_proj.weight"):
+        return []
+    c, prefix = config, f"layers.{match.group(1)}."
+    if match.group(2).startswith("self_attn"):
+        sizes = [("attn.q_proj", c.q_size), ("attn.k_proj", c.kv_size), ("attn.v_proj", c.kv_size)]
+    else:
+        sizes = [("mlp.gate_proj", c.intermediate_size), ("mlp.up_proj", c.intermediate_size)]
+    total, start, parts = sum(n for _, n in sizes), 0, []
+    for part, n in sizes:
+        parts.append((f"{prefix}{part}.weight", (start, start + n, total)))
+        start += n
+    return parts
 
 
 def _open(file: Path) -> Any:
@@ -153,15 +188,18 @@ def _open(file: Path) -> Any:
         raise ModelLoadError(f"cannot read {file}: {_one_line(e)}") from e
 
 
-def _read_tensor(f: Any, file: Path, hf_name: str, shape: tuple[int, ...], dtype: torch.dtype | None) -> torch.Tensor:
-    """One tensor, shape-checked before its data is read, cast to dtype if given."""
+def _read_tensor(
+    f: Any, file: Path, hf_name: str, shape: tuple[int, ...], dtype: torch.dtype | None, rows: FusedRows | None = None
+) -> torch.Tensor:
+    """One tensor (or `rows` of a fused one), shape-checked before its data is read, cast to dtype if given."""
     try:
         found = tuple(f.get_slice(hf_name).get_shape())
-        if found != shape:
+        want = shape if rows is None else (rows[2], *shape[1:])
+        if found != want:
             raise ModelLoadError(
-                f"tensor {hf_name!r} in {file.name} has shape {list(found)}, config expects {list(shape)}"
+                f"tensor {hf_name!r} in {file.name} has shape {list(found)}, config expects {list(want)}"
             )
-        tensor = f.get_tensor(hf_name)
+        tensor = f.get_tensor(hf_name) if rows is None else f.get_slice(hf_name)[rows[0] : rows[1]]
     except (SafetensorError, OSError, ValueError, RuntimeError) as e:
         raise ModelLoadError(f"cannot read tensor {hf_name!r} from {file}: {_one_line(e)}") from e
     if dtype is not None and tensor.dtype != dtype:

@@ -45,11 +45,14 @@ def expected_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
                 p + "attn.v_proj.weight": (c.kv_size, c.hidden_size),
                 p + "attn.o_proj.weight": (c.hidden_size, c.q_size),
                 p + "pre_mlp_norm.weight": (c.hidden_size,),
-                p + "mlp.gate_proj.weight": (c.intermediate_size, c.hidden_size),
-                p + "mlp.up_proj.weight": (c.intermediate_size, c.hidden_size),
-                p + "mlp.down_proj.weight": (c.hidden_size, c.intermediate_size),
             }
         )
+        if c.is_moe_layer(i):
+            shapes[p + "mlp.router.weight"] = (c.num_experts, c.hidden_size)
+            for e in range(c.num_experts):
+                shapes.update(_mlp_shapes(f"{p}mlp.experts.{e}.", c.hidden_size, c.moe_intermediate_size))
+        else:
+            shapes.update(_mlp_shapes(p + "mlp.", c.hidden_size, c.intermediate_size))
         if c.attention_bias:
             shapes.update(
                 {
@@ -63,3 +66,11 @@ def expected_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
         if c.post_norms:
             shapes.update({p + "post_attn_norm.weight": (c.hidden_size,), p + "post_mlp_norm.weight": (c.hidden_size,)})
     return shapes
+
+
+def _mlp_shapes(prefix: str, hidden: int, inter: int) -> dict[str, tuple[int, ...]]:
+    return {
+        prefix + "gate_proj.weight": (inter, hidden),
+        prefix + "up_proj.weight": (inter, hidden),
+        prefix + "down_proj.weight": (hidden, inter),
+    }

@@ -39,6 +39,11 @@ def target_rows(config: ModelConfig, target: str) -> tuple[str, slice]:
     }
     if target not in places:
         raise ValueError(f"unknown LoRA target {target!r}; choose from {', '.join(TARGETS)}")
+    if config.num_experts and places[target][0].startswith("mlp."):
+        raise ValueError(
+            f"LoRA target {target!r} is in the MLP, which is a mixture of experts in this "
+            f"{config.architecture} model; LoRA on experts is not supported (target q/k/v/o_proj)"
+        )
     return places[target]
 
 
@@ -96,12 +101,23 @@ class LoRALinear(nn.Module):
         return cast(torch.Tensor, self.base.weight)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.base(x)  # the base's backward keeps its inputs, not out: adding in place is safe
+        out = self.base(x)
         h = F.dropout(x, self.dropout, self.training) if self.dropout else x
-        for target, rows in self.rows.items():
-            a, b = self.lora_A[target], self.lora_B[target]
-            out[..., rows] += ((h.to(a.dtype) @ a.t()) @ b.t() * self.scaling).to(out.dtype)
-        return out
+        a = torch.cat(list(self.lora_A.values())) if len(self.rows) > 1 else next(iter(self.lora_A.values()))
+        # One update over every output column: slicing each target's rows of `out` would cost a
+        # zero-filled copy of it per target in the backward pass; these zeros are r columns wide.
+        delta = (h.to(a.dtype) @ a.t()) @ self._stacked_b().t()
+        return out.add_(delta.to(out.dtype), alpha=self.scaling)  # base's backward keeps x, not out
+
+    def _stacked_b(self) -> torch.Tensor:
+        """Every target's B in one [out, targets * r] matrix: B_t on its rows and its r columns."""
+        out_features, width = self.weight.shape[0], len(self.rows) * next(iter(self.lora_B.values())).shape[1]
+        pieces = []
+        for i, (target, rows) in enumerate(self.rows.items()):
+            b = self.lora_B[target]
+            r = b.shape[1]
+            pieces.append(F.pad(b, (i * r, width - (i + 1) * r, rows.start, out_features - rows.stop)))
+        return pieces[0] if len(pieces) == 1 else torch.stack(pieces).sum(0)
 
     def merged_weight(self) -> torch.Tensor:
         """The base weight with every update folded in: W + scaling * B @ A on each target's rows."""
@@ -140,30 +156,56 @@ def merge_lora(model: nn.Module) -> None:
 # ---- serving many adapters at once ------------------------------------------------------------
 
 
+# A chunk of at least this many rows (a prefill) runs through its own adapter alone; shorter
+# chunks (decode rows) share the masked product, whose cost grows with every resident slot.
+SEGMENT_ROWS = 16
+
+
 class LoRABatch:
     """Which adapter each row of the current step uses, shared by every MultiLoRALinear.
 
-    Adapters live in `max_slots` slots (slot 0 means none). A row's mask is its slot's scaling on
-    that slot's `max_rank` columns and zero elsewhere, so one dense product per module gives every
-    row its own adapter's update (a dense form of Punica's gathered LoRA, cheap while
-    slots x rank stays small), and rows of different adapters share one forward pass.
+    Adapters live in `max_slots` slots (slot 0 means none). Long chunks (prefills) are
+    `segments`: their rows go through their own adapter's A and B only. The other rows take a
+    mask: their slot's scaling on that slot's `max_rank` columns and zero elsewhere, so one dense
+    product per module gives every such row its own adapter's update (a dense form of Punica's
+    gathered LoRA, cheap for the few rows of decode steps), rows of different adapters in one
+    forward pass.
     """
 
     def __init__(self, max_slots: int, max_rank: int, device: torch.device | str = "cpu") -> None:
         self.max_slots = max_slots
         self.max_rank = max_rank
         self.scaling = torch.zeros(max_slots + 1, device=device)  # per slot; slot 0 stays 0
-        self.mask: torch.Tensor | None = None  # [rows, max_slots * max_rank]; None: no row uses an adapter
+        self.mask: torch.Tensor | None = None  # [masked rows, max_slots * max_rank]; None: no such row
+        self.masked_rows: torch.Tensor | None = None  # the masked rows' indices; None: every row
+        self.segments: list[tuple[int, int, int, float]] = []  # (first row, end row, slot, scaling)
         self._tiled: dict[int, torch.Tensor] = {}
 
-    def set_rows(self, slots: torch.Tensor | None) -> None:
-        """The step's per-row slots [rows] (0: base model), or None when no row has an adapter."""
-        self._tiled = {}
-        if slots is None or not bool((slots > 0).any()):
-            self.mask = None
+    @property
+    def active(self) -> bool:
+        """Whether any row of this step uses an adapter."""
+        return self.mask is not None or bool(self.segments)
+
+    def set_rows(self, chunks: list[tuple[int, int]]) -> None:
+        """The step's (slot, rows) per chunk in batch order (slot 0: the base model)."""
+        self._tiled, self.mask, self.masked_rows, self.segments = {}, None, None, []
+        masked_slots: list[int] = []
+        masked_rows: list[int] = []
+        row = 0
+        for slot, n in chunks:
+            if slot and n >= SEGMENT_ROWS:
+                self.segments.append((row, row + n, slot, float(self.scaling[slot])))
+            else:
+                masked_slots += [slot] * n
+                masked_rows += range(row, row + n)
+            row += n
+        if not any(masked_slots):
             return
-        per_slot = F.one_hot(slots, self.max_slots + 1).to(self.scaling.dtype) * self.scaling
-        self.mask = per_slot[:, 1:].repeat_interleave(self.max_rank, dim=1)
+        device = self.scaling.device
+        per_slot = F.one_hot(torch.tensor(masked_slots, device=device), self.max_slots + 1).to(self.scaling.dtype)
+        self.mask = (per_slot * self.scaling)[:, 1:].repeat_interleave(self.max_rank, dim=1)
+        if len(masked_rows) != row:
+            self.masked_rows = torch.tensor(masked_rows, device=device)
 
     def tiled(self, num_targets: int) -> torch.Tensor:
         """The mask repeated for a module carrying `num_targets` targets side by side."""
@@ -177,8 +219,9 @@ class MultiLoRALinear(nn.Module):
     """A base projection plus every resident adapter's update, each row taking its own.
 
     A holds, for each target and slot, that adapter's A (rank padded to max_rank with zero rows);
-    B holds its B transposed, placed at the target's output columns. Then
-    delta = ((x @ A.T) * mask) @ B: two matmuls per module whatever the mix of adapters.
+    B holds its B transposed, placed at the target's output columns. Masked rows take
+    delta = ((x @ A.T) * mask) @ B: two matmuls per module whatever the mix of adapters; a
+    segment takes its own slot's blocks of A and B, target by target.
     """
 
     lora_a: torch.Tensor  # buffers: [targets * slots * rank, in], [targets * slots * rank, out]
@@ -216,7 +259,21 @@ class MultiLoRALinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.base(x)
-        if self.batch.mask is None:
-            return out
-        h = (x.to(self.lora_a.dtype) @ self.lora_a.t()) * self.batch.tiled(len(self.rows))
-        return out + (h @ self.lora_b).to(out.dtype)
+        batch = self.batch
+        if batch.mask is not None:
+            rows = batch.masked_rows
+            xs = x if rows is None else x.index_select(0, rows)
+            h = (xs.to(self.lora_a.dtype) @ self.lora_a.t()).mul_(batch.tiled(len(self.rows)))
+            if rows is None and out.dtype == h.dtype:  # in place: these small products run every step
+                out.addmm_(h, self.lora_b)
+            elif rows is None:
+                out += (h @ self.lora_b).to(out.dtype)
+            else:
+                out.index_add_(0, rows, (h @ self.lora_b).to(out.dtype))
+        for start, end, slot, scaling in batch.segments:
+            xs = x[start:end].to(self.lora_a.dtype)
+            for target, cols in self.rows.items():
+                block = self._block(target, slot)
+                delta = (xs @ self.lora_a[block].t()) @ self.lora_b[block, cols]
+                out[start:end, cols] += (delta * scaling).to(out.dtype)
+        return out

@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, cast
 
 import torch
 
 from nanoinfer.errors import ModelLoadError
 
-SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3", "yarn")
+SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3", "yarn", "longrope")
 
 
 def inverse_frequencies(
@@ -26,6 +26,8 @@ def inverse_frequencies(
         return _llama3(inv_freq, scaling).float(), 1.0
     if kind == "yarn":
         return _yarn(head_dim, theta, scaling, max_positions)
+    if kind == "longrope":
+        return _longrope(head_dim, theta, scaling, max_positions, "short_factor")
     raise ModelLoadError(f"rope_scaling type {kind!r} is not supported; supported: {', '.join(SUPPORTED_ROPE_TYPES)}")
 
 
@@ -73,6 +75,25 @@ def _yarn(head_dim: int, theta: float, s: dict[str, Any], max_positions: int) ->
     return inv_freq, float(attention_factor)
 
 
+def _longrope(
+    head_dim: int, theta: float, s: dict[str, Any], max_positions: int, which: str
+) -> tuple[torch.Tensor, float]:
+    """LongRoPE (Phi-3): each frequency divided by its own factor, `short_factor` within the
+    original context and `long_factor` beyond it; cos/sin scaled by sqrt(1 + ln f / ln L)."""
+    original = s["original_max_position_embeddings"]
+    factors = torch.tensor(s[which], dtype=torch.float32)
+    if factors.numel() != head_dim // 2:
+        raise ModelLoadError(
+            f"rope_scaling {which} has {factors.numel()} values; head_dim {head_dim} needs {head_dim // 2}"
+        )
+    factor = s.get("factor") or max_positions / original
+    attention_factor = s.get("attention_factor")
+    if attention_factor is None:
+        attention_factor = 1.0 if factor <= 1 else math.sqrt(1 + math.log(factor) / math.log(original))
+    exponents = torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim
+    return 1.0 / (factors * theta**exponents), float(attention_factor)
+
+
 class RotaryEmbedding(torch.nn.Module):
     """cos/sin for absolute positions (rotate-half layout, as in HF), computed per batch.
 
@@ -81,15 +102,28 @@ class RotaryEmbedding(torch.nn.Module):
     """
 
     inv_freq: torch.Tensor  # a buffer: [head_dim / 2]
+    long_inv_freq: torch.Tensor | None  # longrope: the frequencies past the original context
 
     def __init__(self, head_dim: int, theta: float, scaling: dict[str, Any] | None, max_positions: int):
         super().__init__()
         inv_freq, self.attention_factor = inverse_frequencies(head_dim, theta, scaling, max_positions)
         self.register_buffer("inv_freq", inv_freq, persistent=False)
+        self.long_from: int | None = None  # longrope: a batch reaching this many positions uses long_inv_freq
+        long = None
+        if scaling is not None and scaling.get("rope_type") == "longrope":
+            long, _ = _longrope(head_dim, theta, scaling, max_positions, "long_factor")
+            self.long_from = int(scaling["original_max_position_embeddings"]) + 1
+        self.register_buffer("long_inv_freq", long, persistent=False)
 
     def forward(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """cos, sin of shape [T, 1, head_dim], ready to broadcast over heads."""
-        angles = positions.float().unsqueeze(-1) * self.inv_freq
+        inv_freq = self.inv_freq
+        # As transformers and vLLM do, a batch whose sequences outgrow the original context takes
+        # the long factors for all its rows; K/V cached before that keep their short rotation.
+        long = self.long_inv_freq is not None and self.long_from is not None and positions.numel() > 0
+        if long and int(positions.max()) + 1 >= cast(int, self.long_from):
+            inv_freq = cast(torch.Tensor, self.long_inv_freq)
+        angles = positions.float().unsqueeze(-1) * inv_freq
         angles = torch.cat([angles, angles], dim=-1).unsqueeze(1)
         cos, sin = angles.cos(), angles.sin()
         if self.attention_factor != 1.0:

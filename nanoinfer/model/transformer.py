@@ -15,6 +15,7 @@ from nanoinfer.kernels import KV_DTYPES, CpuKernels, DecodeLayer, DecodeStep, ke
 from nanoinfer.model.forward_batch import ForwardBatch, SequenceChunk
 from nanoinfer.model.layers import MLP, Attention, RMSNorm
 from nanoinfer.model.lora import LoRABatch, MultiLoRALinear
+from nanoinfer.model.moe import SparseMoE
 from nanoinfer.model.rope import RotaryEmbedding
 from nanoinfer.quant.int4 import Int4Linear
 
@@ -35,7 +36,7 @@ class DecoderLayer(nn.Module):
         self.input_norm = RMSNorm(config.hidden_size, eps)
         self.attn = Attention(config, layer)
         self.pre_mlp_norm = RMSNorm(config.hidden_size, eps)
-        self.mlp = MLP(config)
+        self.mlp: MLP | SparseMoE = SparseMoE(config) if config.is_moe_layer(layer) else MLP(config)
         self.post_attn_norm = RMSNorm(config.hidden_size, eps) if config.post_norms else None
         self.post_mlp_norm = RMSNorm(config.hidden_size, eps) if config.post_norms else None
         self._plan: FusedPlan | None = None  # _fused_plan's answer for _plan_modules
@@ -71,6 +72,8 @@ class DecoderLayer(nn.Module):
     def _fused_plan(self) -> FusedPlan | None:
         """(kernels, [qkv, o, gate_up, down] Int4Linear) if this layer can run in the C
         `decode_layer` (see Transformer._fused_stack), else None."""
+        if not isinstance(self.mlp, MLP):  # the C decode layer has one dense MLP
+            return None
         modules = (self.attn.qkv_proj, self.attn.o_proj, self.mlp.gate_up_proj, self.mlp.down_proj)
         if self._plan_modules != modules:  # first use, or quantized or wrapped for adapters since
             self._plan, self._plan_modules = None, modules
@@ -84,16 +87,16 @@ class DecoderLayer(nn.Module):
         return self._plan
 
     def _describe(self, linears: list[Int4Linear], k_cache: torch.Tensor, v_cache: torch.Tensor) -> DecodeLayer:
-        a, qn, kn = self.attn, self.attn.q_norm, self.attn.k_norm
+        a, qn, kn, mlp = self.attn, self.attn.q_norm, self.attn.k_norm, cast(MLP, self.mlp)  # _fused_plan checked it
         qkv, o, gate_up, down = (q4_weight(lin.packed, lin.out_features, lin.bias) for lin in linears)
         return DecodeLayer(
             hidden=self.input_norm.weight.shape[0],
             heads=a.num_heads,
             kv_heads=a.num_kv_heads,
             head_dim=a.head_dim,
-            inter=self.mlp.intermediate,
+            inter=mlp.intermediate,
             window=a.window,
-            gelu=int(self.mlp.gelu),
+            gelu=int(mlp.gelu),
             eps=self.input_norm.eps,
             scale=a.scale,
             input_norm=self.input_norm.weight.data_ptr(),
@@ -164,6 +167,9 @@ class Transformer(nn.Module):
         rope, local = model._make_ropes()  # buffers were left empty by to_empty
         model.rope = rope.to(device)
         model.local_rope = local.to(device) if local is not None else None
+        for layer in model.decoder_layers:
+            if isinstance(layer.mlp, SparseMoE):
+                layer.mlp.reset_load()  # another buffer to_empty left uninitialized
         return model.eval()
 
     @torch.inference_mode()
@@ -188,6 +194,10 @@ class Transformer(nn.Module):
         """Logits [B, T, vocab] of whole sequences [B, T] (right-padded), with autograd and no KV
         cache: the training path. Padding sits after every real token, so causal attention
         keeps it out of the real rows."""
+        return self.compute_logits(self.hidden_dense(input_ids))
+
+    def hidden_dense(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """forward_dense up to the final norm: hidden states [B, T, D] for the LM head."""
         T = input_ids.shape[1]
         x = self.embed(input_ids).to(self.activation_dtype)
         if self.config.embedding_scale != 1.0:
@@ -202,7 +212,7 @@ class Transformer(nn.Module):
             mask = (distance >= 0) & (distance < window)
         for layer in self.decoder_layers:
             x = layer.forward_dense(x, local if layer.attn.sliding else rope, mask)
-        return self.compute_logits(self.norm(x))
+        return self.norm(x)
 
     def _fused_stack(
         self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], batch: ForwardBatch, kv: PagedKVCache
@@ -219,7 +229,7 @@ class Transformer(nn.Module):
             or x.dtype != torch.float32
             or kv.k[0].dtype not in KV_DTYPES
             or not x.is_contiguous()
-            or (self.lora_batch is not None and self.lora_batch.mask is not None)
+            or (self.lora_batch is not None and self.lora_batch.active)
         ):
             return None
         maybe_plans = [layer._fused_plan() for layer in self.decoder_layers]  # cached; rechecks the modules
@@ -274,9 +284,9 @@ class Transformer(nn.Module):
         """The inverse of load_weights: canonical-named float tensors, fused projections split and
         norm offsets taken back out (what a checkpoint of this model holds)."""
         c = self.config
-        splits = {
+        splits: dict[str, list[tuple[str, int | None]]] = {
             "attn.qkv_proj": [("attn.q_proj", c.q_size), ("attn.k_proj", c.kv_size), ("attn.v_proj", c.kv_size)],
-            "mlp.gate_up_proj": [("mlp.gate_proj", c.intermediate_size), ("mlp.up_proj", c.intermediate_size)],
+            "gate_up_proj": [("gate_proj", None), ("up_proj", None)],  # halves: dense MLPs and experts alike
         }
         out: dict[str, torch.Tensor] = {}
         for name, param in self.named_parameters():
@@ -288,7 +298,8 @@ class Transformer(nn.Module):
                 out[name] = tensor
                 continue
             start = 0
-            for part, rows in splits[fused]:
+            for part, size in splits[fused]:
+                rows = size or tensor.shape[0] // 2
                 out[name.replace(fused, part)] = tensor[start : start + rows]
                 start += rows
         return out
@@ -313,12 +324,12 @@ class Transformer(nn.Module):
             if isinstance(module, RMSNorm):
                 module.weight.data = module.weight.data.float()
         q, kv = c.q_size, c.kv_size
-        fused = {
+        fused = {  # None: the gate or up half of gate_up_proj, whatever its width (experts have their own)
             "attn.q_proj": ("attn.qkv_proj", slice(0, q)),
             "attn.k_proj": ("attn.qkv_proj", slice(q, q + kv)),
             "attn.v_proj": ("attn.qkv_proj", slice(q + kv, q + 2 * kv)),
-            "mlp.gate_proj": ("mlp.gate_up_proj", slice(0, c.intermediate_size)),
-            "mlp.up_proj": ("mlp.gate_up_proj", slice(c.intermediate_size, 2 * c.intermediate_size)),
+            "gate_proj": ("gate_up_proj", None),
+            "up_proj": ("gate_up_proj", None),
         }
         expected = {n: 1 for n in params}
         for fused_name, pieces in (("qkv_proj", 3), ("gate_up_proj", 2)):
@@ -329,6 +340,9 @@ class Transformer(nn.Module):
             for part, (fused_name, fused_rows) in fused.items():
                 if f".{part}." in name:
                     target, rows = name.replace(part, fused_name), fused_rows
+                    if rows is None:
+                        half = tensor.shape[0]
+                        rows = slice(0, half) if part == "gate_proj" else slice(half, 2 * half)
             if target not in params:
                 if name == "lm_head.weight" and self.lm_head is None:
                     continue  # a tied checkpoint may still carry a copy of the embedding

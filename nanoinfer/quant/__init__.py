@@ -21,8 +21,19 @@ DEFAULT_GROUP_SIZE = 32
 # which then round-trips exactly; per-channel int8 cost agreement (docs/performance.md,
 # "Quantization quality").
 HEAD_GROUP_SIZE = 32
-# The projections of every decoder layer; embeddings and norms stay in float.
-_LAYER_LINEARS = ("attn.qkv_proj", "attn.o_proj", "mlp.gate_up_proj", "mlp.down_proj")
+# The projections of every decoder layer, a MoE layer's experts included; embeddings, norms
+# and routers stay in float.
+_PROJECTIONS = ("qkv_proj", "o_proj", "gate_up_proj", "down_proj")
+
+
+def _projection_paths(model: Transformer) -> list[str]:
+    """Module paths of every decoder-layer projection (e.g. layers.3.mlp.experts.7.down_proj)."""
+    return [
+        name
+        for name, _ in model.named_modules()
+        if name.startswith("layers.") and name.rsplit(".", 1)[-1] in _PROJECTIONS
+    ]
+
 
 __all__ = [
     "METHODS",
@@ -68,8 +79,7 @@ def quantize_model(
         raise ValueError(f"unknown quantization method {method!r}; expected one of {', '.join(METHODS)}")
     if method == "none":
         return model
-    targets = [f"layers.{i}.{name}" for i in range(len(model.layers)) for name in _LAYER_LINEARS]
-    for path in targets:
+    for path in _projection_paths(model):
         parent_path, _, attr = path.rpartition(".")
         parent = model.get_submodule(parent_path)
         linear = getattr(parent, attr)
@@ -95,15 +105,14 @@ def store_weights_16bit(model: Transformer, dtype: torch.dtype) -> Transformer:
     Activations stay in the model's float32; see nanoinfer/quant/half.py for why. Norm weights
     stay float32 (they are tiny, and Gemma's 1 + w offsets need the precision).
     """
-    for layer in model.layers:
-        for name in _LAYER_LINEARS:
-            parent_path, _, attr = name.rpartition(".")
-            parent = layer.get_submodule(parent_path)
-            module = getattr(parent, attr)
-            if isinstance(module, nn.Linear):
-                setattr(parent, attr, HalfLinear.from_linear(module, dtype))
-            elif isinstance(module, DenseForLargeBatch):  # its float copy is widened per call
-                module.to_16bit(dtype)
+    for path in _projection_paths(model):
+        parent_path, _, attr = path.rpartition(".")
+        parent = model.get_submodule(parent_path)
+        module = getattr(parent, attr)
+        if isinstance(module, nn.Linear):
+            setattr(parent, attr, HalfLinear.from_linear(module, dtype))
+        elif isinstance(module, DenseForLargeBatch):  # its float copy is widened per call
+            module.to_16bit(dtype)
     model.embed.weight.data = model.embed.weight.data.to(dtype)
     if model.lm_head is None:  # tied: one 16-bit table serves the lookup and the head
         model.lm_head = HalfLinear(model.embed.weight.data, None)

@@ -57,11 +57,12 @@ def _lines(text: str) -> Iterator[tuple[int, str]]:
 
 
 def _text_blocks(text: str, tokenizer: Tokenizer, block_size: int) -> list[Example]:
-    """Every line, ended by EOS, joined into one stream and cut into block_size pieces (the seed's way)."""
+    """Every line, encoded as a prompt would be (BOS first where the model wants one) and ended by
+    EOS, joined into one stream and cut into block_size pieces (the seed's way)."""
     eos = tokenizer.eos_token_ids[:1]
     stream: list[int] = []
     for _, line in _lines(text):
-        stream += tokenizer.encode(line.strip(), add_special_tokens=False) + list(eos)
+        stream += tokenizer.encode(line.strip()) + list(eos)
     blocks = [stream[i : i + block_size] for i in range(0, len(stream), block_size)]
     return [Example(b, list(b)) for b in blocks if len(b) >= 2]
 

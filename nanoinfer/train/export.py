@@ -28,6 +28,14 @@ _ARCHITECTURES = {
     "qwen2": "Qwen2ForCausalLM",
     "qwen3": "Qwen3ForCausalLM",
     "gemma3": "Gemma3ForCausalLM",
+    "qwen3_moe": "Qwen3MoeForCausalLM",
+    "mixtral": "MixtralForCausalLM",
+    "phi3": "Phi3ForCausalLM",
+}
+# Phi-3 keeps these fused in its checkpoints: fused HF suffix -> the parts, in row order
+_PHI3_FUSED = {
+    "self_attn.qkv_proj.weight": ("self_attn.q_proj.weight", "self_attn.k_proj.weight", "self_attn.v_proj.weight"),
+    "mlp.gate_up_proj.weight": ("mlp.gate_proj.weight", "mlp.up_proj.weight"),
 }
 
 
@@ -37,6 +45,8 @@ def save_hf_model(model: Transformer, package: ModelPackage, directory: str | Pa
     directory.mkdir(parents=True, exist_ok=True)
     config = model.config
     tensors = {_hf_tensor_name(name, config): t.float().contiguous() for name, t in model.canonical_weights().items()}
+    if config.architecture == "phi3":
+        tensors = _fuse_phi3(tensors, config.num_layers)
     save_file(tensors, str(directory / "model.safetensors"), metadata={"format": "pt"})
     source = Path(package.source)
     if source.is_dir() and (source / "config.json").is_file():
@@ -58,6 +68,14 @@ def save_hf_model(model: Transformer, package: ModelPackage, directory: str | Pa
         if value is not None:
             generation[key] = value
     (directory / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
+
+
+def _fuse_phi3(tensors: dict[str, torch.Tensor], num_layers: int) -> dict[str, torch.Tensor]:
+    for i in range(num_layers):
+        prefix = f"model.layers.{i}."
+        for fused, parts in _PHI3_FUSED.items():
+            tensors[prefix + fused] = torch.cat([tensors.pop(prefix + part) for part in parts])
+    return tensors
 
 
 def _hf_tensor_name(canonical: str, config: ModelConfig) -> str:
@@ -94,10 +112,21 @@ def hf_config(config: ModelConfig, package: ModelPackage) -> dict[str, Any]:
         "torch_dtype": "float32",
         "hidden_act": "gelu_pytorch_tanh" if c.activation == "gelu_tanh" else "silu",
     }
-    if c.sliding_window and c.architecture in ("qwen2", "qwen3"):
+    if c.sliding_window and c.architecture in ("qwen2", "qwen3", "qwen3_moe"):
         hf.update(use_sliding_window=True, sliding_window=c.sliding_window, layer_types=_layer_types(c))
     elif c.sliding_window:
         hf["sliding_window"] = c.sliding_window
+    if c.architecture == "qwen3_moe":
+        hf.update(
+            num_experts=c.num_experts,
+            num_experts_per_tok=c.num_experts_per_tok,
+            moe_intermediate_size=c.moe_intermediate_size,
+            norm_topk_prob=c.norm_topk_prob,
+            decoder_sparse_step=1,
+            mlp_only_layers=list(c.dense_layers),
+        )
+    if c.architecture == "mixtral":
+        hf.update(num_local_experts=c.num_experts, num_experts_per_tok=c.num_experts_per_tok)
     if c.architecture == "gemma3":
         hf.update(
             hidden_activation="gelu_pytorch_tanh",

@@ -23,6 +23,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from nanoinfer.adapters.peft_files import save_adapter
 from nanoinfer.errors import NanoInferError
@@ -31,6 +32,7 @@ from nanoinfer.model.lora import LoRASpec, apply_lora
 from nanoinfer.model.transformer import Transformer
 from nanoinfer.train.data import IGNORE, Example, batches, collate, load_examples
 from nanoinfer.train.export import save_hf_model, trainable_state
+from nanoinfer.train.loss import linear_cross_entropy
 
 METHODS = ("lora", "full")
 CHECKPOINT_PREFIX = "checkpoint-"
@@ -107,12 +109,16 @@ def lr_at(step: int, total: int, warmup: int, peak: float) -> float:
 
 def token_loss(model: Transformer, batch: dict[str, torch.Tensor], autocast: bool) -> tuple[torch.Tensor, int]:
     """Mean next-token cross-entropy over the labelled positions, and how many there were."""
-    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
-        logits = model.forward_dense(batch["input_ids"])
-    targets = batch["labels"][:, 1:]
+    targets = F.pad(batch["labels"][:, 1:], (0, 1), value=IGNORE).flatten()  # shifted labels, shifted logits
     count = int((targets != IGNORE).sum())
-    loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE)
-    return loss, count
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        hidden = model.hidden_dense(batch["input_ids"]).flatten(0, 1)
+        head = model.embed if model.lm_head is None else model.lm_head
+        if isinstance(head, (nn.Embedding, nn.Linear)):
+            softcap = model.config.final_logit_softcapping or 0.0
+            return linear_cross_entropy(hidden, head.weight, targets, IGNORE, softcap), count
+        logits = model.compute_logits(hidden)  # a head of another kind (quantized): the plain way
+    return F.cross_entropy(logits.float(), targets, ignore_index=IGNORE), count
 
 
 @torch.no_grad()
@@ -195,35 +201,40 @@ class Trainer:
         for start in range(0, len(micro), c.grad_accum):
             if self.step >= self.total_steps:
                 return
-            began = time.perf_counter()
-            group = micro[start : start + c.grad_accum]
-            losses, tokens = [], 0
-            for batch in group:
-                loss, count = token_loss(self.model, batch, autocast)
-                (loss / len(group)).backward()
-                losses.append(float(loss.detach()))
-                tokens += int(batch["input_ids"].numel())
-            lr = lr_at(self.step, self.total_steps, self.warmup, c.learning_rate)
-            for g in self.optimizer.param_groups:
-                g["lr"] = lr
-            norm = torch.nn.utils.clip_grad_norm_(self.params, c.max_grad_norm)
-            self.optimizer.step()
-            self.optimizer.zero_grad(set_to_none=True)
-            self.step += 1
-            speed = tokens / (time.perf_counter() - began)
-            loss_value = sum(losses) / len(losses)
-            self._record(
-                kind="train",
-                step=self.step,
-                epoch=self.epoch,
-                loss=loss_value,
-                lr=lr,
-                grad_norm=float(norm),
-                tokens_per_s=speed,
-            )
+            loss_value, speed = self.train_step(micro[start : start + c.grad_accum], autocast)
             if bar is not None:
                 bar.update(1)
                 bar.set_postfix(loss=f"{loss_value:.4f}", tok_s=f"{speed:.0f}")
+
+    def train_step(self, group: list[dict[str, torch.Tensor]], autocast: bool = False) -> tuple[float, float]:
+        """One optimizer step over `group`'s micro-batches (accumulated); its loss and tokens/s."""
+        c = self.config
+        began = time.perf_counter()
+        losses, tokens = [], 0
+        for batch in group:
+            loss, _ = token_loss(self.model, batch, autocast)
+            (loss / len(group)).backward()
+            losses.append(float(loss.detach()))
+            tokens += int(batch["input_ids"].numel())
+        lr = lr_at(self.step, self.total_steps, self.warmup, c.learning_rate)
+        for g in self.optimizer.param_groups:
+            g["lr"] = lr
+        norm = torch.nn.utils.clip_grad_norm_(self.params, c.max_grad_norm)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.step += 1
+        speed = tokens / (time.perf_counter() - began)
+        loss_value = sum(losses) / len(losses)
+        self._record(
+            kind="train",
+            step=self.step,
+            epoch=self.epoch,
+            loss=loss_value,
+            lr=lr,
+            grad_norm=float(norm),
+            tokens_per_s=speed,
+        )
+        return loss_value, speed
 
     def _steps_before_epoch(self) -> int:
         return min(self.epoch * self.steps_per_epoch, self.total_steps)

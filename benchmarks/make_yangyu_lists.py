@@ -1,8 +1,10 @@
 """Build the 杨语 (made-up relation) word lists: `X的杨语是Y`.
 
 X is a common Chinese word, Y its plain one-word lowercase English translation.
-Run once: python make_lists.py  -> writes train.txt (500) and val.txt (260).
+Run once: python benchmarks/make_yangyu_lists.py  -> writes nanoinfer/bench/data/yangyu/
+train.txt (500) and val.txt (260).
 """
+
 import random
 import re
 from pathlib import Path
@@ -254,11 +256,9 @@ def main():
     for x, y in both:
         assert HAN.match(x) and ASCII_WORD.match(y)
 
-    here = Path(__file__).resolve().parent
+    here = Path(__file__).resolve().parent.parent / "nanoinfer" / "bench" / "data" / "yangyu"
     for name, rows in (("train.txt", train), ("val.txt", val)):
-        (here / name).write_text(
-            "".join(f"{x}的杨语是{y}\n" for x, y in rows), encoding="utf-8"
-        )
+        (here / name).write_text("".join(f"{x}的杨语是{y}\n" for x, y in rows), encoding="utf-8")
         print(f"wrote {name}: {len(rows)} lines")
 
 

@@ -1,0 +1,87 @@
+"""Mixture of experts: a router scores every expert for each token, the top k run, and their
+outputs are summed with the router's weights. Compute is sparse (k experts a token), storage
+dense (every expert's weights are resident).
+
+Tokens are grouped by expert (one sort of the token -> expert assignments), then each expert
+that received any runs its gated MLP once over its group, and the weighted results are added
+back to their tokens. Experts are ordinary `MLP` modules, so weight-only quantization and the
+C gated-activation kernel apply to them as to a dense layer.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from nanoinfer.config import ModelConfig
+from nanoinfer.model.layers import MLP
+
+
+class Router(nn.Module):
+    """Token -> (weights [T, k], expert ids [T, k]): softmax over all experts, the top k kept,
+    renormalized to sum to one where the config says so. Scored in float32 whatever the
+    activations, as the reference implementations do, so near-ties pick the same experts."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        # A bare parameter, not an nn.Linear, so quantization leaves the router alone.
+        self.weight = nn.Parameter(torch.zeros(config.num_experts, config.hidden_size))
+        self.top_k = config.num_experts_per_tok
+        self.renormalize = config.norm_topk_prob
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        probs = F.linear(x.float(), self.weight.float()).softmax(dim=-1)
+        weights, ids = probs.topk(self.top_k, dim=-1)
+        if self.renormalize:
+            weights = weights / weights.sum(dim=-1, keepdim=True)
+        return weights, ids
+
+
+class SparseMoE(nn.Module):
+    """The MLP of a mixture-of-experts layer; counts the tokens each expert receives."""
+
+    expert_tokens: torch.Tensor  # buffer [experts]: tokens routed to each expert since the last reset
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.router = Router(config)
+        expert = config.replace(intermediate_size=config.moe_intermediate_size)
+        self.experts = nn.ModuleList(MLP(expert) for _ in range(config.num_experts))
+        self.register_buffer("expert_tokens", torch.zeros(config.num_experts, dtype=torch.long), persistent=False)
+
+    def _one_token(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        """Decode at batch 1: no grouping to do, so half the tensor ops (docs/performance.md,
+        "Mixture of experts")."""
+        if not torch.is_grad_enabled():
+            self.expert_tokens.index_add_(0, ids, torch.ones_like(ids))
+        out: torch.Tensor | None = None
+        for weight, expert in zip(weights.tolist(), ids.tolist()):
+            y = self.experts[expert](x)
+            out = y.mul_(weight) if out is None else out.add_(y, alpha=weight)
+        assert out is not None
+        return out
+
+    def reset_load(self) -> None:
+        self.expert_tokens.zero_()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        flat = x.reshape(-1, x.shape[-1])
+        weights, ids = self.router(flat)
+        if flat.shape[0] == 1:
+            return self._one_token(flat, weights[0], ids[0]).reshape(x.shape)
+        choices = ids.flatten()  # [T * k]: token t's j-th expert at t * k + j
+        order = choices.argsort(stable=True)  # the choices grouped by expert
+        counts = torch.bincount(choices, minlength=len(self.experts))
+        if not torch.is_grad_enabled():  # inference: the load statistics (metrics, inspect)
+            self.expert_tokens += counts
+        rows = order // self.router.top_k  # the token of each grouped choice
+        grouped = flat.index_select(0, rows)
+        outputs = torch.empty_like(grouped)
+        start = 0
+        for expert, n in enumerate(counts.tolist()):
+            if n:
+                outputs[start : start + n] = self.experts[expert](grouped[start : start + n])
+                start += n
+        outputs = outputs * weights.flatten()[order, None].to(outputs.dtype)
+        return torch.zeros_like(flat).index_add_(0, rows, outputs).reshape(x.shape)

@@ -1,0 +1,220 @@
+"""Mixture of experts (qwen3_moe, mixtral): tokens grouped by expert, quantized experts, the load
+statistics in /metrics and `nanoinfer inspect`, LoRA refused on experts, the training path.
+Logits and greedy tokens against transformers are in test_parity.py (cases qwen3_moe, mixtral)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from nanoinfer import LLM, SamplingParams
+from nanoinfer.engine.metrics import expert_load
+from nanoinfer.errors import RequestError
+from nanoinfer.model.layers import MLP
+from nanoinfer.model.moe import SparseMoE
+from nanoinfer.quant.int4 import Int4Linear
+from nanoinfer.quant.int8 import Int8Linear
+
+GREEDY = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
+PROMPTS = [[5 + i, 17, 33, 40, 2 + 3 * i, 99, 120 + i, 7] for i in range(4)]
+
+
+def test_each_expert_runs_once_per_step_over_its_tokens(tiny_model, monkeypatch):
+    """Grouped by expert: one MLP call per expert that has tokens, whatever the batch size."""
+    path, _ = tiny_model("qwen3_moe")
+    llm = LLM(str(path), dtype="float32")
+    calls: list[int] = []
+    real = MLP.forward
+
+    def spy(self, x):
+        calls.append(x.shape[0])
+        return real(self, x)
+
+    monkeypatch.setattr(MLP, "forward", spy)
+    llm.engine.model.score(list(range(3, 40)))  # 37 tokens through one forward
+    config = llm.engine.model_config
+    moe_layers = [i for i in range(config.num_layers) if config.is_moe_layer(i)]
+    dense_calls = config.num_layers - len(moe_layers)
+    assert len(calls) - dense_calls <= config.num_experts * len(moe_layers)
+    assert sum(calls) == 37 * dense_calls + 37 * config.num_experts_per_tok * len(moe_layers)
+
+
+@pytest.mark.parametrize("case_id", ["qwen3_moe", "mixtral"])
+def test_expert_load_is_counted_and_exported(tiny_model, case_id):
+    path, _ = tiny_model(case_id)
+    llm = LLM(str(path), dtype="float32", enable_prefix_cache=False)
+    outs = llm.generate(PROMPTS, GREEDY)
+    forwarded = sum(len(p) for p in PROMPTS) + sum(len(o.token_ids) - 1 for o in outs)  # the last token is not fed
+    config = llm.engine.model_config
+    load = expert_load(llm.engine.model)
+    assert sorted(load) == [i for i in range(config.num_layers) if config.is_moe_layer(i)]
+    for counts in load.values():
+        assert sum(counts) == forwarded * config.num_experts_per_tok
+    registry = llm.engine.metrics.registry
+    layer = next(iter(load))
+    for expert, tokens in enumerate(load[layer]):
+        labels = {"layer": str(layer), "expert": str(expert)}
+        assert registry.get_sample_value("nanoinfer:moe_expert_tokens_total", labels) == tokens
+
+
+def test_dense_models_export_no_expert_load(tiny_model):
+    path, _ = tiny_model("qwen3")
+    llm = LLM(str(path))
+    llm.generate(PROMPTS[:1], GREEDY)
+    assert llm.engine.metrics.registry.get_sample_value("nanoinfer:moe_expert_tokens_total", {"layer": "0"}) is None
+
+
+@pytest.mark.parametrize("method, linear", [("int8", Int8Linear), ("int4", Int4Linear)])
+def test_experts_are_quantized_like_dense_layers(tiny_model, method, linear):
+    path, _ = tiny_model("mixtral")
+    exact = LLM(str(path), dtype="float32")
+    quantized = LLM(str(path), dtype="float32", quantization=method)
+    moe = next(layer.mlp for layer in quantized.engine.model.decoder_layers if isinstance(layer.mlp, SparseMoE))
+    assert all(isinstance(e.gate_up_proj, linear) and isinstance(e.down_proj, linear) for e in moe.experts)
+    assert not isinstance(moe.router, linear) and moe.router.weight.dtype == torch.float32
+    ids = PROMPTS[0] + PROMPTS[1]
+    want, got = exact.engine.model.score(ids), quantized.engine.model.score(ids)
+    agreement = (want.argmax(-1) == got.argmax(-1)).float().mean().item()
+    assert agreement >= (0.9 if method == "int8" else 0.6), agreement
+
+
+def test_inspect_shows_expert_load_on_a_prompt(tiny_model):
+    path, _ = tiny_model("qwen3_moe")
+    out = subprocess.run(
+        [sys.executable, "-m", "nanoinfer.cli", "inspect", "--model", str(path), "--tokens", "The quick brown fox"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert out.returncode == 0, out.stderr
+    assert "expert load (tokens per expert; each token picks 2 of 8)" in out.stdout
+    assert "layer   0:" in out.stdout and "layer   1:" not in out.stdout  # layer 1 is dense (mlp_only_layers)
+
+
+def test_lora_on_experts_is_refused(tiny_model, tmp_path):
+    from nanoinfer.model.lora import LoRASpec, apply_lora
+    from nanoinfer.model.transformer import Transformer
+
+    path, _ = tiny_model("mixtral")
+    from nanoinfer.loading import load_package
+
+    model = Transformer.from_package(load_package(str(path)), torch.float32)
+    with pytest.raises(ValueError, match="mixture of experts"):
+        apply_lora(model, model.config, LoRASpec(4, 8, ("q_proj", "gate_proj")))
+    apply_lora(model, model.config, LoRASpec(4, 8, ("q_proj", "v_proj")))  # attention is fine
+
+
+def test_served_adapter_on_experts_is_a_request_error(tiny_model, tmp_path):
+    from nanoinfer import LoRARequest
+    from nanoinfer.adapters.peft_files import save_adapter
+    from nanoinfer.loading import load_package
+    from nanoinfer.model.lora import LoRASpec, apply_lora
+    from nanoinfer.model.transformer import Transformer
+
+    dense_path, _ = tiny_model("llama")  # an adapter made for a dense model of the same sizes
+    dense = Transformer.from_package(load_package(str(dense_path)), torch.float32)
+    spec = LoRASpec(4, 8, ("down_proj",))
+    save_adapter(apply_lora(dense, dense.config, spec), spec, tmp_path / "a", "llama")
+    path, _ = tiny_model("mixtral")
+    llm = LLM(str(path), dtype="float32", enable_lora=True)
+    with pytest.raises(RequestError, match="mixture of experts"):
+        llm.generate(PROMPTS[:1], GREEDY, lora_request=LoRARequest("a", 1, str(tmp_path / "a")))
+    llm.engine.check_integrity()
+
+
+# ---- GGUF files with llama.cpp's names for MoE -------------------------------------------------
+
+
+def _write_gguf(model, path, arch: str) -> None:
+    """The HF model `model` as llama.cpp's converter would write it: experts stacked [E, out, in],
+    the router as ffn_gate_inp, llama q/k rows permuted (Mixtral is arch llama with experts)."""
+    import gguf
+    import numpy as np
+    from test_gguf import _permute
+
+    c = model.config
+    names = {"q_proj": "attn_q", "k_proj": "attn_k", "v_proj": "attn_v", "o_proj": "attn_output"}
+    names |= {"q_norm": "attn_q_norm", "k_norm": "attn_k_norm"}
+    state = {k: v.detach().float().numpy() for k, v in model.state_dict().items()}
+    tensors = {
+        "token_embd.weight": state["model.embed_tokens.weight"],
+        "output_norm.weight": state["model.norm.weight"],
+    }
+    tensors["output.weight"] = state["lm_head.weight"]
+    for i in range(c.num_hidden_layers):
+        p, b = f"model.layers.{i}.", f"blk.{i}."
+        tensors[b + "attn_norm.weight"] = state[p + "input_layernorm.weight"]
+        tensors[b + "ffn_norm.weight"] = state[p + "post_attention_layernorm.weight"]
+        for ours, theirs in names.items():
+            if p + f"self_attn.{ours}.weight" in state:
+                w = state[p + f"self_attn.{ours}.weight"]
+                if arch == "llama" and ours in ("q_proj", "k_proj"):
+                    w = _permute(w, c.num_attention_heads if ours == "q_proj" else c.num_key_value_heads)
+                tensors[b + f"{theirs}.weight"] = w
+        # in memory transformers 5 keeps experts stacked: gate_up [E, 2I, H] (gate first), down [E, H, I]
+        tensors[b + "ffn_gate_inp.weight"] = state[p + "mlp.gate.weight"]
+        gate_up = state[p + "mlp.experts.gate_up_proj"]
+        half = gate_up.shape[1] // 2
+        tensors[b + "ffn_gate_exps.weight"], tensors[b + "ffn_up_exps.weight"] = gate_up[:, :half], gate_up[:, half:]
+        tensors[b + "ffn_down_exps.weight"] = state[p + "mlp.experts.down_proj"]
+    w = gguf.GGUFWriter(str(path), arch)
+    w.add_block_count(c.num_hidden_layers)
+    w.add_context_length(c.max_position_embeddings)
+    w.add_embedding_length(c.hidden_size)
+    w.add_feed_forward_length(c.intermediate_size)
+    w.add_head_count(c.num_attention_heads)
+    w.add_head_count_kv(c.num_key_value_heads)
+    w.add_key_length(c.head_dim)
+    w.add_value_length(c.head_dim)
+    w.add_layer_norm_rms_eps(c.rms_norm_eps)
+    w.add_rope_freq_base(c.rope_parameters["rope_theta"])
+    w.add_expert_count(c.num_local_experts if arch == "llama" else c.num_experts)
+    w.add_expert_used_count(c.num_experts_per_tok)
+    if arch == "qwen3moe":
+        w.add_expert_feed_forward_length(c.moe_intermediate_size)
+    vocab = [f"<t{i}>" for i in range(c.vocab_size)]
+    w.add_tokenizer_model("gpt2")
+    w.add_tokenizer_pre("default")
+    w.add_token_list(vocab)
+    w.add_token_types([1] * len(vocab))
+    w.add_token_merges([])
+    w.add_bos_token_id(1)
+    w.add_eos_token_id(2)
+    for name, value in tensors.items():
+        w.add_tensor(name, np.ascontiguousarray(value.astype(np.float32)))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+
+
+@pytest.mark.parametrize(
+    "case_id, arch, extra",
+    [
+        (
+            "qwen3_moe",
+            "qwen3moe",
+            {"mlp_only_layers": [], "norm_topk_prob": True},
+        ),  # llama.cpp: all sparse, renormalized
+        ("mixtral", "llama", {}),
+    ],
+)
+def test_gguf_moe_matches_transformers(tmp_path, case_id, arch, extra):
+    from tiny_models import build_hf_model
+
+    hf = build_hf_model(case_id, **extra)
+    path = tmp_path / f"{case_id}.gguf"
+    _write_gguf(hf, path, arch)
+    llm = LLM(str(path), dtype="float32", quantization="none")
+    assert llm.engine.model_config.architecture == case_id and llm.engine.model_config.num_experts
+    ids = list(range(5, 37))
+    with torch.no_grad():
+        want = hf(torch.tensor([ids])).logits[0]
+    assert torch.allclose(llm.engine.model.score(ids), want, atol=1e-4)
+    greedy = llm.generate([ids, ids[:9]], GREEDY)
+    for prompt, out in zip([ids, ids[:9]], greedy):
+        expected = hf.generate(torch.tensor([prompt]), max_new_tokens=8, do_sample=False)[0, len(prompt) :].tolist()
+        assert out.token_ids == expected
