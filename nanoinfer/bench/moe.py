@@ -7,7 +7,7 @@ package): a qwen3_moe with 32 experts, 4 active, each 256 wide, and a qwen3 whos
 4 x 256 wide, so both run the same number of active parameters per token; otherwise equal (8
 layers, hidden 512, 8 heads of 64, 4 KV heads, a 8192-token vocabulary). Decode tokens/s at
 batch 1 and 16 (EOS ignored), nanoinfer float32 and int4, MoE against dense in rounds; and the
-MoE in transformers at batch 16 (static batch, `generate`), against nanoinfer float32.
+MoE in transformers at batch 16 (float32, static batch, `generate`), against nanoinfer.
 """
 
 from __future__ import annotations
@@ -136,9 +136,9 @@ def run_moe(args: argparse.Namespace, log: Log) -> dict[str, Any]:
         for quant in ("none", "int4")
         for b in ("1", "16")
     }
-    ratios["nanoinfer/transformers moe float32 batch 16"] = (
-        figures["moe none"]["16"] / figures["moe transformers"]["16"]
-    )
+    for quant in ("none", "int4"):  # transformers in float32 either way
+        label = f"nanoinfer {quant}/transformers float32, moe batch 16"
+        ratios[label] = figures[f"moe {quant}"]["16"] / figures["moe transformers"]["16"]
     for label, value in ratios.items():
         log(f"nanoinfer: {label} {value:.2f}x")
     return {"decode_tok_s": figures, "ratios": ratios}

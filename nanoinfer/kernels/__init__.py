@@ -215,6 +215,7 @@ class CpuKernels:
             "qk_rope_store": [ptr, i64, i64, i64, i64, i64, ptr, ptr, f32, ptr, ptr, ptr, ptr, i32, ptr, i64],
             "gated_act": [ptr, i64, i64, i32, ptr, i32],
             "decode_layers": [ctypes.POINTER(DecodeLayer), i64, ctypes.POINTER(DecodeStep), ptr, i64, i32],
+            "moe_experts": [ctypes.POINTER(Q4Weight), ctypes.POINTER(Q4Weight), i64, ptr, ptr, i64, i64, i32, ptr, i32],
         }
         for name, argtypes in signatures.items():
             fn = getattr(lib, name)
@@ -337,6 +338,18 @@ class CpuKernels:
         T, two_i = gate_up.shape
         out = torch.empty(T, two_i // 2)
         self.lib.gated_act(gate_up.data_ptr(), T, two_i // 2, int(gelu), out.data_ptr(), torch.get_num_threads())
+        return out
+
+    def moe_experts(
+        self, gate_up: ctypes.Array, down: ctypes.Array, counts: torch.Tensor, x: torch.Tensor, inter: int, gelu: bool
+    ) -> torch.Tensor:
+        """Each int4 expert's gated MLP over its rows of x [rows, hidden] (grouped by expert,
+        counts [experts] int64 rows each) -> [rows, hidden]."""
+        out = torch.empty_like(x)
+        self.lib.moe_experts(
+            gate_up, down, len(gate_up), counts.data_ptr(), x.data_ptr(), x.shape[1], inter, int(gelu),
+            out.data_ptr(), torch.get_num_threads(),
+        )  # fmt: skip
         return out
 
     def decode_layers(self, layers: ctypes.Array, step: DecodeStep, x: torch.Tensor) -> None:

@@ -10,12 +10,19 @@ C gated-activation kernel apply to them as to a dense layer.
 
 from __future__ import annotations
 
+import ctypes
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from nanoinfer.config import ModelConfig
+from nanoinfer.kernels import CpuKernels, Q4Weight, kernels, q4_weight
 from nanoinfer.model.layers import MLP
+from nanoinfer.quant.int4 import Int4Linear
+
+# What the one-call C path needs of a layer: kernels and every expert's gate_up and down weights.
+ExpertTables = tuple[CpuKernels, ctypes.Array[Q4Weight], ctypes.Array[Q4Weight]]
 
 
 class Router(nn.Module):
@@ -49,6 +56,11 @@ class SparseMoE(nn.Module):
         expert = config.replace(intermediate_size=config.moe_intermediate_size)
         self.experts = nn.ModuleList(MLP(expert) for _ in range(config.num_experts))
         self.register_buffer("expert_tokens", torch.zeros(config.num_experts, dtype=torch.long), persistent=False)
+        self.expert_width = config.moe_intermediate_size
+        self.gelu = config.activation == "gelu_tanh"
+        self._tables: ExpertTables | None = None  # the C path's weight tables (see _c_tables)
+        self._tables_probe: tuple[object, ...] = ()
+        self._packed: list[torch.Tensor] = []  # what the tables point into
 
     def _one_token(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
         """Decode at batch 1: no grouping to do, so half the tensor ops (docs/performance.md,
@@ -62,13 +74,39 @@ class SparseMoE(nn.Module):
         assert out is not None
         return out
 
+    def _c_tables(self, x: torch.Tensor) -> ExpertTables | None:
+        """The C path's tables when it applies (float32 CPU inference, every expert int4 on our
+        kernels, no bias). Worked out on first use and again when the first expert's modules are
+        swapped (quantization replaces them all); checking all 2 x experts modules every call
+        cost more than the call itself. The tables keep the packed weights alive, so a pointer
+        in them never outlives its tensor."""
+        if x.dtype != torch.float32 or x.device.type != "cpu" or torch.is_grad_enabled():
+            return None
+        first = self.experts[0]
+        probe = (first.gate_up_proj, first.down_proj)
+        if self._tables_probe != probe:
+            self._tables, self._tables_probe = self._build_tables(), probe
+        return self._tables
+
+    def _build_tables(self) -> ExpertTables | None:
+        modules = [m for e in self.experts for m in (e.gate_up_proj, e.down_proj)]
+        linears = [m for m in modules if isinstance(m, Int4Linear) and m.backend == "c" and not m.exact_fp32]
+        ours = kernels()
+        if ours is None or len(linears) != len(modules) or any(m.bias is not None for m in linears):
+            return None
+        self._packed = [m.packed for m in linears]
+        tables = [q4_weight(m.packed, m.out_features, None) for m in linears]
+        gate_up = (Q4Weight * len(self.experts))(*tables[0::2])
+        down = (Q4Weight * len(self.experts))(*tables[1::2])
+        return ours, gate_up, down
+
     def reset_load(self) -> None:
         self.expert_tokens.zero_()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         flat = x.reshape(-1, x.shape[-1])
         weights, ids = self.router(flat)
-        if flat.shape[0] == 1:
+        if flat.shape[0] == 1 and self._c_tables(flat) is None:
             return self._one_token(flat, weights[0], ids[0]).reshape(x.shape)
         choices = ids.flatten()  # [T * k]: token t's j-th expert at t * k + j
         order = choices.argsort(stable=True)  # the choices grouped by expert
@@ -77,11 +115,16 @@ class SparseMoE(nn.Module):
             self.expert_tokens += counts
         rows = order // self.router.top_k  # the token of each grouped choice
         grouped = flat.index_select(0, rows)
-        outputs = torch.empty_like(grouped)
-        start = 0
-        for expert, n in enumerate(counts.tolist()):
-            if n:
-                outputs[start : start + n] = self.experts[expert](grouped[start : start + n])
-                start += n
+        tables = self._c_tables(grouped)
+        if tables is not None:  # every expert int4 on our kernels: one C call for all of them
+            ours, gate_up, down = tables
+            outputs = ours.moe_experts(gate_up, down, counts, grouped, self.expert_width, self.gelu)
+        else:
+            outputs = torch.empty_like(grouped)
+            start = 0
+            for expert, n in enumerate(counts.tolist()):
+                if n:
+                    outputs[start : start + n] = self.experts[expert](grouped[start : start + n])
+                    start += n
         outputs = outputs * weights.flatten()[order, None].to(outputs.dtype)
         return torch.zeros_like(flat).index_add_(0, rows, outputs).reshape(x.shape)
