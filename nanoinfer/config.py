@@ -54,6 +54,13 @@ class ModelConfig:
     moe_intermediate_size: int = 0  # each expert's MLP width
     norm_topk_prob: bool = True  # renormalize the top-k router weights to sum to one
     dense_layers: tuple[int, ...] = ()  # layers of a MoE model whose MLP is dense
+    router_scoring: str = "softmax"  # or "sigmoid" (DeepSeek-V3): how the router scores experts
+    router_groups: int = 1  # DeepSeek: experts in groups, of which only the best compete
+    router_topk_groups: int = 1  # ... this many groups per token
+    router_group_score: str = "max"  # a group's score: its best expert ("max") or best two summed ("top2")
+    routed_scaling_factor: float = 1.0  # the routed experts' weights times this
+    router_correction_bias: bool = False  # DeepSeek-V3: a learned per-expert bias on the choice only
+    num_shared_experts: int = 0  # DeepSeek: experts every token goes through besides its top k
 
     def __post_init__(self) -> None:
         if self.architecture not in SUPPORTED_ARCHITECTURES:
@@ -68,6 +75,15 @@ class ModelConfig:
             object.__setattr__(self, "layer_types", ("full",) * self.num_layers)
         if len(self.layer_types) != self.num_layers:
             raise ModelLoadError("layer_types must have one entry per layer")
+        if self.router_scoring not in ("softmax", "sigmoid") or self.router_group_score not in ("max", "top2"):
+            raise ModelLoadError(f"unknown router scoring {self.router_scoring!r} / {self.router_group_score!r}")
+        if self.num_experts and (
+            self.num_experts % self.router_groups or not 0 < self.router_topk_groups <= self.router_groups
+        ):
+            raise ModelLoadError(
+                f"{self.num_experts} experts cannot form {self.router_groups} groups with "
+                f"{self.router_topk_groups} chosen per token"
+            )
         if self.num_experts and not 0 < self.num_experts_per_tok <= self.num_experts:
             raise ModelLoadError(
                 f"num_experts_per_tok must be between 1 and num_experts ({self.num_experts}), "

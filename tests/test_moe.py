@@ -233,3 +233,69 @@ def test_int4_experts_run_in_one_c_call_with_the_same_answers(tiny_model, monkey
     monkeypatch.setattr(SparseMoE, "_c_tables", lambda self, x: None)
     assert torch.allclose(llm.engine.model.score(ids), fused_logits, atol=1e-5)
     assert [o.token_ids for o in llm.generate(PROMPTS, GREEDY)] == fused
+
+
+# ---- DeepSeek's routing: module against transformers' (the model itself needs MLA, not built) ----
+
+
+def _our_moe_like(hf_moe, **routing) -> SparseMoE:
+    """Our SparseMoE with `hf_moe`'s weights (experts stacked [E, 2I, H] in transformers 5)."""
+    from nanoinfer.config import ModelConfig
+
+    experts = hf_moe.experts.gate_up_proj.shape[0]
+    width = hf_moe.experts.down_proj.shape[2]
+    config = ModelConfig(
+        architecture="qwen3_moe",  # a label only: the routing fields below are what is tested
+        vocab_size=300, hidden_size=64, intermediate_size=128, num_layers=1, num_heads=4, num_kv_heads=4,
+        head_dim=16, max_position_embeddings=64, num_experts=experts, num_experts_per_tok=2,
+        moe_intermediate_size=width, **routing,
+    )  # fmt: skip
+    ours = SparseMoE(config)
+    with torch.no_grad():
+        ours.router.weight.copy_(hf_moe.gate.weight)
+        if ours.router.correction_bias is not None:
+            ours.router.correction_bias.copy_(hf_moe.gate.e_score_correction_bias)
+        for e, expert in enumerate(ours.experts):
+            expert.gate_up_proj.weight.copy_(hf_moe.experts.gate_up_proj[e])
+            expert.down_proj.weight.copy_(hf_moe.experts.down_proj[e])
+        shared = hf_moe.shared_experts
+        ours.shared_experts.gate_up_proj.weight.copy_(torch.cat([shared.gate_proj.weight, shared.up_proj.weight]))
+        ours.shared_experts.down_proj.weight.copy_(shared.down_proj.weight)
+    return ours
+
+
+def _randomized(module):
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for p in module.parameters():
+            p.copy_(torch.randn(p.shape) / (p.shape[-1] ** 0.5 if p.ndim > 1 else 3))
+        for b in module.buffers():
+            b.copy_(torch.randn(b.shape) / 3)
+    return module.eval()
+
+
+@pytest.mark.parametrize("version", ["v2", "v3"])
+def test_deepseek_routing_and_shared_experts_match_transformers(version):
+    """V2: softmax, the best 2 of 4 groups by their best expert, weights x 1.5, not renormalized.
+    V3: sigmoid plus a correction bias for the choice only, groups by their best two experts,
+    renormalized, x 2.5. Both add 2 shared experts."""
+    import transformers
+    from transformers.models.deepseek_v2.modeling_deepseek_v2 import DeepseekV2Moe
+    from transformers.models.deepseek_v3.modeling_deepseek_v3 import DeepseekV3MoE
+
+    sizes = dict(hidden_size=64, intermediate_size=128, moe_intermediate_size=32, n_routed_experts=8)
+    sizes |= dict(num_experts_per_tok=2, n_shared_experts=2, n_group=4, topk_group=2, hidden_act="silu")
+    if version == "v2":
+        config = transformers.DeepseekV2Config(**sizes, topk_method="group_limited_greedy", routed_scaling_factor=1.5)
+        hf = _randomized(DeepseekV2Moe(config))
+        routing = dict(router_groups=4, router_topk_groups=2, routed_scaling_factor=1.5, norm_topk_prob=False)
+    else:
+        config = transformers.DeepseekV3Config(**sizes, routed_scaling_factor=2.5, norm_topk_prob=True)
+        hf = _randomized(DeepseekV3MoE(config))
+        routing = dict(router_scoring="sigmoid", router_groups=4, router_topk_groups=2, router_group_score="top2")
+        routing |= dict(routed_scaling_factor=2.5, norm_topk_prob=True, router_correction_bias=True)
+    ours = _our_moe_like(hf, num_shared_experts=2, **routing)
+    x = torch.randn(3, 7, 64)
+    with torch.no_grad():
+        assert torch.allclose(ours(x), hf(x), atol=1e-5)
+        assert torch.allclose(ours(x[:1, :1]), hf(x[:1, :1]), atol=1e-5)  # the one-token path

@@ -26,9 +26,17 @@ ExpertTables = tuple[CpuKernels, ctypes.Array[Q4Weight], ctypes.Array[Q4Weight]]
 
 
 class Router(nn.Module):
-    """Token -> (weights [T, k], expert ids [T, k]): softmax over all experts, the top k kept,
-    renormalized to sum to one where the config says so. Scored in float32 whatever the
-    activations, as the reference implementations do, so near-ties pick the same experts."""
+    """Token -> (weights [T, k], expert ids [T, k]). Scored in float32 whatever the activations,
+    as the reference implementations do, so near-ties pick the same experts.
+
+    - scores: softmax over the experts (Qwen3-MoE, Mixtral, DeepSeek-V2) or each expert's
+      sigmoid (DeepSeek-V3);
+    - choice: the top k scores, after DeepSeek-V3's learned per-expert correction bias, among
+      the `router_topk_groups` best of `router_groups` expert groups only (a group scores its
+      best expert, or its best two summed);
+    - weights: the chosen experts' scores (without the bias), renormalized to sum to one where
+      the config says so, times `routed_scaling_factor`.
+    """
 
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
@@ -36,13 +44,33 @@ class Router(nn.Module):
         self.weight = nn.Parameter(torch.zeros(config.num_experts, config.hidden_size))
         self.top_k = config.num_experts_per_tok
         self.renormalize = config.norm_topk_prob
+        self.sigmoid = config.router_scoring == "sigmoid"
+        self.groups, self.topk_groups = config.router_groups, config.router_topk_groups
+        self.group_score_top2 = config.router_group_score == "top2"
+        self.scaling = config.routed_scaling_factor
+        # Learned by load balancing, not by gradients: frozen in fine-tuning too.
+        bias = torch.zeros(config.num_experts) if config.router_correction_bias else None
+        self.correction_bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        probs = F.linear(x.float(), self.weight.float()).softmax(dim=-1)
-        weights, ids = probs.topk(self.top_k, dim=-1)
+        logits = F.linear(x.float(), self.weight.float())
+        scores = logits.sigmoid() if self.sigmoid else logits.softmax(dim=-1)
+        choice = scores if self.correction_bias is None else scores + self.correction_bias.float()
+        if self.groups > 1:
+            choice = self._best_groups_only(choice)
+        ids = choice.topk(self.top_k, dim=-1).indices
+        weights = scores.gather(1, ids)
         if self.renormalize:
-            weights = weights / weights.sum(dim=-1, keepdim=True)
-        return weights, ids
+            weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
+        return (weights * self.scaling if self.scaling != 1.0 else weights), ids
+
+    def _best_groups_only(self, choice: torch.Tensor) -> torch.Tensor:
+        """`choice` with every expert outside each token's `topk_groups` best groups at -inf."""
+        grouped = choice.view(choice.shape[0], self.groups, -1)
+        score = grouped.topk(2, dim=-1).values.sum(-1) if self.group_score_top2 else grouped.amax(-1)
+        best = score.topk(self.topk_groups, dim=-1).indices
+        keep = torch.zeros_like(score, dtype=torch.bool).scatter_(1, best, True)
+        return grouped.masked_fill(~keep[..., None], float("-inf")).view_as(choice)
 
 
 class SparseMoE(nn.Module):
@@ -55,6 +83,9 @@ class SparseMoE(nn.Module):
         self.router = Router(config)
         expert = config.replace(intermediate_size=config.moe_intermediate_size)
         self.experts = nn.ModuleList(MLP(expert) for _ in range(config.num_experts))
+        # DeepSeek's shared experts: one MLP every token goes through, as wide as all of them.
+        shared = config.replace(intermediate_size=config.moe_intermediate_size * config.num_shared_experts)
+        self.shared_experts = MLP(shared) if config.num_shared_experts else None
         self.register_buffer("expert_tokens", torch.zeros(config.num_experts, dtype=torch.long), persistent=False)
         self.expert_width = config.moe_intermediate_size
         self.gelu = config.activation == "gelu_tanh"
@@ -107,7 +138,15 @@ class SparseMoE(nn.Module):
         flat = x.reshape(-1, x.shape[-1])
         weights, ids = self.router(flat)
         if flat.shape[0] == 1 and self._c_tables(flat) is None:
-            return self._one_token(flat, weights[0], ids[0]).reshape(x.shape)
+            out = self._one_token(flat, weights[0], ids[0])
+        else:
+            out = self._grouped(flat, weights, ids)
+        if self.shared_experts is not None:
+            out = out + self.shared_experts(flat)
+        return out.reshape(x.shape)
+
+    def _grouped(self, flat: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        """Tokens grouped by expert, each expert once over its group, the results added back."""
         choices = ids.flatten()  # [T * k]: token t's j-th expert at t * k + j
         order = choices.argsort(stable=True)  # the choices grouped by expert
         counts = torch.bincount(choices, minlength=len(self.experts))
@@ -127,4 +166,4 @@ class SparseMoE(nn.Module):
                     outputs[start : start + n] = self.experts[expert](grouped[start : start + n])
                     start += n
         outputs = outputs * weights.flatten()[order, None].to(outputs.dtype)
-        return torch.zeros_like(flat).index_add_(0, rows, outputs).reshape(x.shape)
+        return torch.zeros_like(flat).index_add_(0, rows, outputs)
