@@ -50,7 +50,7 @@ clean:
 # Property-based API fuzzing (schemathesis) with many more examples per operation than make test
 # runs; several minutes. NANOINFER_FUZZ_EXAMPLES=N overrides the count.
 # The seed's fine-tuning experiment: LoRA and full fine-tuning of the default model on the 杨语
-# word list, base vs tuned on held-out words and perplexity (about 15 minutes on 2 cores).
+# word list, base vs tuned on held-out words and perplexity (tens of minutes: docs/performance.md).
 .PHONY: yangyu
 yangyu: $(STAMP)
 	$(PY) -m nanoinfer.bench.yangyu $(YANGYU_ARGS)

@@ -248,6 +248,8 @@ def _rope_scaling(hf: dict[str, Any]) -> dict[str, Any] | None:
     if not scaling:
         return None
     kind = scaling.get("rope_type") or scaling.get("type")
+    if kind == "su":  # early Phi-3 configs' name for LongRoPE
+        kind = "longrope"
     if kind in (None, "default"):
         return None
     scaling = {k: v for k, v in scaling.items() if k not in ("rope_theta", "type")} | {"rope_type": kind}

@@ -100,3 +100,14 @@ def test_gguf_phi3_matches_transformers(tiny_model, tmp_path):
     ids = list(range(5, 37))
     expected = hf.generate(torch.tensor([ids]), max_new_tokens=8, do_sample=False)[0, len(ids) :].tolist()
     assert llm.generate([ids], GREEDY)[0].token_ids == expected
+
+
+def test_early_phi3_configs_name_longrope_su():
+    from nanoinfer.config import ModelConfig
+
+    hf = {"model_type": "phi3", "vocab_size": 300, "hidden_size": 64, "intermediate_size": 128}
+    hf |= {"num_hidden_layers": 2, "num_attention_heads": 4, "max_position_embeddings": 256}
+    hf |= {"original_max_position_embeddings": 24, "rope_scaling": {"type": "su", "short_factor": [1.0] * 8}}
+    hf["rope_scaling"]["long_factor"] = [2.0] * 8
+    scaling = ModelConfig.from_hf(hf).rope_scaling
+    assert scaling["rope_type"] == "longrope" and scaling["original_max_position_embeddings"] == 24

@@ -67,7 +67,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     # Gemma 3 knows Chinese and English words; SmolLM2-135M hardly knows Chinese, so it learns
-    # the format but not the words (1.9% held-out exact match after LoRA; docs/performance.md).
+    # the format but not the words (docs/performance.md, "The seed's fine-tuning experiment").
     p.add_argument("--model", default="gemma3-270m")
     p.add_argument("--out", type=Path, default=RESULTS)
     p.add_argument("--lora-epochs", type=int, default=5)

@@ -135,7 +135,8 @@ def hf_name(canonical: str, config: ModelConfig) -> str:
 
 
 def _locate_tensors(root: Path, config: ModelConfig) -> dict[str, tuple[Path, str, FusedRows | None]]:
-    """Canonical name -> (safetensors file, HF name), from the shard index or the single file."""
+    """Canonical name -> (safetensors file, HF name, rows of a fused tensor or None), from the
+    shard index or the single file."""
     index_path = root / INDEX_FILE
     if index_path.is_file():
         weight_map = _read_json(index_path, required=True).get("weight_map")
