@@ -219,6 +219,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     print(f"source: {package.source} ({package.file_type})\n\nconfig:")
     for field in dataclasses.fields(package.config):
         print(f"  {field.name}: {getattr(package.config, field.name)}")
+    _print_kv_formula(package.config)
     if args.tokens is not None:
         ids = package.tokenizer.encode(args.tokens)
         print(f"\ntokens ({len(ids)}):")
@@ -227,6 +228,20 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         if package.config.num_experts:
             _print_expert_load(model, ids)
     return 0
+
+
+def _print_kv_formula(config: Any) -> None:
+    """The seeds' KV memory formula with this model's numbers: what one token costs the cache."""
+    import torch
+
+    from nanoinfer.model.kv_cache import kv_bytes_per_token
+
+    c = config
+    terms = f"{c.num_layers} layers x {c.num_kv_heads} KV heads x {c.head_dim} head_dim"
+    print(f"\nKV cache per token = 2 (K and V) x {terms} x bytes:")
+    for dtype in (torch.float16, torch.float32):
+        size = kv_bytes_per_token(c, dtype)
+        print(f"  {str(dtype).removeprefix('torch.')}: {size:,} bytes ({size * 4096 / 2**20:,.1f} MiB per 4096 tokens)")
 
 
 def _print_expert_load(model: Any, ids: list[int]) -> None:

@@ -70,6 +70,9 @@ def test_inspect_prints_tree_params_config_and_tokens(model_dir):
     out = result.stdout
     assert "Transformer(" in out and "qkv_proj" in out and "parameters:" in out
     assert "num_kv_heads: 2" in out and "tokens (" in out
+    # the tiny llama: 2 x 2 layers x 2 KV heads x 16 x 2 bytes
+    assert "KV cache per token = 2 (K and V) x 2 layers x 2 KV heads x 16 head_dim x bytes:" in out
+    assert "float16: 256 bytes" in out and "float32: 512 bytes" in out
 
 
 def _assert_clean_error(result: subprocess.CompletedProcess, *needles: str) -> None:
