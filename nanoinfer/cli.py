@@ -237,11 +237,22 @@ def _print_kv_formula(config: Any) -> None:
     from nanoinfer.model.kv_cache import kv_bytes_per_token
 
     c = config
-    terms = f"{c.num_layers} layers x {c.num_kv_heads} KV heads x {c.head_dim} head_dim"
-    print(f"\nKV cache per token = 2 (K and V) x {terms} x bytes:")
+    if c.is_mla:
+        terms = f"{c.num_layers} layers x ({c.kv_lora_rank} kv_lora_rank + {c.qk_rope_head_dim} qk_rope_head_dim)"
+        print(f"\nKV cache per token = {terms} x bytes (MLA: one latent row per token and layer):")
+    else:
+        terms = f"{c.num_layers} layers x {c.num_kv_heads} KV heads x {c.head_dim} head_dim"
+        print(f"\nKV cache per token = 2 (K and V) x {terms} x bytes:")
     for dtype in (torch.float16, torch.float32):
         size = kv_bytes_per_token(c, dtype)
         print(f"  {str(dtype).removeprefix('torch.')}: {size:,} bytes ({size * 4096 / 2**20:,.1f} MiB per 4096 tokens)")
+    if c.is_mla:
+        mha = c.num_heads * (c.qk_nope_head_dim + c.qk_rope_head_dim + c.v_head_dim)
+        print(
+            f"  full multi-head K and V would be {c.num_heads} heads x ({c.qk_nope_head_dim + c.qk_rope_head_dim} + "
+            f"{c.v_head_dim}) = {mha} values per layer against {c.kv_values_per_token}: "
+            f"{mha / c.kv_values_per_token:.1f}x more"
+        )
 
 
 def _print_expert_load(model: Any, ids: list[int]) -> None:

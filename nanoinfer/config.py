@@ -15,7 +15,18 @@ from typing import Any
 
 from nanoinfer.errors import ModelLoadError
 
-SUPPORTED_ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3", "gemma3", "qwen3_moe", "mixtral", "phi3")
+SUPPORTED_ARCHITECTURES = (
+    "llama",
+    "mistral",
+    "qwen2",
+    "qwen3",
+    "gemma3",
+    "qwen3_moe",
+    "mixtral",
+    "phi3",
+    "deepseek_v2",
+    "deepseek_v3",
+)
 
 
 @dataclass(frozen=True)
@@ -61,6 +72,14 @@ class ModelConfig:
     routed_scaling_factor: float = 1.0  # the routed experts' weights times this
     router_correction_bias: bool = False  # DeepSeek-V3: a learned per-expert bias on the choice only
     num_shared_experts: int = 0  # DeepSeek: experts every token goes through besides its top k
+    # Multi-head latent attention (DeepSeek): the cache holds one latent row per token, so for
+    # these models num_kv_heads is 1 and head_dim is kv_lora_rank + qk_rope_head_dim.
+    kv_lora_rank: int = 0  # 0: ordinary attention
+    q_lora_rank: int = 0  # 0: queries straight from hidden states
+    qk_nope_head_dim: int = 0
+    qk_rope_head_dim: int = 0
+    v_head_dim: int = 0
+    rope_interleave: bool = False  # rotary dims in interleaved pairs (DeepSeek), not halves
 
     def __post_init__(self) -> None:
         if self.architecture not in SUPPORTED_ARCHITECTURES:
@@ -101,6 +120,20 @@ class ModelConfig:
     @property
     def scale(self) -> float:
         return self.attention_scale if self.attention_scale is not None else self.head_dim**-0.5
+
+    @property
+    def is_mla(self) -> bool:
+        return self.kv_lora_rank > 0
+
+    @property
+    def rope_dim(self) -> int:
+        """Dimensions RoPE rotates per head: all of head_dim, or MLA's decoupled rope part."""
+        return self.qk_rope_head_dim if self.is_mla else self.head_dim
+
+    @property
+    def kv_values_per_token(self) -> int:
+        """Values one token stores per layer: K and V for every KV head, or MLA's one latent row."""
+        return self.head_dim if self.is_mla else 2 * self.num_kv_heads * self.head_dim
 
     def is_moe_layer(self, layer: int) -> bool:
         return self.num_experts > 0 and layer not in self.dense_layers
@@ -182,7 +215,60 @@ class ModelConfig:
                 final_logit_softcapping=hf.get("final_logit_softcapping"),
             )
         common.update(_moe_fields(model_type, hf, num_layers))
+        if model_type in ("deepseek_v2", "deepseek_v3"):
+            common.update(_deepseek_fields(model_type, hf, num_layers, common["rope_scaling"]))
         return cls(**common)
+
+
+def _deepseek_fields(
+    model_type: str, hf: dict[str, Any], num_layers: int, rope_scaling: dict[str, Any] | None
+) -> dict[str, Any]:
+    """DeepSeek-V2/V3: MLA dimensions, the MoE layers and their routing."""
+    try:
+        nope, rope, rank = hf["qk_nope_head_dim"], hf["qk_rope_head_dim"], hf["kv_lora_rank"]
+        experts = hf["n_routed_experts"] if "n_routed_experts" in hf else hf["num_local_experts"]
+        fields: dict[str, Any] = {
+            "kv_lora_rank": rank,
+            "q_lora_rank": hf.get("q_lora_rank") or 0,
+            "qk_nope_head_dim": nope,
+            "qk_rope_head_dim": rope,
+            "v_head_dim": hf["v_head_dim"],
+            "num_kv_heads": 1,
+            "head_dim": rank + rope,
+            "attention_scale": _mla_scale(nope + rope, rope_scaling),
+            "rope_interleave": model_type == "deepseek_v2" or bool(hf.get("rope_interleave", True)),
+            "num_experts": experts or 0,
+            "num_experts_per_tok": hf["num_experts_per_tok"] if experts else 0,
+            "moe_intermediate_size": hf.get("moe_intermediate_size") or 0,
+            "num_shared_experts": hf.get("n_shared_experts") or 0,
+            "routed_scaling_factor": float(hf.get("routed_scaling_factor") or 1.0),
+            "router_groups": hf.get("n_group") or 1,
+            "router_topk_groups": hf.get("topk_group") or 1,
+        }
+    except KeyError as e:
+        raise ModelLoadError(f"config.json of a {model_type} model lacks required field {e.args[0]!r}") from None
+    if hf.get("attention_bias"):
+        raise ModelLoadError(f"{model_type} with attention_bias is not supported")
+    first_dense, freq = hf.get("first_k_dense_replace") or 0, hf.get("moe_layer_freq") or 1
+    fields["dense_layers"] = tuple(i for i in range(num_layers) if i < first_dense or i % freq)
+    if model_type == "deepseek_v2":  # softmax; transformers' V2 never renormalizes
+        if hf.get("topk_method", "greedy") == "greedy":
+            fields.update(router_groups=1, router_topk_groups=1)
+        fields["norm_topk_prob"] = False
+    else:  # V3: sigmoid, a correction bias, groups scored by their best two experts
+        fields.update(router_scoring="sigmoid", router_correction_bias=True, router_group_score="top2")
+        fields["norm_topk_prob"] = bool(hf.get("norm_topk_prob", True))
+    return fields
+
+
+def _mla_scale(qk_head_dim: int, rope_scaling: dict[str, Any] | None) -> float:
+    """DeepSeek's softmax scale: 1/sqrt(qk head dim), times yarn's mscale squared when set."""
+    scale = qk_head_dim**-0.5
+    if rope_scaling and rope_scaling.get("rope_type") == "yarn" and rope_scaling.get("mscale_all_dim"):
+        factor, m = rope_scaling["factor"], rope_scaling["mscale_all_dim"]
+        mscale = 0.1 * m * math.log(factor) + 1.0 if factor > 1 else 1.0
+        scale *= mscale * mscale
+    return scale
 
 
 def _check_phi3(hf: dict[str, Any]) -> None:

@@ -103,7 +103,7 @@ def test_cli_trains_an_adapter(tiny_model, word_data):
 # ---- the training path and adapters against the oracles ---------------------------------------
 
 
-@pytest.mark.parametrize("case_id", ["llama", "qwen3", "gemma3", "qwen3_moe"])
+@pytest.mark.parametrize("case_id", ["llama", "qwen3", "gemma3", "qwen3_moe", "deepseek_v3"])
 def test_dense_training_forward_matches_transformers(tiny_model, case_id):
     path, hf = tiny_model(case_id)
     ids = torch.randint(3, 300, (2, 40), generator=torch.Generator().manual_seed(0))

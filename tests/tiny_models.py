@@ -89,6 +89,33 @@ def _cases() -> dict[str, TinyCase]:
         "long_factor": [2.0 + 0.7 * i for i in range(8)],
         "original_max_position_embeddings": 24,
     }
+    deepseek = dict(
+        kv_lora_rank=32,
+        q_lora_rank=None,
+        qk_nope_head_dim=16,
+        qk_rope_head_dim=8,
+        v_head_dim=16,
+        head_dim=8,
+        num_key_value_heads=4,
+        n_routed_experts=8,
+        n_shared_experts=1,
+        num_experts_per_tok=2,
+        moe_intermediate_size=32,
+        first_k_dense_replace=1,
+        n_group=4,
+        topk_group=2,
+        routed_scaling_factor=1.5,
+    )
+    deepseek_yarn = {
+        "rope_type": "yarn",
+        "rope_theta": 10000.0,
+        "factor": 4.0,
+        "original_max_position_embeddings": 64,
+        "mscale": 0.707,
+        "mscale_all_dim": 0.707,
+        "beta_fast": 32,
+        "beta_slow": 1,
+    }
     yarn_rope = {"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0, "original_max_position_embeddings": 64}
     return {
         "llama": TinyCase(t.LlamaConfig, {}),
@@ -109,6 +136,13 @@ def _cases() -> dict[str, TinyCase]:
         # LongRoPE: per-frequency factors; the 32-token prompt passes the original 24 positions,
         # so the long factors and the attention factor sqrt(1 + ln(256/24) / ln 24) are checked
         "phi3_longrope": TinyCase(t.Phi3Config, dict(rope_parameters=longrope, original_max_position_embeddings=24)),
+        # MLA (latent 32 + rope 8 per token) with queries straight from hidden states; layer 0
+        # dense, layer 1 8 experts + 1 shared, softmax in the best 2 of 4 groups, x 1.5
+        "deepseek_v2": TinyCase(t.DeepseekV2Config, dict(deepseek, topk_method="group_limited_greedy")),
+        # DeepSeek-V2-Lite's kind of yarn: mscale folded into the softmax scale as well
+        "deepseek_v2_yarn": TinyCase(t.DeepseekV2Config, dict(deepseek, rope_parameters=deepseek_yarn)),
+        # MLA with a query bottleneck (24), interleaved rope pairs; sigmoid routing, renormalized, x 2.5
+        "deepseek_v3": TinyCase(t.DeepseekV3Config, dict(deepseek, q_lora_rank=24, routed_scaling_factor=2.5)),
         # 4 experts as wide as intermediate_size, top 2 renormalized, every layer sparse
         "mixtral": TinyCase(t.MixtralConfig, dict(num_local_experts=4, num_experts_per_tok=2)),
     }
@@ -128,6 +162,9 @@ CASE_IDS = (
     "mixtral",
     "phi3",
     "phi3_longrope",
+    "deepseek_v2",
+    "deepseek_v2_yarn",
+    "deepseek_v3",
 )
 
 

@@ -32,6 +32,15 @@ _LAYER_SUFFIXES = {
     "post_feedforward_layernorm.weight": "post_mlp_norm.weight",
     **{f"self_attn.{p}_proj.{k}": f"attn.{p}_proj.{k}" for p in "qkvo" for k in ("weight", "bias")},
     "self_attn.q_norm.weight": "attn.q_norm.weight",
+    # DeepSeek's multi-head latent attention (model/mla.py)
+    "self_attn.q_a_proj.weight": "attn.q_a_proj.weight",
+    "self_attn.q_a_layernorm.weight": "attn.q_a_norm.weight",
+    "self_attn.q_b_proj.weight": "attn.q_b_proj.weight",
+    "self_attn.kv_a_proj_with_mqa.weight": "attn.kv_a_proj.weight",
+    "self_attn.kv_a_layernorm.weight": "attn.kv_a_norm.weight",
+    "self_attn.kv_b_proj.weight": "attn.kv_b_proj.weight",
+    "mlp.gate.e_score_correction_bias": "mlp.router.correction_bias",
+    **{f"mlp.shared_experts.{p}_proj.weight": f"mlp.shared_experts.{p}_proj.weight" for p in ("gate", "up", "down")},
     "self_attn.k_norm.weight": "attn.k_norm.weight",
     **{f"mlp.{p}_proj.weight": f"mlp.{p}_proj.weight" for p in ("gate", "up", "down")},
 }

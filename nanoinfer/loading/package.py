@@ -37,18 +37,15 @@ def expected_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
         shapes["lm_head.weight"] = (c.vocab_size, c.hidden_size)
     for i in range(c.num_layers):
         p = f"layers.{i}."
-        shapes.update(
-            {
-                p + "input_norm.weight": (c.hidden_size,),
-                p + "attn.q_proj.weight": (c.q_size, c.hidden_size),
-                p + "attn.k_proj.weight": (c.kv_size, c.hidden_size),
-                p + "attn.v_proj.weight": (c.kv_size, c.hidden_size),
-                p + "attn.o_proj.weight": (c.hidden_size, c.q_size),
-                p + "pre_mlp_norm.weight": (c.hidden_size,),
-            }
-        )
+        shapes.update({p + "input_norm.weight": (c.hidden_size,), p + "pre_mlp_norm.weight": (c.hidden_size,)})
+        shapes.update(_mla_shapes(p, c) if c.is_mla else _attention_shapes(p, c))
         if c.is_moe_layer(i):
             shapes[p + "mlp.router.weight"] = (c.num_experts, c.hidden_size)
+            if c.router_correction_bias:
+                shapes[p + "mlp.router.correction_bias"] = (c.num_experts,)
+            if c.num_shared_experts:
+                width = c.moe_intermediate_size * c.num_shared_experts
+                shapes.update(_mlp_shapes(p + "mlp.shared_experts.", c.hidden_size, width))
             for e in range(c.num_experts):
                 shapes.update(_mlp_shapes(f"{p}mlp.experts.{e}.", c.hidden_size, c.moe_intermediate_size))
         else:
@@ -74,3 +71,30 @@ def _mlp_shapes(prefix: str, hidden: int, inter: int) -> dict[str, tuple[int, ..
         prefix + "up_proj.weight": (inter, hidden),
         prefix + "down_proj.weight": (hidden, inter),
     }
+
+
+def _attention_shapes(p: str, c: ModelConfig) -> dict[str, tuple[int, ...]]:
+    return {
+        p + "attn.q_proj.weight": (c.q_size, c.hidden_size),
+        p + "attn.k_proj.weight": (c.kv_size, c.hidden_size),
+        p + "attn.v_proj.weight": (c.kv_size, c.hidden_size),
+        p + "attn.o_proj.weight": (c.hidden_size, c.q_size),
+    }
+
+
+def _mla_shapes(p: str, c: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """Multi-head latent attention's projections (see model/mla.py)."""
+    qk, H = c.qk_nope_head_dim + c.qk_rope_head_dim, c.num_heads
+    shapes: dict[str, tuple[int, ...]] = {
+        p + "attn.kv_a_proj.weight": (c.kv_lora_rank + c.qk_rope_head_dim, c.hidden_size),
+        p + "attn.kv_a_norm.weight": (c.kv_lora_rank,),
+        p + "attn.kv_b_proj.weight": (H * (c.qk_nope_head_dim + c.v_head_dim), c.kv_lora_rank),
+        p + "attn.o_proj.weight": (c.hidden_size, H * c.v_head_dim),
+    }
+    if c.q_lora_rank:
+        shapes[p + "attn.q_a_proj.weight"] = (c.q_lora_rank, c.hidden_size)
+        shapes[p + "attn.q_a_norm.weight"] = (c.q_lora_rank,)
+        shapes[p + "attn.q_b_proj.weight"] = (H * qk, c.q_lora_rank)
+    else:
+        shapes[p + "attn.q_proj.weight"] = (H * qk, c.hidden_size)
+    return shapes

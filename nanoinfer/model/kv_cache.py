@@ -14,9 +14,10 @@ from nanoinfer.config import ModelConfig
 
 
 def kv_bytes_per_token(config: ModelConfig, dtype: torch.dtype) -> int:
-    """Bytes one token occupies in the KV cache: K and V, in every layer, for every KV head."""
+    """Bytes one token occupies in the KV cache: K and V, in every layer, for every KV head (MLA:
+    one latent row of kv_lora_rank + qk_rope_head_dim per layer)."""
     element_size = torch.empty((), dtype=dtype).element_size()
-    return 2 * config.num_layers * config.num_kv_heads * config.head_dim * element_size
+    return config.num_layers * config.kv_values_per_token * element_size
 
 
 def kv_cache_bytes(config: ModelConfig, dtype: torch.dtype, num_tokens: int) -> int:
@@ -68,8 +69,10 @@ class PagedKVCache:
         self.k: list[torch.Tensor] = [
             torch.zeros(shape, dtype=dtype, device=self.device) for _ in range(config.num_layers)
         ]
+        # MLA keeps its latent rows in k alone (values are their first kv_lora_rank columns)
+        v_shape = (*shape[:3], 0) if config.is_mla else shape
         self.v: list[torch.Tensor] = [
-            torch.zeros(shape, dtype=dtype, device=self.device) for _ in range(config.num_layers)
+            torch.zeros(v_shape, dtype=dtype, device=self.device) for _ in range(config.num_layers)
         ]
 
     @classmethod

@@ -33,7 +33,79 @@ class RMSNorm(nn.Module):
         return F.rms_norm(x.float(), self.weight.shape, self.weight, self.eps).to(x.dtype)
 
 
-class Attention(nn.Module):
+class PagedAttention(nn.Module):
+    """Attention in torch ops over the paged KV cache, shared by `Attention` and MLA's
+    `MLAttention`; a subclass sets num_heads, num_kv_heads, scale and sliding."""
+
+    num_heads: int
+    num_kv_heads: int
+    scale: float
+    sliding: bool
+
+    def _attend(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        batch: ForwardBatch,
+        k_cache: torch.Tensor,
+        v_cache: torch.Tensor,
+    ) -> torch.Tensor:
+        """Attention in torch ops (SDPA) of q [T, H, d] over k/v [T, KVH, d or dv] and the paged
+        caches: the path for other dtypes and devices, and for MLA. Returns [T, H, dv]."""
+        out = q.new_empty(*q.shape[:2], v.shape[-1])
+        D = batch.num_decode
+        if D:
+            # [D, ctx, kv_heads, hd] -> [D, kv_heads, ctx, hd]; one SDPA call for every decode row.
+            keys = self._gather_blocks(k_cache, batch).to(q.dtype)
+            values = self._gather_blocks(v_cache, batch).to(q.dtype)
+            sliding_mask = batch.decode_sliding_mask
+            mask = sliding_mask if self.sliding and sliding_mask is not None else batch.decode_mask
+            o = F.scaled_dot_product_attention(
+                q[:D].unsqueeze(2), keys, values, attn_mask=mask, scale=self.scale, enable_gqa=True
+            )
+            out[:D] = o.squeeze(2)
+        for span in batch.prefills:
+            rows = slice(span.start, span.start + span.length)
+            mask = span.sliding_mask if self.sliding and span.sliding_mask is not None else span.mask
+            if span.mask is None:  # fresh prompt: its own K/V are the whole context
+                keys, values = k[rows].transpose(0, 1), v[rows].transpose(0, 1)
+            else:
+                keys = read_slots(k_cache, span.context_slots).transpose(0, 1).to(q.dtype)
+                values = read_slots(v_cache, span.context_slots).transpose(0, 1).to(q.dtype)
+            out[rows] = self._prefill_sdpa(q[rows].transpose(0, 1), keys, values, mask).transpose(0, 1)
+        return out
+
+    def _prefill_sdpa(
+        self, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor | None
+    ) -> torch.Tensor:
+        """SDPA of q [H, T, hd] over keys/values [KVH, ctx, hd]. K/V heads are repeated and a batch
+        dim added: torch's CPU flash kernel takes only 4-D inputs with equal head counts, and is
+        much faster than the 3-D enable_gqa path (docs/performance.md, "Small ops")."""
+        group = self.num_heads // self.num_kv_heads
+        if group > 1:
+            keys, values = keys.repeat_interleave(group, 0), values.repeat_interleave(group, 0)
+        o = F.scaled_dot_product_attention(
+            q.unsqueeze(0),
+            keys.unsqueeze(0),
+            values.unsqueeze(0),
+            attn_mask=mask,
+            is_causal=mask is None,
+            scale=self.scale,
+        )
+        return o[0]
+
+    def _gather_blocks(self, cache: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
+        """[D, kv_heads, ctx, hd] context of every decode row, read block by block from the cache."""
+        D, bs = batch.num_decode, batch.block_size
+        # index_select of whole blocks beats advanced indexing (docs/performance.md, "Small ops")
+        tables = batch.block_tables[:D, : -(-batch.decode_ctx // bs)]  # prompt chunks may be longer
+        blocks = torch.index_select(cache, 0, tables.flatten())  # [D * n, kv_heads, bs, hd]
+        blocks = blocks.view(D, -1, self.num_kv_heads, bs, cache.shape[-1]).transpose(1, 2)
+        return blocks.flatten(2, 3)[:, :, : batch.decode_ctx]
+
+
+class Attention(PagedAttention):
     """Multi-head attention with GQA/MQA; writes K/V into the paged cache and reads the context from it."""
 
     def __init__(self, config: ModelConfig, layer: int):
@@ -132,67 +204,6 @@ class Attention(nn.Module):
             self.scale,
             batch.table_of_row,
         )
-
-    def _attend(
-        self,
-        q: torch.Tensor,
-        k: torch.Tensor,
-        v: torch.Tensor,
-        batch: ForwardBatch,
-        k_cache: torch.Tensor,
-        v_cache: torch.Tensor,
-    ) -> torch.Tensor:
-        """Attention in torch ops (SDPA): the path for other dtypes and devices."""
-        out = torch.empty_like(q)
-        D = batch.num_decode
-        if D:
-            # [D, ctx, kv_heads, hd] -> [D, kv_heads, ctx, hd]; one SDPA call for every decode row.
-            keys = self._gather_blocks(k_cache, batch).to(q.dtype)
-            values = self._gather_blocks(v_cache, batch).to(q.dtype)
-            sliding_mask = batch.decode_sliding_mask
-            mask = sliding_mask if self.sliding and sliding_mask is not None else batch.decode_mask
-            o = F.scaled_dot_product_attention(
-                q[:D].unsqueeze(2), keys, values, attn_mask=mask, scale=self.scale, enable_gqa=True
-            )
-            out[:D] = o.squeeze(2)
-        for span in batch.prefills:
-            rows = slice(span.start, span.start + span.length)
-            mask = span.sliding_mask if self.sliding and span.sliding_mask is not None else span.mask
-            if span.mask is None:  # fresh prompt: its own K/V are the whole context
-                keys, values = k[rows].transpose(0, 1), v[rows].transpose(0, 1)
-            else:
-                keys = read_slots(k_cache, span.context_slots).transpose(0, 1).to(q.dtype)
-                values = read_slots(v_cache, span.context_slots).transpose(0, 1).to(q.dtype)
-            out[rows] = self._prefill_sdpa(q[rows].transpose(0, 1), keys, values, mask).transpose(0, 1)
-        return out
-
-    def _prefill_sdpa(
-        self, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor | None
-    ) -> torch.Tensor:
-        """SDPA of q [H, T, hd] over keys/values [KVH, ctx, hd]. K/V heads are repeated and a batch
-        dim added: torch's CPU flash kernel takes only 4-D inputs with equal head counts, and is
-        much faster than the 3-D enable_gqa path (docs/performance.md, "Small ops")."""
-        group = self.num_heads // self.num_kv_heads
-        if group > 1:
-            keys, values = keys.repeat_interleave(group, 0), values.repeat_interleave(group, 0)
-        o = F.scaled_dot_product_attention(
-            q.unsqueeze(0),
-            keys.unsqueeze(0),
-            values.unsqueeze(0),
-            attn_mask=mask,
-            is_causal=mask is None,
-            scale=self.scale,
-        )
-        return o[0]
-
-    def _gather_blocks(self, cache: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
-        """[D, kv_heads, ctx, hd] context of every decode row, read block by block from the cache."""
-        D, bs = batch.num_decode, batch.block_size
-        # index_select of whole blocks beats advanced indexing (docs/performance.md, "Small ops")
-        tables = batch.block_tables[:D, : -(-batch.decode_ctx // bs)]  # prompt chunks may be longer
-        blocks = torch.index_select(cache, 0, tables.flatten())  # [D * n, kv_heads, bs, hd]
-        blocks = blocks.view(D, -1, self.num_kv_heads, bs, self.head_dim).transpose(1, 2)
-        return blocks.flatten(2, 3)[:, :, : batch.decode_ctx]
 
 
 class MLP(nn.Module):

@@ -39,6 +39,11 @@ def target_rows(config: ModelConfig, target: str) -> tuple[str, slice]:
     }
     if target not in places:
         raise ValueError(f"unknown LoRA target {target!r}; choose from {', '.join(TARGETS)}")
+    if config.is_mla and places[target][0] == "attn.qkv_proj":
+        raise ValueError(
+            f"LoRA target {target!r}: this {config.architecture} model's attention is multi-head latent "
+            "attention, whose projections are not q/k/v_proj (o_proj can take an adapter)"
+        )
     if config.num_experts and places[target][0].startswith("mlp."):
         raise ValueError(
             f"LoRA target {target!r} is in the MLP, which is a mixture of experts in this "

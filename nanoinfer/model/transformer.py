@@ -15,6 +15,7 @@ from nanoinfer.kernels import KV_DTYPES, CpuKernels, DecodeLayer, DecodeStep, ke
 from nanoinfer.model.forward_batch import ForwardBatch, SequenceChunk
 from nanoinfer.model.layers import MLP, Attention, RMSNorm
 from nanoinfer.model.lora import LoRABatch, MultiLoRALinear
+from nanoinfer.model.mla import MLAttention
 from nanoinfer.model.moe import SparseMoE
 from nanoinfer.model.rope import RotaryEmbedding
 from nanoinfer.quant.int4 import Int4Linear
@@ -34,7 +35,7 @@ class DecoderLayer(nn.Module):
         super().__init__()
         eps = config.rms_norm_eps
         self.input_norm = RMSNorm(config.hidden_size, eps)
-        self.attn = Attention(config, layer)
+        self.attn: Attention | MLAttention = MLAttention(config, layer) if config.is_mla else Attention(config, layer)
         self.pre_mlp_norm = RMSNorm(config.hidden_size, eps)
         self.mlp: MLP | SparseMoE = SparseMoE(config) if config.is_moe_layer(layer) else MLP(config)
         self.post_attn_norm = RMSNorm(config.hidden_size, eps) if config.post_norms else None
@@ -72,7 +73,7 @@ class DecoderLayer(nn.Module):
     def _fused_plan(self) -> FusedPlan | None:
         """(kernels, [qkv, o, gate_up, down] Int4Linear) if this layer can run in the C
         `decode_layer` (see Transformer._fused_stack), else None."""
-        if not isinstance(self.mlp, MLP):  # the C decode layer has one dense MLP
+        if not isinstance(self.mlp, MLP) or not isinstance(self.attn, Attention):  # the C layer's shape
             return None
         modules = (self.attn.qkv_proj, self.attn.o_proj, self.mlp.gate_up_proj, self.mlp.down_proj)
         if self._plan_modules != modules:  # first use, or quantized or wrapped for adapters since
@@ -87,7 +88,8 @@ class DecoderLayer(nn.Module):
         return self._plan
 
     def _describe(self, linears: list[Int4Linear], k_cache: torch.Tensor, v_cache: torch.Tensor) -> DecodeLayer:
-        a, qn, kn, mlp = self.attn, self.attn.q_norm, self.attn.k_norm, cast(MLP, self.mlp)  # _fused_plan checked it
+        a, mlp = cast(Attention, self.attn), cast(MLP, self.mlp)  # _fused_plan checked both
+        qn, kn = a.q_norm, a.k_norm
         qkv, o, gate_up, down = (q4_weight(lin.packed, lin.out_features, lin.bias) for lin in linears)
         return DecodeLayer(
             hidden=self.input_norm.weight.shape[0],
@@ -134,7 +136,7 @@ class Transformer(nn.Module):
 
     def _make_ropes(self) -> tuple[RotaryEmbedding, RotaryEmbedding | None]:
         c = self.config
-        rope = RotaryEmbedding(c.head_dim, c.rope_theta, c.rope_scaling, c.max_position_embeddings)
+        rope = RotaryEmbedding(c.rope_dim, c.rope_theta, c.rope_scaling, c.max_position_embeddings)
         # Gemma 3's sliding layers rotate with their own base and no scaling.
         local = None
         if c.rope_local_theta is not None:
@@ -338,7 +340,7 @@ class Transformer(nn.Module):
         for name, tensor in weights.items():
             target, rows = name, None
             for part, (fused_name, fused_rows) in fused.items():
-                if f".{part}." in name:
+                if name not in params and f".{part}." in name:
                     target, rows = name.replace(part, fused_name), fused_rows
                     if rows is None:
                         half = tensor.shape[0]

@@ -1,0 +1,107 @@
+"""Multi-head latent attention (DeepSeek-V2/V3): keys and values are rebuilt from a small latent.
+
+Per token the layer projects hidden states to c_kv (kv_lora_rank values, RMS-normed) and one
+decoupled RoPE key k_pe (qk_rope_head_dim values, shared by every head). The cache stores just
+that row, [c_kv, k_pe], instead of per-head K and V: kv_lora_rank + qk_rope_head_dim values per
+token per layer. Per head, K = [W_UK c_kv, k_pe] and V = W_UV c_kv, with W_UK and W_UV the two
+halves of kv_b_proj. Attention runs in the absorbed form, for prompts and decode alike:
+
+    q_nope . (W_UK c) = (W_UK^T q_nope) . c        softmax(...) @ (W_UV c) = W_UV (softmax(...) @ c)
+
+so each head's query becomes [W_UK^T q_nope, q_pe], attends over the cached latent rows
+themselves (values: their c_kv part), and W_UV maps the result back: per-head K and V are never
+built for cached tokens.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from nanoinfer.config import ModelConfig
+from nanoinfer.model.forward_batch import ForwardBatch
+from nanoinfer.model.kv_cache import write_slots
+from nanoinfer.model.layers import PagedAttention, RMSNorm
+from nanoinfer.model.rope import apply_rotary
+
+
+class MLAttention(PagedAttention):
+    def __init__(self, config: ModelConfig, layer: int) -> None:
+        super().__init__()
+        c = config
+        H, self.nope, self.rope_dim, self.v_dim = c.num_heads, c.qk_nope_head_dim, c.qk_rope_head_dim, c.v_head_dim
+        self.rank, self.interleave = c.kv_lora_rank, c.rope_interleave
+        self.num_heads, self.num_kv_heads, self.scale = H, 1, c.scale
+        self.sliding, self.window = False, 0
+        qk = self.nope + self.rope_dim
+        bias = c.attention_bias
+        # queries from a low-rank bottleneck (q_a -> norm -> q_b), or straight (q_proj)
+        self.q_a_proj = nn.Linear(c.hidden_size, c.q_lora_rank, bias=bias) if c.q_lora_rank else None
+        self.q_a_norm = RMSNorm(c.q_lora_rank, c.rms_norm_eps) if c.q_lora_rank else None
+        self.q_b_proj = nn.Linear(c.q_lora_rank, H * qk, bias=False) if c.q_lora_rank else None
+        self.q_proj = None if c.q_lora_rank else nn.Linear(c.hidden_size, H * qk, bias=False)
+        self.kv_a_proj: nn.Module = nn.Linear(c.hidden_size, self.rank + self.rope_dim, bias=bias)
+        self.kv_a_norm = RMSNorm(self.rank, c.rms_norm_eps)
+        self.kv_b_proj = nn.Linear(self.rank, H * (self.nope + self.v_dim), bias=False)
+        self.o_proj: nn.Module = nn.Linear(H * self.v_dim, c.hidden_size, bias=bias)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        rope: tuple[torch.Tensor, torch.Tensor],
+        batch: ForwardBatch,
+        k_cache: torch.Tensor,
+        v_cache: torch.Tensor,
+    ) -> torch.Tensor:
+        q_nope, q_pe, latent = self._project(x, rope)  # [T, H, nope], [T, H, rope], [T, rank + rope]
+        write_slots(k_cache, batch.slot_mapping, latent[:, None])
+        w_uk, w_uv = self._up_projections()
+        q = torch.cat([torch.einsum("thn,hnr->thr", q_nope, w_uk), q_pe], dim=-1)  # [T, H, rank + rope]
+        rows = latent[:, None]  # [T, 1, rank + rope]: one "KV head"
+        out = self._attend(q, rows, rows[..., : self.rank], batch, k_cache, k_cache[..., : self.rank])
+        out = torch.einsum("thr,hvr->thv", out, w_uv)  # [T, H, v]
+        return self.o_proj(out.reshape(x.shape[0], -1))
+
+    def forward_dense(
+        self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], mask: torch.Tensor | None
+    ) -> torch.Tensor:
+        """Causal attention over whole sequences x [B, T, D], no cache (training), in the
+        expanded form: per-head K and V from the latent."""
+        B, T, _ = x.shape
+        cos, sin = rope  # [T, 1, rope] for one sequence: repeated for the B flattened ones
+        q_nope, q_pe, latent = self._project(x.reshape(B * T, -1), (cos.repeat(B, 1, 1), sin.repeat(B, 1, 1)))
+        kv = self.kv_b_proj(latent[:, : self.rank]).view(B * T, self.num_heads, -1)
+        k_nope, v = kv.split([self.nope, self.v_dim], dim=-1)
+        k_pe = latent[:, None, self.rank :].expand(-1, self.num_heads, -1)
+        q, k = torch.cat([q_nope, q_pe], -1), torch.cat([k_nope, k_pe], -1)
+        q, k, v = (t.view(B, T, self.num_heads, -1).transpose(1, 2) for t in (q, k, v))
+        o = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.scale)
+        return self.o_proj(o.transpose(1, 2).reshape(B, T, -1))
+
+    def _project(
+        self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Rows x [T, D] -> q_nope [T, H, nope], rotated q_pe [T, H, rope], latent [T, rank + rope]."""
+        T = x.shape[0]
+        if self.q_a_proj is not None and self.q_a_norm is not None and self.q_b_proj is not None:
+            q = self.q_b_proj(self.q_a_norm(self.q_a_proj(x)))
+        else:
+            assert self.q_proj is not None
+            q = self.q_proj(x)
+        q_nope, q_pe = q.view(T, self.num_heads, -1).split([self.nope, self.rope_dim], dim=-1)
+        c_kv, k_pe = self.kv_a_proj(x).split([self.rank, self.rope_dim], dim=-1)
+        k_pe = self._rotate(k_pe[:, None], rope)[:, 0]
+        return q_nope, self._rotate(q_pe, rope), torch.cat([self.kv_a_norm(c_kv), k_pe], dim=-1)
+
+    def _rotate(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        # DeepSeek rotates interleaved pairs (x0, x1), (x2, x3), ...; laid out as halves instead,
+        # the same rotation is ours. Queries and keys get the same layout, so scores are unchanged.
+        if self.interleave:
+            x = x.unflatten(-1, (-1, 2)).transpose(-1, -2).flatten(-2)
+        return apply_rotary(x, *rope)
+
+    def _up_projections(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """W_UK [H, nope, rank] and W_UV [H, v, rank], views of kv_b_proj's weight."""
+        w = self.kv_b_proj.weight.view(self.num_heads, self.nope + self.v_dim, self.rank)
+        return w[:, : self.nope], w[:, self.nope :]

@@ -1,0 +1,121 @@
+"""Multi-head latent attention (DeepSeek-V2/V3): the cache holds one latent row per token, decode
+never builds per-head K/V, and batching, prefix caching, chunked prefill and preemption keep the
+answers. Logits and greedy tokens against transformers: test_parity.py (deepseek_* cases)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from nanoinfer import LLM, SamplingParams
+from nanoinfer.config import ModelConfig
+from nanoinfer.model.kv_cache import kv_bytes_per_token
+from nanoinfer.model.mla import MLAttention
+
+GREEDY = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
+PROMPTS = [[3 + (7 * i + j) % 290 for j in range(10 + 9 * i)] for i in range(4)]
+
+# DeepSeek-V2-Lite's config.json, the fields that size its cache
+V2_LITE = {
+    "model_type": "deepseek_v2",
+    "vocab_size": 102400,
+    "hidden_size": 2048,
+    "intermediate_size": 10944,
+    "moe_intermediate_size": 1408,
+    "num_hidden_layers": 27,
+    "num_attention_heads": 16,
+    "num_key_value_heads": 16,
+    "kv_lora_rank": 512,
+    "q_lora_rank": None,
+    "qk_nope_head_dim": 128,
+    "qk_rope_head_dim": 64,
+    "v_head_dim": 128,
+    "n_routed_experts": 64,
+    "n_shared_experts": 2,
+    "num_experts_per_tok": 6,
+    "first_k_dense_replace": 1,
+    "topk_method": "greedy",
+    "max_position_embeddings": 163840,
+}
+
+
+def test_the_cache_holds_the_latent_not_per_head_k_and_v():
+    config = ModelConfig.from_hf(V2_LITE)
+    assert config.kv_values_per_token == 512 + 64 == 576
+    mha_equivalent = 2 * 16 * (128 + 64)  # K of 192 and V padded to 192 per head, as a plain cache would
+    assert kv_bytes_per_token(config, torch.float16) == 27 * 576 * 2
+    assert mha_equivalent / 576 > 10
+
+
+@pytest.mark.parametrize("case_id", ["deepseek_v2", "deepseek_v3"])
+def test_latent_cache_shapes_and_absorbed_decode(tiny_model, case_id, monkeypatch):
+    path, _ = tiny_model(case_id)
+    llm = LLM(str(path), dtype="float32")
+    kv, config = llm.engine.runner.kv_cache, llm.engine.model_config
+    assert config.is_mla and config.head_dim == 32 + 8 and config.num_kv_heads == 1
+    assert kv.k[0].shape[1:] == (1, kv.block_size, 40) and kv.v[0].shape[-1] == 0
+    calls = []
+    monkeypatch.setattr(torch.nn.Linear, "forward", _spy(torch.nn.Linear.forward, calls))
+    llm.generate(PROMPTS[:2], GREEDY)
+    kv_b = {id(layer.attn.kv_b_proj) for layer in llm.engine.model.decoder_layers}
+    assert calls and not any(id(m) in kv_b for m in calls), "decode expanded the latent into per-head K/V"
+
+
+def _spy(real, calls):
+    def forward(self, x):
+        calls.append(self)
+        return real(self, x)
+
+    return forward
+
+
+@pytest.mark.parametrize("case_id", ["deepseek_v2", "deepseek_v3"])
+def test_batching_prefix_cache_chunking_and_preemption_keep_answers(tiny_model, case_id):
+    path, _ = tiny_model(case_id)
+    alone = [LLM(str(path), dtype="float32").generate([p], GREEDY)[0].token_ids for p in PROMPTS]
+    llm = LLM(str(path), dtype="float32", block_size=16, prefix_page_size=8)
+    assert [o.token_ids for o in llm.generate(PROMPTS, GREEDY)] == alone
+    again = llm.generate(PROMPTS, GREEDY)  # the prompts are cached now
+    assert [o.token_ids for o in again] == alone and again[-1].num_cached_tokens > 0
+    chunked = LLM(str(path), dtype="float32", max_num_batched_tokens=16, enable_prefix_cache=False)
+    assert [o.token_ids for o in chunked.generate(PROMPTS, GREEDY)] == alone
+    six_blocks = 6 * 16 * kv_bytes_per_token(llm.engine.model_config, torch.float32)  # less than all four need
+    tight = LLM(str(path), dtype="float32", kv_cache_dtype="float32", block_size=16, kv_cache_memory=six_blocks)
+    assert [o.token_ids for o in tight.generate(PROMPTS, GREEDY)] == alone
+    assert tight.engine.metrics.registry.get_sample_value("nanoinfer:num_preemptions_total") > 0
+    for engine in (llm, chunked, tight):
+        engine.engine.check_integrity()
+
+
+def test_mla_layers_are_mlattention(tiny_model):
+    path, _ = tiny_model("deepseek_v3")
+    model = LLM(str(path), dtype="float32").engine.model
+    assert all(isinstance(layer.attn, MLAttention) for layer in model.decoder_layers)
+
+
+def test_inspect_writes_out_the_latent_cache_formula(tiny_model):
+    import subprocess
+    import sys
+
+    path, _ = tiny_model("deepseek_v2")
+    out = subprocess.run(
+        [sys.executable, "-m", "nanoinfer.cli", "inspect", "--model", str(path)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert out.returncode == 0, out.stderr
+    assert "KV cache per token = 2 layers x (32 kv_lora_rank + 8 qk_rope_head_dim) x bytes" in out.stdout
+    assert "float16: 160 bytes" in out.stdout  # 2 x 40 x 2
+    assert "4 heads x (24 + 16) = 160 values per layer against 40: 4.0x more" in out.stdout
+
+
+def test_lora_on_latent_attention_projections_is_refused(tiny_model):
+    from nanoinfer.loading import load_package
+    from nanoinfer.model.lora import LoRASpec, apply_lora
+    from nanoinfer.model.transformer import Transformer
+
+    path, _ = tiny_model("deepseek_v2")
+    model = Transformer.from_package(load_package(str(path)), torch.float32)
+    with pytest.raises(ValueError, match="multi-head latent attention"):
+        apply_lora(model, model.config, LoRASpec(4, 8, ("q_proj",)))
