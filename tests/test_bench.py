@@ -130,3 +130,13 @@ def test_lora_scenario(tiny_model, tmp_path, capsys):
     assert len(train["samples_s"]["nanoinfer"]) == 5 and serve["adapters"] == 2
     assert serve["ratio"] == serve["output_tok_s"]["adapters"] / serve["output_tok_s"]["base"] > 0
     assert "| LoRA training tok/s (reference: transformers + peft) |" in capsys.readouterr().out
+
+
+def test_mla_scenario(tmp_path, capsys):
+    """The mla scenario: a DeepSeek-V2-Lite-shaped layer, latent against full K/V, and its table."""
+    args = ["--engines", "nanoinfer", "--scenarios", "mla", "--repeats", "1", "--out", str(tmp_path)]
+    assert main(args) == 0
+    result = json.loads((tmp_path / "latest.json").read_text())["engines"]["nanoinfer"]["mla"]
+    assert result["cache_bytes_per_token_layer"] == {"mla": 576 * 2, "mha": 2 * 16 * 192 * 2}
+    assert result["mha_over_mla"] == result["step_ms"]["mha"] / result["step_ms"]["mla"] > 0
+    assert "| MLA (latent 512 + rope 64) | 1152 |" in capsys.readouterr().out

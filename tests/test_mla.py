@@ -119,3 +119,18 @@ def test_lora_on_latent_attention_projections_is_refused(tiny_model):
     model = Transformer.from_package(load_package(str(path)), torch.float32)
     with pytest.raises(ValueError, match="multi-head latent attention"):
         apply_lora(model, model.config, LoRASpec(4, 8, ("q_proj",)))
+
+
+@pytest.mark.parametrize("case_id", ["deepseek_v2", "deepseek_v3"])
+def test_torch_attention_path_equals_the_kernel_path(tiny_model, case_id, monkeypatch):
+    """Off our C kernels (other dtypes, other devices) MLA attends in torch ops: same answers."""
+    from nanoinfer.model import mla
+
+    path, _ = tiny_model(case_id)
+    llm = LLM(str(path), dtype="float32", enable_prefix_cache=False)
+    ids = PROMPTS[2]
+    kernel_logits = llm.engine.model.score(ids)
+    kernel_answers = [o.token_ids for o in llm.generate(PROMPTS, GREEDY)]
+    monkeypatch.setattr(mla, "kernels", lambda: None)
+    assert torch.allclose(llm.engine.model.score(ids), kernel_logits, atol=1e-4)
+    assert [o.token_ids for o in llm.generate(PROMPTS, GREEDY)] == kernel_answers

@@ -67,8 +67,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--prefix-len", type=int, default=1024)
     p.add_argument(
         "--scenarios",
-        default="pp512,tg128,serving,shared_prefix,lora,moe",
-        help="lora, moe: see lora.py, moe.py; also spec (see spec.py), structured (see structured.py)",
+        default="pp512,tg128,serving,shared_prefix,lora,moe,mla",
+        help="lora, moe, mla: see lora.py, moe.py, mla.py; also spec (spec.py), structured (structured.py)",
     )
     p.add_argument("--structured-concurrency", type=int, default=16, help="structured: serving clients")
     p.add_argument("--structured-requests", type=int, default=32, help="structured: serving requests")
@@ -199,6 +199,10 @@ def run_engines(peers: dict[str, Any], args: argparse.Namespace, vocab: list[int
         from nanoinfer.bench.structured import run_structured  # it imports this module
 
         results["nanoinfer"]["structured"] = run_structured(nano, args, log)
+    if "mla" in scenarios:
+        from nanoinfer.bench.mla import run_mla  # it imports this module
+
+        results["nanoinfer"]["mla"] = run_mla(args, log)
     if "moe" in scenarios:
         from nanoinfer.bench.moe import run_moe  # it imports this module
 

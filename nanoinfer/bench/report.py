@@ -72,6 +72,10 @@ def markdown(results: dict[str, Any]) -> str:
         from nanoinfer.bench.structured import structured_markdown
 
         lines += ["", *structured_markdown(engines["nanoinfer"]["structured"])]
+    if "mla" in engines.get("nanoinfer", {}):
+        from nanoinfer.bench.mla import mla_markdown
+
+        lines += ["", *mla_markdown(engines["nanoinfer"]["mla"])]
     if "moe" in engines.get("nanoinfer", {}):
         from nanoinfer.bench.moe import moe_markdown
 

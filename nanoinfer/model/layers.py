@@ -56,15 +56,7 @@ class PagedAttention(nn.Module):
         out = q.new_empty(*q.shape[:2], v.shape[-1])
         D = batch.num_decode
         if D:
-            # [D, ctx, kv_heads, hd] -> [D, kv_heads, ctx, hd]; one SDPA call for every decode row.
-            keys = self._gather_blocks(k_cache, batch).to(q.dtype)
-            values = self._gather_blocks(v_cache, batch).to(q.dtype)
-            sliding_mask = batch.decode_sliding_mask
-            mask = sliding_mask if self.sliding and sliding_mask is not None else batch.decode_mask
-            o = F.scaled_dot_product_attention(
-                q[:D].unsqueeze(2), keys, values, attn_mask=mask, scale=self.scale, enable_gqa=True
-            )
-            out[:D] = o.squeeze(2)
+            out[:D] = self._decode_sdpa(q[:D], batch, k_cache, v_cache)
         for span in batch.prefills:
             rows = slice(span.start, span.start + span.length)
             mask = span.sliding_mask if self.sliding and span.sliding_mask is not None else span.mask
@@ -75,6 +67,20 @@ class PagedAttention(nn.Module):
                 values = read_slots(v_cache, span.context_slots).transpose(0, 1).to(q.dtype)
             out[rows] = self._prefill_sdpa(q[rows].transpose(0, 1), keys, values, mask).transpose(0, 1)
         return out
+
+    def _decode_sdpa(
+        self, q: torch.Tensor, batch: ForwardBatch, k_cache: torch.Tensor, v_cache: torch.Tensor
+    ) -> torch.Tensor:
+        """One SDPA call for every decode row q [D, H, d] over its context in the caches."""
+        # [D, ctx, kv_heads, hd] -> [D, kv_heads, ctx, hd]
+        keys = self._gather_blocks(k_cache, batch).to(q.dtype)
+        values = self._gather_blocks(v_cache, batch).to(q.dtype)
+        sliding_mask = batch.decode_sliding_mask
+        mask = sliding_mask if self.sliding and sliding_mask is not None else batch.decode_mask
+        o = F.scaled_dot_product_attention(
+            q.unsqueeze(2), keys, values, attn_mask=mask, scale=self.scale, enable_gqa=True
+        )
+        return o.squeeze(2)
 
     def _prefill_sdpa(
         self, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor | None

@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from nanoinfer.config import ModelConfig
+from nanoinfer.kernels import KV_DTYPES, kernels
 from nanoinfer.model.forward_batch import ForwardBatch
 from nanoinfer.model.kv_cache import write_slots
 from nanoinfer.model.layers import PagedAttention, RMSNorm
@@ -58,8 +59,18 @@ class MLAttention(PagedAttention):
         write_slots(k_cache, batch.slot_mapping, latent[:, None])
         w_uk, w_uv = self._up_projections()
         q = torch.cat([torch.einsum("thn,hnr->thr", q_nope, w_uk), q_pe], dim=-1)  # [T, H, rank + rope]
-        rows = latent[:, None]  # [T, 1, rank + rope]: one "KV head"
-        out = self._attend(q, rows, rows[..., : self.rank], batch, k_cache, k_cache[..., : self.rank])
+        ours = kernels() if q.dtype == torch.float32 and q.device.type == "cpu" and k_cache.dtype in KV_DTYPES else None
+        if ours is not None:
+            # Our paged kernel reads the latent rows in place as keys and again as values (the
+            # cache passed twice); the values' last rope columns come out too and are dropped.
+            T, H = q.shape[:2]
+            out = ours.paged_attention(
+                q.reshape(T, -1), H, k_cache, k_cache, batch.block_tables, batch.ctx_lens, 0, self.scale,
+                batch.table_of_row,
+            ).view(T, H, -1)[..., : self.rank]  # fmt: skip
+        else:
+            rows = latent[:, None]  # [T, 1, rank + rope]: one "KV head"
+            out = self._attend(q, rows, rows[..., : self.rank], batch, k_cache, k_cache[..., : self.rank])
         out = torch.einsum("thr,hvr->thv", out, w_uv)  # [T, H, v]
         return self.o_proj(out.reshape(x.shape[0], -1))
 
@@ -100,6 +111,18 @@ class MLAttention(PagedAttention):
         if self.interleave:
             x = x.unflatten(-1, (-1, 2)).transpose(-1, -2).flatten(-2)
         return apply_rotary(x, *rope)
+
+    def _decode_sdpa(
+        self, q: torch.Tensor, batch: ForwardBatch, k_cache: torch.Tensor, v_cache: torch.Tensor
+    ) -> torch.Tensor:
+        """Decode rows q [D, H, rank + rope] over their latent rows, read once: with one shared
+        "KV head" the heads become the query rows of each sequence ([D, 1, H, .]), so nothing is
+        repeated per head, and the values are the rows' c_kv part, not a second read."""
+        rows = self._gather_blocks(k_cache, batch).to(q.dtype)  # [D, 1, ctx, rank + rope]
+        o = F.scaled_dot_product_attention(
+            q.unsqueeze(1), rows, rows[..., : self.rank], attn_mask=batch.decode_mask, scale=self.scale
+        )
+        return o.squeeze(1)
 
     def _up_projections(self) -> tuple[torch.Tensor, torch.Tensor]:
         """W_UK [H, nope, rank] and W_UV [H, v, rank], views of kv_b_proj's weight."""
