@@ -134,3 +134,122 @@ def test_torch_attention_path_equals_the_kernel_path(tiny_model, case_id, monkey
     monkeypatch.setattr(mla, "kernels", lambda: None)
     assert torch.allclose(llm.engine.model.score(ids), kernel_logits, atol=1e-4)
     assert [o.token_ids for o in llm.generate(PROMPTS, GREEDY)] == kernel_answers
+
+
+# ---- GGUF files with llama.cpp's deepseek2 names -----------------------------------------------
+
+
+def _write_deepseek2_gguf(model, path, split_kv_b: bool) -> None:
+    """The HF DeepSeek model as llama.cpp's converter writes it: arch deepseek2, experts stacked,
+    shared experts as *_shexp, the correction bias as exp_probs_b; kv_b whole (older files) or
+    split per head into k_b (transposed) and v_b (newer files, which describe MLA's head sizes
+    in key/value_length_mla)."""
+    import gguf
+    import numpy as np
+
+    c = model.config
+    state = {k: v.detach().float().numpy() for k, v in model.state_dict().items()}
+    nope, rope, v_dim, rank, H = (
+        c.qk_nope_head_dim,
+        c.qk_rope_head_dim,
+        c.v_head_dim,
+        c.kv_lora_rank,
+        c.num_attention_heads,
+    )
+    tensors = {
+        "token_embd.weight": state["model.embed_tokens.weight"],
+        "output_norm.weight": state["model.norm.weight"],
+    }
+    tensors["output.weight"] = state["lm_head.weight"]
+    names = {"q_proj": "attn_q", "q_a_proj": "attn_q_a", "q_a_layernorm": "attn_q_a_norm", "q_b_proj": "attn_q_b"}
+    names |= {"kv_a_proj_with_mqa": "attn_kv_a_mqa", "kv_a_layernorm": "attn_kv_a_norm", "o_proj": "attn_output"}
+    for i in range(c.num_hidden_layers):
+        p, b = f"model.layers.{i}.", f"blk.{i}."
+        tensors[b + "attn_norm.weight"] = state[p + "input_layernorm.weight"]
+        tensors[b + "ffn_norm.weight"] = state[p + "post_attention_layernorm.weight"]
+        for hf, ours in names.items():
+            if p + f"self_attn.{hf}.weight" in state:
+                tensors[b + f"{ours}.weight"] = state[p + f"self_attn.{hf}.weight"]
+        kv_b = state[p + "self_attn.kv_b_proj.weight"]
+        if split_kv_b:
+            per_head = kv_b.reshape(H, nope + v_dim, rank)
+            tensors[b + "attn_k_b.weight"] = per_head[:, :nope].transpose(0, 2, 1)
+            tensors[b + "attn_v_b.weight"] = per_head[:, nope:]
+        else:
+            tensors[b + "attn_kv_b.weight"] = kv_b
+        if p + "mlp.gate_proj.weight" in state:  # the leading dense layer
+            for part in ("gate", "up", "down"):
+                tensors[b + f"ffn_{part}.weight"] = state[p + f"mlp.{part}_proj.weight"]
+            continue
+        tensors[b + "ffn_gate_inp.weight"] = state[p + "mlp.gate.weight"]
+        if p + "mlp.gate.e_score_correction_bias" in state:
+            tensors[b + "exp_probs_b.bias"] = state[p + "mlp.gate.e_score_correction_bias"]
+        gate_up = state[p + "mlp.experts.gate_up_proj"]
+        half = gate_up.shape[1] // 2
+        tensors[b + "ffn_gate_exps.weight"], tensors[b + "ffn_up_exps.weight"] = gate_up[:, :half], gate_up[:, half:]
+        tensors[b + "ffn_down_exps.weight"] = state[p + "mlp.experts.down_proj"]
+        for part in ("gate", "up", "down"):
+            tensors[b + f"ffn_{part}_shexp.weight"] = state[p + f"mlp.shared_experts.{part}_proj.weight"]
+    sigmoid = c.model_type == "deepseek_v3"
+    w = gguf.GGUFWriter(str(path), "deepseek2")
+    w.add_block_count(c.num_hidden_layers)
+    w.add_context_length(c.max_position_embeddings)
+    w.add_embedding_length(c.hidden_size)
+    w.add_feed_forward_length(c.intermediate_size)
+    w.add_head_count(H)
+    w.add_head_count_kv(1 if split_kv_b else H)
+    w.add_layer_norm_rms_eps(c.rms_norm_eps)
+    w.add_rope_freq_base(10000.0)
+    w.add_rope_dimension_count(rope)
+    w.add_kv_lora_rank(rank)
+    if c.q_lora_rank:
+        w.add_q_lora_rank(c.q_lora_rank)
+    if split_kv_b:  # newer files: the latent as one head, MLA's head sizes apart
+        w.add_key_length(rank + rope)
+        w.add_value_length(rank)
+        w.add_key_length_mla(nope + rope)
+        w.add_value_length_mla(v_dim)
+    else:
+        w.add_key_length(nope + rope)
+        w.add_value_length(v_dim)
+    w.add_leading_dense_block_count(c.first_k_dense_replace)
+    w.add_expert_count(c.n_routed_experts)
+    w.add_expert_used_count(c.num_experts_per_tok)
+    w.add_expert_shared_count(c.n_shared_experts)
+    w.add_expert_feed_forward_length(c.moe_intermediate_size)
+    w.add_expert_weights_scale(c.routed_scaling_factor)
+    w.add_expert_weights_norm(bool(sigmoid and c.norm_topk_prob))
+    w.add_expert_gating_func(gguf.ExpertGatingFuncType.SIGMOID if sigmoid else gguf.ExpertGatingFuncType.SOFTMAX)
+    w.add_expert_group_count(c.n_group)
+    w.add_expert_group_used_count(c.topk_group)
+    vocab = [f"<t{i}>" for i in range(c.vocab_size)]
+    w.add_tokenizer_model("gpt2")
+    w.add_tokenizer_pre("default")
+    w.add_token_list(vocab)
+    w.add_token_types([1] * len(vocab))
+    w.add_token_merges([])
+    w.add_bos_token_id(1)
+    w.add_eos_token_id(2)
+    for name, value in tensors.items():
+        w.add_tensor(name, np.ascontiguousarray(value.astype(np.float32)))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+
+
+@pytest.mark.parametrize("case_id", ["deepseek_v2", "deepseek_v3"])
+@pytest.mark.parametrize("split_kv_b", [False, True])
+def test_gguf_deepseek2_matches_transformers(tiny_model, tmp_path, case_id, split_kv_b):
+    _, hf = tiny_model(case_id)
+    path = tmp_path / f"{case_id}.gguf"
+    _write_deepseek2_gguf(hf, path, split_kv_b)
+    llm = LLM(str(path), dtype="float32", quantization="none")
+    config = llm.engine.model_config
+    assert config.architecture == case_id and config.is_mla and config.head_dim == 40
+    ids = list(range(5, 37))
+    with torch.no_grad():
+        want = hf(torch.tensor([ids])).logits[0]
+    assert torch.allclose(llm.engine.model.score(ids), want, atol=1e-4)
+    expected = hf.generate(torch.tensor([ids]), max_new_tokens=8, do_sample=False)[0, len(ids) :].tolist()
+    assert llm.generate([ids], SamplingParams(temperature=0, max_tokens=8, ignore_eos=True))[0].token_ids == expected

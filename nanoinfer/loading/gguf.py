@@ -21,7 +21,7 @@ from nanoinfer.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
 
-GGUF_ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3", "gemma3", "qwen3moe", "phi3")
+GGUF_ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3", "gemma3", "qwen3moe", "phi3", "deepseek2")
 
 # llama.cpp's architecture names where ours differ (llama with experts becomes mixtral: _moe_fields)
 _ARCHITECTURE_NAMES = {"qwen3moe": "qwen3_moe"}
@@ -42,7 +42,22 @@ _LAYER_NAMES = {
     "ffn_up": "mlp.up_proj",
     "ffn_down": "mlp.down_proj",
     "ffn_gate_inp": "mlp.router",
+    # DeepSeek: multi-head latent attention, shared experts, the router's correction bias
+    "attn_q_a": "attn.q_a_proj",
+    "attn_q_a_norm": "attn.q_a_norm",
+    "attn_q_b": "attn.q_b_proj",
+    "attn_kv_a_mqa": "attn.kv_a_proj",
+    "attn_kv_a_norm": "attn.kv_a_norm",
+    "attn_kv_b": "attn.kv_b_proj",
+    "ffn_gate_shexp": "mlp.shared_experts.gate_proj",
+    "ffn_up_shexp": "mlp.shared_experts.up_proj",
+    "ffn_down_shexp": "mlp.shared_experts.down_proj",
 }
+# Newer converters store DeepSeek's kv_b_proj as its two halves, per head: k_b [H, rank, nope]
+# (transposed) and v_b [H, v, rank]; they are put back together on load.
+_SPLIT_KV_B = re.compile(r"^blk\.(\d+)\.attn_(k_b|v_b)\.weight$")
+# _BLOCK's tensors whose canonical name does not end in .weight / .bias as GGUF's does
+_RENAMED = {"exp_probs_b.bias": "mlp.router.correction_bias"}
 # Experts stacked in one 3-D tensor [experts, out, in]: split into mlp.experts.N.<projection>.
 _EXPERT_NAMES = {"ffn_gate_exps": "gate_proj", "ffn_up_exps": "up_proj", "ffn_down_exps": "down_proj"}
 _GLOBAL_NAMES = {"token_embd": "embed", "output_norm": "norm", "output": "lm_head"}
@@ -143,7 +158,7 @@ def config_from_metadata(meta: dict[str, Any], shapes: dict[str, tuple[int, ...]
         ) from None
     head_dim = int(get("attention.key_length") or hidden // heads)
     rot = get("rope.dimension_count")
-    if rot is not None and int(rot) != head_dim:
+    if rot is not None and int(rot) != head_dim and arch != "deepseek2":  # MLA's rope part: _deepseek2_fields
         raise ModelLoadError(f"partial rotary embeddings ({rot} of {head_dim} dims) are not supported")
     if "token_embd.weight" not in shapes:
         raise ModelLoadError("GGUF file has no token_embd.weight tensor")
@@ -168,6 +183,8 @@ def config_from_metadata(meta: dict[str, Any], shapes: dict[str, tuple[int, ...]
         torch_dtype="float32",
     )
     kwargs.update(_moe_fields(arch, get, shapes, num_layers, intermediate))
+    if arch == "deepseek2":
+        kwargs.update(_deepseek2_fields(get, shapes, num_layers, heads))
     window = get("attention.sliding_window")
     if arch in ("mistral", "phi3") and window:
         kwargs.update(sliding_window=int(window), layer_types=("sliding",) * num_layers)
@@ -182,7 +199,7 @@ def _moe_fields(
     """Mixture-of-experts fields: qwen3moe, or llama with experts (how llama.cpp stores Mixtral).
     llama.cpp renormalizes the top-k weights for both; a layer without a router is dense."""
     experts = int(get("expert_count") or 0)
-    if not experts:
+    if not experts or arch == "deepseek2":  # its experts come with the rest: _deepseek2_fields
         return {}
     if arch not in ("qwen3moe", "llama"):
         raise ModelLoadError(f"GGUF {arch} with experts is not supported")
@@ -196,6 +213,46 @@ def _moe_fields(
     }
 
 
+def _deepseek2_fields(get: Any, shapes: dict[str, tuple[int, ...]], num_layers: int, heads: int) -> dict[str, Any]:
+    """llama.cpp's deepseek2 (DeepSeek-V2 and V3): MLA sizes and the MoE routing. Files from
+    newer converters give the MLA head sizes as key/value_length_mla; key/value_length then
+    describe the latent as one head."""
+    rope = int(get("rope.dimension_count"))
+    rank = int(get("attention.kv_lora_rank"))
+    qk = int(get("attention.key_length_mla") or get("attention.key_length"))
+    v = int(get("attention.value_length_mla") or get("attention.value_length"))
+    sigmoid = int(get("expert_gating_func") or 1) == 2
+    experts = int(get("expert_count") or 0)
+    dense = int(get("leading_dense_block_count") or 0)
+    fields: dict[str, Any] = {
+        "architecture": "deepseek_v3" if sigmoid else "deepseek_v2",
+        "kv_lora_rank": rank,
+        "q_lora_rank": int(get("attention.q_lora_rank") or 0),
+        "qk_nope_head_dim": qk - rope,
+        "qk_rope_head_dim": rope,
+        "v_head_dim": v,
+        "num_kv_heads": 1,
+        "head_dim": rank + rope,
+        "attention_scale": qk**-0.5,
+        "rope_interleave": True,  # llama.cpp rotates DeepSeek's pairs as they are (rope type NORM)
+        "num_experts": experts,
+        "num_experts_per_tok": int(get("expert_used_count") or 0),
+        "moe_intermediate_size": int(get("expert_feed_forward_length") or 0),
+        "num_shared_experts": int(get("expert_shared_count") or 0),
+        "routed_scaling_factor": _f32(get("expert_weights_scale") or 1.0),
+        "norm_topk_prob": bool(get("expert_weights_norm") or False),
+        "router_groups": int(get("expert_group_count") or 1),
+        "router_topk_groups": int(get("expert_group_used_count") or 1),
+        "dense_layers": tuple(range(min(dense, num_layers))),
+    }
+    if sigmoid:
+        fields.update(router_scoring="sigmoid", router_group_score="top2")
+        fields["router_correction_bias"] = f"blk.{dense}.exp_probs_b.bias" in shapes
+    if get("rope.scaling.yarn_log_multiplier"):
+        raise ModelLoadError("deepseek2 GGUF with yarn rope scaling is not supported yet")
+    return fields
+
+
 def _canonical_shapes(shapes: dict[str, tuple[int, ...]], config: ModelConfig) -> dict[str, tuple[int, ...]]:
     """Tensor shapes under canonical names, stacked experts and fused projections counted one by one."""
     out: dict[str, tuple[int, ...]] = {}
@@ -204,7 +261,13 @@ def _canonical_shapes(shapes: dict[str, tuple[int, ...]], config: ModelConfig) -
             continue
         experts = _expert_names(name, shape[0] if shape else 0)
         parts = _fused_parts(name, config)
-        if experts:
+        split_kv_b = _SPLIT_KV_B.match(name)
+        if split_kv_b and split_kv_b.group(2) == "k_b":  # [H, rank, nope], its v_b [H, v, rank]
+            H, rank, nope = shape
+            out[f"layers.{split_kv_b.group(1)}.attn.kv_b_proj.weight"] = (H * (nope + config.v_head_dim), rank)
+        elif split_kv_b:
+            continue
+        elif experts:
             out.update({n: tuple(shape[1:]) for n in experts})
         elif parts:
             out.update({n: (stop - start, *shape[1:]) for n, (start, stop) in parts.items()})
@@ -318,6 +381,8 @@ def canonical_name(gguf_name: str) -> str | None:
     m = _BLOCK.match(gguf_name)
     if m:
         layer, part, kind = m.groups()
+        if f"{part}.{kind}" in _RENAMED:
+            return f"layers.{layer}.{_RENAMED[f'{part}.{kind}']}"
         return f"layers.{layer}.{_LAYER_NAMES[part]}.{kind}" if part in _LAYER_NAMES else None
     base, _, kind = gguf_name.rpartition(".")
     return f"{_GLOBAL_NAMES[base]}.{kind}" if base in _GLOBAL_NAMES else None
@@ -331,13 +396,15 @@ def _unpermute(w: np.ndarray, n_heads: int) -> np.ndarray:
 
 
 def _load_weights(gf: GGUFFile, config: ModelConfig, path: Path) -> dict[str, torch.Tensor]:
-    from gguf import GGMLQuantizationType
-    from gguf.quants import dequantize
-
     permute = config.architecture in ("llama", "mistral", "mixtral")
     gemma = config.architecture == "gemma3"
     weights: dict[str, torch.Tensor] = {}
+    halves: dict[tuple[str, str], np.ndarray] = {}  # (layer, k_b | v_b) -> tensor
     for gname, info in gf.tensors.items():
+        split_kv_b = _SPLIT_KV_B.match(gname)
+        if split_kv_b:
+            halves[(split_kv_b.group(1), split_kv_b.group(2))] = _dequantized(gf, gname, info, path)
+            continue
         name = canonical_name(gname)
         experts = _expert_names(gname, info.shape[0])
         fused = _fused_parts(gname, config)
@@ -345,15 +412,7 @@ def _load_weights(gf: GGUFFile, config: ModelConfig, path: Path) -> dict[str, to
             if gname in _IGNORED:
                 continue
             raise ModelLoadError(f"{path.name}: unexpected tensor {gname!r} for {config.architecture}")
-        qtype = GGMLQuantizationType(info.ggml_type)
-        try:
-            w = dequantize(gf.raw(gname), qtype)
-        except NotImplementedError:
-            raise ModelLoadError(f"{path.name}: tensor {gname} uses unsupported type {qtype.name}") from None
-        except Exception as e:
-            raise ModelLoadError(f"{path.name}: cannot decode tensor {gname}: {_one_line(e)}") from None
-        # Copy out of the file mapping (F32 tensors come back as read-only views of it).
-        w = np.array(w, dtype=np.float32, copy=True).reshape(info.shape)
+        w = _dequantized(gf, gname, info, path)
         if experts:
             weights.update({n: torch.from_numpy(np.ascontiguousarray(w[e])) for e, n in enumerate(experts)})
             continue
@@ -368,7 +427,28 @@ def _load_weights(gf: GGUFFile, config: ModelConfig, path: Path) -> dict[str, to
         if gemma and name.endswith("norm.weight"):
             w = w - 1.0  # the converter stored (1 + w) for llama.cpp; the model adds the 1 itself
         weights[name] = torch.from_numpy(np.ascontiguousarray(w))
+    for (layer, which), k_b in halves.items():
+        if which == "k_b":  # kv_b_proj rows per head: its nope key rows, then its value rows
+            v_b = halves[(layer, "v_b")]
+            kv_b = np.concatenate([k_b.transpose(0, 2, 1), v_b], axis=1).reshape(-1, k_b.shape[1])
+            weights[f"layers.{layer}.attn.kv_b_proj.weight"] = torch.from_numpy(np.ascontiguousarray(kv_b))
     return weights
+
+
+def _dequantized(gf: GGUFFile, gname: str, info: Any, path: Path) -> np.ndarray:
+    """One tensor as float32 in HF layout, copied out of the file mapping (F32 tensors come back
+    as read-only views of it)."""
+    from gguf import GGMLQuantizationType
+    from gguf.quants import dequantize
+
+    qtype = GGMLQuantizationType(info.ggml_type)
+    try:
+        w = dequantize(gf.raw(gname), qtype)
+    except NotImplementedError:
+        raise ModelLoadError(f"{path.name}: tensor {gname} uses unsupported type {qtype.name}") from None
+    except Exception as e:
+        raise ModelLoadError(f"{path.name}: cannot decode tensor {gname}: {_one_line(e)}") from None
+    return np.array(w, dtype=np.float32, copy=True).reshape(info.shape)
 
 
 def check_shapes(config: ModelConfig, weights: dict[str, Any], source: str) -> None:
