@@ -58,12 +58,12 @@ def test_latent_cache_shapes_and_absorbed_decode(tiny_model, case_id, monkeypatc
     monkeypatch.setattr(torch.nn.Linear, "forward", _spy(torch.nn.Linear.forward, calls))
     llm.generate(PROMPTS[:2], GREEDY)
     kv_b = {id(layer.attn.kv_b_proj) for layer in llm.engine.model.decoder_layers}
-    assert calls and not any(id(m) in kv_b for m in calls), "decode expanded the latent into per-head K/V"
+    assert calls and not any(id(module) in kv_b for module, _ in calls), "the latent was expanded to per-head K/V"
 
 
 def _spy(real, calls):
     def forward(self, x):
-        calls.append(self)
+        calls.append((self, x.reshape(-1, x.shape[-1]).shape[0]))
         return real(self, x)
 
     return forward

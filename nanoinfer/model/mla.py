@@ -10,7 +10,7 @@ halves of kv_b_proj. Attention runs in the absorbed form, for prompts and decode
 
 so each head's query becomes [W_UK^T q_nope, q_pe], attends over the cached latent rows
 themselves (values: their c_kv part), and W_UV maps the result back: per-head K and V are never
-built for cached tokens.
+built for cached tokens. (Training runs the expanded form: per-head K and V from the latent.)
 """
 
 from __future__ import annotations
@@ -55,40 +55,57 @@ class MLAttention(PagedAttention):
         k_cache: torch.Tensor,
         v_cache: torch.Tensor,
     ) -> torch.Tensor:
+        T, H = x.shape[0], self.num_heads
         q_nope, q_pe, latent = self._project(x, rope)  # [T, H, nope], [T, H, rope], [T, rank + rope]
         write_slots(k_cache, batch.slot_mapping, latent[:, None])
-        w_uk, w_uv = self._up_projections()
-        q = torch.cat([torch.einsum("thn,hnr->thr", q_nope, w_uk), q_pe], dim=-1)  # [T, H, rank + rope]
-        ours = kernels() if q.dtype == torch.float32 and q.device.type == "cpu" and k_cache.dtype in KV_DTYPES else None
+        q = self._absorbed_queries(q_nope, q_pe)  # [T, H, rank + rope]
+        # Absorbed for every row, prompts included: the expanded form measured no faster for
+        # prompts (docs/performance.md, "Multi-head latent attention").
+        ours = kernels() if x.dtype == torch.float32 and x.device.type == "cpu" and k_cache.dtype in KV_DTYPES else None
         if ours is not None:
             # Our paged kernel reads the latent rows in place as keys and again as values (the
             # cache passed twice); the values' last rope columns come out too and are dropped.
-            T, H = q.shape[:2]
             out = ours.paged_attention(
                 q.reshape(T, -1), H, k_cache, k_cache, batch.block_tables, batch.ctx_lens, 0, self.scale,
                 batch.table_of_row,
             ).view(T, H, -1)[..., : self.rank]  # fmt: skip
         else:
-            rows = latent[:, None]  # [T, 1, rank + rope]: one "KV head"
-            out = self._attend(q, rows, rows[..., : self.rank], batch, k_cache, k_cache[..., : self.rank])
-        out = torch.einsum("thr,hvr->thv", out, w_uv)  # [T, H, v]
-        return self.o_proj(out.reshape(x.shape[0], -1))
+            head = latent[:, None]  # [T, 1, rank + rope]: one "KV head"
+            out = self._attend(q, head, head[..., : self.rank], batch, k_cache, k_cache[..., : self.rank])
+        return self.o_proj(self._values(out).reshape(T, -1))
 
     def forward_dense(
         self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], mask: torch.Tensor | None
     ) -> torch.Tensor:
-        """Causal attention over whole sequences x [B, T, D], no cache (training), in the
-        expanded form: per-head K and V from the latent."""
+        """Causal attention over whole sequences x [B, T, D], no cache (training)."""
         B, T, _ = x.shape
         cos, sin = rope  # [T, 1, rope] for one sequence: repeated for the B flattened ones
         q_nope, q_pe, latent = self._project(x.reshape(B * T, -1), (cos.repeat(B, 1, 1), sin.repeat(B, 1, 1)))
-        kv = self.kv_b_proj(latent[:, : self.rank]).view(B * T, self.num_heads, -1)
-        k_nope, v = kv.split([self.nope, self.v_dim], dim=-1)
-        k_pe = latent[:, None, self.rank :].expand(-1, self.num_heads, -1)
-        q, k = torch.cat([q_nope, q_pe], -1), torch.cat([k_nope, k_pe], -1)
-        q, k, v = (t.view(B, T, self.num_heads, -1).transpose(1, 2) for t in (q, k, v))
-        o = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.scale)
-        return self.o_proj(o.transpose(1, 2).reshape(B, T, -1))
+        shape = (B, T, self.num_heads, -1)
+        out = self._expanded(q_nope.view(shape), q_pe.view(shape), latent.view(B, T, -1))
+        return self.o_proj(out.reshape(B, T, -1))
+
+    def _expanded(self, q_nope: torch.Tensor, q_pe: torch.Tensor, latent: torch.Tensor) -> torch.Tensor:
+        """Causal attention of whole sequences in the expanded form: per-head K and V built from
+        the latent. q_nope/q_pe [B, T, H, .], latent [B, T, rank + rope] -> [B, T, H, v]."""
+        B, T, H = q_nope.shape[:3]
+        k_nope, v = self.kv_b_proj(latent[..., : self.rank]).view(B, T, H, -1).split([self.nope, self.v_dim], -1)
+        k = torch.cat([k_nope, latent[:, :, None, self.rank :].expand(-1, -1, H, -1)], dim=-1)
+        q = torch.cat([q_nope, q_pe], dim=-1)
+        o = F.scaled_dot_product_attention(
+            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True, scale=self.scale
+        )
+        return o.transpose(1, 2)
+
+    def _absorbed_queries(self, q_nope: torch.Tensor, q_pe: torch.Tensor) -> torch.Tensor:
+        """[W_UK^T q_nope, q_pe] per head: [T, H, rank + rope]."""
+        w_uk, _ = self._up_projections()
+        return torch.cat([torch.einsum("thn,hnr->thr", q_nope, w_uk), q_pe], dim=-1)
+
+    def _values(self, attended: torch.Tensor) -> torch.Tensor:
+        """Latent attention results [T, H, rank] -> per-head values [T, H, v] through W_UV."""
+        _, w_uv = self._up_projections()
+        return torch.einsum("thr,hvr->thv", attended, w_uv)
 
     def _project(
         self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]
