@@ -28,6 +28,8 @@ from nanoinfer.model.rope import apply_rotary
 
 
 class MLAttention(PagedAttention):
+    """One MLA layer: the latent cache row per token, absorbed attention (see the module docstring)."""
+
     def __init__(self, config: ModelConfig, layer: int) -> None:
         super().__init__()
         c = config
