@@ -11,24 +11,15 @@ import time
 
 import torch
 
-from nanoinfer.bench.mla import BLOCK, _configs
-from nanoinfer.model.forward_batch import ForwardBatch, SequenceChunk
-from nanoinfer.model.kv_cache import PagedKVCache, write_slots
-from nanoinfer.model.mla import MLAttention
-from nanoinfer.model.rope import RotaryEmbedding
+from nanoinfer.bench.mla import BLOCK, _configs, layer_inputs, random_layer
+from nanoinfer.model.forward_batch import SequenceChunk
+from nanoinfer.model.kv_cache import write_slots
 
-torch.manual_seed(0)
 L = int(sys.argv[1]) if len(sys.argv) > 1 else 512
 config = _configs()["mla"]
-layer = MLAttention(config, 0).eval()
-with torch.no_grad():
-    for p in layer.parameters():
-        p.normal_(0, 0.02)
+layer = random_layer(config)
 blocks = L // BLOCK + 1
-kv = PagedKVCache(config, blocks, BLOCK, torch.float16)
-batch = ForwardBatch.build([SequenceChunk(list(range(L)), 0, list(range(blocks)))], BLOCK)
-rope = RotaryEmbedding(config.rope_dim, 10000.0, None, 4096)(batch.positions, torch.float32)
-x = torch.randn(L, config.hidden_size)
+kv, batch, rope, x = layer_inputs(config, [SequenceChunk(list(range(L)), 0, list(range(blocks)))], blocks)
 
 
 @torch.inference_mode()

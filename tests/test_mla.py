@@ -42,9 +42,10 @@ V2_LITE = {
 def test_the_cache_holds_the_latent_not_per_head_k_and_v():
     config = ModelConfig.from_hf(V2_LITE)
     assert config.kv_values_per_token == 512 + 64 == 576
-    mha_equivalent = 2 * 16 * (128 + 64)  # K of 192 and V padded to 192 per head, as a plain cache would
     assert kv_bytes_per_token(config, torch.float16) == 27 * 576 * 2
-    assert mha_equivalent / 576 > 10
+    # the same model with an ordinary cache: K and V of every head, 192 wide (V padded from 128)
+    full = config.replace(kv_lora_rank=0, num_kv_heads=16, head_dim=192)
+    assert kv_bytes_per_token(full, torch.float16) == 27 * 2 * 16 * 192 * 2
 
 
 @pytest.mark.parametrize("case_id", ["deepseek_v2", "deepseek_v3"])
@@ -145,10 +146,9 @@ def _write_deepseek2_gguf(model, path, split_kv_b: bool) -> None:
     split per head into k_b (transposed) and v_b (newer files, which describe MLA's head sizes
     in key/value_length_mla)."""
     import gguf
-    import numpy as np
+    from hf_to_gguf import common_tensors, finish, hf_state, open_writer, stacked_experts
 
-    c = model.config
-    state = {k: v.detach().float().numpy() for k, v in model.state_dict().items()}
+    c, state = model.config, hf_state(model)
     nope, rope, v_dim, rank, H = (
         c.qk_nope_head_dim,
         c.qk_rope_head_dim,
@@ -156,17 +156,11 @@ def _write_deepseek2_gguf(model, path, split_kv_b: bool) -> None:
         c.kv_lora_rank,
         c.num_attention_heads,
     )
-    tensors = {
-        "token_embd.weight": state["model.embed_tokens.weight"],
-        "output_norm.weight": state["model.norm.weight"],
-    }
-    tensors["output.weight"] = state["lm_head.weight"]
+    tensors = common_tensors(state, c.num_hidden_layers)
     names = {"q_proj": "attn_q", "q_a_proj": "attn_q_a", "q_a_layernorm": "attn_q_a_norm", "q_b_proj": "attn_q_b"}
     names |= {"kv_a_proj_with_mqa": "attn_kv_a_mqa", "kv_a_layernorm": "attn_kv_a_norm", "o_proj": "attn_output"}
     for i in range(c.num_hidden_layers):
         p, b = f"model.layers.{i}.", f"blk.{i}."
-        tensors[b + "attn_norm.weight"] = state[p + "input_layernorm.weight"]
-        tensors[b + "ffn_norm.weight"] = state[p + "post_attention_layernorm.weight"]
         for hf, ours in names.items():
             if p + f"self_attn.{hf}.weight" in state:
                 tensors[b + f"{ours}.weight"] = state[p + f"self_attn.{hf}.weight"]
@@ -181,24 +175,13 @@ def _write_deepseek2_gguf(model, path, split_kv_b: bool) -> None:
             for part in ("gate", "up", "down"):
                 tensors[b + f"ffn_{part}.weight"] = state[p + f"mlp.{part}_proj.weight"]
             continue
-        tensors[b + "ffn_gate_inp.weight"] = state[p + "mlp.gate.weight"]
+        tensors |= stacked_experts(state, i)
         if p + "mlp.gate.e_score_correction_bias" in state:
             tensors[b + "exp_probs_b.bias"] = state[p + "mlp.gate.e_score_correction_bias"]
-        gate_up = state[p + "mlp.experts.gate_up_proj"]
-        half = gate_up.shape[1] // 2
-        tensors[b + "ffn_gate_exps.weight"], tensors[b + "ffn_up_exps.weight"] = gate_up[:, :half], gate_up[:, half:]
-        tensors[b + "ffn_down_exps.weight"] = state[p + "mlp.experts.down_proj"]
         for part in ("gate", "up", "down"):
             tensors[b + f"ffn_{part}_shexp.weight"] = state[p + f"mlp.shared_experts.{part}_proj.weight"]
     sigmoid = c.model_type == "deepseek_v3"
-    w = gguf.GGUFWriter(str(path), "deepseek2")
-    w.add_block_count(c.num_hidden_layers)
-    w.add_context_length(c.max_position_embeddings)
-    w.add_embedding_length(c.hidden_size)
-    w.add_feed_forward_length(c.intermediate_size)
-    w.add_head_count(H)
-    w.add_head_count_kv(1 if split_kv_b else H)
-    w.add_layer_norm_rms_eps(c.rms_norm_eps)
+    w = open_writer(path, "deepseek2", c, head_count_kv=1 if split_kv_b else H)
     w.add_rope_freq_base(10000.0)
     w.add_rope_dimension_count(rope)
     w.add_kv_lora_rank(rank)
@@ -222,20 +205,7 @@ def _write_deepseek2_gguf(model, path, split_kv_b: bool) -> None:
     w.add_expert_gating_func(gguf.ExpertGatingFuncType.SIGMOID if sigmoid else gguf.ExpertGatingFuncType.SOFTMAX)
     w.add_expert_group_count(c.n_group)
     w.add_expert_group_used_count(c.topk_group)
-    vocab = [f"<t{i}>" for i in range(c.vocab_size)]
-    w.add_tokenizer_model("gpt2")
-    w.add_tokenizer_pre("default")
-    w.add_token_list(vocab)
-    w.add_token_types([1] * len(vocab))
-    w.add_token_merges([])
-    w.add_bos_token_id(1)
-    w.add_eos_token_id(2)
-    for name, value in tensors.items():
-        w.add_tensor(name, np.ascontiguousarray(value.astype(np.float32)))
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
+    finish(w, tensors, c.vocab_size)
 
 
 @pytest.mark.parametrize("case_id", ["deepseek_v2", "deepseek_v3"])

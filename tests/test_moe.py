@@ -131,64 +131,31 @@ def test_served_adapter_on_experts_is_a_request_error(tiny_model, tmp_path):
 def _write_gguf(model, path, arch: str) -> None:
     """The HF model `model` as llama.cpp's converter would write it: experts stacked [E, out, in],
     the router as ffn_gate_inp, llama q/k rows permuted (Mixtral is arch llama with experts)."""
-    import gguf
-    import numpy as np
+    from hf_to_gguf import common_tensors, finish, hf_state, open_writer, stacked_experts
     from test_gguf import _permute
 
-    c = model.config
+    c, state = model.config, hf_state(model)
     names = {"q_proj": "attn_q", "k_proj": "attn_k", "v_proj": "attn_v", "o_proj": "attn_output"}
     names |= {"q_norm": "attn_q_norm", "k_norm": "attn_k_norm"}
-    state = {k: v.detach().float().numpy() for k, v in model.state_dict().items()}
-    tensors = {
-        "token_embd.weight": state["model.embed_tokens.weight"],
-        "output_norm.weight": state["model.norm.weight"],
-    }
-    tensors["output.weight"] = state["lm_head.weight"]
+    tensors = common_tensors(state, c.num_hidden_layers)
     for i in range(c.num_hidden_layers):
         p, b = f"model.layers.{i}.", f"blk.{i}."
-        tensors[b + "attn_norm.weight"] = state[p + "input_layernorm.weight"]
-        tensors[b + "ffn_norm.weight"] = state[p + "post_attention_layernorm.weight"]
         for ours, theirs in names.items():
             if p + f"self_attn.{ours}.weight" in state:
                 w = state[p + f"self_attn.{ours}.weight"]
                 if arch == "llama" and ours in ("q_proj", "k_proj"):
                     w = _permute(w, c.num_attention_heads if ours == "q_proj" else c.num_key_value_heads)
                 tensors[b + f"{theirs}.weight"] = w
-        # in memory transformers 5 keeps experts stacked: gate_up [E, 2I, H] (gate first), down [E, H, I]
-        tensors[b + "ffn_gate_inp.weight"] = state[p + "mlp.gate.weight"]
-        gate_up = state[p + "mlp.experts.gate_up_proj"]
-        half = gate_up.shape[1] // 2
-        tensors[b + "ffn_gate_exps.weight"], tensors[b + "ffn_up_exps.weight"] = gate_up[:, :half], gate_up[:, half:]
-        tensors[b + "ffn_down_exps.weight"] = state[p + "mlp.experts.down_proj"]
-    w = gguf.GGUFWriter(str(path), arch)
-    w.add_block_count(c.num_hidden_layers)
-    w.add_context_length(c.max_position_embeddings)
-    w.add_embedding_length(c.hidden_size)
-    w.add_feed_forward_length(c.intermediate_size)
-    w.add_head_count(c.num_attention_heads)
-    w.add_head_count_kv(c.num_key_value_heads)
+        tensors |= stacked_experts(state, i)
+    w = open_writer(path, arch, c)
     w.add_key_length(c.head_dim)
     w.add_value_length(c.head_dim)
-    w.add_layer_norm_rms_eps(c.rms_norm_eps)
     w.add_rope_freq_base(c.rope_parameters["rope_theta"])
     w.add_expert_count(c.num_local_experts if arch == "llama" else c.num_experts)
     w.add_expert_used_count(c.num_experts_per_tok)
     if arch == "qwen3moe":
         w.add_expert_feed_forward_length(c.moe_intermediate_size)
-    vocab = [f"<t{i}>" for i in range(c.vocab_size)]
-    w.add_tokenizer_model("gpt2")
-    w.add_tokenizer_pre("default")
-    w.add_token_list(vocab)
-    w.add_token_types([1] * len(vocab))
-    w.add_token_merges([])
-    w.add_bos_token_id(1)
-    w.add_eos_token_id(2)
-    for name, value in tensors.items():
-        w.add_tensor(name, np.ascontiguousarray(value.astype(np.float32)))
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
+    finish(w, tensors, c.vocab_size)
 
 
 @pytest.mark.parametrize(

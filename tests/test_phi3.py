@@ -40,19 +40,12 @@ def test_partial_rotary_is_refused(tiny_model, tmp_path):
 def _write_gguf(model, path) -> None:
     """The HF Phi-3 as llama.cpp's converter writes it: attn_qkv and ffn_up fused, LongRoPE
     factors as tensors, no q/k permutation (Phi-3 rotates halves, as HF does)."""
-    import gguf
+    from hf_to_gguf import common_tensors, finish, hf_state, open_writer
 
-    c = model.config
-    state = {k: v.detach().float().numpy() for k, v in model.state_dict().items()}
-    tensors = {
-        "token_embd.weight": state["model.embed_tokens.weight"],
-        "output_norm.weight": state["model.norm.weight"],
-    }
-    tensors["output.weight"] = state["lm_head.weight"]
+    c, state = model.config, hf_state(model)
+    tensors = common_tensors(state, c.num_hidden_layers)
     for i in range(c.num_hidden_layers):
         p, b = f"model.layers.{i}.", f"blk.{i}."
-        tensors[b + "attn_norm.weight"] = state[p + "input_layernorm.weight"]
-        tensors[b + "ffn_norm.weight"] = state[p + "post_attention_layernorm.weight"]
         tensors[b + "attn_qkv.weight"] = state[p + "self_attn.qkv_proj.weight"]
         tensors[b + "attn_output.weight"] = state[p + "self_attn.o_proj.weight"]
         tensors[b + "ffn_up.weight"] = state[p + "mlp.gate_up_proj.weight"]
@@ -60,31 +53,11 @@ def _write_gguf(model, path) -> None:
     rope = c.rope_parameters
     tensors["rope_factors_long.weight"] = np.array(rope["long_factor"], dtype=np.float32)
     tensors["rope_factors_short.weight"] = np.array(rope["short_factor"], dtype=np.float32)
-    w = gguf.GGUFWriter(str(path), "phi3")
-    w.add_block_count(c.num_hidden_layers)
-    w.add_context_length(c.max_position_embeddings)
-    w.add_embedding_length(c.hidden_size)
-    w.add_feed_forward_length(c.intermediate_size)
-    w.add_head_count(c.num_attention_heads)
-    w.add_head_count_kv(c.num_key_value_heads)
-    w.add_layer_norm_rms_eps(c.rms_norm_eps)
+    w = open_writer(path, "phi3", c)
     w.add_rope_freq_base(rope["rope_theta"])
     w.add_rope_dimension_count(c.hidden_size // c.num_attention_heads)
     w.add_rope_scaling_orig_ctx_len(rope["original_max_position_embeddings"])
-    vocab = [f"<t{i}>" for i in range(c.vocab_size)]
-    w.add_tokenizer_model("gpt2")
-    w.add_tokenizer_pre("default")
-    w.add_token_list(vocab)
-    w.add_token_types([1] * len(vocab))
-    w.add_token_merges([])
-    w.add_bos_token_id(1)
-    w.add_eos_token_id(2)
-    for name, value in tensors.items():
-        w.add_tensor(name, np.ascontiguousarray(value.astype(np.float32)))
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
+    finish(w, tensors, c.vocab_size)
 
 
 def test_gguf_phi3_matches_transformers(tiny_model, tmp_path):

@@ -38,27 +38,42 @@ def _configs() -> dict[str, Any]:
     return {"mla": mla, "mha": mha}
 
 
-def _layer_step(config: Any) -> Any:
-    """A function running one decode step of one attention layer over the filled cache."""
-    from nanoinfer.model.forward_batch import ForwardBatch, SequenceChunk
-    from nanoinfer.model.kv_cache import PagedKVCache
+def random_layer(config: Any) -> Any:
+    """One attention layer of `config` (MLA or ordinary), weights drawn as transformers does."""
     from nanoinfer.model.layers import Attention
     from nanoinfer.model.mla import MLAttention
-    from nanoinfer.model.rope import RotaryEmbedding
 
     torch.manual_seed(0)
     layer = (MLAttention if config.is_mla else Attention)(config, 0).eval()
     with torch.no_grad():
         for p in layer.parameters():
             p.normal_(0, 0.02)
-    per_seq = -(-(CONTEXT + 1) // BLOCK)
-    kv = PagedKVCache(config, SEQS * per_seq, BLOCK, torch.float16)
-    for cache in (*kv.k, *kv.v):
-        cache.normal_(0, 1)
-    chunks = [SequenceChunk([1], CONTEXT, list(range(s * per_seq, (s + 1) * per_seq))) for s in range(SEQS)]
+    return layer
+
+
+def layer_inputs(config: Any, chunks: list[Any], num_blocks: int) -> tuple[Any, Any, Any, torch.Tensor]:
+    """A float16 paged cache of num_blocks blocks, the step's batch of `chunks`, its RoPE
+    tables and random hidden states: (cache, batch, rope, x)."""
+    from nanoinfer.model.forward_batch import ForwardBatch
+    from nanoinfer.model.kv_cache import PagedKVCache
+    from nanoinfer.model.rope import RotaryEmbedding
+
+    kv = PagedKVCache(config, num_blocks, BLOCK, torch.float16)
     batch = ForwardBatch.build(chunks, BLOCK)
     rope = RotaryEmbedding(config.rope_dim, 10000.0, None, 4096)(batch.positions, torch.float32)
-    x = torch.randn(SEQS, config.hidden_size)
+    return kv, batch, rope, torch.randn(batch.num_tokens, config.hidden_size)
+
+
+def _layer_step(config: Any) -> Any:
+    """A function running one decode step of one attention layer over a filled cache."""
+    from nanoinfer.model.forward_batch import SequenceChunk
+
+    layer = random_layer(config)
+    per_seq = -(-(CONTEXT + 1) // BLOCK)
+    chunks = [SequenceChunk([1], CONTEXT, list(range(s * per_seq, (s + 1) * per_seq))) for s in range(SEQS)]
+    kv, batch, rope, x = layer_inputs(config, chunks, SEQS * per_seq)
+    for cache in (*kv.k, *kv.v):
+        cache.normal_(0, 1)
 
     @torch.inference_mode()
     def step() -> float:

@@ -16,7 +16,7 @@ from nanoinfer.config import GenerationDefaults, ModelConfig
 from nanoinfer.errors import ModelLoadError
 from nanoinfer.loading.gguf_reader import GGUFFile, GGUFFormatError
 from nanoinfer.loading.gguf_tokenizer import tokenizer_from_gguf_metadata
-from nanoinfer.loading.package import ModelPackage, expected_shapes
+from nanoinfer.loading.package import ModelPackage, expected_shapes, fused_parts
 from nanoinfer.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
@@ -64,7 +64,7 @@ _GLOBAL_NAMES = {"token_embd": "embed", "output_norm": "norm", "output": "lm_hea
 # llama 3 precomputed rope factors (see config notes); Phi-3's LongRoPE factors, read into the config
 _IGNORED = {"rope_freqs.weight", "rope_factors_long.weight", "rope_factors_short.weight"}
 # Phi-3 keeps q/k/v in one attn_qkv and gate/up in one ffn_up (2 x feed_forward_length rows)
-_FUSED = {"attn_qkv": ("attn.q_proj", "attn.k_proj", "attn.v_proj"), "ffn_up": ("mlp.gate_proj", "mlp.up_proj")}
+_FUSED = {"attn_qkv": "qkv", "ffn_up": "gate_up"}
 _BLOCK = re.compile(r"^blk\.(\d+)\.(\w+)\.(weight|bias)$")
 
 
@@ -281,13 +281,7 @@ def _fused_parts(gguf_name: str, config: ModelConfig) -> dict[str, tuple[int, in
     m = _BLOCK.match(gguf_name)
     if config.architecture != "phi3" or not m or m.group(2) not in _FUSED or m.group(3) != "weight":
         return {}
-    c = config
-    sizes = [c.q_size, c.kv_size, c.kv_size] if m.group(2) == "attn_qkv" else [c.intermediate_size] * 2
-    parts, start = {}, 0
-    for part, n in zip(_FUSED[m.group(2)], sizes):
-        parts[f"layers.{m.group(1)}.{part}.weight"] = (start, start + n)
-        start += n
-    return parts
+    return fused_parts(config, m.group(1), _FUSED[m.group(2)])
 
 
 def _longrope_scaling(gf: GGUFFile, meta: dict[str, Any], config: ModelConfig) -> dict[str, Any]:

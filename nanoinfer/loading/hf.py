@@ -13,7 +13,7 @@ from safetensors import SafetensorError, safe_open
 
 from nanoinfer.config import GenerationDefaults, ModelConfig
 from nanoinfer.errors import ModelLoadError
-from nanoinfer.loading.package import expected_shapes
+from nanoinfer.loading.package import expected_shapes, fused_parts
 
 if TYPE_CHECKING:
     from nanoinfer.loading.package import ModelPackage
@@ -173,21 +173,15 @@ def _locate_tensors(root: Path, config: ModelConfig) -> dict[str, tuple[Path, st
 
 
 def _fused_parts(hf_name: str, config: ModelConfig) -> list[tuple[str, FusedRows]]:
-    """Phi-3 stores q/k/v in one qkv_proj and gate/up in one gate_up_proj: each part's canonical
-    name, its rows, and the fused tensor's row count; [] for other tensors."""
+    """Phi-3's qkv_proj and gate_up_proj: each part's canonical name, its rows, and the fused
+    tensor's row count; [] for other tensors."""
     match = _LAYER_RE.fullmatch(hf_name.removeprefix("model."))
-    if not match or match.group(2) not in ("self_attn.qkv_proj.weight", "mlp.gate_up_proj.weight"):
+    fused = {"self_attn.qkv_proj.weight": "qkv", "mlp.gate_up_proj.weight": "gate_up"}
+    if not match or match.group(2) not in fused:
         return []
-    c, prefix = config, f"layers.{match.group(1)}."
-    if match.group(2).startswith("self_attn"):
-        sizes = [("attn.q_proj", c.q_size), ("attn.k_proj", c.kv_size), ("attn.v_proj", c.kv_size)]
-    else:
-        sizes = [("mlp.gate_proj", c.intermediate_size), ("mlp.up_proj", c.intermediate_size)]
-    total, start, parts = sum(n for _, n in sizes), 0, []
-    for part, n in sizes:
-        parts.append((f"{prefix}{part}.weight", (start, start + n, total)))
-        start += n
-    return parts
+    parts = fused_parts(config, match.group(1), fused[match.group(2)])
+    total = max(end for _, end in parts.values())
+    return [(name, (start, end, total)) for name, (start, end) in parts.items()]
 
 
 def _open(file: Path) -> Any:

@@ -98,3 +98,18 @@ def _mla_shapes(p: str, c: ModelConfig) -> dict[str, tuple[int, ...]]:
     else:
         shapes[p + "attn.q_proj.weight"] = (H * qk, c.hidden_size)
     return shapes
+
+
+def fused_parts(config: ModelConfig, layer: str, fused: str) -> dict[str, tuple[int, int]]:
+    """Phi-3 checkpoints keep q/k/v in one tensor ("qkv") and gate/up in another ("gate_up"):
+    each part's canonical name in `layer` and its rows (start, end) of the fused tensor."""
+    c = config
+    if fused == "qkv":
+        sizes = {"attn.q_proj": c.q_size, "attn.k_proj": c.kv_size, "attn.v_proj": c.kv_size}
+    else:
+        sizes = {"mlp.gate_proj": c.intermediate_size, "mlp.up_proj": c.intermediate_size}
+    parts, start = {}, 0
+    for part, n in sizes.items():
+        parts[f"layers.{layer}.{part}.weight"] = (start, start + n)
+        start += n
+    return parts

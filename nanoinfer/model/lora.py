@@ -194,6 +194,8 @@ class LoRABatch:
     def set_rows(self, chunks: list[tuple[int, int]]) -> None:
         """The step's (slot, rows) per chunk in batch order (slot 0: the base model)."""
         self._tiled, self.mask, self.masked_rows, self.segments = {}, None, None, []
+        if not any(slot for slot, _ in chunks):  # base-model traffic: nothing to lay out per row
+            return
         masked_slots: list[int] = []
         masked_rows: list[int] = []
         row = 0

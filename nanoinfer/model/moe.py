@@ -137,16 +137,20 @@ class SparseMoE(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         flat = x.reshape(-1, x.shape[-1])
         weights, ids = self.router(flat)
-        if flat.shape[0] == 1 and self._c_tables(flat) is None:
+        tables = self._c_tables(flat)
+        if flat.shape[0] == 1 and tables is None:
             out = self._one_token(flat, weights[0], ids[0])
         else:
-            out = self._grouped(flat, weights, ids)
+            out = self._grouped(flat, weights, ids, tables)
         if self.shared_experts is not None:
             out = out + self.shared_experts(flat)
         return out.reshape(x.shape)
 
-    def _grouped(self, flat: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-        """Tokens grouped by expert, each expert once over its group, the results added back."""
+    def _grouped(
+        self, flat: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, tables: ExpertTables | None
+    ) -> torch.Tensor:
+        """Tokens grouped by expert, each expert once over its group (one C call for all of them
+        given `tables`), the results added back."""
         choices = ids.flatten()  # [T * k]: token t's j-th expert at t * k + j
         order = choices.argsort(stable=True)  # the choices grouped by expert
         counts = torch.bincount(choices, minlength=len(self.experts))
@@ -154,7 +158,6 @@ class SparseMoE(nn.Module):
             self.expert_tokens += counts
         rows = order // self.router.top_k  # the token of each grouped choice
         grouped = flat.index_select(0, rows)
-        tables = self._c_tables(grouped)
         if tables is not None:  # every expert int4 on our kernels: one C call for all of them
             ours, gate_up, down = tables
             outputs = ours.moe_experts(gate_up, down, counts, grouped, self.expert_width, self.gelu)

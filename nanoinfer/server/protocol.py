@@ -20,6 +20,13 @@ class _Request(BaseModel):
     model_config = ConfigDict(extra="ignore", allow_inf_nan=False)
 
 
+class _StrictRequest(_Request):
+    """A part of a request whose unknown fields are refused, not ignored: a misspelt tool or
+    schema field would otherwise be silently dropped."""
+
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+
+
 # ---- requests -------------------------------------------------------------------------------
 
 
@@ -55,8 +62,7 @@ class ChatMessage(_Request):
     tool_call_id: str | None = None  # a tool message: the call it answers
 
 
-class FunctionDefinition(_Request):
-    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+class FunctionDefinition(_StrictRequest):
     name: str
     description: str | None = None
     parameters: dict[str, Any] | None = None  # a JSON schema; none: the function takes no arguments
@@ -65,27 +71,23 @@ class FunctionDefinition(_Request):
     strict: StrictBool | None = None
 
 
-class Tool(_Request):
-    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+class Tool(_StrictRequest):
     type: Literal["function"]
     function: FunctionDefinition
 
 
-class FunctionName(_Request):
-    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+class FunctionName(_StrictRequest):
     name: str
 
 
-class NamedToolChoice(_Request):
-    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+class NamedToolChoice(_StrictRequest):
     type: Literal["function"]
     function: FunctionName
 
 
-class StructuredOutputsRequest(_Request):
+class StructuredOutputsRequest(_StrictRequest):
     """vLLM's structured_outputs: exactly one of these (checked by StructuredOutputsParams)."""
 
-    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
     json_schema: dict[str, Any] | str | None = Field(default=None, alias="json")
     regex: str | None = None
     choice: list[str] | None = None
@@ -93,8 +95,7 @@ class StructuredOutputsRequest(_Request):
     json_object: StrictBool | None = None
 
 
-class JsonSchemaFormat(_Request):
-    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+class JsonSchemaFormat(_StrictRequest):
     name: str = Field(min_length=1, max_length=64)
     description: str | None = None
     # "schema" would shadow a BaseModel attribute; the wire name stays "schema".
@@ -102,10 +103,9 @@ class JsonSchemaFormat(_Request):
     strict: StrictBool | None = None
 
 
-class ResponseFormat(_Request):
+class ResponseFormat(_StrictRequest):
     """OpenAI's response_format: plain text, any JSON object, or JSON matching a schema."""
 
-    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
     type: Literal["text", "json_object", "json_schema"]
     json_schema: JsonSchemaFormat | None = None
 
@@ -174,14 +174,12 @@ class TokenizeRequest(_Request):
     add_generation_prompt: bool = True
 
 
-class LoadLoRAAdapterRequest(_Request):
-    model_config = ConfigDict(extra="forbid")
+class LoadLoRAAdapterRequest(_StrictRequest):
     lora_name: str = Field(min_length=1, max_length=256)
     lora_path: str = Field(min_length=1)
 
 
-class UnloadLoRAAdapterRequest(_Request):
-    model_config = ConfigDict(extra="forbid")
+class UnloadLoRAAdapterRequest(_StrictRequest):
     lora_name: str = Field(min_length=1, max_length=256)
 
 
