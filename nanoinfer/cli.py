@@ -79,6 +79,13 @@ def _add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--merge-lora", default=None, metavar="DIR", help="fold this PEFT LoRA adapter into the weights at load"
     )
+    p.add_argument(
+        "--tensor-parallel-size",
+        "-tp",
+        type=int,
+        default=EngineConfig.tensor_parallel_size,
+        help="split the model over this many ranks (worker processes here, or the ranks torchrun started)",
+    )
 
 
 def _add_sampling_args(p: argparse.ArgumentParser) -> None:
@@ -106,6 +113,8 @@ def _engine_kwargs(args: argparse.Namespace) -> dict[str, Any]:
         kwargs.update(enable_lora=True, max_loras=args.max_loras, max_lora_rank=args.max_lora_rank)
     if getattr(args, "merge_lora", None):
         kwargs["merge_lora"] = args.merge_lora
+    if getattr(args, "tensor_parallel_size", None):
+        kwargs["tensor_parallel_size"] = args.tensor_parallel_size
     return kwargs
 
 
@@ -447,6 +456,67 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return bench_main(rest[1:] if rest[:1] == ["--"] else rest)
 
 
+def _add_memory_parser(sub: Any) -> None:
+    """`nanoinfer memory`: the memory planner (nanoinfer/memory.py), from metadata only."""
+    from nanoinfer.config import DTYPE_CHOICES, KV_CACHE_DTYPES, EngineConfig
+    from nanoinfer.loading.registry import BUILTIN_MODELS, DEFAULT_MODEL
+
+    p = sub.add_parser(
+        "memory",
+        help="weights, KV cache and activations per rank, from a config.json or GGUF header (no weights loaded)",
+    )
+    p.add_argument(
+        "--model",
+        "-m",
+        default=DEFAULT_MODEL,
+        help=f"built-in name ({', '.join(BUILTIN_MODELS)}), model directory, config.json or .gguf file "
+        f"(default: {DEFAULT_MODEL})",
+    )
+    p.add_argument("--dtype", default="auto", choices=DTYPE_CHOICES, help="as for run (default: auto)")
+    p.add_argument("--quantization", "-q", default=None, choices=["none", "int8", "int4"], help="default: the model's")
+    p.add_argument("--kv-cache-dtype", default="auto", choices=KV_CACHE_DTYPES, help="as for run (default: auto)")
+    p.add_argument("--max-model-len", type=int, default=None, help="context window (default: the model's)")
+    p.add_argument("--max-num-seqs", type=int, default=EngineConfig.max_num_seqs, help="sequences per step")
+    p.add_argument(
+        "--max-num-batched-tokens", type=int, default=EngineConfig.max_num_batched_tokens, help="tokens per step"
+    )
+    p.add_argument("--block-size", type=int, default=EngineConfig.block_size, help="tokens per KV block")
+    p.add_argument("--kv-cache-memory", default=None, help="KV pool size as for run, e.g. 2GiB")
+    p.add_argument("--device", default=EngineConfig.device, help="cpu or cuda (default: cpu)")
+    p.add_argument("--tensor-parallel-size", "-tp", type=int, default=1, help="ranks each layer is split over")
+    p.add_argument("--pipeline-parallel-size", "-pp", type=int, default=1, help="stages the layers are split into")
+    p.add_argument(
+        "--memory", default=None, help="memory per rank, e.g. 16GiB: also print the largest batch and context that fit"
+    )
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.set_defaults(func=cmd_memory)
+
+
+def cmd_memory(args: argparse.Namespace) -> int:
+    import json
+
+    from nanoinfer.config import EngineConfig, parse_memory
+    from nanoinfer.memory import format_plan, plan_memory, read_metadata
+
+    engine = EngineConfig(
+        max_model_len=args.max_model_len,
+        max_num_seqs=args.max_num_seqs,
+        max_num_batched_tokens=args.max_num_batched_tokens,
+        block_size=args.block_size,
+        kv_cache_memory=parse_memory(args.kv_cache_memory) if args.kv_cache_memory else None,
+        dtype=args.dtype,
+        kv_cache_dtype=args.kv_cache_dtype,
+        quantization=args.quantization,
+        device=args.device,
+    )
+    memory = parse_memory(args.memory) if args.memory else None
+    plan = plan_memory(
+        read_metadata(args.model), engine, args.tensor_parallel_size, args.pipeline_parallel_size, memory
+    )
+    print(json.dumps(plan.to_json(), indent=2) if args.json else format_plan(plan))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="nanoinfer", description="A from-scratch LLM inference engine.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -495,6 +565,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     bench.add_argument("bench_args", nargs=argparse.REMAINDER)
     bench.set_defaults(func=cmd_bench)
+    _add_memory_parser(sub)
     return parser
 
 

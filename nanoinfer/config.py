@@ -454,6 +454,9 @@ class EngineConfig:
     max_lora_rank: int = 16
     # A PEFT LoRA adapter folded into the weights at load: one adapter at base-model speed.
     merge_lora: str | None = None
+    # Ranks a model is split over, Megatron-style (engine/workers.py); > 1 spawns the other ranks
+    # on this host, or joins the ranks torchrun started.
+    tensor_parallel_size: int = 1
 
 
 # Decimal units are powers of 1000, binary ones powers of 1024. The bare letters K/M/G/T are

@@ -67,8 +67,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--prefix-len", type=int, default=1024)
     p.add_argument(
         "--scenarios",
-        default="pp512,tg128,serving,shared_prefix,lora,moe,mla",
-        help="lora, moe, mla: see lora.py, moe.py, mla.py; also spec (spec.py), structured (structured.py)",
+        default="pp512,tg128,serving,shared_prefix,lora,moe,mla,tp",
+        help="lora, moe, mla, tp: see lora.py, moe.py, mla.py, parallel.py; also spec (spec.py), "
+        "structured (structured.py)",
     )
     p.add_argument("--structured-concurrency", type=int, default=16, help="structured: serving clients")
     p.add_argument("--structured-requests", type=int, default=32, help="structured: serving requests")
@@ -203,6 +204,10 @@ def run_engines(peers: dict[str, Any], args: argparse.Namespace, vocab: list[int
         from nanoinfer.bench.mla import run_mla  # it imports this module
 
         results["nanoinfer"]["mla"] = run_mla(args, log)
+    if "tp" in scenarios:
+        from nanoinfer.bench.parallel import run_parallel  # it imports this module
+
+        results["nanoinfer"]["tp"] = run_parallel(args, log)
     if "moe" in scenarios:
         from nanoinfer.bench.moe import run_moe  # it imports this module
 

@@ -80,6 +80,10 @@ def markdown(results: dict[str, Any]) -> str:
         from nanoinfer.bench.moe import moe_markdown
 
         lines += ["", *moe_markdown(engines["nanoinfer"]["moe"])]
+    if "tp" in engines.get("nanoinfer", {}):
+        from nanoinfer.bench.parallel import parallel_markdown
+
+        lines += ["", *parallel_markdown(engines["nanoinfer"]["tp"])]
     if "lora" in engines.get("nanoinfer", {}):
         from nanoinfer.bench.lora import lora_markdown
 

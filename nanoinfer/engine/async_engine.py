@@ -154,6 +154,7 @@ class AsyncEngine:
         self._stop.set()
         self._commands.put((lambda: None, concurrent.futures.Future()))
         self._thread.join(timeout=5)
+        self.engine.shutdown()
 
     def _count(self, delta: int) -> None:
         with self._count_lock:

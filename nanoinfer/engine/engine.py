@@ -18,7 +18,7 @@ import torch
 from nanoinfer.adapters.peft_files import merge_adapter
 from nanoinfer.adapters.serving import LoRAManager, LoRARequest
 from nanoinfer.config import EngineConfig
-from nanoinfer.engine.kv_cache_manager import KVCacheManager
+from nanoinfer.engine.kv_cache_manager import KVCacheManager, KVStorage
 from nanoinfer.engine.metrics import EngineMetrics, ExpertLoadCollector
 from nanoinfer.engine.model_setup import build_model, kv_cache_dtype
 from nanoinfer.engine.radix_cache import RadixCache
@@ -29,17 +29,16 @@ from nanoinfer.engine.sequence import Sequence
 from nanoinfer.engine.speculative import NgramProposer, Proposer, SpeculativeConfig, verify_token
 from nanoinfer.engine.stop import StopChecker
 from nanoinfer.engine.structured import StructuredOutputs
+from nanoinfer.engine.workers import BroadcastKVCopies, TensorParallelGroup, run_torchrun_worker_if_needed
 from nanoinfer.errors import RequestError
 from nanoinfer.loading import ModelPackage, load_package
-from nanoinfer.model.kv_cache import PagedKVCache, kv_bytes_per_token
+from nanoinfer.memory import kv_pool_bytes
+from nanoinfer.model.kv_cache import PagedKVCache
 from nanoinfer.outputs import CompletionOutput, RequestOutput
 from nanoinfer.sampling_params import RequestOutputKind, SamplingParams
 from nanoinfer.tokenizer import IncrementalDetokenizer
 
 log = logging.getLogger(__name__)
-
-# With neither --kv-cache-memory nor --max-model-len given, the pool is capped here.
-DEFAULT_KV_CAP_BYTES = 2 << 30
 
 
 @dataclass
@@ -56,7 +55,19 @@ class LLMEngine:
 
     def __init__(self, model: str | ModelPackage, config: EngineConfig | None = None):
         self.config = config = config or EngineConfig()
-        package = load_package(model) if isinstance(model, str) else model
+        self.tp_group = self._start_tensor_parallel(model, config)
+        try:
+            self._build(model, config)
+        except BaseException:
+            self.shutdown()  # the other ranks must not outlive a failed start
+            raise
+
+    def _build(self, model: str | ModelPackage, config: EngineConfig) -> None:
+        """Load the model (this rank's shard), size the KV pool and set up every part of the engine."""
+        if isinstance(model, str):
+            package = load_package(model, None if self.tp_group is None else self.tp_group.weight_filter())
+        else:
+            package = model
         self.model_config = package.config
         self.tokenizer = package.tokenizer
         self.generation = package.generation
@@ -64,7 +75,8 @@ class LLMEngine:
         self.quantization = config.quantization or package.default_quantization
         if config.merge_lora is not None:
             merge_adapter(package.weights, package.config, config.merge_lora)
-        self.model = build_model(package, config.dtype, self.quantization, config.device, config.dense_above_rows)
+        tp = None if self.tp_group is None else self.tp_group.tensor_parallel(package.config)
+        self.model = build_model(package, config.dtype, self.quantization, config.device, config.dense_above_rows, tp)
         dtype = self.model.dtype
         self.max_model_len = min(
             config.max_model_len or package.config.max_position_embeddings, package.config.max_position_embeddings
@@ -74,10 +86,14 @@ class LLMEngine:
             log.warning("KV pool holds %d tokens; max_model_len lowered from %d", kv.num_slots, self.max_model_len)
             self.max_model_len = kv.num_slots
         self.lora = LoRAManager(self.model, config.max_loras, config.max_lora_rank) if config.enable_lora else None
-        self.runner = ModelRunner(self.model, kv, self.lora)
+        storage: KVStorage = kv
+        if self.tp_group is not None:
+            self.tp_group.connect(self.tp_group.setup_for(self.model_config, config, kv))
+            storage = self.tp_group.kv_copies = BroadcastKVCopies(kv)
+        self.runner = ModelRunner(self.model, kv, self.lora, self.tp_group)
         # The one owner of block references; the scheduler asks it for memory, the engine never does.
         self.kv_manager = KVCacheManager(
-            kv, kv.num_blocks, config.block_size, config.prefix_page_size, config.enable_prefix_cache
+            storage, kv.num_blocks, config.block_size, config.prefix_page_size, config.enable_prefix_cache
         )
         can_start = self._lora_slot_ready if self.lora is not None else None
         self.scheduler = Scheduler(self.kv_manager, config.max_num_seqs, config.max_num_batched_tokens, can_start)
@@ -96,6 +112,25 @@ class LLMEngine:
         self.last_step_requests: list[str] = []  # whom the latest step worked for (to fail them if it raised)
         self._synced = {"queries": 0, "hits": 0, "preemptions": 0}  # stats already counted in metrics
 
+    @staticmethod
+    def _start_tensor_parallel(model: str | ModelPackage, config: EngineConfig) -> TensorParallelGroup | None:
+        """The tensor-parallel group this engine is rank 0 of, or None at one rank. Under torchrun
+        the other ranks never return from here: they serve steps until rank 0 shuts down."""
+        size = config.tensor_parallel_size
+        if size < 1:
+            raise ValueError(f"tensor_parallel_size must be at least 1, got {size}")
+        if size == 1:
+            return None
+        if config.enable_lora or config.merge_lora is not None:
+            raise ValueError("LoRA adapters are not supported with tensor_parallel_size > 1 yet")
+        run_torchrun_worker_if_needed(model, config)
+        return TensorParallelGroup(size, model, config)
+
+    def shutdown(self) -> None:
+        """Stop the tensor-parallel workers, if any (the engine cannot step afterwards)."""
+        if self.tp_group is not None:
+            self.tp_group.shutdown()
+
     @property
     def prefix_cache(self) -> RadixCache:
         """The manager's radix tree, for stats and benchmarks (``reset()`` between timed runs)."""
@@ -112,13 +147,11 @@ class LLMEngine:
         return NgramProposer(spec)
 
     def _make_kv_cache(self, dtype: torch.dtype) -> PagedKVCache:
+        # The memory planner sizes the pool, so `nanoinfer memory` and the engine never disagree.
+        # The model's config is this rank's shard config under tensor parallelism.
         c = self.config
-        memory = c.kv_cache_memory
-        if memory is None:
-            memory = kv_bytes_per_token(self.model_config, dtype) * self.max_model_len * c.max_num_seqs
-            if c.max_model_len is None:  # the model's full window x 64 sequences can be tens of GiB
-                memory = min(memory, DEFAULT_KV_CAP_BYTES)
-        return PagedKVCache.for_memory(self.model_config, memory, c.block_size, dtype, c.device)
+        memory = kv_pool_bytes(self.model.config, dtype, c, self.max_model_len)
+        return PagedKVCache.for_memory(self.model.config, memory, c.block_size, dtype, c.device)
 
     # ---- requests -----------------------------------------------------------------------------
 

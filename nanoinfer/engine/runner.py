@@ -6,14 +6,22 @@ import torch
 
 from nanoinfer.adapters.serving import LoRAManager
 from nanoinfer.engine.scheduler import ScheduledChunk
+from nanoinfer.engine.workers import TensorParallelGroup
 from nanoinfer.model.forward_batch import ForwardBatch, SequenceChunk
 from nanoinfer.model.kv_cache import PagedKVCache
 from nanoinfer.model.transformer import Transformer
 
 
 class ModelRunner:
-    def __init__(self, model: Transformer, kv_cache: PagedKVCache, lora: LoRAManager | None = None):
+    def __init__(
+        self,
+        model: Transformer,
+        kv_cache: PagedKVCache,
+        lora: LoRAManager | None = None,
+        tp_group: TensorParallelGroup | None = None,
+    ):
         self.model = model
+        self.tp_group = tp_group  # the other ranks run each step's chunks too
         self.kv_cache = kv_cache
         self.lora = lora  # tells the adapters which rows are whose
         self.sliding_window = model.config.sliding_window
@@ -22,18 +30,21 @@ class ModelRunner:
     def execute(self, chunks: list[ScheduledChunk]) -> torch.Tensor:
         """Logits for the chunks that complete their sequence, in chunk order: one row each, or
         1 + num_draft rows for a chunk verifying drafts."""
+        seq_chunks = [
+            SequenceChunk(
+                token_ids=c.seq.token_slice(c.seq.num_computed, c.seq.num_computed + c.num_tokens - c.num_draft)
+                + c.seq.draft_ids[: c.num_draft],
+                start_pos=c.seq.num_computed,
+                block_table=c.seq.block_table,
+                want_logits=c.completes,
+                num_logits=1 + c.num_draft,
+            )
+            for c in chunks
+        ]
+        if self.tp_group is not None:
+            self.tp_group.broadcast_step(seq_chunks)
         batch = ForwardBatch.build(
-            [
-                SequenceChunk(
-                    token_ids=c.seq.token_slice(c.seq.num_computed, c.seq.num_computed + c.num_tokens - c.num_draft)
-                    + c.seq.draft_ids[: c.num_draft],
-                    start_pos=c.seq.num_computed,
-                    block_table=c.seq.block_table,
-                    want_logits=c.completes,
-                    num_logits=1 + c.num_draft,
-                )
-                for c in chunks
-            ],
+            seq_chunks,
             self.kv_cache.block_size,
             self.sliding_window,
             self.model.device,

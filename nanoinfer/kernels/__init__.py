@@ -175,14 +175,30 @@ class DecodeLayer(ctypes.Structure):
     ]
 
 
+class ShmGroup(ctypes.Structure):
+    """A tensor-parallel group's shared-memory segment as one rank sees it (see cpu_kernels.c)."""
+
+    _fields_ = [
+        ("rank", ctypes.c_int64),
+        ("world", ctypes.c_int64),
+        ("capacity", ctypes.c_int64),
+        ("flags", ctypes.c_void_p),
+        ("data", ctypes.c_void_p),
+        ("step", ctypes.c_int64),
+        ("ns", ctypes.c_int64),
+    ]
+
+
 class DecodeStep(ctypes.Structure):
-    """The per-step addressing every layer shares: RoPE tables, KV slots, block tables."""
+    """The per-step addressing every layer shares: RoPE tables, KV slots, block tables, and the
+    tensor-parallel group the layers sum their partial outputs over (None: one rank)."""
 
     _fields_ = [
         *((name, ctypes.c_void_p) for name in ("cos_t", "sin_t", "slots", "block_tables", "ctx_lens")),
         ("max_blocks", ctypes.c_int64),
         ("block_size", ctypes.c_int64),
         ("kv_half", ctypes.c_int64),
+        ("tp", ctypes.POINTER(ShmGroup)),
     ]
 
 
@@ -216,10 +232,14 @@ class CpuKernels:
             "gated_act": [ptr, i64, i64, i32, ptr, i32],
             "decode_layers": [ctypes.POINTER(DecodeLayer), i64, ctypes.POINTER(DecodeStep), ptr, i64, i32],
             "moe_experts": [ctypes.POINTER(Q4Weight), ctypes.POINTER(Q4Weight), i64, ptr, ptr, i64, i64, i32, ptr, i32],
+            "shm_all_reduce": [ctypes.POINTER(ShmGroup), ptr, i64],
+            "shm_all_gather": [ctypes.POINTER(ShmGroup), ptr, i64, ptr],
+            "shm_broadcast": [ctypes.POINTER(ShmGroup), ptr, i64],
         }
+        returns_status = ("decode_layers", "shm_all_reduce", "shm_all_gather", "shm_broadcast")
         for name, argtypes in signatures.items():
             fn = getattr(lib, name)
-            fn.argtypes, fn.restype = argtypes, None
+            fn.argtypes, fn.restype = argtypes, (ctypes.c_int if name in returns_status else None)
         self.lib = lib
         self.path = path
 
@@ -354,9 +374,15 @@ class CpuKernels:
 
     def decode_layers(self, layers: ctypes.Array, step: DecodeStep, x: torch.Tensor) -> None:
         """Every layer of a ctypes DecodeLayer array in turn over the decode rows x, in place."""
-        self.lib.decode_layers(
+        status = self.lib.decode_layers(
             layers, len(layers), ctypes.byref(step), x.data_ptr(), x.shape[0], torch.get_num_threads()
         )
+        if status:
+            raise TensorParallelAborted("a tensor-parallel rank stopped during the step")
+
+
+class TensorParallelAborted(RuntimeError):
+    """A shared-memory exchange gave up because the group was aborted (a rank died or is closing)."""
 
 
 def kernels() -> CpuKernels | None:

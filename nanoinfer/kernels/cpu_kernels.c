@@ -8,6 +8,7 @@
  *   paged_attention  query rows (decode steps and prompt rows alike) against K/V read in place
  *                    from the paged cache (no gather into a contiguous copy first); the cache
  *                    holds float32 or IEEE half (kv_half), widened to float32 as it is read
+ *   shm_*       tensor-parallel ranks on one host exchanging partial sums through shared memory
  *
  * Elsewhere activations, scales and results are float32 and every product is accumulated in
  * float32, so those agree with "dequantize, then float32 matmul" to rounding order. Built at first use
@@ -15,10 +16,13 @@
  * AVX2/FMA paths are taken when the compiler targets them, plain C loops otherwise.
  * OpenMP: linked against the libgomp torch has already loaded, so there is one thread pool.
  */
+#define _GNU_SOURCE /* sched_yield, nanosleep under -std=c11 */
 #include <math.h>
+#include <sched.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
 #ifdef __AVX2__
 #include <immintrin.h>
 #endif
@@ -964,6 +968,110 @@ void gated_act(const float *gate_up, int64_t T, int64_t I, int gelu, float *out,
     }
 }
 
+/* ---- tensor-parallel exchange through shared memory ------------------------------------------
+ * Ranks on one host sum their partial outputs here instead of through gloo, whose small-message
+ * all-reduce costs hundreds of microseconds and a decode step needs two per layer
+ * (docs/performance.md, "Tensor parallelism"). The segment (made by nanoinfer/model/comm.py):
+ * one 64-byte line per rank holding the count of exchanges it has published, an abort word, then
+ * two buffers of `world` slots of `capacity` bytes. An exchange: copy into my slot of buffer
+ * (step & 1), publish step, wait until every rank has, read. Two buffers suffice: a rank can
+ * write step + 2 only after every rank published step + 1, which each does after reading step.
+ * Every rank sums the slots in rank order, so all ranks get bit-identical results. */
+typedef struct {
+    int64_t rank, world, capacity;
+    int64_t *flags; /* shared: flags[8 * r] is rank r's published step; flags[8 * world] is abort */
+    char *data;     /* shared: 2 * world * capacity bytes */
+    int64_t step;   /* this rank's exchanges so far */
+    int64_t ns;     /* nanoseconds this rank has spent in exchanges (waiting included) */
+} ShmGroup;
+
+static inline void cpu_relax(void) {
+#ifdef __AVX2__
+    _mm_pause();
+#endif
+}
+
+/* Spin briefly (the peer is usually a few microseconds behind), then yield, then nap for longer
+ * and longer (up to 1 ms), so an idle rank waiting for the next step does not hold a core.
+ * Returns -1 once the group is aborted. */
+static int shm_wait_all(ShmGroup *g, int64_t step) {
+    volatile int64_t *abort_word = g->flags + 8 * g->world;
+    long nap_ns = 20000;
+    for (int64_t r = 0; r < g->world; r++) {
+        for (int64_t spins = 0; __atomic_load_n(g->flags + 8 * r, __ATOMIC_ACQUIRE) < step; spins++) {
+            if (*abort_word) return -1;
+            if (spins < 4096) {
+                cpu_relax();
+            } else if (spins < 32768) {
+                sched_yield();
+            } else {
+                struct timespec nap = {0, nap_ns};
+                nanosleep(&nap, NULL);
+                nap_ns = nap_ns < 1000000 ? nap_ns * 2 : nap_ns;
+            }
+        }
+    }
+    return 0;
+}
+
+static int64_t now_ns(void) {
+    struct timespec t;
+    clock_gettime(CLOCK_MONOTONIC, &t);
+    return (int64_t)t.tv_sec * 1000000000 + t.tv_nsec;
+}
+
+/* Publish nbytes (<= capacity) of src in this rank's slot and wait for every rank: the step's buffer, or NULL if aborted. */
+static char *shm_exchange(ShmGroup *g, const void *src, int64_t nbytes) {
+    int64_t step = ++g->step, start = now_ns();
+    char *buf = g->data + (step & 1) * g->world * g->capacity;
+    if (nbytes) memcpy(buf + g->rank * g->capacity, src, (size_t)nbytes);
+    __atomic_store_n(g->flags + 8 * g->rank, step, __ATOMIC_RELEASE);
+    int failed = shm_wait_all(g, step);
+    g->ns += now_ns() - start;
+    return failed ? NULL : buf;
+}
+
+/* x[n] = the sum over ranks of their x[n], in place. 0, or -1 if the group was aborted. */
+int shm_all_reduce(ShmGroup *g, float *x, int64_t n) {
+    int64_t per = g->capacity / (int64_t)sizeof(float);
+    for (int64_t off = 0; off < n; off += per) {
+        int64_t m = n - off < per ? n - off : per;
+        const char *buf = shm_exchange(g, x + off, m * (int64_t)sizeof(float));
+        if (!buf) return -1;
+        float *out = x + off;
+        for (int64_t i = 0; i < m; i++) out[i] = ((const float *)buf)[i];
+        for (int64_t r = 1; r < g->world; r++) {
+            const float *slot = (const float *)(buf + r * g->capacity);
+            for (int64_t i = 0; i < m; i++) out[i] += slot[i];
+        }
+    }
+    return 0;
+}
+
+/* out[world][nbytes] = every rank's nbytes of x, in rank order. */
+int shm_all_gather(ShmGroup *g, const char *x, int64_t nbytes, char *out) {
+    for (int64_t off = 0; off < nbytes || off == 0; off += g->capacity) {
+        int64_t m = nbytes - off < g->capacity ? nbytes - off : g->capacity;
+        const char *buf = shm_exchange(g, x + off, m);
+        if (!buf) return -1;
+        for (int64_t r = 0; r < g->world; r++) memcpy(out + r * nbytes + off, buf + r * g->capacity, (size_t)m);
+        if (nbytes == 0) break;
+    }
+    return 0;
+}
+
+/* data[nbytes] = rank 0's data[nbytes] on every rank. */
+int shm_broadcast(ShmGroup *g, char *data, int64_t nbytes) {
+    for (int64_t off = 0; off < nbytes || off == 0; off += g->capacity) {
+        int64_t m = nbytes - off < g->capacity ? nbytes - off : g->capacity;
+        const char *buf = shm_exchange(g, data + off, g->rank == 0 ? m : 0);
+        if (!buf) return -1;
+        if (g->rank) memcpy(data + off, buf, (size_t)m);
+        if (nbytes == 0) break;
+    }
+    return 0;
+}
+
 /* A whole decoder layer for M decode rows (pre-norm, no post-norms, int4 projections): the
  * ~15 calls a layer makes from Python become one, which at batch 1 is most of the step's time
  * outside the matmuls. Built from the kernels above; `x` [M, hidden] is updated in place. */
@@ -985,13 +1093,15 @@ typedef struct {
     const float *cos_t, *sin_t;
     const int64_t *slots, *block_tables, *ctx_lens;
     int64_t max_blocks, block_size, kv_half; /* kv_half: the caches hold IEEE half */
+    ShmGroup *tp;                            /* tensor-parallel group, or NULL: one rank */
 } DecodeStep;
 
 static void q4_apply(const Q4Weight *w, const float *x, int64_t M, int64_t K, float *out, int nthreads) {
     q4_matmul(x, M, K, w->w, w->n, w->bias, out, nthreads);
 }
 
-void decode_layer(const DecodeLayer *L, const DecodeStep *S, float *x, int64_t M, int nthreads) {
+/* 0, or -1 if the tensor-parallel group was aborted. */
+int decode_layer(const DecodeLayer *L, const DecodeStep *S, float *x, int64_t M, int nthreads) {
     int64_t hid = L->hidden, qd = L->heads * L->head_dim;
     size_t floats = (size_t)(M * (hid + L->qkv.n + qd + L->gate_up.n + L->inter + hid));
     float *h = (float *)malloc(sizeof(float) * floats);
@@ -1004,13 +1114,16 @@ void decode_layer(const DecodeLayer *L, const DecodeStep *S, float *x, int64_t M
     paged_attention(qkv, L->qkv.n, L->k_cache, L->v_cache, (int)S->kv_half, S->block_tables, S->max_blocks, NULL, S->ctx_lens, M,
                     L->heads, L->kv_heads, L->head_dim, S->block_size, L->window, L->scale, att, nthreads);
     q4_apply(&L->o, att, M, qd, tmp, nthreads);
+    int failed = S->tp && shm_all_reduce(S->tp, tmp, M * hid);
     for (int64_t i = 0; i < M * hid; i++) x[i] += tmp[i];
     rms_norm(x, M, hid, hid, L->mlp_norm, L->eps, h);
     q4_apply(&L->gate_up, h, M, hid, gu, nthreads);
     gated_act(gu, M, L->inter, (int)L->gelu, act, nthreads);
     q4_apply(&L->down, act, M, L->inter, tmp, nthreads);
+    failed = failed || (S->tp && shm_all_reduce(S->tp, tmp, M * hid));
     for (int64_t i = 0; i < M * hid; i++) x[i] += tmp[i];
     free(h);
+    return failed ? -1 : 0;
 }
 
 /* A mixture-of-experts MLP over tokens already grouped by expert: expert e takes the next
@@ -1034,6 +1147,8 @@ void moe_experts(const Q4Weight *gate_up, const Q4Weight *down, int64_t E, const
 }
 
 /* All n layers in turn: the model's whole decode stack for one step in a single call. */
-void decode_layers(const DecodeLayer *L, int64_t n, const DecodeStep *S, float *x, int64_t M, int nthreads) {
-    for (int64_t i = 0; i < n; i++) decode_layer(L + i, S, x, M, nthreads);
+int decode_layers(const DecodeLayer *L, int64_t n, const DecodeStep *S, float *x, int64_t M, int nthreads) {
+    for (int64_t i = 0; i < n; i++)
+        if (decode_layer(L + i, S, x, M, nthreads)) return -1;
+    return 0;
 }

@@ -6,14 +6,15 @@ from pathlib import Path
 
 from nanoinfer.errors import ModelLoadError
 from nanoinfer.loading import registry
-from nanoinfer.loading.package import ModelPackage, expected_shapes
+from nanoinfer.loading.package import ModelPackage, WeightFilter, expected_shapes
 
 
-def load_package(name_or_path: str | Path) -> ModelPackage:
-    """Load a built-in model name, a HF model directory or a .gguf file."""
+def load_package(name_or_path: str | Path, weight_filter: WeightFilter | None = None) -> ModelPackage:
+    """Load a built-in model name, a HF model directory or a .gguf file; `weight_filter` says
+    what to keep of each weight as it is read (a tensor-parallel rank's shard)."""
     name = str(name_or_path)
     if name in registry.BUILTIN_MODELS:
-        return registry.load_builtin(name)
+        return registry.load_builtin(name, weight_filter)
     path = Path(name).expanduser()
     if not path.exists():
         known = ", ".join(registry.BUILTIN_MODELS)
@@ -22,11 +23,11 @@ def load_package(name_or_path: str | Path) -> ModelPackage:
         _check_hf_dir(path)
         from nanoinfer.loading.hf import load_hf_dir  # lazy: only HF directories need it
 
-        return load_hf_dir(path)
+        return load_hf_dir(path, weight_filter=weight_filter)
     if path.suffix.lower() == ".gguf":
         from nanoinfer.loading.gguf import load_gguf
 
-        return load_gguf(path)
+        return load_gguf(path, weight_filter)
     raise ModelLoadError(f"{path} is neither a model directory nor a .gguf file")
 
 
@@ -38,7 +39,7 @@ def _check_hf_dir(path: Path) -> None:
         raise ModelLoadError(f"{path} has no weight files (*.safetensors)")
 
 
-__all__ = ["ModelPackage", "expected_shapes", "load_package", "resolve_model_path"]
+__all__ = ["ModelPackage", "WeightFilter", "expected_shapes", "load_package", "resolve_model_path"]
 
 
 def resolve_model_path(name_or_path: str | Path) -> Path:

@@ -16,7 +16,7 @@ from nanoinfer.config import GenerationDefaults, ModelConfig
 from nanoinfer.errors import ModelLoadError
 from nanoinfer.loading.gguf_reader import GGUFFile, GGUFFormatError
 from nanoinfer.loading.gguf_tokenizer import tokenizer_from_gguf_metadata
-from nanoinfer.loading.package import ModelPackage, expected_shapes, fused_parts
+from nanoinfer.loading.package import ModelPackage, WeightFilter, expected_shapes, fused_parts
 from nanoinfer.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
@@ -68,7 +68,7 @@ _FUSED = {"attn_qkv": "qkv", "ffn_up": "gate_up"}
 _BLOCK = re.compile(r"^blk\.(\d+)\.(\w+)\.(weight|bias)$")
 
 
-def load_gguf(path: str | Path) -> ModelPackage:
+def load_gguf(path: str | Path, weight_filter: WeightFilter | None = None) -> ModelPackage:
     """Read a GGUF file into a ModelPackage (float32 weights in HF layout)."""
     path = Path(path)
     gf = open_gguf(path)
@@ -86,7 +86,7 @@ def load_gguf(path: str | Path) -> ModelPackage:
         # Check shapes before the (slow) dequantization so a mismatched file fails fast.
         check_shapes(config, _canonical_shapes(shapes, config), path.name)
         tokenizer = tokenizer_from_gguf_metadata(meta, arch)
-        weights = _load_weights(gf, config, path)
+        weights = _load_weights(gf, config, path, weight_filter)
     finally:
         gf.close()
     generation = GenerationDefaults(
@@ -104,6 +104,7 @@ def load_gguf(path: str | Path) -> ModelPackage:
         generation=generation,
         source=str(path),
         file_type=_file_type(meta, gf),
+        weight_filter=weight_filter,
     )
 
 
@@ -389,10 +390,17 @@ def _unpermute(w: np.ndarray, n_heads: int) -> np.ndarray:
     return w.reshape(n_heads, rows // n_heads // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
-def _load_weights(gf: GGUFFile, config: ModelConfig, path: Path) -> dict[str, torch.Tensor]:
+def _load_weights(
+    gf: GGUFFile, config: ModelConfig, path: Path, weight_filter: WeightFilter | None = None
+) -> dict[str, torch.Tensor]:
     permute = config.architecture in ("llama", "mistral", "mixtral")
     gemma = config.architecture == "gemma3"
     weights: dict[str, torch.Tensor] = {}
+
+    def keep(name: str, w: np.ndarray) -> None:
+        tensor = torch.from_numpy(np.ascontiguousarray(w))
+        weights[name] = tensor if weight_filter is None else weight_filter(name, tensor, config)
+
     halves: dict[tuple[str, str], np.ndarray] = {}  # (layer, k_b | v_b) -> tensor
     for gname, info in gf.tensors.items():
         split_kv_b = _SPLIT_KV_B.match(gname)
@@ -408,10 +416,12 @@ def _load_weights(gf: GGUFFile, config: ModelConfig, path: Path) -> dict[str, to
             raise ModelLoadError(f"{path.name}: unexpected tensor {gname!r} for {config.architecture}")
         w = _dequantized(gf, gname, info, path)
         if experts:
-            weights.update({n: torch.from_numpy(np.ascontiguousarray(w[e])) for e, n in enumerate(experts)})
+            for e, n in enumerate(experts):
+                keep(n, w[e])
             continue
         if fused:
-            weights.update({n: torch.from_numpy(np.ascontiguousarray(w[a:b])) for n, (a, b) in fused.items()})
+            for n, (a, b) in fused.items():
+                keep(n, w[a:b])
             continue
         assert name is not None
         if permute and name.endswith(("q_proj.weight", "q_proj.bias")):
@@ -420,12 +430,12 @@ def _load_weights(gf: GGUFFile, config: ModelConfig, path: Path) -> dict[str, to
             w = _unpermute(w, config.num_kv_heads)
         if gemma and name.endswith("norm.weight"):
             w = w - 1.0  # the converter stored (1 + w) for llama.cpp; the model adds the 1 itself
-        weights[name] = torch.from_numpy(np.ascontiguousarray(w))
+        keep(name, w)
     for (layer, which), k_b in halves.items():
         if which == "k_b":  # kv_b_proj rows per head: its nope key rows, then its value rows
             v_b = halves[(layer, "v_b")]
             kv_b = np.concatenate([k_b.transpose(0, 2, 1), v_b], axis=1).reshape(-1, k_b.shape[1])
-            weights[f"layers.{layer}.attn.kv_b_proj.weight"] = torch.from_numpy(np.ascontiguousarray(kv_b))
+            keep(f"layers.{layer}.attn.kv_b_proj.weight", kv_b)
     return weights
 
 

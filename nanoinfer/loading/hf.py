@@ -13,7 +13,7 @@ from safetensors import SafetensorError, safe_open
 
 from nanoinfer.config import GenerationDefaults, ModelConfig
 from nanoinfer.errors import ModelLoadError
-from nanoinfer.loading.package import expected_shapes, fused_parts
+from nanoinfer.loading.package import WeightFilter, expected_shapes, fused_parts
 
 if TYPE_CHECKING:
     from nanoinfer.loading.package import ModelPackage
@@ -56,14 +56,16 @@ _EXPERT_RE = re.compile(r"(?:mlp|block_sparse_moe)\.experts\.(\d+)\.(gate_proj|u
 _MIXTRAL_EXPERT = {"w1": "gate_proj", "w3": "up_proj", "w2": "down_proj"}
 
 
-def load_hf_dir(path: str | Path, dtype: torch.dtype | str | None = None) -> ModelPackage:
+def load_hf_dir(
+    path: str | Path, dtype: torch.dtype | str | None = None, weight_filter: WeightFilter | None = None
+) -> ModelPackage:
     """Read config, weights, tokenizer and generation defaults of a transformers model directory."""
     root = Path(path)
     if not root.is_dir():
         raise ModelLoadError(f"{root} is not a directory")
     hf_config = _read_json(root / "config.json", required=True)
     config = ModelConfig.from_hf(hf_config)
-    weights = load_hf_weights(root, config, _torch_dtype(dtype))
+    weights = load_hf_weights(root, config, _torch_dtype(dtype), weight_filter)
     tokenizer = _load_tokenizer(root)
     generation = _generation_defaults(root, hf_config, tokenizer)
     from nanoinfer.loading.package import ModelPackage
@@ -75,10 +77,13 @@ def load_hf_dir(path: str | Path, dtype: torch.dtype | str | None = None) -> Mod
         generation=generation,
         source=str(root),
         file_type=config.torch_dtype,  # the dtype the checkpoint was saved in
+        weight_filter=weight_filter,
     )
 
 
-def load_hf_weights(root: Path, config: ModelConfig, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+def load_hf_weights(
+    root: Path, config: ModelConfig, dtype: torch.dtype | None = None, weight_filter: WeightFilter | None = None
+) -> dict[str, torch.Tensor]:
     """Canonical name -> tensor for every weight the config needs, shape-checked, read one tensor at a time."""
     expected = expected_shapes(config)
     found = _locate_tensors(root, config)  # canonical -> (file, hf name, rows of a fused tensor)
@@ -93,7 +98,8 @@ def load_hf_weights(root: Path, config: ModelConfig, dtype: torch.dtype | None =
         with _open(file) as f:
             for name in names:
                 _, hf, rows = found[name]
-                weights[name] = _read_tensor(f, file, hf, expected[name], dtype, rows)
+                tensor = _read_tensor(f, file, hf, expected[name], dtype, rows)
+                weights[name] = tensor if weight_filter is None else weight_filter(name, tensor, config)
     return weights
 
 

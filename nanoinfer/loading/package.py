@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -11,6 +12,12 @@ if TYPE_CHECKING:
     import torch
 
     from nanoinfer.tokenizer import Tokenizer
+
+
+# Applied to each weight as a loader reads it, before the next is read: (canonical name, whole
+# tensor, the model's config) -> the tensor to keep. A tensor-parallel rank keeps only its shard
+# this way, so no rank ever holds the whole model.
+WeightFilter = Callable[[str, "torch.Tensor", ModelConfig], "torch.Tensor"]
 
 
 @dataclass
@@ -24,6 +31,7 @@ class ModelPackage:
     source: str = ""  # the path (or built-in name) it was loaded from
     file_type: str = ""  # e.g. "Q4_1", "Q4_K_M", "bfloat16"
     default_quantization: str = "none"  # weight format the engine uses unless told otherwise
+    weight_filter: WeightFilter | None = None  # what the loader kept of each weight (None: all of it)
 
 
 def expected_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:

@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING
 from nanoinfer.errors import ModelLoadError
 
 if TYPE_CHECKING:
-    from nanoinfer.loading.package import ModelPackage
+    from nanoinfer.loading.package import ModelPackage, WeightFilter
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
 
@@ -73,11 +73,11 @@ def builtin_path(name: str) -> Path:
     return BUILTIN_MODELS[name]()
 
 
-def load_builtin(name: str) -> ModelPackage:
+def load_builtin(name: str, weight_filter: WeightFilter | None = None) -> ModelPackage:
     """Load a built-in model by name."""
     from nanoinfer.loading.gguf import load_gguf
 
-    package = load_gguf(builtin_path(name))
+    package = load_gguf(builtin_path(name), weight_filter)
     package.source = name
     # The fastest path whose quality holds (docs/performance.md, "Quantization quality"; the bound
     # is checked by tests/test_quality.py and `nanoinfer bench --quality`).

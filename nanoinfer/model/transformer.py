@@ -17,6 +17,7 @@ from nanoinfer.model.layers import MLP, Attention, RMSNorm
 from nanoinfer.model.lora import LoRABatch, MultiLoRALinear
 from nanoinfer.model.mla import MLAttention
 from nanoinfer.model.moe import SparseMoE
+from nanoinfer.model.parallel import TensorParallel, shard_config, shard_weight
 from nanoinfer.model.rope import RotaryEmbedding
 from nanoinfer.quant.int4 import Int4Linear
 
@@ -31,8 +32,9 @@ FusedPlan = tuple[CpuKernels, list[Int4Linear]]
 class DecoderLayer(nn.Module):
     """Pre-norm block: h = x + Attn(Norm(x)); out = h + MLP(Norm(h)), with Gemma's optional post-norms."""
 
-    def __init__(self, config: ModelConfig, layer: int):
+    def __init__(self, config: ModelConfig, layer: int, tp: TensorParallel | None = None):
         super().__init__()
+        self.tp = tp  # a rank's shard: the attention and MLP outputs are partial sums
         eps = config.rms_norm_eps
         self.input_norm = RMSNorm(config.hidden_size, eps)
         self.attn: Attention | MLAttention = MLAttention(config, layer) if config.is_mla else Attention(config, layer)
@@ -55,10 +57,14 @@ class DecoderLayer(nn.Module):
 
     def _after_attention(self, x: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
         """Residual add of the attention output h, then the MLP half of the block."""
+        if self.tp is not None:
+            h = self.tp.all_reduce(h)
         if self.post_attn_norm is not None:
             h = self.post_attn_norm(h)
         x = x + h
         h = self.mlp(self.pre_mlp_norm(x))
+        if self.tp is not None:
+            h = self.tp.all_reduce(h)
         if self.post_mlp_norm is not None:
             h = self.post_mlp_norm(h)
         return x + h
@@ -115,17 +121,22 @@ class DecoderLayer(nn.Module):
 
 
 class Transformer(nn.Module):
-    """embed -> N x DecoderLayer -> final norm -> LM head (on the rows that need logits only)."""
+    """embed -> N x DecoderLayer -> final norm -> LM head (on the rows that need logits only).
 
-    def __init__(self, config: ModelConfig):
+    With `tp`, one tensor-parallel rank's shard: `config` is then the rank's shard config
+    (model/parallel.py), and the embedding and head hold the rank's vocabulary rows."""
+
+    def __init__(self, config: ModelConfig, tp: TensorParallel | None = None):
         super().__init__()
         c = self.config = config
-        self.embed = nn.Embedding(c.vocab_size, c.hidden_size)
-        self.layers = nn.ModuleList(DecoderLayer(c, i) for i in range(c.num_layers))
+        self.tp = tp
+        vocab_rows = c.vocab_size if tp is None else tp.plan.vocab_rows
+        self.embed = nn.Embedding(vocab_rows, c.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(c, i, tp) for i in range(c.num_layers))
         self.norm = RMSNorm(c.hidden_size, c.rms_norm_eps)
         # An nn.Linear until quantization swaps in another module (see nanoinfer.quant).
         self.lm_head: nn.Module | None = (
-            None if c.tie_word_embeddings else nn.Linear(c.hidden_size, c.vocab_size, bias=False)
+            None if c.tie_word_embeddings else nn.Linear(c.hidden_size, vocab_rows, bias=False)
         )
         self.rope, self.local_rope = self._make_ropes()
         self._stack_key: tuple[int, ...] | None = None  # what _fused_stack's pointer table was built for
@@ -159,13 +170,24 @@ class Transformer(nn.Module):
 
     @classmethod
     def from_package(
-        cls, package: ModelPackage, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"
+        cls,
+        package: ModelPackage,
+        dtype: torch.dtype = torch.float32,
+        device: str | torch.device = "cpu",
+        tp: TensorParallel | None = None,
     ) -> Transformer:
-        """Build the model described by a loaded package and fill in its weights."""
+        """Build the model described by a loaded package and fill in its weights (with `tp`, the
+        rank's shard; a package loaded whole is cut here, one loaded with the rank's weight
+        filter already holds only the shard)."""
+        config, weights = package.config, package.weights
+        if tp is not None:
+            if package.weight_filter is None:
+                weights = {n: shard_weight(n, w, config, tp.plan) for n, w in weights.items()}
+            config = shard_config(config, tp.plan)
         with torch.device("meta"):  # no time spent on random init of weights we overwrite
-            model = cls(package.config)
+            model = cls(config, tp)
         model = model.to_empty(device=device)
-        model.load_weights(package.weights, dtype)
+        model.load_weights(weights, dtype)
         rope, local = model._make_ropes()  # buffers were left empty by to_empty
         model.rope = rope.to(device)
         model.local_rope = local.to(device) if local is not None else None
@@ -177,9 +199,7 @@ class Transformer(nn.Module):
     @torch.inference_mode()
     def forward(self, batch: ForwardBatch, kv: PagedKVCache) -> torch.Tensor:
         """Run one step; returns float32 logits [rows, vocab] for batch.logits_indices (or every row)."""
-        x = self.embed(batch.input_ids).to(self.activation_dtype)
-        if self.config.embedding_scale != 1.0:
-            x = x * torch.tensor(self.config.embedding_scale, dtype=x.dtype)
+        x = self._embed(batch.input_ids)
         rope = self.rope(batch.positions, x.dtype)
         local = self.local_rope(batch.positions, x.dtype) if self.local_rope is not None else rope
         fused = self._fused_stack(x, rope, batch, kv)
@@ -192,6 +212,15 @@ class Transformer(nn.Module):
             x = x[batch.logits_indices]
         return self.compute_logits(self.norm(x))
 
+    def _embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        if self.tp is None:
+            x = self.embed(input_ids).to(self.activation_dtype)
+        else:
+            x = self.tp.embed(self.embed.weight, input_ids).to(self.activation_dtype)
+        if self.config.embedding_scale != 1.0:
+            x = x * torch.tensor(self.config.embedding_scale, dtype=x.dtype)
+        return x
+
     def forward_dense(self, input_ids: torch.Tensor) -> torch.Tensor:
         """Logits [B, T, vocab] of whole sequences [B, T] (right-padded), with autograd and no KV
         cache: the training path. Padding sits after every real token, so causal attention
@@ -201,9 +230,7 @@ class Transformer(nn.Module):
     def hidden_dense(self, input_ids: torch.Tensor) -> torch.Tensor:
         """forward_dense up to the final norm: hidden states [B, T, D] for the LM head."""
         T = input_ids.shape[1]
-        x = self.embed(input_ids).to(self.activation_dtype)
-        if self.config.embedding_scale != 1.0:
-            x = x * torch.tensor(self.config.embedding_scale, dtype=x.dtype)
+        x = self._embed(input_ids)
         positions = torch.arange(T, device=input_ids.device)
         rope = self.rope(positions, x.dtype)
         local = self.local_rope(positions, x.dtype) if self.local_rope is not None else rope
@@ -232,6 +259,7 @@ class Transformer(nn.Module):
             or kv.k[0].dtype not in KV_DTYPES
             or not x.is_contiguous()
             or (self.lora_batch is not None and self.lora_batch.active)
+            or (self.tp is not None and self.tp.shm_group is None)
         ):
             return None
         maybe_plans = [layer._fused_plan() for layer in self.decoder_layers]  # cached; rechecks the modules
@@ -254,6 +282,7 @@ class Transformer(nn.Module):
             batch.block_tables.shape[1],
             batch.block_size,
             kv_half(kv.k[0]),
+            None if self.tp is None else self.tp.shm_group,
         )
         out = x.clone()
         plans[0][0].decode_layers(self._stack, step, out)
@@ -262,6 +291,8 @@ class Transformer(nn.Module):
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         # lm_head may be a quantized module (also for a tied head, as a quantized copy of embed)
         logits = (hidden @ self.embed.weight.t() if self.lm_head is None else self.lm_head(hidden)).float()
+        if self.tp is not None:
+            logits = self.tp.gather_logits(logits)
         cap = self.config.final_logit_softcapping
         if cap:
             logits = torch.tanh(logits / cap) * cap
