@@ -86,6 +86,20 @@ def _add_engine_args(p: argparse.ArgumentParser) -> None:
         default=EngineConfig.tensor_parallel_size,
         help="split the model over this many ranks (worker processes here, or the ranks torchrun started)",
     )
+    p.add_argument(
+        "--pipeline-parallel-size",
+        "-pp",
+        type=int,
+        default=EngineConfig.pipeline_parallel_size,
+        help="split the layers into this many stages, one rank each",
+    )
+    p.add_argument(
+        "--data-parallel-size",
+        "-dp",
+        type=int,
+        default=EngineConfig.data_parallel_size,
+        help="run this many engine replicas, requests routed to the one with the longest cached prefix",
+    )
 
 
 def _add_sampling_args(p: argparse.ArgumentParser) -> None:
@@ -113,8 +127,9 @@ def _engine_kwargs(args: argparse.Namespace) -> dict[str, Any]:
         kwargs.update(enable_lora=True, max_loras=args.max_loras, max_lora_rank=args.max_lora_rank)
     if getattr(args, "merge_lora", None):
         kwargs["merge_lora"] = args.merge_lora
-    if getattr(args, "tensor_parallel_size", None):
-        kwargs["tensor_parallel_size"] = args.tensor_parallel_size
+    for name in ("tensor_parallel_size", "pipeline_parallel_size", "data_parallel_size"):
+        if getattr(args, name, None):
+            kwargs[name] = getattr(args, name)
     return kwargs
 
 

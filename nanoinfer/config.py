@@ -457,6 +457,11 @@ class EngineConfig:
     # Ranks a model is split over, Megatron-style (engine/workers.py); > 1 spawns the other ranks
     # on this host, or joins the ranks torchrun started.
     tensor_parallel_size: int = 1
+    # Stages the layers are split into, one rank each, hidden states passed along (engine/workers.py).
+    pipeline_parallel_size: int = 1
+    # Engine replicas behind one server or LLM, requests routed by cached prefix, then load
+    # (engine/data_parallel.py).
+    data_parallel_size: int = 1
 
 
 # Decimal units are powers of 1000, binary ones powers of 1024. The bare letters K/M/G/T are

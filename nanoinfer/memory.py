@@ -34,7 +34,7 @@ from nanoinfer.errors import ModelLoadError
 from nanoinfer.kernels import KV_DTYPES, Q4_COLS, Q4_GROUP, Q8_COLS, Q8_GROUP, kernels
 from nanoinfer.loading.package import expected_shapes
 from nanoinfer.model.kv_cache import kv_bytes_per_token
-from nanoinfer.model.parallel import ShardPlan, plan_shard, shard_config, shard_shapes, stage_layers
+from nanoinfer.model.parallel import PipelineStage, ShardPlan, plan_shard, shard_config, shard_shapes, stage_layers
 from nanoinfer.quant import DEFAULT_GROUP_SIZE, HEAD_GROUP_SIZE, METHODS
 from nanoinfer.quant.int4 import choose_int4_backend
 
@@ -667,15 +667,13 @@ def _rank_plan(
     engine: EngineConfig,
     max_model_len: int,
 ) -> RankPlan:
-    first, last = stage == 0, stage == pp - 1
+    where = PipelineStage(stage, pp, span)
     tied = config.tie_word_embeddings
-    mine = {n: s for n, s in shapes.items() if _on_stage(n, first, last, tied, span)}
-    holds = [what for what, on in (("embedding", first), ("final norm", last), ("LM head", last)) if on]
-    if tied and last and not first:
-        holds.append("embedding rows (the tied head)")
-    weights = weight_formats(mine, config, rt, shard_plan.vocab_rows if tied and last else None)
+    mine = {n: s for n, s in shapes.items() if where.holds(n)}
+    holds = ["embedding", "final norm", "LM head"] if where.first else []
+    weights = weight_formats(mine, config, rt, shard_plan.vocab_rows if tied and where.first else None)
     shard = shard_config(config, shard_plan)
-    kv_config = _stage_config(shard, span)
+    kv_config = where.kv_config(shard)
     per_token = kv_bytes_per_token(kv_config, rt.kv)
     pool = _pool_or_zero(kv_config, rt.kv, engine, max_model_len)
     return RankPlan(
@@ -693,22 +691,6 @@ def _rank_plan(
         shard_config=shard,
         kv_config=kv_config,
     )
-
-
-def _stage_config(shard: ModelConfig, span: tuple[int, int]) -> ModelConfig:
-    """The shard config over one stage's layers only (what its KV cache holds)."""
-    start, end = span
-    return shard.replace(num_layers=end - start, layer_types=shard.layer_types[start:end])
-
-
-def _on_stage(name: str, first: bool, last: bool, tied: bool, span: tuple[int, int]) -> bool:
-    """Whether canonical weight `name` lives on a stage: its layers; the embedding on the first
-    (and on the last when the head is tied to it); the final norm and the head on the last."""
-    if name.startswith("layers."):
-        return span[0] <= int(name.split(".", 2)[1]) < span[1]
-    if name == "embed.weight":
-        return first or (tied and last)
-    return last  # norm.weight, lm_head.weight
 
 
 def _pool_or_zero(config: ModelConfig, dtype: torch.dtype, engine: EngineConfig, max_model_len: int) -> int:

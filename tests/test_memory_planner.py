@@ -158,23 +158,25 @@ def test_pipeline_stages_split_layers_embedding_and_head() -> None:
     p = plan(LLAMA70B, pp=2, max_model_len=1024, **BF16)
     first, last = p.ranks
     assert (first.layers, last.layers) == ((0, 40), (40, 80))
-    assert first.holds == ["embedding"] and last.holds == ["final norm", "LM head"]
+    # hidden states come back to the first stage, which holds the embedding, final norm and head
+    assert first.holds == ["embedding", "final norm", "LM head"] and last.holds == []
     assert first.kv_bytes_per_token == last.kv_bytes_per_token == 2 * 40 * 8 * 128 * 2
-    parts = last.weights["bfloat16"].parts
-    assert "embedding" not in parts and parts["LM head"][0] == 128_256 * 8192
+    parts = first.weights["bfloat16"].parts
+    assert parts["embedding"][0] == parts["LM head"][0] == 128_256 * 8192
+    assert "embedding" not in last.weights["bfloat16"].parts
     whole = plan(LLAMA70B, max_model_len=1024, **BF16).ranks[0]
     assert first.weight_bytes + last.weight_bytes == whole.weight_bytes
 
 
-def test_tied_head_on_the_last_stage() -> None:
-    """A tied head needs the embedding's rows on the last stage too (quantized: plus its int8 copy)."""
+def test_tied_head_on_the_first_stage() -> None:
+    """A tied head is the embedding, on the first stage with it (quantized: plus its int8 copy)."""
     p = plan(QWEN3, pp=3, max_model_len=1024, quantization="int4")
     assert [r.layers for r in p.ranks] == [(0, 10), (10, 19), (19, 28)]
     first, middle, last = p.ranks
-    assert middle.holds == [] and "embedding rows (the tied head)" in last.holds
+    assert middle.holds == last.holds == []
     emb = [r.weights["float32"].parts.get("embedding") for r in p.ranks]
-    assert emb[0] == emb[2] == [151_936 * 1024, 151_936 * 1024 * 4] and emb[1] is None
-    int8 = next(f for label, f in last.weights.items() if label.startswith("int8"))
+    assert emb[0] == [151_936 * 1024, 151_936 * 1024 * 4] and emb[1] is None and emb[2] is None
+    int8 = next(f for label, f in first.weights.items() if label.startswith("int8"))
     assert int8.parts["tied LM head (an int8 copy of the embedding)"][0] == 151_936 * 1024
 
 

@@ -29,7 +29,7 @@ def _sampler(llm: Any, threads: int, batch: int) -> Any:
     from nanoinfer.sampling_params import SamplingParams
 
     params = SamplingParams(max_tokens=DECODE_TOKENS, temperature=0, ignore_eos=True)
-    group = llm.engine.tp_group
+    group = llm.engine.model_parallel
 
     def sample() -> dict[str, float]:
         torch.set_num_threads(threads)

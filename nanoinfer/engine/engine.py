@@ -29,7 +29,12 @@ from nanoinfer.engine.sequence import Sequence
 from nanoinfer.engine.speculative import NgramProposer, Proposer, SpeculativeConfig, verify_token
 from nanoinfer.engine.stop import StopChecker
 from nanoinfer.engine.structured import StructuredOutputs
-from nanoinfer.engine.workers import BroadcastKVCopies, TensorParallelGroup, run_torchrun_worker_if_needed
+from nanoinfer.engine.workers import (
+    BroadcastKVCopies,
+    ModelParallelGroup,
+    group_size,
+    run_torchrun_worker_if_needed,
+)
 from nanoinfer.errors import RequestError
 from nanoinfer.loading import ModelPackage, load_package
 from nanoinfer.memory import kv_pool_bytes
@@ -55,7 +60,7 @@ class LLMEngine:
 
     def __init__(self, model: str | ModelPackage, config: EngineConfig | None = None):
         self.config = config = config or EngineConfig()
-        self.tp_group = self._start_tensor_parallel(model, config)
+        self.model_parallel = self._start_model_parallel(model, config)
         try:
             self._build(model, config)
         except BaseException:
@@ -64,8 +69,9 @@ class LLMEngine:
 
     def _build(self, model: str | ModelPackage, config: EngineConfig) -> None:
         """Load the model (this rank's shard), size the KV pool and set up every part of the engine."""
+        group = self.model_parallel
         if isinstance(model, str):
-            package = load_package(model, None if self.tp_group is None else self.tp_group.weight_filter())
+            package = load_package(model, None if group is None else group.role.weight_filter)
         else:
             package = model
         self.model_config = package.config
@@ -75,8 +81,14 @@ class LLMEngine:
         self.quantization = config.quantization or package.default_quantization
         if config.merge_lora is not None:
             merge_adapter(package.weights, package.config, config.merge_lora)
-        tp = None if self.tp_group is None else self.tp_group.tensor_parallel(package.config)
-        self.model = build_model(package, config.dtype, self.quantization, config.device, config.dense_above_rows, tp)
+        if group is None:
+            self.model = build_model(package, config.dtype, self.quantization, config.device, config.dense_above_rows)
+            self.kv_model_config = self.model.config
+        else:
+            self.model = group.build(package, config, self.quantization)
+            # a pipeline stage caches its own layers only
+            stage = group.role.stage(package.config) if group.pipeline else None
+            self.kv_model_config = self.model.config if stage is None else stage.kv_config(self.model.config)
         dtype = self.model.dtype
         self.max_model_len = min(
             config.max_model_len or package.config.max_position_embeddings, package.config.max_position_embeddings
@@ -87,10 +99,10 @@ class LLMEngine:
             self.max_model_len = kv.num_slots
         self.lora = LoRAManager(self.model, config.max_loras, config.max_lora_rank) if config.enable_lora else None
         storage: KVStorage = kv
-        if self.tp_group is not None:
-            self.tp_group.connect(self.tp_group.setup_for(self.model_config, config, kv))
-            storage = self.tp_group.kv_copies = BroadcastKVCopies(kv)
-        self.runner = ModelRunner(self.model, kv, self.lora, self.tp_group)
+        if group is not None:
+            group.connect(group.setup_for(self.model_config, config, kv))
+            storage = group.kv_copies = BroadcastKVCopies(kv)
+        self.runner = ModelRunner(self.model, kv, self.lora, group)
         # The one owner of block references; the scheduler asks it for memory, the engine never does.
         self.kv_manager = KVCacheManager(
             storage, kv.num_blocks, config.block_size, config.prefix_page_size, config.enable_prefix_cache
@@ -113,23 +125,22 @@ class LLMEngine:
         self._synced = {"queries": 0, "hits": 0, "preemptions": 0}  # stats already counted in metrics
 
     @staticmethod
-    def _start_tensor_parallel(model: str | ModelPackage, config: EngineConfig) -> TensorParallelGroup | None:
-        """The tensor-parallel group this engine is rank 0 of, or None at one rank. Under torchrun
-        the other ranks never return from here: they serve steps until rank 0 shuts down."""
-        size = config.tensor_parallel_size
-        if size < 1:
-            raise ValueError(f"tensor_parallel_size must be at least 1, got {size}")
+    def _start_model_parallel(model: str | ModelPackage, config: EngineConfig) -> ModelParallelGroup | None:
+        """The tensor- or pipeline-parallel group this engine is rank 0 of, or None at one rank.
+        Under torchrun the other ranks never return from here: they serve steps until rank 0
+        shuts down."""
+        size, pipeline = group_size(config)
         if size == 1:
             return None
         if config.enable_lora or config.merge_lora is not None:
-            raise ValueError("LoRA adapters are not supported with tensor_parallel_size > 1 yet")
+            raise ValueError("LoRA adapters are not supported with tensor or pipeline parallelism yet")
         run_torchrun_worker_if_needed(model, config)
-        return TensorParallelGroup(size, model, config)
+        return ModelParallelGroup(size, pipeline, model, config)
 
     def shutdown(self) -> None:
-        """Stop the tensor-parallel workers, if any (the engine cannot step afterwards)."""
-        if self.tp_group is not None:
-            self.tp_group.shutdown()
+        """Stop the model-parallel workers, if any (the engine cannot step afterwards)."""
+        if self.model_parallel is not None:
+            self.model_parallel.shutdown()
 
     @property
     def prefix_cache(self) -> RadixCache:
@@ -148,10 +159,10 @@ class LLMEngine:
 
     def _make_kv_cache(self, dtype: torch.dtype) -> PagedKVCache:
         # The memory planner sizes the pool, so `nanoinfer memory` and the engine never disagree.
-        # The model's config is this rank's shard config under tensor parallelism.
+        # This rank's part: its shard config under TP, its stage's layers under PP.
         c = self.config
-        memory = kv_pool_bytes(self.model.config, dtype, c, self.max_model_len)
-        return PagedKVCache.for_memory(self.model.config, memory, c.block_size, dtype, c.device)
+        memory = kv_pool_bytes(self.kv_model_config, dtype, c, self.max_model_len)
+        return PagedKVCache.for_memory(self.kv_model_config, memory, c.block_size, dtype, c.device)
 
     # ---- requests -----------------------------------------------------------------------------
 

@@ -7,7 +7,7 @@ import torch
 
 from nanoinfer.kernels import kernels
 from nanoinfer.loading import ModelPackage
-from nanoinfer.model.parallel import TensorParallel
+from nanoinfer.model.parallel import PipelineStage, TensorParallel
 from nanoinfer.model.transformer import Transformer
 from nanoinfer.quant import quantize_model, store_weights_16bit
 
@@ -53,12 +53,14 @@ def build_model(
     device: str,
     dense_above_rows: int | None = None,
     tp: TensorParallel | None = None,
+    stage: PipelineStage | None = None,
 ) -> Transformer:
-    """The package's Transformer (a tensor-parallel rank's shard with `tp`) with weights in
-    `dtype` (EngineConfig.dtype) and quantized to `quantization` ("none", "int8", "int4")."""
+    """The package's Transformer (a tensor-parallel rank's shard with `tp`, a pipeline stage's
+    layers with `stage`) with weights in `dtype` (EngineConfig.dtype) and quantized to
+    `quantization` ("none", "int8", "int4")."""
     weights = weight_dtype(dtype)
     activations = activation_dtype(weights, device)
-    model = Transformer.from_package(package, activations, device, tp)
+    model = Transformer.from_package(package, activations, device, tp, stage)
     quantize_model(model, quantization, dense_above_rows=dense_above_rows)
     if weights != activations:
         store_weights_16bit(model, weights)

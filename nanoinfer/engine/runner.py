@@ -6,7 +6,7 @@ import torch
 
 from nanoinfer.adapters.serving import LoRAManager
 from nanoinfer.engine.scheduler import ScheduledChunk
-from nanoinfer.engine.workers import TensorParallelGroup
+from nanoinfer.engine.workers import ModelParallelGroup
 from nanoinfer.model.forward_batch import ForwardBatch, SequenceChunk
 from nanoinfer.model.kv_cache import PagedKVCache
 from nanoinfer.model.transformer import Transformer
@@ -18,10 +18,10 @@ class ModelRunner:
         model: Transformer,
         kv_cache: PagedKVCache,
         lora: LoRAManager | None = None,
-        tp_group: TensorParallelGroup | None = None,
+        model_parallel: ModelParallelGroup | None = None,
     ):
         self.model = model
-        self.tp_group = tp_group  # the other ranks run each step's chunks too
+        self.model_parallel = model_parallel  # the other ranks run each step's chunks too
         self.kv_cache = kv_cache
         self.lora = lora  # tells the adapters which rows are whose
         self.sliding_window = model.config.sliding_window
@@ -41,15 +41,15 @@ class ModelRunner:
             )
             for c in chunks
         ]
-        if self.tp_group is not None:
-            self.tp_group.broadcast_step(seq_chunks)
+        self.num_forwarded_tokens += sum(len(c.token_ids) for c in seq_chunks)
+        if self.model_parallel is not None:
+            return self.model_parallel.execute(self.model, self.kv_cache, seq_chunks)
         batch = ForwardBatch.build(
             seq_chunks,
             self.kv_cache.block_size,
             self.sliding_window,
             self.model.device,
         )
-        self.num_forwarded_tokens += batch.num_tokens
         if self.lora is not None:  # rows keep chunk order, so each chunk's rows are contiguous
             self.lora.set_rows([(self.lora.slot_of(c.seq.lora_id), c.num_tokens) for c in chunks])
         return self.model(batch, self.kv_cache)

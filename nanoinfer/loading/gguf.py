@@ -399,7 +399,9 @@ def _load_weights(
 
     def keep(name: str, w: np.ndarray) -> None:
         tensor = torch.from_numpy(np.ascontiguousarray(w))
-        weights[name] = tensor if weight_filter is None else weight_filter(name, tensor, config)
+        kept = tensor if weight_filter is None else weight_filter(name, tensor, config)
+        if kept is not None:
+            weights[name] = kept
 
     halves: dict[tuple[str, str], np.ndarray] = {}  # (layer, k_b | v_b) -> tensor
     for gname, info in gf.tensors.items():

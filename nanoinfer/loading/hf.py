@@ -99,7 +99,9 @@ def load_hf_weights(
             for name in names:
                 _, hf, rows = found[name]
                 tensor = _read_tensor(f, file, hf, expected[name], dtype, rows)
-                weights[name] = tensor if weight_filter is None else weight_filter(name, tensor, config)
+                kept = tensor if weight_filter is None else weight_filter(name, tensor, config)
+                if kept is not None:
+                    weights[name] = kept
     return weights
 
 

@@ -15,9 +15,9 @@ if TYPE_CHECKING:
 
 
 # Applied to each weight as a loader reads it, before the next is read: (canonical name, whole
-# tensor, the model's config) -> the tensor to keep. A tensor-parallel rank keeps only its shard
-# this way, so no rank ever holds the whole model.
-WeightFilter = Callable[[str, "torch.Tensor", ModelConfig], "torch.Tensor"]
+# tensor, the model's config) -> the tensor to keep, or None to drop it. A tensor-parallel rank
+# keeps only its shard and a pipeline stage only its layers, so no rank holds the whole model.
+WeightFilter = Callable[[str, "torch.Tensor", ModelConfig], "torch.Tensor | None"]
 
 
 @dataclass

@@ -14,6 +14,7 @@ all, such as more ranks than query heads, is refused with a clear error.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -33,6 +34,40 @@ def stage_layers(num_layers: int, pipeline_parallel_size: int, stage: int) -> Sp
     if num_layers < pipeline_parallel_size:
         raise ModelLoadError(f"cannot split {num_layers} layers into {pipeline_parallel_size} pipeline stages")
     return split_evenly(num_layers, pipeline_parallel_size)[stage]
+
+
+@dataclass(frozen=True)
+class PipelineStage:
+    """One pipeline stage: a contiguous run of layers. The first stage also holds the embedding,
+    the final norm and the LM head, so hidden states go round the stages and come back to it:
+    sampling and a tied head both live where the scheduler does."""
+
+    stage: int
+    num_stages: int
+    layers: Span
+
+    @classmethod
+    def of(cls, config: ModelConfig, stage: int, num_stages: int) -> PipelineStage:
+        return cls(stage, num_stages, stage_layers(config.num_layers, num_stages, stage))
+
+    @property
+    def first(self) -> bool:
+        return self.stage == 0
+
+    def holds(self, name: str) -> bool:
+        """Whether canonical weight `name` belongs to this stage."""
+        match = _LAYER.match(name)
+        if match is None:
+            return self.first  # embedding, final norm, LM head
+        return self.layers[0] <= int(match.group(1)) < self.layers[1]
+
+    def kv_config(self, config: ModelConfig) -> ModelConfig:
+        """The config this stage's KV pool is laid out by: its layers only."""
+        lo, hi = self.layers
+        return config.replace(num_layers=hi - lo, layer_types=config.layer_types[lo:hi])
+
+
+_LAYER = re.compile(r"layers\.(\d+)\.")
 
 
 # MLP width is split in multiples of this where it can be: a row-parallel down_proj's input

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import ctypes
-from collections.abc import Iterable
 from typing import TYPE_CHECKING, cast
 
 import torch
@@ -17,7 +16,7 @@ from nanoinfer.model.layers import MLP, Attention, RMSNorm
 from nanoinfer.model.lora import LoRABatch, MultiLoRALinear
 from nanoinfer.model.mla import MLAttention
 from nanoinfer.model.moe import SparseMoE
-from nanoinfer.model.parallel import TensorParallel, shard_config, shard_weight
+from nanoinfer.model.parallel import PipelineStage, TensorParallel, shard_config, shard_weight
 from nanoinfer.model.rope import RotaryEmbedding
 from nanoinfer.quant.int4 import Int4Linear
 
@@ -126,17 +125,22 @@ class Transformer(nn.Module):
     With `tp`, one tensor-parallel rank's shard: `config` is then the rank's shard config
     (model/parallel.py), and the embedding and head hold the rank's vocabulary rows."""
 
-    def __init__(self, config: ModelConfig, tp: TensorParallel | None = None):
+    def __init__(self, config: ModelConfig, tp: TensorParallel | None = None, stage: PipelineStage | None = None):
         super().__init__()
         c = self.config = config
-        self.tp = tp
+        self.tp, self.stage = tp, stage
+        lo, hi = (0, c.num_layers) if stage is None else stage.layers
+        ends = stage is None or stage.first  # the embedding, final norm and head live here
         vocab_rows = c.vocab_size if tp is None else tp.plan.vocab_rows
-        self.embed = nn.Embedding(vocab_rows, c.hidden_size)
-        self.layers = nn.ModuleList(DecoderLayer(c, i, tp) for i in range(c.num_layers))
-        self.norm = RMSNorm(c.hidden_size, c.rms_norm_eps)
+        self.embed = nn.Embedding(vocab_rows, c.hidden_size) if ends else None
+        # Layers of other pipeline stages are placeholders, so ours keep their global names.
+        self.layers = nn.ModuleList(
+            DecoderLayer(c, i, tp) if lo <= i < hi else nn.Identity() for i in range(c.num_layers)
+        )
+        self.norm = RMSNorm(c.hidden_size, c.rms_norm_eps) if ends else None
         # An nn.Linear until quantization swaps in another module (see nanoinfer.quant).
         self.lm_head: nn.Module | None = (
-            None if c.tie_word_embeddings else nn.Linear(c.hidden_size, vocab_rows, bias=False)
+            nn.Linear(c.hidden_size, vocab_rows, bias=False) if ends and not c.tie_word_embeddings else None
         )
         self.rope, self.local_rope = self._make_ropes()
         self._stack_key: tuple[int, ...] | None = None  # what _fused_stack's pointer table was built for
@@ -155,9 +159,9 @@ class Transformer(nn.Module):
         return rope, local
 
     @property
-    def decoder_layers(self) -> Iterable[DecoderLayer]:
-        """`layers`, typed as what it holds (to a type checker an nn.ModuleList holds any Module)."""
-        return cast("Iterable[DecoderLayer]", self.layers)
+    def decoder_layers(self) -> list[DecoderLayer]:
+        """This model's (or pipeline stage's) decoder layers, in order."""
+        return [layer for layer in self.layers if isinstance(layer, DecoderLayer)]
 
     @property
     def dtype(self) -> torch.dtype:
@@ -166,7 +170,7 @@ class Transformer(nn.Module):
 
     @property
     def device(self) -> torch.device:
-        return self.embed.weight.device
+        return next(self.parameters()).device
 
     @classmethod
     def from_package(
@@ -175,17 +179,20 @@ class Transformer(nn.Module):
         dtype: torch.dtype = torch.float32,
         device: str | torch.device = "cpu",
         tp: TensorParallel | None = None,
+        stage: PipelineStage | None = None,
     ) -> Transformer:
         """Build the model described by a loaded package and fill in its weights (with `tp`, the
-        rank's shard; a package loaded whole is cut here, one loaded with the rank's weight
-        filter already holds only the shard)."""
+        rank's shard; with `stage`, that pipeline stage's layers). A package loaded whole is cut
+        here; one loaded with the rank's weight filter already holds only its part."""
         config, weights = package.config, package.weights
         if tp is not None:
             if package.weight_filter is None:
                 weights = {n: shard_weight(n, w, config, tp.plan) for n, w in weights.items()}
             config = shard_config(config, tp.plan)
+        if stage is not None and package.weight_filter is None:
+            weights = {n: w for n, w in weights.items() if stage.holds(n)}
         with torch.device("meta"):  # no time spent on random init of weights we overwrite
-            model = cls(config, tp)
+            model = cls(config, tp, stage)
         model = model.to_empty(device=device)
         model.load_weights(weights, dtype)
         rope, local = model._make_ropes()  # buffers were left empty by to_empty
@@ -199,7 +206,20 @@ class Transformer(nn.Module):
     @torch.inference_mode()
     def forward(self, batch: ForwardBatch, kv: PagedKVCache) -> torch.Tensor:
         """Run one step; returns float32 logits [rows, vocab] for batch.logits_indices (or every row)."""
-        x = self._embed(batch.input_ids)
+        x = self.run_layers(self.embed_tokens(batch.input_ids), batch, kv)
+        if batch.logits_indices is not None:
+            x = x[batch.logits_indices]
+        return self.final_logits(x)
+
+    @torch.inference_mode()
+    def final_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """The final norm and the LM head over the last layer's hidden states."""
+        assert self.norm is not None, "the first pipeline stage holds the head"
+        return self.compute_logits(self.norm(hidden))
+
+    @torch.inference_mode()
+    def run_layers(self, x: torch.Tensor, batch: ForwardBatch, kv: PagedKVCache) -> torch.Tensor:
+        """This model's (or stage's) decoder layers over hidden states x; kv holds their caches."""
         rope = self.rope(batch.positions, x.dtype)
         local = self.local_rope(batch.positions, x.dtype) if self.local_rope is not None else rope
         fused = self._fused_stack(x, rope, batch, kv)
@@ -208,11 +228,11 @@ class Transformer(nn.Module):
         else:
             for i, layer in enumerate(self.decoder_layers):
                 x = layer(x, local if layer.attn.sliding else rope, batch, kv.k[i], kv.v[i])
-        if batch.logits_indices is not None:
-            x = x[batch.logits_indices]
-        return self.compute_logits(self.norm(x))
+        return x
 
-    def _embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+    def embed_tokens(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """The (scaled) embeddings of input_ids in the activations' dtype."""
+        assert self.embed is not None, "the first pipeline stage holds the embedding"
         if self.tp is None:
             x = self.embed(input_ids).to(self.activation_dtype)
         else:
@@ -230,7 +250,7 @@ class Transformer(nn.Module):
     def hidden_dense(self, input_ids: torch.Tensor) -> torch.Tensor:
         """forward_dense up to the final norm: hidden states [B, T, D] for the LM head."""
         T = input_ids.shape[1]
-        x = self._embed(input_ids)
+        x = self.embed_tokens(input_ids)
         positions = torch.arange(T, device=input_ids.device)
         rope = self.rope(positions, x.dtype)
         local = self.local_rope(positions, x.dtype) if self.local_rope is not None else rope
@@ -241,6 +261,7 @@ class Transformer(nn.Module):
             mask = (distance >= 0) & (distance < window)
         for layer in self.decoder_layers:
             x = layer.forward_dense(x, local if layer.attn.sliding else rope, mask)
+        assert self.norm is not None, "training runs the whole model"
         return self.norm(x)
 
     def _fused_stack(
@@ -290,7 +311,11 @@ class Transformer(nn.Module):
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         # lm_head may be a quantized module (also for a tied head, as a quantized copy of embed)
-        logits = (hidden @ self.embed.weight.t() if self.lm_head is None else self.lm_head(hidden)).float()
+        if self.lm_head is None:
+            assert self.embed is not None, "the first pipeline stage holds the head"
+            logits = (hidden @ self.embed.weight.t()).float()
+        else:
+            logits = self.lm_head(hidden).float()
         if self.tp is not None:
             logits = self.tp.gather_logits(logits)
         cap = self.config.final_logit_softcapping

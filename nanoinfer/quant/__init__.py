@@ -86,7 +86,7 @@ def quantize_model(
         if isinstance(linear, nn.Linear):  # already-quantized modules are left as they are
             quantized = _quantize_linear(linear, method, group_size)
             setattr(parent, attr, _maybe_dense(quantized, linear, group_size, dense_above_rows))
-    if quantize_head:
+    if quantize_head and model.embed is not None:  # (a later pipeline stage has no head)
         head = model.lm_head
         if head is None:  # tied: the embedding table is the head
             head = nn.Linear(model.embed.weight.shape[1], model.embed.weight.shape[0], bias=False)
@@ -113,6 +113,8 @@ def store_weights_16bit(model: Transformer, dtype: torch.dtype) -> Transformer:
             setattr(parent, attr, HalfLinear.from_linear(module, dtype))
         elif isinstance(module, DenseForLargeBatch):  # its float copy is widened per call
             module.to_16bit(dtype)
+    if model.embed is None:  # a later pipeline stage: no embedding, no head
+        return model
     model.embed.weight.data = model.embed.weight.data.to(dtype)
     if model.lm_head is None:  # tied: one 16-bit table serves the lookup and the head
         model.lm_head = HalfLinear(model.embed.weight.data, None)

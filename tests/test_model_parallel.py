@@ -1,5 +1,6 @@
-"""Tensor parallelism: how weights split, shards summing to the whole model, and the engine at
-N = 2 (real worker processes over gloo and shared memory) matching N = 1 token for token."""
+"""Tensor and pipeline parallelism: how weights split, shards summing to the whole model, and
+the engine at N = 2 (real worker processes over gloo and shared memory) matching N = 1 token
+for token."""
 
 from __future__ import annotations
 
@@ -17,10 +18,13 @@ from tiny_models import CASE_IDS, build_hf_model, save_case
 
 from nanoinfer.config import ModelConfig
 from nanoinfer.engine.model_setup import build_model
+from nanoinfer.engine.workers import micro_batches
 from nanoinfer.errors import ModelLoadError
 from nanoinfer.llm import LLM
 from nanoinfer.loading import expected_shapes, load_package
+from nanoinfer.model.forward_batch import SequenceChunk
 from nanoinfer.model.parallel import (
+    PipelineStage,
     TensorParallel,
     plan_shard,
     shard_config,
@@ -196,8 +200,8 @@ PROMPTS = [
 ]
 
 
-def _generate(model: str, tp: int, stats: dict | None = None, **engine) -> list[list[list[int]]]:
-    llm = LLM(model, dtype="float32", tensor_parallel_size=tp, **engine)
+def _generate(model: str, tp: int, stats: dict | None = None, pp: int = 1, **engine) -> list[list[list[int]]]:
+    llm = LLM(model, dtype="float32", tensor_parallel_size=tp, pipeline_parallel_size=pp, **engine)
     try:
         params = [
             SamplingParams(max_tokens=24, temperature=0, ignore_eos=True),
@@ -259,7 +263,7 @@ def test_default_model_at_two_ranks(smollm_path):
     try:
         text = llm.generate([prompt], params)[0].outputs[0].text
         assert "Paris" in text
-        assert llm.engine.tp_group.comm.seconds > 0  # the sums went through the exchange
+        assert llm.engine.model_parallel.comm.seconds > 0  # the sums went through the exchange
     finally:
         llm.engine.shutdown()
 
@@ -281,7 +285,7 @@ def test_uneven_heads_run(tmp_path, tiny_tokenizer):
 def test_a_dead_rank_fails_the_step_instead_of_hanging(tiny_model):
     llm = LLM(str(tiny_model("llama")[0]), tensor_parallel_size=2)
     try:
-        worker = llm.engine.tp_group.procs[0]
+        worker = llm.engine.model_parallel.procs[0]
         os.kill(worker.pid, signal.SIGKILL)
         worker.wait(timeout=10)
         start = time.monotonic()
@@ -292,7 +296,8 @@ def test_a_dead_rank_fails_the_step_instead_of_hanging(tiny_model):
         llm.engine.shutdown()
 
 
-def test_torchrun_runs_the_same_program_on_every_rank(tiny_model, tmp_path):
+@pytest.mark.parametrize("flag", ["--tensor-parallel-size", "--pipeline-parallel-size"])
+def test_torchrun_runs_the_same_program_on_every_rank(tiny_model, flag):
     """Under torchrun (env:// rendezvous) rank 0 runs the command and rank 1 serves its steps."""
     path = str(tiny_model("qwen2")[0])
     base = ["-m", "nanoinfer", "run", "--model", path, "--dtype", "float32", "--temperature", "0"]
@@ -301,7 +306,7 @@ def test_torchrun_runs_the_same_program_on_every_rank(tiny_model, tmp_path):
     one = subprocess.run([sys.executable, *base], capture_output=True, text=True, timeout=120, env=env)
     launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", "29533"]
     two = subprocess.run(
-        [*launcher, *base[:-1], "--tensor-parallel-size", "2", base[-1]],
+        [*launcher, *base[:-1], flag, "2", base[-1]],
         capture_output=True,
         text=True,
         timeout=180,
@@ -310,3 +315,61 @@ def test_torchrun_runs_the_same_program_on_every_rank(tiny_model, tmp_path):
     )
     assert one.returncode == 0 and two.returncode == 0, two.stderr[-2000:]
     assert one.stdout.strip() and two.stdout == one.stdout
+
+
+# ---- pipeline parallelism ----------------------------------------------------------------------
+
+
+def test_stages_hold_their_layers_and_the_first_the_ends():
+    c = _config(num_layers=5, layer_types=("sliding", "full", "full", "sliding", "full"), sliding_window=8)
+    stages = [PipelineStage.of(c, s, 2) for s in range(2)]
+    assert [s.layers for s in stages] == [(0, 3), (3, 5)]
+    assert stages[0].holds("embed.weight") and stages[0].holds("norm.weight") and stages[0].holds("lm_head.weight")
+    assert not stages[1].holds("embed.weight") and stages[1].holds("layers.4.mlp.down_proj.weight")
+    assert not stages[1].holds("layers.2.attn.o_proj.weight")
+    kv = stages[1].kv_config(c)
+    assert kv.num_layers == 2 and kv.layer_types == ("sliding", "full")
+    with pytest.raises(ModelLoadError, match="cannot split 5 layers into 6 pipeline stages"):
+        PipelineStage.of(c, 0, 6)
+
+
+def test_micro_batches_keep_order_and_balance_tokens():
+    chunks = [SequenceChunk([1] * n, 0, [0]) for n in (1, 1, 1, 1, 30, 2)]
+    parts = micro_batches(chunks, 2)
+    assert [c for p in parts for c in p] == chunks and all(parts)
+    assert [sum(len(c.token_ids) for c in p) for p in parts] == [34, 2]
+    assert micro_batches(chunks[:1], 3) == [chunks[:1]]
+    assert len(micro_batches([SequenceChunk([1], 0, [0]) for _ in range(9)], 3)) == 3
+
+
+@pytest.mark.parametrize("case_id", ["llama", "gemma3", "qwen3_moe", "deepseek_v2"])
+def test_two_stages_generate_what_one_does(tiny_model, case_id):
+    """Greedy and seeded sampling, a shared prefix, n = 2 and preemption, over two stages."""
+    path = str(tiny_model(case_id)[0])
+    engine = dict(block_size=16, prefix_page_size=8, max_num_seqs=4)
+    assert _generate(path, 1, pp=2, **engine) == _generate(path, 1, **engine)
+
+
+def test_three_stages_with_speculation(tiny_model):
+    path = str(tiny_model("gemma3")[0])  # 3 layers: one per stage
+    spec = {"method": "ngram", "num_speculative_tokens": 3, "prompt_lookup_max": 3, "prompt_lookup_min": 1}
+    assert _generate(path, 1, pp=3, speculative_config=spec) == _generate(path, 1, speculative_config=spec)
+
+
+def test_default_model_in_two_stages(smollm_path):
+    """Whole layers per stage: even int4 (the default) gives the same tokens as one rank."""
+    params = SamplingParams(max_tokens=24, temperature=0, ignore_eos=True)
+    prompts = ["The capital of France is", "Write a poem about the sea."]
+    outputs = {}
+    for pp in (1, 2):
+        llm = LLM("smollm2-135m-instruct", pipeline_parallel_size=pp, max_model_len=512)
+        try:
+            outputs[pp] = [r.outputs[0].token_ids for r in llm.generate(prompts, params)]
+        finally:
+            llm.engine.shutdown()
+    assert outputs[2] == outputs[1]
+
+
+def test_tensor_and_pipeline_together_are_refused(tiny_model):
+    with pytest.raises(ValueError, match="not supported yet"):
+        LLM(str(tiny_model("llama")[0]), tensor_parallel_size=2, pipeline_parallel_size=2)
