@@ -180,3 +180,25 @@ def test_steps_without_adapter_rows_keep_the_fused_decode_stack(adapters, monkey
     mixed = served.generate(PROMPTS[:2], GREEDY, lora_request=[None, loras[0]])
     assert fused_steps and not any(fused_steps), "a step with adapter rows cannot run the base stack"
     assert mixed[0].token_ids == base[0].token_ids
+
+
+@pytest.mark.parametrize("parallel", [{"tensor_parallel_size": 2}, {"pipeline_parallel_size": 2}])
+def test_adapters_under_model_parallelism(adapters, parallel):
+    """Each rank holds its part of every adapter (TP: B's rows or A's columns; PP: its layers'
+    pairs) and repeats rank 0's slot changes: the same answers as one rank, with three adapters
+    moving through two slots."""
+    path, loras = adapters
+    mix = [None, *loras] * 2
+    answers = {}
+    for name, split in (("one", {}), ("split", parallel)):
+        llm = LLM(
+            str(path), dtype="float32", enable_lora=True, max_loras=2, max_lora_rank=8, max_model_len=128, **split
+        )
+        try:
+            answers[name] = [o.outputs[0].token_ids for o in llm.generate(PROMPTS, GREEDY, lora_request=mix)]
+            for lora in [*loras, *reversed(loras)]:  # one at a time: slots are taken and given up
+                answers[name].append(llm.generate([PROMPTS[0]], GREEDY, lora_request=lora)[0].outputs[0].token_ids)
+        finally:
+            llm.engine.shutdown()
+    assert answers["split"] == answers["one"]
+    assert len({tuple(a) for a in answers["one"][:4]}) == 4  # the adapters do change the answers

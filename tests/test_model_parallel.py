@@ -240,6 +240,13 @@ def test_preemption_and_speculation_at_two_ranks(tiny_model):
     assert _generate(path, 2, speculative_config=spec, **tight) == one
 
 
+def test_draft_model_speculation_at_two_ranks(tiny_model):
+    """The draft model runs whole on rank 0 beside the sharded target (here: the target itself in int8)."""
+    path = str(tiny_model("qwen3")[0])
+    spec = {"method": "draft_model", "model": path, "quantization": "int8", "num_speculative_tokens": 3}
+    assert _generate(path, 2, speculative_config=spec) == _generate(path, 1, speculative_config=spec)
+
+
 def test_torch_distributed_collectives_give_the_same_tokens(tiny_model, monkeypatch):
     """NANOINFER_TP_COMM=torch: gloo's collectives instead of shared memory, as across hosts."""
     path = str(tiny_model("phi3")[0])

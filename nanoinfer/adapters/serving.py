@@ -9,6 +9,7 @@ one batch is bounded by `max_loras` and a waiting request never evicts a running
 from __future__ import annotations
 
 import itertools
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, cast
 
@@ -17,6 +18,7 @@ import torch
 from nanoinfer.adapters.peft_files import read_adapter
 from nanoinfer.errors import ModelLoadError, RequestError
 from nanoinfer.model.lora import TARGETS, LoRABatch, LoRASpec, MultiLoRALinear, target_rows
+from nanoinfer.model.transformer import DecoderLayer
 
 if TYPE_CHECKING:
     from nanoinfer.model.transformer import Transformer
@@ -35,6 +37,11 @@ class LoRARequest:
             raise ValueError(f"lora_int_id must be a positive integer, got {self.lora_int_id}")
 
 
+# What a model-parallel rank keeps of one adapter matrix pair: (layer, target, A, B) -> its part
+# of (A, B), or None where the layer is not its own (see engine/workers.py).
+AdapterFilter = Callable[[int, str, torch.Tensor, torch.Tensor], "tuple[torch.Tensor, torch.Tensor] | None"]
+
+
 @dataclass
 class _Adapter:
     request: LoRARequest
@@ -45,16 +52,23 @@ class _Adapter:
 class LoRAManager:
     """Adapters the engine knows, the slots they occupy, and each step's rows -> slots."""
 
-    def __init__(self, model: Transformer, max_loras: int, max_lora_rank: int) -> None:
+    def __init__(
+        self, model: Transformer, max_loras: int, max_lora_rank: int, adapter_filter: AdapterFilter | None = None
+    ) -> None:
         if max_loras < 1 or max_lora_rank < 1:
             raise ValueError("max_loras and max_lora_rank must be at least 1")
         self.model = model
+        self.adapter_filter = adapter_filter  # a model-parallel rank's part of each adapter
+        # Slot changes since the last step, for the other ranks of a model-parallel group to
+        # repeat: ("install", slot, request) or ("clear", slot). None: nobody repeats them.
+        self.changes: list[tuple] | None = None
         self.max_lora_rank = max_lora_rank
         self.batch = LoRABatch(max_loras, max_lora_rank, model.device)
         model.lora_batch = self.batch  # rows without adapters keep the fused decode stack
         self.adapters: dict[int, _Adapter] = {}
         self.slots: list[int | None] = [None] * max_loras  # adapter id in slot i + 1
-        self._wrapped: dict[str, list[MultiLoRALinear]] = {}  # module path under a layer -> one per layer
+        # module path under a layer -> {layer index: its wrapped module}
+        self._wrapped: dict[str, dict[int, MultiLoRALinear]] = {}
         self._clock = itertools.count(1)
         self._last_used: dict[int, int] = {}
 
@@ -71,6 +85,8 @@ class LoRAManager:
             spec, weights = read_adapter(request.lora_path, self.model.config.num_layers)
         except (ModelLoadError, ValueError) as e:
             raise RequestError(f"cannot load LoRA adapter {request.lora_name!r}: {e}", "lora") from None
+        if self.adapter_filter is not None:
+            weights = self._filtered(weights)
         if spec.r > self.max_lora_rank:
             raise RequestError(
                 f"LoRA adapter {request.lora_name!r} has rank {spec.r}, above max_lora_rank {self.max_lora_rank}",
@@ -81,6 +97,17 @@ class LoRAManager:
         except ValueError as e:  # targets this model cannot adapt
             raise RequestError(f"LoRA adapter {request.lora_name!r}: {e}", "lora") from None
         self.adapters[request.lora_int_id] = _Adapter(request, spec, weights)
+
+    def _filtered(
+        self, weights: dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]]
+    ) -> dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]]:
+        assert self.adapter_filter is not None
+        out = {}
+        for (layer, target), (a, b) in weights.items():
+            kept = self.adapter_filter(layer, target, a, b)
+            if kept is not None:
+                out[(layer, target)] = kept
+        return out
 
     def _check_shapes(
         self, request: LoRARequest, weights: dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]]
@@ -141,31 +168,52 @@ class LoRAManager:
 
     def _install(self, slot: int, adapter: _Adapter) -> None:
         self._clear(slot)
+        if self.changes is not None:
+            self.changes.append(("install", slot, adapter.request))
         self.batch.scaling[slot] = adapter.spec.scaling
         for (layer, target), (a, b) in adapter.weights.items():
             module, _ = target_rows(self.model.config, target)
             self._modules(module)[layer].load(slot, target, a, b)
 
     def _clear(self, slot: int) -> None:
+        if self.changes is not None:
+            self.changes.append(("clear", slot))
         self.batch.scaling[slot] = 0.0
         for modules in self._wrapped.values():
-            for m in modules:
+            for m in modules.values():
                 m.clear(slot)
 
-    def _modules(self, path: str) -> list[MultiLoRALinear]:
+    def _modules(self, path: str) -> dict[int, MultiLoRALinear]:
         """Every layer's `path` projection wrapped for adapters (done once, when first needed)."""
         if path not in self._wrapped:
             config = self.model.config
             rows = {t: target_rows(config, t)[1] for t in TARGETS if target_rows(config, t)[0] == path}
             parent_path, name = path.rsplit(".", 1)
-            wrapped = []
-            for layer in self.model.decoder_layers:
+            wrapped = {}
+            for index, layer in enumerate(self.model.layers):
+                if not isinstance(layer, DecoderLayer):  # another pipeline stage's layer
+                    continue
                 parent = layer.get_submodule(parent_path)
                 module = MultiLoRALinear(getattr(parent, name), rows, self.batch)
                 setattr(parent, name, module)
-                wrapped.append(module)
+                wrapped[index] = module
             self._wrapped[path] = wrapped
         return self._wrapped[path]
+
+    def take_changes(self) -> list[tuple]:
+        """The slot changes since the last call, for the other ranks to `replay`."""
+        changes, self.changes = self.changes or [], []
+        return changes
+
+    def replay(self, changes: list[tuple]) -> None:
+        """Repeat rank 0's slot changes on another rank of its model-parallel group."""
+        for change in changes:
+            if change[0] == "clear":
+                self._clear(change[1])
+                continue
+            _, slot, request = change
+            self.add(request)
+            self._install(slot, self.adapters[request.lora_int_id])
 
     # -- steps -------------------------------------------------------------------------------
 

@@ -97,7 +97,12 @@ class LLMEngine:
         if kv.num_slots < self.max_model_len:
             log.warning("KV pool holds %d tokens; max_model_len lowered from %d", kv.num_slots, self.max_model_len)
             self.max_model_len = kv.num_slots
-        self.lora = LoRAManager(self.model, config.max_loras, config.max_lora_rank) if config.enable_lora else None
+        self.lora = None
+        if config.enable_lora:
+            adapter_filter = None if group is None else group.role.adapter_filter(package.config)
+            self.lora = LoRAManager(self.model, config.max_loras, config.max_lora_rank, adapter_filter)
+            if group is not None:
+                self.lora.changes = []  # the other ranks repeat each slot change
         storage: KVStorage = kv
         if group is not None:
             group.connect(group.setup_for(self.model_config, config, kv))
@@ -132,8 +137,8 @@ class LLMEngine:
         size, pipeline = group_size(config)
         if size == 1:
             return None
-        if config.enable_lora or config.merge_lora is not None:
-            raise ValueError("LoRA adapters are not supported with tensor or pipeline parallelism yet")
+        if config.merge_lora is not None:  # (served adapters are: enable_lora)
+            raise ValueError("merge_lora is not supported with tensor or pipeline parallelism yet")
         run_torchrun_worker_if_needed(model, config)
         return ModelParallelGroup(size, pipeline, model, config)
 

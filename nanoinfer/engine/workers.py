@@ -37,6 +37,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 import torch.distributed as dist
 
+from nanoinfer.adapters.serving import LoRAManager
 from nanoinfer.engine.model_setup import build_model
 from nanoinfer.kernels import kernels
 from nanoinfer.loading import ModelPackage, load_package
@@ -46,6 +47,7 @@ from nanoinfer.model.kv_cache import PagedKVCache
 from nanoinfer.model.parallel import PipelineStage, TensorParallel, plan_shard, shard_weight
 
 if TYPE_CHECKING:
+    from nanoinfer.adapters.serving import AdapterFilter
     from nanoinfer.config import EngineConfig, ModelConfig
     from nanoinfer.model.transformer import Transformer
 
@@ -68,6 +70,23 @@ class RankRole:
         if self.pipeline:
             return tensor if self.stage(config).holds(name) else None
         return shard_weight(name, tensor, config, plan_shard(config, self.rank, self.world))
+
+    def adapter_filter(self, config: ModelConfig) -> AdapterFilter:
+        """This rank's part of each LoRA matrix pair (`config`: the full model's): under TP, B's
+        rows of a column-parallel projection or A's columns of a row-parallel one (whose partial
+        outputs the layer's sum adds up); under PP, the pairs of this stage's layers."""
+
+        def keep(layer: int, target: str, a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+            part = "mlp" if target in ("gate_proj", "up_proj", "down_proj") else "attn"
+            name = f"layers.{layer}.{part}.{target}.weight"
+            if self.pipeline:
+                return (a, b) if self.stage(config).holds(name) else None
+            plan = plan_shard(config, self.rank, self.world)
+            if target in ("o_proj", "down_proj"):
+                return shard_weight(name, a, config, plan), b
+            return a, shard_weight(name, b, config, plan)
+
+        return keep
 
     def stage(self, config: ModelConfig) -> PipelineStage:
         return PipelineStage.of(config, self.rank, self.world)
@@ -106,6 +125,10 @@ def _threads_per_rank(world: int) -> int:
     """Cores shared out so ranks on one host do not oversubscribe them."""
     local = int(os.environ.get("LOCAL_WORLD_SIZE", world))
     return max(1, (os.cpu_count() or 1) // local)
+
+
+# (slot changes to replay, (slot, rows) per chunk of the step) when adapters are served
+LoRAStep = tuple[list[tuple], list[tuple[int, int]]]
 
 
 @dataclass
@@ -202,16 +225,22 @@ class ModelParallelGroup:
             if self.comm is not None:
                 self.comm.abort()
 
-    def execute(self, model: Transformer, kv: PagedKVCache, chunks: list[SequenceChunk]) -> torch.Tensor:
-        """One step on every rank: logits of the chunks' logits rows, in chunk order."""
+    def execute(
+        self, model: Transformer, kv: PagedKVCache, chunks: list[SequenceChunk], lora: LoRAStep | None = None
+    ) -> torch.Tensor:
+        """One step on every rank: logits of the chunks' logits rows, in chunk order. `lora`:
+        rank 0's adapter slot changes since the last step and this step's (slot, rows) per chunk,
+        already applied here."""
         assert self.comm is not None and self.kv_copies is not None
         copies, self.kv_copies.pending = self.kv_copies.pending, []
         parts = micro_batches(chunks, self.world) if self.pipeline else [chunks]
-        self.comm.broadcast_object((copies, parts))
+        self.comm.broadcast_object((copies, parts, lora))
         batches = [ForwardBatch.build(p, kv.block_size, model.config.sliding_window, model.device) for p in parts]
+        rows = _rows_per_part(parts, lora)
         if not self.pipeline:
+            _set_rows(model, rows[0])
             return model(batches[0], kv)
-        return _first_stage(model, kv, batches, self.comm)
+        return _first_stage(model, kv, batches, rows)
 
     def shutdown(self) -> None:
         """Stop the workers (they leave their loop on None) and leave the process group."""
@@ -252,18 +281,39 @@ def micro_batches(chunks: list[SequenceChunk], count: int) -> list[list[Sequence
     return parts
 
 
-def _first_stage(model: Transformer, kv: PagedKVCache, batches: list[ForwardBatch], comm: Communicator) -> torch.Tensor:
+def _rows_per_part(parts: list[list[SequenceChunk]], lora: LoRAStep | None) -> list[list[tuple[int, int]] | None]:
+    """Each micro-batch's (adapter slot, rows) per chunk, or None per part without adapters."""
+    if lora is None:
+        return [None] * len(parts)
+    rows, start = lora[1], 0
+    out: list[list[tuple[int, int]] | None] = []
+    for part in parts:
+        out.append(rows[start : start + len(part)])
+        start += len(part)
+    return out
+
+
+def _set_rows(model: Transformer, rows: list[tuple[int, int]] | None) -> None:
+    """Tell the adapter-wrapped projections whose rows are whose for the next forward."""
+    if rows is not None and model.lora_batch is not None:
+        model.lora_batch.set_rows(rows)
+
+
+def _first_stage(
+    model: Transformer, kv: PagedKVCache, batches: list[ForwardBatch], rows: list[list[tuple[int, int]] | None]
+) -> torch.Tensor:
     """Rank 0's side of a pipeline step: embed and run stage 0 on every micro-batch, sending each
     on as it is done, then take the last stage's hidden states back and finish them."""
     world = dist.get_world_size()
     sends = []  # (work, tensor): a tensor must outlive its send
-    for batch in batches:
+    for batch, part_rows in zip(batches, rows):
+        _set_rows(model, part_rows)
         hidden = model.run_layers(model.embed_tokens(batch.input_ids), batch, kv).float().contiguous()
         sends.append((dist.isend(hidden, dst=1), hidden))
     logits = []
     for batch in batches:
-        rows = batch.num_tokens if batch.logits_indices is None else int(batch.logits_indices.numel())
-        hidden = torch.empty(rows, model.config.hidden_size)
+        count = batch.num_tokens if batch.logits_indices is None else int(batch.logits_indices.numel())
+        hidden = torch.empty(count, model.config.hidden_size)
         dist.recv(hidden, src=world - 1)
         logits.append(model.final_logits(hidden.to(model.dtype)))
     for work, _ in sends:
@@ -272,13 +322,16 @@ def _first_stage(model: Transformer, kv: PagedKVCache, batches: list[ForwardBatc
     return torch.cat(logits)
 
 
-def _later_stage(model: Transformer, kv: PagedKVCache, batches: list[ForwardBatch]) -> None:
+def _later_stage(
+    model: Transformer, kv: PagedKVCache, batches: list[ForwardBatch], rows: list[list[tuple[int, int]] | None]
+) -> None:
     """A stage after the first: each micro-batch's hidden states in, its layers, out to the next
     stage (the last sends only the logits rows, back to rank 0)."""
     rank, world = dist.get_rank(), dist.get_world_size()
     last = rank == world - 1
     sends = []
-    for batch in batches:
+    for batch, part_rows in zip(batches, rows):
+        _set_rows(model, part_rows)
         hidden = torch.empty(batch.num_tokens, model.config.hidden_size)
         dist.recv(hidden, src=rank - 1)
         out = model.run_layers(hidden.to(model.dtype), batch, kv)
@@ -350,7 +403,8 @@ def serve_as_worker(model: str, config: EngineConfig) -> None:
     _same_host()
     package = load_package(model, role.weight_filter)
     net = role.build(package, config, config.quantization or package.default_quantization)
-    kv_config = role.stage(package.config).kv_config(net.config) if pipeline else net.config
+    full_config = package.config
+    kv_config = role.stage(full_config).kv_config(net.config) if pipeline else net.config
     del package
     box: list[Any] = [None]
     dist.broadcast_object_list(box, src=0)
@@ -359,25 +413,34 @@ def serve_as_worker(model: str, config: EngineConfig) -> None:
     if net.tp is not None:
         net.tp.comm = comm
     kv = PagedKVCache(kv_config, setup.num_blocks, setup.block_size, setup.kv_dtype, config.device)
+    adapters = None
+    if config.enable_lora:
+        adapters = LoRAManager(net, config.max_loras, config.max_lora_rank, role.adapter_filter(full_config))
     try:
-        _step_loop(net, kv, comm, pipeline)
+        _step_loop(net, kv, comm, pipeline, adapters)
     finally:
         dist.destroy_process_group()
 
 
-def _step_loop(net: Transformer, kv: PagedKVCache, comm: Communicator, pipeline: bool) -> None:
+def _step_loop(
+    net: Transformer, kv: PagedKVCache, comm: Communicator, pipeline: bool, adapters: LoRAManager | None
+) -> None:
     with torch.inference_mode():
         while True:
             message = comm.broadcast_object(None)
             if message is None:
                 return
-            copies, parts = message
+            copies, parts, lora = message
             for src, dst, start, end in copies:
                 kv.copy(src, dst, start, end)
+            if lora is not None and adapters is not None:
+                adapters.replay(lora[0])
             batches = [ForwardBatch.build(p, kv.block_size, net.config.sliding_window, net.device) for p in parts]
+            rows = _rows_per_part(parts, lora)
             if pipeline:
-                _later_stage(net, kv, batches)
+                _later_stage(net, kv, batches, rows)
             else:
+                _set_rows(net, rows[0])
                 net(batches[0], kv)
 
 
