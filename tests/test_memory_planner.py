@@ -1,4 +1,4 @@
-"""The memory planner (`nanoinfer memory`, nanoinfer/memory.py): figures of real configs checked
+"""The memory planner (`nanoinfer memory`, nanoinfer/memory/): figures of real configs checked
 against hand arithmetic, tensor and pipeline splits, the CLI's JSON and errors, and predictions
 checked against what the engine actually allocates for models that run here."""
 
