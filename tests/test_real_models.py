@@ -70,3 +70,26 @@ def test_gemma3_greedy_matches_transformers():
     llm = LLM("gemma3-270m", dtype="float32", quantization="none")
     raw = llm.tokenizer.encode("The capital of France is", add_special_tokens=True)
     _check("gemma3", registry.gemma3_path(), [raw], llm)
+
+
+def test_make_run_answers_coherently():
+    """`make run`'s question at the default model's recommended sampling (no request settings)
+    answers about caches: checked on content words over a few seeds, not on exact text."""
+    import re
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    makefile = (Path(__file__).parent.parent / "Makefile").read_text()
+    question = re.search(r'nanoinfer run .*"(.+)"', makefile).group(1)
+    llm = LLM()
+    assert (llm.engine.generation.temperature, llm.engine.generation.top_p) == (0.2, 0.9)
+    prompt = llm.chat_prompt([{"role": "user", "content": question}])
+    for seed in range(3):
+        text = llm.generate([prompt], llm.default_params(max_tokens=96, seed=seed))[0].outputs[0].text.lower()
+        assert "cache" in text and any(w in text for w in ("store", "data", "memory", "key", "value", "retriev")), text
+    cli = subprocess.run(
+        [sys.executable, "-m", "nanoinfer", "run", "--max-tokens", "48", "--seed", "0", question],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert cli.returncode == 0 and "cache" in cli.stdout.lower(), cli.stdout + cli.stderr

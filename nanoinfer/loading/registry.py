@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import importlib.util
 from collections.abc import Callable
@@ -60,6 +61,14 @@ def gemma3_path() -> Path:
     return _gemma_path
 
 
+# Sampling the models' authors recommend, used where a request does not say (as Ollama's
+# Modelfiles carry them) and where the file itself sets none: SmolLM2's model card samples at
+# temperature 0.2 with top-p 0.9; the Gemma 3 team recommends temperature 1.0, top-k 64, top-p 0.95.
+RECOMMENDED_SAMPLING: dict[str, dict[str, float | int]] = {
+    "smollm2-135m-instruct": {"temperature": 0.2, "top_p": 0.9},
+    "gemma3-270m": {"temperature": 1.0, "top_k": 64, "top_p": 0.95},
+}
+
 BUILTIN_MODELS: dict[str, Callable[[], Path]] = {
     "smollm2-135m-instruct": smollm2_path,
     "gemma3-270m": gemma3_path,
@@ -79,6 +88,8 @@ def load_builtin(name: str, weight_filter: WeightFilter | None = None) -> ModelP
 
     package = load_gguf(builtin_path(name), weight_filter)
     package.source = name
+    unset = {k: v for k, v in RECOMMENDED_SAMPLING.get(name, {}).items() if getattr(package.generation, k) is None}
+    package.generation = dataclasses.replace(package.generation, **unset)
     # The fastest path whose quality holds (docs/performance.md, "Quantization quality"; the bound
     # is checked by tests/test_quality.py and `nanoinfer bench --quality`).
     package.default_quantization = "int4"
