@@ -189,9 +189,12 @@ def cmd_run(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         if llm.engine.proposer is not None:
-            metric = llm.engine.metrics.registry.get_sample_value
-            drafted = metric("nanoinfer:spec_decode_num_draft_tokens_total") or 0.0
-            accepted = metric("nanoinfer:spec_decode_num_accepted_tokens_total") or 0.0
+
+            def metric(name: str) -> float:  # summed over data-parallel replicas
+                return sum(e.metrics.registry.get_sample_value(name) or 0.0 for e in llm.engines)
+
+            drafted = metric("nanoinfer:spec_decode_num_draft_tokens_total")
+            accepted = metric("nanoinfer:spec_decode_num_accepted_tokens_total")
             print(
                 f"[spec] draft tokens: {drafted:.0f}, accepted: {accepted:.0f} "
                 f"({100 * accepted / max(drafted, 1):.1f}%), mean tokens per target forward: "
@@ -243,6 +246,18 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     print(f"source: {package.source} ({package.file_type})\n\nconfig:")
     for field in dataclasses.fields(package.config):
         print(f"  {field.name}: {getattr(package.config, field.name)}")
+    g = package.generation
+    sampling = {
+        "temperature": g.temperature,
+        "top_p": g.top_p,
+        "top_k": g.top_k,
+        "repetition_penalty": g.repetition_penalty,
+    }
+    shown = (
+        ", ".join(f"{k} {v}" for k, v in sampling.items() if v is not None)
+        or "none (SamplingParams' own: temperature 1.0)"
+    )
+    print(f"\nsampling defaults (used when a request does not set them): {shown}")
     _print_kv_formula(package.config)
     if args.tokens is not None:
         ids = package.tokenizer.encode(args.tokens)
@@ -472,7 +487,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 
 def _add_memory_parser(sub: Any) -> None:
-    """`nanoinfer memory`: the memory planner (nanoinfer/memory.py), from metadata only."""
+    """`nanoinfer memory`: the memory planner (nanoinfer/memory/), from metadata only."""
     from nanoinfer.config import DTYPE_CHOICES, KV_CACHE_DTYPES, EngineConfig
     from nanoinfer.loading.registry import BUILTIN_MODELS, DEFAULT_MODEL
 

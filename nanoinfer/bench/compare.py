@@ -67,9 +67,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--prefix-len", type=int, default=1024)
     p.add_argument(
         "--scenarios",
-        default="pp512,tg128,serving,shared_prefix,lora,moe,mla,tp",
-        help="lora, moe, mla, tp: see lora.py, moe.py, mla.py, parallel.py; also spec (spec.py), "
-        "structured (structured.py)",
+        default="pp512,tg128,serving,shared_prefix,lora,moe,mla,tp,dp",
+        help="lora, moe, mla, tp, dp: see lora.py, moe.py, mla.py, parallel.py, data_parallel.py; also spec "
+        "(spec.py), structured (structured.py)",
+    )
+    p.add_argument(
+        "--data-parallel-size",
+        "-dp",
+        type=int,
+        default=1,
+        help="nanoinfer engine replicas (pp512, tg128 and serving; other scenarios drive one engine)",
     )
     p.add_argument("--structured-concurrency", type=int, default=16, help="structured: serving clients")
     p.add_argument("--structured-requests", type=int, default=32, help="structured: serving requests")
@@ -208,6 +215,10 @@ def run_engines(peers: dict[str, Any], args: argparse.Namespace, vocab: list[int
         from nanoinfer.bench.parallel import run_parallel  # it imports this module
 
         results["nanoinfer"]["tp"] = run_parallel(args, log)
+    if "dp" in scenarios and isinstance(nano, NanoinferPeer):
+        from nanoinfer.bench.data_parallel import run_data_parallel  # it imports this module
+
+        results["nanoinfer"]["dp"] = run_data_parallel(nano, args, vocab, log)
     if "moe" in scenarios:
         from nanoinfer.bench.moe import run_moe  # it imports this module
 
@@ -281,6 +292,11 @@ def main(argv: list[str] | None = None) -> int:
         "kv_cache_dtype": args.kv_cache_dtype,
         "speculative_config": args.speculative_config,
     }
+    if args.data_parallel_size > 1:
+        one_engine = {"shared_prefix", "spec", "structured", "lora", "dp"} & set(args.scenarios.split(","))
+        if one_engine:
+            raise SystemExit(f"--data-parallel-size > 1 runs pp512, tg128 and serving only, not {sorted(one_engine)}")
+        nano_kwargs["data_parallel_size"] = args.data_parallel_size
     nano = NanoinferPeer(args.model, dtype=args.dtype or "auto", quantization=args.quantization, **nano_kwargs)
     size = nano.engine.model_config.vocab_size
     vocab = list(range(min(1000, size // 2), min(size, 20000)))  # ordinary tokens, no specials (tiny vocabularies too)

@@ -10,6 +10,7 @@ and, for the speculative-decoding scenario (spec.py):
 
 from __future__ import annotations
 
+import asyncio
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -94,8 +95,17 @@ class NanoinferPeer:
         """A fresh engine with other knobs (e.g. prefix cache off); weights are loaded again."""
         from nanoinfer import LLM
 
+        if self.llm.replicas is not None:
+            self.llm.shutdown()  # the old replicas' threads
         self.llm = LLM(self.model, dtype=self.dtype, **{**self.kwargs, **engine_kwargs})
         self.engine = self.llm.engine
+
+    def reset_cache(self) -> None:
+        """Drop what earlier runs cached (every replica's, each on its own thread)."""
+        if self.llm.replicas is not None:
+            self.llm.replicas.call_each(lambda e: e.prefix_cache.reset()).result()
+        else:
+            self.engine.prefix_cache.reset()
 
     def _params(self, n: int) -> SamplingParams:
         from nanoinfer import SamplingParams
@@ -103,13 +113,13 @@ class NanoinferPeer:
         return SamplingParams(temperature=0, max_tokens=n, ignore_eos=True)
 
     def prefill(self, ids: list[int]) -> float:
-        self.engine.prefix_cache.reset()  # measure computing the prompt, not finding it cached
+        self.reset_cache()  # measure computing the prompt, not finding it cached
         start = time.perf_counter()
         self.llm.generate([ids], self._params(1))
         return time.perf_counter() - start
 
     def decode(self, ids: list[int], n: int) -> float:
-        self.engine.prefix_cache.reset()
+        self.reset_cache()
         first: float | None = None
         for _ in self.llm.stream(ids, self._params(n + 1)):
             if first is None:
@@ -123,7 +133,7 @@ class NanoinferPeer:
         (`eos` is the engine's own set already.)"""
         from nanoinfer import SamplingParams
 
-        self.engine.prefix_cache.reset()
+        self.reset_cache()
         times: list[float] = []
         token_ids: list[int] = []
         for out in self.llm.stream(ids, SamplingParams(temperature=0, max_tokens=n)):
@@ -136,9 +146,11 @@ class NanoinferPeer:
 
     def serve(self, requests: list[Request], concurrency: int, fresh_cache: bool = True) -> list[RequestTiming]:
         """Closed loop; fresh_cache drops what earlier runs cached, so repetitions measure the same work."""
-        engine = self.engine
         if fresh_cache:
-            engine.prefix_cache.reset()
+            self.reset_cache()
+        if self.llm.replicas is not None:
+            return asyncio.run(self._serve_replicated(requests, concurrency))
+        engine = self.engine
         pending = list(enumerate(requests))
         timings: dict[int, RequestTiming] = {}
         live: dict[str, int] = {}
@@ -164,6 +176,28 @@ class NanoinferPeer:
                     del live[out.request_id]
                     if pending:
                         submit()
+        return [timings[i] for i in range(len(requests))]
+
+    async def _serve_replicated(self, requests: list[Request], concurrency: int) -> list[RequestTiming]:
+        """The closed loop over data-parallel replicas: `concurrency` clients of the router."""
+        replicas = self.llm.replicas
+        assert replicas is not None
+        pending = list(enumerate(requests))
+        timings: dict[int, RequestTiming] = {}
+
+        async def client() -> None:
+            while pending:
+                i, req = pending.pop(0)
+                t = timings[i] = RequestTiming(time.perf_counter(), 0.0, 0.0, req.output_len)
+                rid = f"bench-{i}-{time.perf_counter_ns()}"
+                params = self._params(req.output_len)
+                async for out in replicas.generate(rid, req.prompt_ids, params, lora_request=req.lora_request):
+                    now = time.perf_counter()
+                    t.first_token = t.first_token or now
+                    if out.finished:
+                        t.finish = now
+
+        await asyncio.gather(*[client() for _ in range(concurrency)])
         return [timings[i] for i in range(len(requests))]
 
 

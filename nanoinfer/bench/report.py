@@ -84,6 +84,10 @@ def markdown(results: dict[str, Any]) -> str:
         from nanoinfer.bench.parallel import parallel_markdown
 
         lines += ["", *parallel_markdown(engines["nanoinfer"]["tp"])]
+    if "dp" in engines.get("nanoinfer", {}):
+        from nanoinfer.bench.data_parallel import data_parallel_markdown
+
+        lines += ["", *data_parallel_markdown(engines["nanoinfer"]["dp"])]
     if "lora" in engines.get("nanoinfer", {}):
         from nanoinfer.bench.lora import lora_markdown
 

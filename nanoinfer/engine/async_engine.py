@@ -17,9 +17,9 @@ import logging
 import queue
 import threading
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncGenerator, Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 from nanoinfer.adapters.serving import LoRARequest
 from nanoinfer.engine.engine import LLMEngine
@@ -49,6 +49,34 @@ class _Stream:
     loop: asyncio.AbstractEventLoop
     items: asyncio.Queue = field(default_factory=asyncio.Queue)
     overflowed: bool = False
+
+
+class EngineClient(Protocol):
+    """What the server and LLM use of an AsyncEngine; a DataParallelEngine offers the same."""
+
+    @property
+    def num_outstanding_seqs(self) -> int: ...
+
+    def call(self, fn: Callable[[], Any]) -> concurrent.futures.Future: ...
+
+    def call_each(self, fn: Callable[[LLMEngine], Any]) -> concurrent.futures.Future: ...
+
+    def health(self) -> str | None: ...
+
+    def check_capacity(self, num_seqs: int) -> None: ...
+
+    def generate(
+        self,
+        request_id: str,
+        prompt: str | list[int],
+        params: SamplingParams,
+        cache_salt: str | None = None,
+        lora_request: LoRARequest | None = None,
+    ) -> AsyncGenerator[RequestOutput, None]: ...
+
+    def abort_all(self, reason: str) -> concurrent.futures.Future: ...
+
+    def shutdown(self) -> None: ...
 
 
 class AsyncEngine:
@@ -85,6 +113,11 @@ class AsyncEngine:
         self._commands.put((fn, future))
         return future
 
+    def call_each(self, fn: Callable[[LLMEngine], Any]) -> concurrent.futures.Future:
+        """Run fn(engine) on the engine thread; the future holds [its result] (as
+        DataParallelEngine.call_each holds one per replica)."""
+        return self.call(lambda: [fn(self.engine)])
+
     def health(self) -> str | None:
         """None while the loop is alive and came round recently; else why not. Never blocks."""
         if self.dead is not None:
@@ -118,7 +151,7 @@ class AsyncEngine:
         params: SamplingParams,
         cache_salt: str | None = None,
         lora_request: LoRARequest | None = None,
-    ) -> AsyncIterator[RequestOutput]:
+    ) -> AsyncGenerator[RequestOutput, None]:
         """Stream outputs of one request; leaving early (client gone, cancelled) aborts it."""
         self.check_capacity(params.n)
         stream = _Stream(asyncio.get_running_loop())

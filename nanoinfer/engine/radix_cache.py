@@ -177,6 +177,34 @@ class RadixCache:
         self.hit_tokens += matched
         return PrefixMatch(self._path_blocks(node), matched, node)
 
+    def cached_prefix_length(self, token_ids: Sequence[int], salt: str | None = None) -> int:
+        """How many leading tokens of ``token_ids`` (whole pages) ``salt``'s namespace holds, without
+        touching anything: no LRU stamps, no splits, no stats.
+
+        For a router on another thread while the engine thread changes the tree: it only reads
+        dicts and tuples one lookup at a time, so it may see a tree halfway through a change and
+        answer a little wrong, never raise (a lookup that races a change counts as no match)."""
+        if not self.enabled:
+            return 0
+        tokens = self._whole_pages(token_ids)
+        ps = self.page_size
+        try:
+            node: RadixNode | None = self._roots.get(salt)
+            matched = 0
+            while node is not None and matched < len(tokens):
+                child = node.children.get(tokens[matched : matched + ps])
+                if child is None:
+                    break
+                key = child.key  # read once: a split replaces it while we compare
+                common = self._common_length(key, tokens, matched)
+                matched += common
+                if common < len(key):
+                    break
+                node = child
+            return matched
+        except (RuntimeError, KeyError, IndexError):
+            return 0
+
     def insert(self, token_ids: Sequence[int], block_table: Sequence[int], salt: str | None = None) -> int:
         """Cache the whole pages of ``token_ids`` in ``salt``'s namespace, their KV living in
         ``block_table`` (one block per block_size tokens; a trailing partial page is ignored).

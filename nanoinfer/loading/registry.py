@@ -7,7 +7,7 @@ import importlib
 import importlib.util
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from nanoinfer.errors import ModelLoadError
 
@@ -64,7 +64,7 @@ def gemma3_path() -> Path:
 # Sampling the models' authors recommend, used where a request does not say (as Ollama's
 # Modelfiles carry them) and where the file itself sets none: SmolLM2's model card samples at
 # temperature 0.2 with top-p 0.9; the Gemma 3 team recommends temperature 1.0, top-k 64, top-p 0.95.
-RECOMMENDED_SAMPLING: dict[str, dict[str, float | int]] = {
+RECOMMENDED_SAMPLING: dict[str, dict[str, Any]] = {
     "smollm2-135m-instruct": {"temperature": 0.2, "top_p": 0.9},
     "gemma3-270m": {"temperature": 1.0, "top_k": 64, "top_p": 0.95},
 }

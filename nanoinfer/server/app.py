@@ -1,4 +1,5 @@
-"""OpenAI-compatible HTTP server over one AsyncEngine: the app factory and `serve`.
+"""OpenAI-compatible HTTP server over one AsyncEngine (or data-parallel replicas behind a
+router): the app factory and `serve`.
 
 `create_app` builds the FastAPI app (routes, error handlers, API key and body-size guards);
 `serve` runs it with uvicorn while the model loads in the background, so /health can say 503
@@ -13,13 +14,14 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 from types import FrameType
 
 from fastapi import FastAPI
 
 from nanoinfer.config import EngineConfig
+from nanoinfer.engine.data_parallel import build_replicas
 from nanoinfer.engine.engine import LLMEngine
 from nanoinfer.errors import ModelLoadError
 from nanoinfer.server.errors import APIKeyMiddleware, BodySizeMiddleware, install_error_handlers
@@ -30,9 +32,12 @@ log = logging.getLogger("nanoinfer.server")
 
 
 def create_app(
-    engine: LLMEngine | None, config: ServerConfig, loader: Callable[[], LLMEngine] | None = None
+    engine: LLMEngine | Sequence[LLMEngine] | None,
+    config: ServerConfig,
+    loader: Callable[[], LLMEngine | Sequence[LLMEngine]] | None = None,
 ) -> FastAPI:
-    """The HTTP app over `engine`, or over what `loader` returns, loaded in a thread at startup."""
+    """The HTTP app over `engine` (or replicas of one, data-parallel), or over what `loader`
+    returns, loaded in a thread at startup."""
     state = ServerState(config)
 
     @asynccontextmanager
@@ -83,8 +88,10 @@ def serve(config: ServerConfig, engine_config: EngineConfig) -> None:
     """`nanoinfer serve`: answer HTTP at once, load the model meanwhile; raise if loading fails."""
     server = None
 
-    def load() -> LLMEngine:
+    def load() -> LLMEngine | list[LLMEngine]:
         try:
+            if engine_config.data_parallel_size > 1:
+                return build_replicas(config.model, engine_config)
             return LLMEngine(config.model, engine_config)
         except Exception:
             if server is not None:

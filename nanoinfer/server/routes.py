@@ -11,7 +11,7 @@ from typing import Any
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST
 
 from nanoinfer.adapters.serving import LoRARequest
 from nanoinfer.errors import RequestError
@@ -96,8 +96,12 @@ def api_router() -> APIRouter:
             body.lora_name, max((x.lora_int_id for x in state.loras.values()), default=0) + 1, body.lora_path
         )
         try:
-            await asyncio.wrap_future(async_engine.call(lambda: engine.add_lora(lora)))
+            # Every replica's, where there are several (a replica that missed an adapter would
+            # still load it on its first request that names it).
+            await asyncio.wrap_future(async_engine.call_each(lambda replica: replica.add_lora(lora)))
         except RequestError as e:
+            # A replica that did load it forgets it: its id will be handed out again.
+            await asyncio.wrap_future(async_engine.call_each(lambda replica: replica.remove_lora(lora.lora_int_id)))
             raise APIError(400, str(e), param="lora_path") from None
         state.loras[body.lora_name] = lora
         return PlainTextResponse(f"Success: LoRA adapter '{body.lora_name}' added successfully.")
@@ -105,12 +109,12 @@ def api_router() -> APIRouter:
     @router.post("/v1/unload_lora_adapter", response_model=None, responses=_TEXT_ANSWER)
     async def unload_lora_adapter(body: UnloadLoRAAdapterRequest, request: Request) -> Response:
         state = _state(request)
-        engine, async_engine = state.ready()
+        _, async_engine = state.ready()
         lora = state.loras.get(body.lora_name)
         if lora is None:
             raise APIError(404, f"no LoRA adapter named {body.lora_name!r} is loaded", param="lora_name")
         try:
-            await asyncio.wrap_future(async_engine.call(lambda: engine.remove_lora(lora.lora_int_id)))
+            await asyncio.wrap_future(async_engine.call_each(lambda replica: replica.remove_lora(lora.lora_int_id)))
         except RequestError as e:
             raise APIError(400, str(e), param="lora_name") from None
         del state.loras[body.lora_name]
@@ -203,8 +207,6 @@ def open_router() -> APIRouter:
 
     @router.get("/metrics", response_class=PlainTextResponse, responses={503: {"model": ErrorResponse}})
     async def metrics(request: Request) -> Response:
-        engine, _ = _state(request).loaded()
-        # The engine thread refreshes the gauges after every step and every idle wait.
-        return Response(generate_latest(engine.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+        return Response(_state(request).metrics(), media_type=CONTENT_TYPE_LATEST)
 
     return router

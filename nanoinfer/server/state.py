@@ -6,12 +6,13 @@ import dataclasses
 import logging
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from nanoinfer.adapters.serving import LoRARequest
-from nanoinfer.engine.async_engine import AsyncEngine
+from nanoinfer.engine.async_engine import AsyncEngine, EngineClient
+from nanoinfer.engine.data_parallel import DataParallelEngine, render_metrics
 from nanoinfer.engine.engine import LLMEngine
 from nanoinfer.errors import NanoInferError
 from nanoinfer.server.convert import Job
@@ -62,11 +63,15 @@ class ServerConfig:
 
 @dataclass
 class ServerState:
-    """The engine (once loaded) and what every route needs to know about the deployment."""
+    """The engine (once loaded) and what every route needs to know about the deployment.
+
+    With data parallelism `engines` holds every replica, `engine` is replica 0 (what routes read
+    the tokenizer, configs and limits from, alike in all) and `async_engine` the router."""
 
     config: ServerConfig
     engine: LLMEngine | None = None
-    async_engine: AsyncEngine | None = None
+    async_engine: EngineClient | None = None
+    engines: list[LLMEngine] = dataclasses.field(default_factory=list)
     load_error: str | None = None
     draining: bool = False  # shutting down: running requests finish, new ones get 503
     # Adapters clients may name in `model`; the server's own registry, so lookups on the event
@@ -77,18 +82,30 @@ class ServerState:
     def served_model_name(self) -> str:
         return self.config.name
 
-    def attach(self, engine: LLMEngine) -> None:
-        """Start serving `engine`: its loop thread begins here."""
-        if self.config.chat_template is not None:
-            engine.tokenizer.set_chat_template(self.config.chat_template)
-        for name, path in self.config.lora_modules:  # before the loop thread starts
+    def attach(self, engine: LLMEngine | Sequence[LLMEngine]) -> None:
+        """Start serving `engine`, or replicas of one behind a router: loop threads begin here."""
+        engines = [engine] if isinstance(engine, LLMEngine) else list(engine)
+        first = engines[0]
+        for e in engines:
+            if self.config.chat_template is not None:
+                e.tokenizer.set_chat_template(self.config.chat_template)
+        for name, path in self.config.lora_modules:
             self.loras[name] = LoRARequest(name, len(self.loras) + 1, path)
-            engine.add_lora(self.loras[name])
-        waiting = self.config.max_waiting_requests or 4 * engine.config.max_num_seqs
-        self.async_engine = AsyncEngine(engine, max_outstanding_seqs=engine.config.max_num_seqs + waiting)
-        self.engine = engine
+        for e in engines:
+            for lora in self.loras.values():  # before the loop threads start
+                e.add_lora(lora)
+        max_seqs = first.config.max_num_seqs
+        waiting = self.config.max_waiting_requests or 4 * max_seqs
+        if len(engines) == 1:
+            self.async_engine = AsyncEngine(first, max_outstanding_seqs=max_seqs + waiting)
+        else:
+            # The waiting allowance is the server's: shared out over the replicas.
+            share = -(-waiting // len(engines))
+            self.async_engine = DataParallelEngine.start(engines, max_outstanding_seqs=max_seqs + share)
+        self.engines = engines
+        self.engine = first
 
-    def load(self, loader: Callable[[], LLMEngine]) -> None:
+    def load(self, loader: Callable[[], LLMEngine | Sequence[LLMEngine]]) -> None:
         """Run the loader (in a background thread); remember why it failed, if it does."""
         try:
             self.attach(loader())
@@ -101,14 +118,14 @@ class ServerState:
             else:
                 log.exception("loading the model failed")
 
-    def loaded(self) -> tuple[LLMEngine, AsyncEngine]:
+    def loaded(self) -> tuple[LLMEngine, EngineClient]:
         """The engine, or a 503 while it is loading (or failed to load)."""
         if self.engine is None or self.async_engine is None:
             why = f"the model failed to load: {self.load_error}" if self.load_error else "the model is still loading"
             raise APIError(503, why, "service_unavailable")
         return self.engine, self.async_engine
 
-    def ready(self) -> tuple[LLMEngine, AsyncEngine]:
+    def ready(self) -> tuple[LLMEngine, EngineClient]:
         """The engine if it can take new work; else a 503 saying why (loading, shutting down, dead)."""
         engine, async_engine = self.loaded()
         if self.draining:
@@ -126,6 +143,12 @@ class ServerState:
             return 503, {"status": "draining"}
         dead = self.async_engine.health()
         return (503, {"status": "unhealthy", "error": dead}) if dead else (200, {"status": "ok"})
+
+    def metrics(self) -> bytes:
+        """/metrics: the engine's, or every replica's and their totals; 503 until loaded."""
+        self.loaded()
+        # The engine threads refresh the gauges after every step and every idle wait.
+        return render_metrics(self.engines)
 
     def check_model(self, name: str | None) -> LoRARequest | None:
         """The adapter a request's `model` names (None: the base model); 404 for an unknown name."""

@@ -15,7 +15,7 @@ from fastapi import Request
 from fastapi.responses import StreamingResponse
 from starlette.types import Receive, Scope, Send
 
-from nanoinfer.engine.async_engine import AsyncEngine
+from nanoinfer.engine.async_engine import EngineClient
 from nanoinfer.outputs import RequestOutput
 from nanoinfer.server.convert import Job, chat_logprobs, completion_logprobs
 from nanoinfer.server.errors import as_api_error
@@ -36,7 +36,7 @@ log = logging.getLogger("nanoinfer.server")
 Outputs = AsyncGenerator[tuple[int, RequestOutput], None]  # (prompt index, output), closed with aclose()
 
 
-async def merged_outputs(async_engine: AsyncEngine, job: Job) -> Outputs:
+async def merged_outputs(async_engine: EngineClient, job: Job) -> Outputs:
     """(prompt index, output) from every engine request of the job as they arrive.
 
     Each engine request is pumped by its own task; closing this generator cancels them, and a
@@ -79,7 +79,7 @@ async def _until_disconnected(request: Request) -> None:
         pass
 
 
-async def final_outputs(request: Request, async_engine: AsyncEngine, job: Job) -> dict[int, RequestOutput] | None:
+async def final_outputs(request: Request, async_engine: EngineClient, job: Job) -> dict[int, RequestOutput] | None:
     """Run the job to the end; None (with its requests aborted) if the client disconnects first."""
 
     async def consume() -> dict[int, RequestOutput]:
