@@ -380,3 +380,36 @@ def test_default_model_in_two_stages(smollm_path):
 def test_tensor_and_pipeline_together_are_refused(tiny_model):
     with pytest.raises(ValueError, match="not supported yet"):
         LLM(str(tiny_model("llama")[0]), tensor_parallel_size=2, pipeline_parallel_size=2)
+
+
+def test_server_at_two_ranks(tiny_model):
+    """`serve -tp 2`: the OpenAI routes answer as at one rank, /metrics reads rank 0's engine, and
+    stopping the server stops the workers."""
+    import httpx
+    from server_utils import running
+
+    from nanoinfer.config import EngineConfig
+    from nanoinfer.engine.engine import LLMEngine
+    from nanoinfer.server.app import ServerConfig, create_app
+
+    path = str(tiny_model("llama")[0])
+    body = {"model": "m", "prompt": [1, 5, 9, 23, 44], "max_tokens": 10, "temperature": 0, "ignore_eos": True}
+    answers, workers = [], []
+    for tp in (1, 2):
+        engine_config = EngineConfig(dtype="float32", tensor_parallel_size=tp)
+        engines: list[LLMEngine] = []
+
+        def load(config: EngineConfig = engine_config, made: list[LLMEngine] = engines) -> LLMEngine:
+            made.append(LLMEngine(path, config))
+            return made[-1]
+
+        app = create_app(None, ServerConfig(model=path, served_model_name="m"), loader=load)
+        with running(app) as srv:
+            reply = httpx.post(f"{srv.url}/v1/completions", json=body, timeout=60)
+            assert reply.status_code == 200, reply.text
+            answers.append(reply.json()["choices"][0]["text"])
+            assert "nanoinfer:generation_tokens_total" in httpx.get(f"{srv.url}/metrics").text
+            group = engines[0].model_parallel
+            workers += [] if group is None else group.procs
+    assert answers[1] == answers[0]
+    assert workers and all(p.wait(timeout=20) is not None for p in workers)

@@ -78,6 +78,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=1,
         help="nanoinfer engine replicas (pp512, tg128 and serving; other scenarios drive one engine)",
     )
+    p.add_argument(
+        "--tensor-parallel-size",
+        "-tp",
+        type=int,
+        default=1,
+        help="nanoinfer split over this many ranks (pp512, tg128 and serving; the tp scenario compares 1 and 2)",
+    )
+    p.add_argument(
+        "--pipeline-parallel-size",
+        "-pp",
+        type=int,
+        default=1,
+        help="nanoinfer split into this many pipeline stages (pp512, tg128 and serving)",
+    )
     p.add_argument("--structured-concurrency", type=int, default=16, help="structured: serving clients")
     p.add_argument("--structured-requests", type=int, default=32, help="structured: serving requests")
     p.add_argument("--structured-max-tokens", type=int, default=96, help="structured: answer budget")
@@ -292,11 +306,15 @@ def main(argv: list[str] | None = None) -> int:
         "kv_cache_dtype": args.kv_cache_dtype,
         "speculative_config": args.speculative_config,
     }
-    if args.data_parallel_size > 1:
-        one_engine = {"shared_prefix", "spec", "structured", "lora", "dp"} & set(args.scenarios.split(","))
+    for flag in ("data_parallel_size", "tensor_parallel_size", "pipeline_parallel_size"):
+        if getattr(args, flag) <= 1:
+            continue
+        # these scenarios build engines of their own, or drive one engine's internals
+        one_engine = {"shared_prefix", "spec", "structured", "lora", "dp", "tp"} & set(args.scenarios.split(","))
         if one_engine:
-            raise SystemExit(f"--data-parallel-size > 1 runs pp512, tg128 and serving only, not {sorted(one_engine)}")
-        nano_kwargs["data_parallel_size"] = args.data_parallel_size
+            option = "--" + flag.replace("_", "-")
+            raise SystemExit(f"{option} > 1 runs pp512, tg128 and serving only, not {sorted(one_engine)}")
+        nano_kwargs[flag] = getattr(args, flag)
     nano = NanoinferPeer(args.model, dtype=args.dtype or "auto", quantization=args.quantization, **nano_kwargs)
     size = nano.engine.model_config.vocab_size
     vocab = list(range(min(1000, size // 2), min(size, 20000)))  # ordinary tokens, no specials (tiny vocabularies too)
