@@ -218,7 +218,7 @@ def _generate(model: str, tp: int, stats: dict | None = None, pp: int = 1, **eng
         llm.engine.shutdown()
 
 
-@pytest.mark.parametrize("case_id", ["llama", "mistral", "gemma3", "qwen3_moe", "deepseek_v3"])
+@pytest.mark.parametrize("case_id", CASE_IDS)
 def test_two_ranks_generate_what_one_does(tiny_model, case_id):
     """Greedy and seeded sampling, a shared prefix (prefix cache), n = 2, and a KV pool so small
     the scheduler must preempt: the same tokens at N = 2 as at N = 1."""
