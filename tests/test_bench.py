@@ -140,3 +140,30 @@ def test_mla_scenario(tmp_path, capsys):
     assert result["cache_bytes_per_token_layer"] == {"mla": 576 * 2, "mha": 2 * 16 * 192 * 2}
     assert result["mha_over_mla"] == result["step_ms"]["mha"] / result["step_ms"]["mla"] > 0
     assert "| MLA (latent 512 + rope 64) | 1152 |" in capsys.readouterr().out
+
+
+def test_http_scenario_and_the_bandwidth_bound(tiny_model, tmp_path, capsys, monkeypatch):
+    """The http scenario on a tiny model: `nanoinfer serve` through the HTTP client at two
+    concurrencies with its startup time; a peer that is not installed is reported with why,
+    never dropped. tg128 comes with the bandwidth bound."""
+    monkeypatch.setenv("LLAMA_SERVER", str(tmp_path / "no-such-llama-server"))
+    monkeypatch.setattr("nanoinfer.bench.http_serving.VLLM_VENV", tmp_path / "no-venv")
+    directory, _ = tiny_model("llama")
+    args = ["--model", str(directory), "--engines", "nanoinfer", "--scenarios", "tg128,http", "--repeats", "1"]
+    args += ["--out", str(tmp_path), "--num-requests", "4", "--concurrency", "1,2"]
+    args += ["--input-len", "8,16", "--output-len", "4,8"]
+    assert main(args) == 0
+    engine = json.loads((tmp_path / "latest.json").read_text())["engines"]["nanoinfer"]
+    ours = engine["http"]["nanoinfer"]
+    assert ours["error"] is None and ours["startup_s"] > 0
+    for c in ("1", "2"):
+        figures = ours["concurrency"][c]
+        assert figures["output_tok_s"] > 0 and 0 < figures["ttft_p50"] <= figures["ttft_p99"]
+    assert "vLLM is not installed" in engine["http"]["vllm"]["error"]
+    assert engine["http"]["llama-server"]["error"] == "llama-server needs a GGUF model"  # the tiny model is HF
+    bound = engine["bandwidth"]
+    assert bound["read_gb_s"] > 0 and bound["fraction_of_bound"] == bound["weight_bytes"] * engine["tg128"]["tok_s"] / (
+        bound["read_gb_s"] * 1e9
+    )
+    table = capsys.readouterr().out
+    assert "| nanoinfer |" in table and "not run: vLLM is not installed" in table

@@ -67,9 +67,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--prefix-len", type=int, default=1024)
     p.add_argument(
         "--scenarios",
-        default="pp512,tg128,serving,shared_prefix,lora,moe,mla,tp,dp",
-        help="lora, moe, mla, tp, dp: see lora.py, moe.py, mla.py, parallel.py, data_parallel.py; also spec "
-        "(spec.py), structured (structured.py)",
+        default="pp512,tg128,serving,http,shared_prefix,lora,moe,mla,tp,dp",
+        help="http, lora, moe, mla, tp, dp: see http_serving.py, lora.py, moe.py, mla.py, parallel.py, "
+        "data_parallel.py; also spec (spec.py), structured (structured.py)",
+    )
+    p.add_argument(
+        "--http-peers",
+        default="llama-server,vllm",
+        help="http: servers beside `nanoinfer serve` (a missing one is reported with its error)",
     )
     p.add_argument(
         "--data-parallel-size",
@@ -196,6 +201,8 @@ def run_engines(peers: dict[str, Any], args: argparse.Namespace, vocab: list[int
         _tokens_per_s(
             results, "tg128", 128, {name: partial(p.decode, ids, 128) for name, p in peers.items()}, args, log
         )
+        if isinstance(peers.get("nanoinfer"), NanoinferPeer):
+            results["nanoinfer"]["bandwidth"] = _bandwidth_bound(peers["nanoinfer"], results, log)
     if "serving" in scenarios:
         requests = make_requests(vocab, args.num_requests, _range(args.input_len), _range(args.output_len))
         warm = make_requests(vocab, 2, (16, 32), (4, 8), seed=9)
@@ -210,6 +217,14 @@ def run_engines(peers: dict[str, Any], args: argparse.Namespace, vocab: list[int
                     f"TTFT p50 {figures['ttft_p50'] * 1000:.0f} ms, TPOT p50 {figures['tpot_p50'] * 1000:.1f} ms"
                 )
     nano = peers.get("nanoinfer")
+    if "http" in scenarios and isinstance(nano, NanoinferPeer):
+        from nanoinfer.bench.http_serving import run_http  # it imports this module
+        from nanoinfer.loading import resolve_model_path
+
+        path = resolve_model_path(args.model)
+        requests = make_requests(vocab, args.num_requests, _range(args.input_len), _range(args.output_len))
+        gguf = path if path.suffix == ".gguf" else None
+        results["nanoinfer"]["http"] = run_http(args, gguf, requests, log, args.http_peers.split(","))
     if "shared_prefix" in scenarios and isinstance(nano, NanoinferPeer):
         results["nanoinfer"]["shared_prefix"] = shared_prefix(nano, args, vocab, log)
     if "spec" in scenarios:
@@ -242,6 +257,24 @@ def run_engines(peers: dict[str, Any], args: argparse.Namespace, vocab: list[int
 
         results["nanoinfer"]["lora"] = run_lora(nano, args, vocab, log)
     return results
+
+
+def _bandwidth_bound(peer: NanoinferPeer, results: dict[str, Any], log: Log) -> dict[str, float]:
+    """tg128 of our engine against what the machine's read bandwidth allows (see bandwidth.py)."""
+    from nanoinfer.bench.bandwidth import decode_bound, read_bandwidth
+    from nanoinfer.quant import weight_bytes
+
+    model = peer.engine.model
+    read = weight_bytes(model)
+    if model.lm_head is not None and model.embed is not None:  # the table is looked up, one row a token
+        read -= model.embed.weight.nbytes
+    bound = decode_bound(read, results["nanoinfer"]["tg128"]["tok_s"], read_bandwidth())
+    log(
+        f"nanoinfer: read bandwidth {bound['read_gb_s']:.1f} GB/s, {bound['weight_bytes'] / 2**20:.1f} MiB of weights "
+        "read per token: "
+        f"tg128 is {100 * bound['fraction_of_bound']:.0f}% of the {bound['bound_tok_s']:.0f} tok/s bound"
+    )
+    return bound
 
 
 def shared_prefix(peer: NanoinferPeer, args: argparse.Namespace, vocab: list[int], log: Log) -> dict[str, Any]:

@@ -80,6 +80,19 @@ def markdown(results: dict[str, Any]) -> str:
         from nanoinfer.bench.moe import moe_markdown
 
         lines += ["", *moe_markdown(engines["nanoinfer"]["moe"])]
+    if "http" in engines.get("nanoinfer", {}):
+        from nanoinfer.bench.http_serving import http_markdown
+
+        lines += ["", *http_markdown(engines["nanoinfer"]["http"])]
+    if "bandwidth" in engines.get("nanoinfer", {}):
+        b = engines["nanoinfer"]["bandwidth"]
+        lines += [
+            "",
+            f"Batch-1 decode against the memory-bandwidth bound: {b['read_gb_s']:.1f} GB/s read, "
+            f"{b['weight_bytes'] / 2**20:.1f} MiB of weights read per token (the embedding table is only "
+            "looked up): tg128 is "
+            f"{100 * b['fraction_of_bound']:.0f}% of the {b['bound_tok_s']:.0f} tok/s bound.",
+        ]
     if "tp" in engines.get("nanoinfer", {}):
         from nanoinfer.bench.parallel import parallel_markdown
 

