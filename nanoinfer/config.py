@@ -235,7 +235,7 @@ def _deepseek_fields(
             "v_head_dim": hf["v_head_dim"],
             "num_kv_heads": 1,
             "head_dim": rank + rope,
-            "attention_scale": _mla_scale(nope + rope, rope_scaling),
+            "attention_scale": mla_attention_scale(nope + rope, rope_scaling),
             "rope_interleave": model_type == "deepseek_v2" or bool(hf.get("rope_interleave", True)),
             "num_experts": experts or 0,
             "num_experts_per_tok": hf["num_experts_per_tok"] if experts else 0,
@@ -261,7 +261,7 @@ def _deepseek_fields(
     return fields
 
 
-def _mla_scale(qk_head_dim: int, rope_scaling: dict[str, Any] | None) -> float:
+def mla_attention_scale(qk_head_dim: int, rope_scaling: dict[str, Any] | None) -> float:
     """DeepSeek's softmax scale: 1/sqrt(qk head dim), times yarn's mscale squared when set."""
     scale = qk_head_dim**-0.5
     if rope_scaling and rope_scaling.get("rope_type") == "yarn" and rope_scaling.get("mscale_all_dim"):

@@ -205,10 +205,16 @@ def _write_deepseek2_gguf(model, path, split_kv_b: bool) -> None:
     w.add_expert_gating_func(gguf.ExpertGatingFuncType.SIGMOID if sigmoid else gguf.ExpertGatingFuncType.SOFTMAX)
     w.add_expert_group_count(c.n_group)
     w.add_expert_group_used_count(c.topk_group)
+    yarn = c.rope_parameters if c.rope_parameters.get("rope_type") == "yarn" else None
+    if yarn is not None:  # as llama.cpp's converter writes DeepSeek's yarn
+        w.add_rope_scaling_type(gguf.RopeScalingType.YARN)
+        w.add_rope_scaling_factor(yarn["factor"])
+        w.add_rope_scaling_orig_ctx_len(yarn["original_max_position_embeddings"])
+        w.add_rope_scaling_yarn_log_mul(0.1 * yarn["mscale_all_dim"])
     finish(w, tensors, c.vocab_size)
 
 
-@pytest.mark.parametrize("case_id", ["deepseek_v2", "deepseek_v3"])
+@pytest.mark.parametrize("case_id", ["deepseek_v2", "deepseek_v3", "deepseek_v2_yarn"])
 @pytest.mark.parametrize("split_kv_b", [False, True])
 def test_gguf_deepseek2_matches_transformers(tiny_model, tmp_path, case_id, split_kv_b):
     _, hf = tiny_model(case_id)
@@ -216,7 +222,7 @@ def test_gguf_deepseek2_matches_transformers(tiny_model, tmp_path, case_id, spli
     _write_deepseek2_gguf(hf, path, split_kv_b)
     llm = LLM(str(path), dtype="float32", quantization="none")
     config = llm.engine.model_config
-    assert config.architecture == case_id and config.is_mla and config.head_dim == 40
+    assert config.architecture == case_id.removesuffix("_yarn") and config.is_mla and config.head_dim == 40
     ids = list(range(5, 37))
     with torch.no_grad():
         want = hf(torch.tensor([ids])).logits[0]

@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from nanoinfer.config import GenerationDefaults, ModelConfig
+from nanoinfer.config import GenerationDefaults, ModelConfig, mla_attention_scale
 from nanoinfer.errors import ModelLoadError
 from nanoinfer.loading.gguf_reader import GGUFFile, GGUFFormatError
 from nanoinfer.loading.gguf_tokenizer import tokenizer_from_gguf_metadata
@@ -185,7 +185,7 @@ def config_from_metadata(meta: dict[str, Any], shapes: dict[str, tuple[int, ...]
     )
     kwargs.update(_moe_fields(arch, get, shapes, num_layers, intermediate))
     if arch == "deepseek2":
-        kwargs.update(_deepseek2_fields(get, shapes, num_layers, heads))
+        kwargs.update(_deepseek2_fields(get, shapes, num_layers, heads, kwargs["rope_scaling"]))
     window = get("attention.sliding_window")
     if arch in ("mistral", "phi3") and window:
         kwargs.update(sliding_window=int(window), layer_types=("sliding",) * num_layers)
@@ -214,10 +214,12 @@ def _moe_fields(
     }
 
 
-def _deepseek2_fields(get: Any, shapes: dict[str, tuple[int, ...]], num_layers: int, heads: int) -> dict[str, Any]:
-    """llama.cpp's deepseek2 (DeepSeek-V2 and V3): MLA sizes and the MoE routing. Files from
-    newer converters give the MLA head sizes as key/value_length_mla; key/value_length then
-    describe the latent as one head."""
+def _deepseek2_fields(
+    get: Any, shapes: dict[str, tuple[int, ...]], num_layers: int, heads: int, rope_scaling: dict[str, Any] | None
+) -> dict[str, Any]:
+    """llama.cpp's deepseek2 (DeepSeek-V2 and V3): MLA sizes, yarn's attention scaling and the
+    MoE routing. Files from newer converters give the MLA head sizes as key/value_length_mla;
+    key/value_length then describe the latent as one head."""
     rope = int(get("rope.dimension_count"))
     rank = int(get("attention.kv_lora_rank"))
     qk = int(get("attention.key_length_mla") or get("attention.key_length"))
@@ -234,7 +236,6 @@ def _deepseek2_fields(get: Any, shapes: dict[str, tuple[int, ...]], num_layers: 
         "v_head_dim": v,
         "num_kv_heads": 1,
         "head_dim": rank + rope,
-        "attention_scale": qk**-0.5,
         "rope_interleave": True,  # llama.cpp rotates DeepSeek's pairs as they are (rope type NORM)
         "num_experts": experts,
         "num_experts_per_tok": int(get("expert_used_count") or 0),
@@ -249,8 +250,14 @@ def _deepseek2_fields(get: Any, shapes: dict[str, tuple[int, ...]], num_layers: 
     if sigmoid:
         fields.update(router_scoring="sigmoid", router_group_score="top2")
         fields["router_correction_bias"] = f"blk.{dense}.exp_probs_b.bias" in shapes
-    if get("rope.scaling.yarn_log_multiplier"):
-        raise ModelLoadError("deepseek2 GGUF with yarn rope scaling is not supported yet")
+    log_multiplier = get("rope.scaling.yarn_log_multiplier")
+    if rope_scaling and rope_scaling["rope_type"] == "yarn" and log_multiplier:
+        # llama.cpp keeps 0.1 x mscale_all_dim. DeepSeek's configs set mscale to the same value,
+        # which leaves the rotary tables unscaled, as llama.cpp's deepseek2 graph does too.
+        m = _f32(log_multiplier) / 0.1
+        rope_scaling = {**rope_scaling, "mscale": m, "mscale_all_dim": m}
+    fields["rope_scaling"] = rope_scaling
+    fields["attention_scale"] = mla_attention_scale(qk, rope_scaling)
     return fields
 
 
