@@ -10,11 +10,8 @@ import torch
 
 from nanoinfer.config import EngineConfig, ModelConfig
 from nanoinfer.kernels import Q4_COLS, Q4_GROUP, Q8_COLS, Q8_GROUP, kernels
-from nanoinfer.quant import DEFAULT_GROUP_SIZE, HEAD_GROUP_SIZE, METHODS
+from nanoinfer.quant import DEFAULT_GROUP_SIZE, HEAD_GROUP_SIZE, METHODS, PROJECTIONS
 from nanoinfer.quant.int4 import choose_int4_backend
-
-# The decoder-layer linears quantize_model swaps (nanoinfer.quant._PROJECTIONS).
-PROJECTIONS = ("qkv_proj", "o_proj", "gate_up_proj", "down_proj")
 
 # ---- settings -------------------------------------------------------------------------------------
 
@@ -208,7 +205,9 @@ def _what(path: str) -> str:
         return "attention projections"
     if last in ("gate_up_proj", "down_proj"):
         return "dense MLPs"
-    return "MLA query and latent projections (never quantized)"
+    if last in PROJECTIONS:
+        return "MLA query and latent projections"
+    return "MLA kv_b (float: absorbed into queries and outputs)"
 
 
 def weight_formats(
@@ -240,7 +239,7 @@ def weight_formats(
             _quantized_linear(weights, lin, rt.quantization, group, rt, _what(lin.path))
         elif lin.path.rpartition(".")[2] in PROJECTIONS:  # 16-bit weights become a HalfLinear
             _float_linear(weights, lin, rt.weights, rt, _what(lin.path))
-        else:  # MLA's q/kv projections are neither quantized nor narrowed: the compute dtype
+        else:  # MLA's kv_b_proj is neither quantized nor narrowed: the compute dtype
             _float_linear(weights, lin, rt.activations, rt, _what(lin.path))
     if tied_head_rows is not None and quantized:  # an int8 copy of the embedding; unquantized, it is the head
         lin = _Linear("lm_head", tied_head_rows, config.hidden_size, False)

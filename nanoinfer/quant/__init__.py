@@ -21,9 +21,10 @@ DEFAULT_GROUP_SIZE = 32
 # which then round-trips exactly; per-channel int8 cost agreement (docs/performance.md,
 # "Quantization quality").
 HEAD_GROUP_SIZE = 32
-# The projections of every decoder layer, a MoE layer's experts included; embeddings, norms
-# and routers stay in float.
-_PROJECTIONS = ("qkv_proj", "o_proj", "gate_up_proj", "down_proj")
+# The projections of every decoder layer, a MoE layer's experts and MLA's query and latent
+# projections included; embeddings, norms and routers stay in float, and so does MLA's kv_b_proj,
+# whose weight the absorbed attention folds into the queries and outputs.
+PROJECTIONS = ("qkv_proj", "o_proj", "gate_up_proj", "down_proj", "q_proj", "q_a_proj", "q_b_proj", "kv_a_proj")
 
 
 def _projection_paths(model: Transformer) -> list[str]:
@@ -31,7 +32,7 @@ def _projection_paths(model: Transformer) -> list[str]:
     return [
         name
         for name, _ in model.named_modules()
-        if name.startswith("layers.") and name.rsplit(".", 1)[-1] in _PROJECTIONS
+        if name.startswith("layers.") and name.rsplit(".", 1)[-1] in PROJECTIONS
     ]
 
 
