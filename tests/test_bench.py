@@ -167,3 +167,24 @@ def test_http_scenario_and_the_bandwidth_bound(tiny_model, tmp_path, capsys, mon
     )
     table = capsys.readouterr().out
     assert "| nanoinfer |" in table and "not run: vLLM is not installed" in table
+
+
+def test_moe_scenario(tmp_path, capsys, monkeypatch):
+    """The moe scenario end to end, shrunk: MoE against the dense model of its active size, both
+    through our engine in float32 and int4, and transformers at batch 16, with the ratios table."""
+    import nanoinfer.bench.moe as moe
+
+    small = dict(moe.SIZES, vocab_size=512, hidden_size=64, num_hidden_layers=2, num_attention_heads=4)
+    monkeypatch.setattr(moe, "SIZES", dict(small, num_key_value_heads=2, head_dim=16))
+    monkeypatch.setattr(moe, "EXPERTS", 4)
+    monkeypatch.setattr(moe, "ACTIVE", 2)
+    monkeypatch.setattr(moe, "EXPERT_WIDTH", 32)
+    monkeypatch.setattr(moe, "NEW_TOKENS", 8)
+    args = ["--engines", "nanoinfer", "--scenarios", "moe", "--repeats", "1", "--out", str(tmp_path)]
+    assert main(args) == 0
+    result = json.loads((tmp_path / "latest.json").read_text())["engines"]["nanoinfer"]["moe"]
+    figures = result["decode_tok_s"]
+    assert set(figures) == {"moe none", "dense none", "moe int4", "dense int4", "moe transformers"}
+    assert all(v > 0 for by_batch in figures.values() for v in by_batch.values())
+    assert result["ratios"]["moe/dense int4 batch 1"] == figures["moe int4"]["1"] / figures["dense int4"]["1"]
+    assert "| moe/dense none batch 16 |" in capsys.readouterr().out
