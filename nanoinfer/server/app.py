@@ -7,7 +7,8 @@ until it is ready, and on SIGTERM drains: new requests get 503, running ones fin
 `shutdown_timeout` seconds, the rest are aborted, and the process exits 0.
 
 The server's parts: routes.py (endpoints), convert.py (OpenAI <-> engine), streaming.py (SSE and
-whole answers), errors.py (error bodies, auth, body size), state.py (config and shared state).
+whole answers), errors.py (error bodies, auth, body size), state.py (config and shared state),
+static/ (the playground page at `/`: plain HTML, CSS and JS that call the endpoints above).
 """
 
 from __future__ import annotations
@@ -16,9 +17,13 @@ import logging
 import threading
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
+from pathlib import Path
 from types import FrameType
+from typing import Any
 
 from fastapi import FastAPI
+from fastapi.responses import FileResponse
+from fastapi.staticfiles import StaticFiles
 
 from nanoinfer.config import EngineConfig
 from nanoinfer.engine.data_parallel import build_replicas
@@ -29,6 +34,34 @@ from nanoinfer.server.routes import api_router, open_router
 from nanoinfer.server.state import ServerConfig, ServerState
 
 log = logging.getLogger("nanoinfer.server")
+
+STATIC_DIR = Path(__file__).parent / "static"
+# The page may load nothing but our own files and talk to nothing but this server.
+_PAGE_HEADERS = {
+    "Content-Security-Policy": "default-src 'self'; img-src 'self' data:; base-uri 'none'; form-action 'none'; "
+    "frame-ancestors 'none'",
+    "X-Content-Type-Options": "nosniff",
+    "Cache-Control": "no-cache",
+}
+
+
+class _StaticFiles(StaticFiles):
+    """The playground's files, revalidated on every load: an upgraded package never runs old JS."""
+
+    def file_response(self, *args: Any, **kwargs: Any) -> Any:
+        response = super().file_response(*args, **kwargs)
+        response.headers["Cache-Control"] = "no-cache"
+        response.headers["X-Content-Type-Options"] = "nosniff"
+        return response
+
+
+def _add_playground(app: FastAPI) -> None:
+    """GET / is the playground page, /static/ its files; neither needs the API key (errors.py)."""
+    app.mount("/static", _StaticFiles(directory=STATIC_DIR), name="static")
+
+    @app.get("/", include_in_schema=False)
+    async def playground() -> FileResponse:
+        return FileResponse(STATIC_DIR / "index.html", headers=_PAGE_HEADERS)
 
 
 def create_app(
@@ -54,6 +87,7 @@ def create_app(
     install_error_handlers(app)
     app.include_router(open_router())
     app.include_router(api_router())
+    _add_playground(app)
     app.add_middleware(APIKeyMiddleware, api_key=config.api_key or None)
     app.add_middleware(BodySizeMiddleware, max_bytes=config.max_request_bytes)
     return app

@@ -22,8 +22,10 @@ from nanoinfer.server.protocol import ErrorInfo, ErrorResponse
 
 log = logging.getLogger("nanoinfer.server")
 
-# Paths that answer without an API key: load balancers and Prometheus scrapers carry none.
-OPEN_PATHS = {"/health", "/metrics"}
+# Paths that answer without an API key: load balancers and Prometheus scrapers carry none, and the
+# playground's page and files must load before it can ask the person for the key. They hold no data.
+OPEN_PATHS = {"/health", "/metrics", "/"}
+OPEN_PREFIXES = ("/static/",)  # the playground's files (only the package's static folder is served there)
 RETRY_AFTER_SECONDS = 1  # what a 503 for a full queue suggests
 
 
@@ -136,7 +138,7 @@ class APIKeyMiddleware:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         key = self.api_key
-        if scope["type"] == "http" and key and scope["path"] not in OPEN_PATHS and not _authorized(scope, key):
+        if scope["type"] == "http" and key and not _open(scope["path"]) and not _authorized(scope, key):
             response = error_response(
                 401,
                 "missing or invalid API key (send `Authorization: Bearer KEY`)",
@@ -146,6 +148,11 @@ class APIKeyMiddleware:
             await response(scope, receive, send)
             return
         await self.app(scope, receive, send)
+
+
+def _open(path: str) -> bool:
+    """True for the paths that answer without the key."""
+    return path in OPEN_PATHS or path.startswith(OPEN_PREFIXES)
 
 
 def _authorized(scope: Scope, key: str) -> bool:

@@ -137,6 +137,10 @@ class SamplingFields(_Request):
     cache_salt: str | None = Field(default=None, min_length=1, max_length=256)
     timeout: float | None = Field(default=None, gt=0)  # seconds; the request is aborted after it
     structured_outputs: StructuredOutputsRequest | None = None
+    # vLLM's: logprobs name each token "token_id:N" (its `bytes` stay the token's own UTF-8 bytes),
+    # so a client can tell apart tokens whose text is alike or is not whole UTF-8 on its own, and
+    # send an alternative back as a prompt token (the playground's "force this token").
+    return_tokens_as_token_ids: StrictBool = False
 
 
 class ChatCompletionRequest(SamplingFields):
@@ -172,6 +176,7 @@ class TokenizeRequest(_Request):
     tools: list[Tool] | None = None  # shown to the chat template, as in a chat request
     add_special_tokens: bool = True
     add_generation_prompt: bool = True
+    return_token_strs: StrictBool = False  # vLLM's: also answer each token's vocabulary piece
 
 
 class LoadLoRAAdapterRequest(_StrictRequest):
@@ -186,6 +191,7 @@ class UnloadLoRAAdapterRequest(_StrictRequest):
 class DetokenizeRequest(_Request):
     model: str | None = None
     tokens: list[StrictInt]
+    return_token_strs: StrictBool = False  # as in /tokenize: each token's vocabulary piece too
 
 
 # ---- responses ------------------------------------------------------------------------------
@@ -314,10 +320,19 @@ class ModelList(BaseModel):
 
 
 class TokenizeResponse(BaseModel):
+    model_config = ConfigDict(extra="forbid")  # the schema says so: no field beyond these
+
     tokens: list[int]
     count: int
     max_model_len: int
+    # With return_token_strs: each token's piece as the vocabulary spells it (vLLM's
+    # convert_ids_to_tokens): byte-level BPE writes bytes as printable characters ("Ġ" is a
+    # space), so a piece may be part of a UTF-8 character.
+    token_strs: list[str] | None = None
 
 
 class DetokenizeResponse(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
     prompt: str
+    token_strs: list[str] | None = None  # with return_token_strs, as in TokenizeResponse

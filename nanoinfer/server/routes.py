@@ -14,6 +14,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from nanoinfer.adapters.serving import LoRARequest
+from nanoinfer.engine.engine import LLMEngine
 from nanoinfer.errors import RequestError
 from nanoinfer.server.convert import (
     chat_job,
@@ -63,6 +64,11 @@ def _answers(model: type, streams: bool = False) -> dict[int | str, dict[str, An
     event = {"type": "object", "properties": {"data": {"type": "string"}}, "required": ["data"]}
     content = {"text/event-stream": {"schema": event}} if streams else {}
     return {200: {"model": model, "content": content}}
+
+
+def _pieces(engine: LLMEngine, ids: list[int]) -> list[str]:
+    """Each token's piece as the vocabulary spells it (vLLM's token_strs)."""
+    return [engine.tokenizer.id_to_token(i) or "" for i in ids]
 
 
 # Success of the adapter routes is a line of text, as vLLM answers; errors stay JSON.
@@ -129,7 +135,7 @@ def api_router() -> APIRouter:
         job = await asyncio.to_thread(chat_job, engine, body.model or state.served_model_name, body, parser)
         job.lora_request = lora
         job = state.admit(job)
-        texts = TokenTexts(engine.tokenizer)
+        texts = TokenTexts(engine.tokenizer, as_ids=body.return_tokens_as_token_ids)
         top = body.top_logprobs if body.logprobs else None
         if job.stream:
             return EventStreamResponse(chat_stream(job, merged_outputs(async_engine, job), texts, top))
@@ -146,7 +152,7 @@ def api_router() -> APIRouter:
         job = await asyncio.to_thread(completion_job, engine, body.model or state.served_model_name, body)
         job.lora_request = lora
         job = state.admit(job)
-        texts = TokenTexts(engine.tokenizer)
+        texts = TokenTexts(engine.tokenizer, as_ids=body.return_tokens_as_token_ids)
         echo = await asyncio.to_thread(prompt_texts, engine, body, job) if body.echo else None
         want_logprobs = body.logprobs is not None
         if job.stream:
@@ -178,8 +184,9 @@ def api_router() -> APIRouter:
                     400, f"the prompt has {len(text)} characters, over this server's limit of {limit}", param="prompt"
                 )
             ids = await asyncio.to_thread(engine.tokenizer.encode, text, body.add_special_tokens)
+        strs = await asyncio.to_thread(_pieces, engine, ids) if body.return_token_strs else None
         # Serialized in a worker too: half a million ids take the event loop tens of milliseconds.
-        payload = TokenizeResponse(tokens=ids, count=len(ids), max_model_len=engine.max_model_len)
+        payload = TokenizeResponse(tokens=ids, count=len(ids), max_model_len=engine.max_model_len, token_strs=strs)
         return Response(await asyncio.to_thread(payload.model_dump_json), media_type="application/json")
 
     @router.post("/detokenize")
@@ -191,7 +198,9 @@ def api_router() -> APIRouter:
         bad = next((t for t in body.tokens if not 0 <= t < vocab), None)
         if bad is not None:
             raise APIError(400, f"token id {bad} is out of range for a vocabulary of {vocab}", param="tokens")
-        return DetokenizeResponse(prompt=await asyncio.to_thread(engine.tokenizer.decode, body.tokens))
+        text = await asyncio.to_thread(engine.tokenizer.decode, body.tokens)
+        strs = await asyncio.to_thread(_pieces, engine, body.tokens) if body.return_token_strs else None
+        return DetokenizeResponse(prompt=text, token_strs=strs)
 
     return router
 

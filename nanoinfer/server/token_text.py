@@ -20,10 +20,14 @@ def _gpt2_byte_decoder() -> dict[str, int]:
 
 
 class TokenTexts:
-    """Text and UTF-8 bytes of one token id as OpenAI's logprobs show them (cached per id)."""
+    """Text and UTF-8 bytes of one token id as OpenAI's logprobs show them (cached per id).
 
-    def __init__(self, tokenizer: Any):
+    With `as_ids` (vLLM's return_tokens_as_token_ids) the text is "token_id:N" instead; the bytes
+    stay the token's own."""
+
+    def __init__(self, tokenizer: Any, as_ids: bool = False):
         self.tokenizer = tokenizer
+        self.as_ids = as_ids
         decoder = getattr(getattr(tokenizer, "backend", None), "decoder", None)
         self.byte_level = "ByteLevel" in repr(decoder)
         self.byte_decoder = _gpt2_byte_decoder()
@@ -32,7 +36,8 @@ class TokenTexts:
     def __call__(self, token_id: int) -> tuple[str, list[int]]:
         if token_id not in self.cache:
             raw = self._bytes(token_id)
-            self.cache[token_id] = (raw.decode("utf-8", errors="replace"), list(raw))
+            text = f"token_id:{token_id}" if self.as_ids else raw.decode("utf-8", errors="replace")
+            self.cache[token_id] = (text, list(raw))
         return self.cache[token_id]
 
     def _bytes(self, token_id: int) -> bytes:
