@@ -202,6 +202,40 @@ def test_int4_experts_run_in_one_c_call_with_the_same_answers(tiny_model, monkey
     assert [o.token_ids for o in llm.generate(PROMPTS, GREEDY)] == fused
 
 
+@pytest.mark.parametrize("case_id", ["qwen3_moe", "mixtral"])
+def test_moe_layers_decode_in_the_fused_c_stack(tiny_model, monkeypatch, case_id):
+    """Decode steps of an int4 MoE run every layer, router and experts included, in the one C
+    call of the fused stack: the same tokens and logprobs as the layer-by-layer path, alone and
+    batched, and the same expert load counted."""
+    from nanoinfer.kernels import CpuKernels
+
+    path, _ = tiny_model(case_id)
+    params = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True, logprobs=3)
+
+    def run() -> tuple[list, dict]:
+        llm = LLM(str(path), dtype="float32", quantization="int4", enable_prefix_cache=False)
+        outs = [o.outputs[0] for o in llm.generate(PROMPTS, params)]
+        alone = llm.generate([PROMPTS[2]], params)[0].outputs[0]
+        assert alone.token_ids == outs[2].token_ids
+        return outs, expert_load(llm.engine.model)
+
+    calls = []
+    original = CpuKernels.decode_layers
+    monkeypatch.setattr(CpuKernels, "decode_layers", lambda self, *a: calls.append(1) or original(self, *a))
+    fused, fused_load = run()
+    assert calls, "the fused stack did not run"
+    monkeypatch.setattr(SparseMoE, "decode_description", lambda self: None)  # layer by layer
+    calls.clear()
+    stepwise, stepwise_load = run()
+    assert not calls
+    assert [o.token_ids for o in fused] == [o.token_ids for o in stepwise]
+    for a, b in zip(fused, stepwise):
+        for step_a, step_b in zip(a.logprobs, b.logprobs):
+            assert step_a.keys() == step_b.keys()
+            assert all(abs(step_a[t] - step_b[t]) < 1e-4 for t in step_a)
+    assert fused_load == stepwise_load
+
+
 # ---- DeepSeek's routing: module against transformers' (the model itself needs MLA, not built) ----
 
 

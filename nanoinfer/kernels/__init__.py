@@ -161,6 +161,19 @@ class Q4Weight(ctypes.Structure):
     _fields_ = [("w", ctypes.c_void_p), ("bias", ctypes.c_void_p), ("n", ctypes.c_int64)]
 
 
+class DecodeMoE(ctypes.Structure):
+    """A mixture-of-experts MLP for the C decode_layer: softmax routing, int4 experts."""
+
+    _fields_ = [
+        *((name, ctypes.c_int64) for name in ("experts", "top_k", "renormalize", "inter")),
+        ("scaling", ctypes.c_float),
+        ("router", ctypes.c_void_p),
+        ("gate_up", ctypes.POINTER(Q4Weight)),
+        ("down", ctypes.POINTER(Q4Weight)),
+        ("load", ctypes.c_void_p),
+    ]
+
+
 class DecodeLayer(ctypes.Structure):
     """Everything the C decode_layer needs of one layer: sizes, weights and that layer's KV cache."""
 
@@ -172,6 +185,7 @@ class DecodeLayer(ctypes.Structure):
         *((name, Q4Weight) for name in ("qkv", "o", "gate_up", "down")),
         ("k_cache", ctypes.c_void_p),
         ("v_cache", ctypes.c_void_p),
+        ("moe", ctypes.POINTER(DecodeMoE)),  # None: a dense MLP
     ]
 
 

@@ -29,6 +29,7 @@
 
 #define Q4_GROUP 32
 #define Q8_GROUP 32
+#define MOE_ROWS_BY_EXPERT 16 /* at most this many rows per expert: threads take whole experts */
 
 #ifdef __AVX2__
 static inline float hsum256(__m256 v) {
@@ -1081,12 +1082,23 @@ typedef struct {
     int64_t n;
 } Q4Weight;
 
+/* A mixture-of-experts MLP as the fused stack runs it: softmax routing over `experts`, the top
+ * `top_k` (renormalized when asked, times `scaling`), every expert an int4 gated MLP `inter` wide. */
+typedef struct {
+    int64_t experts, top_k, renormalize, inter;
+    float scaling;
+    const float *router;            /* [experts, hidden] float32 */
+    const Q4Weight *gate_up, *down; /* [experts] each */
+    int64_t *load;                  /* [experts]: tokens routed to each, for the metrics */
+} DecodeMoE;
+
 typedef struct {
     int64_t hidden, heads, kv_heads, head_dim, inter, window, gelu;
     float eps, scale;
     const float *input_norm, *mlp_norm, *q_norm, *k_norm;
     Q4Weight qkv, o, gate_up, down;
     void *k_cache, *v_cache;
+    const DecodeMoE *moe; /* NULL: a dense MLP (gate_up, down) */
 } DecodeLayer;
 
 typedef struct {
@@ -1098,6 +1110,67 @@ typedef struct {
 
 static void q4_apply(const Q4Weight *w, const float *x, int64_t M, int64_t K, float *out, int nthreads) {
     q4_matmul(x, M, K, w->w, w->n, w->bias, out, nthreads);
+}
+
+void moe_experts(const Q4Weight *gate_up, const Q4Weight *down, int64_t E, const int64_t *counts, const float *x,
+                 int64_t hidden, int64_t inter, int gelu, float *out, int nthreads);
+
+/* Row m's top-k experts and their weights, as nanoinfer.model.moe.Router computes them for
+ * softmax scoring: scores in float32, the k best (the lower id first among equal scores). */
+static void moe_route(const DecodeMoE *E, const float *h, int64_t hid, float *scores, int64_t *ids, float *w) {
+    float top = -INFINITY, sum = 0.f, chosen = 0.f;
+    for (int64_t e = 0; e < E->experts; e++) {
+        scores[e] = dot(h, E->router + e * hid, hid);
+        top = scores[e] > top ? scores[e] : top;
+    }
+    for (int64_t e = 0; e < E->experts; e++) sum += scores[e] = expf(scores[e] - top);
+    for (int64_t e = 0; e < E->experts; e++) scores[e] /= sum;
+    for (int64_t j = 0; j < E->top_k; j++) {
+        int64_t best = -1;
+        for (int64_t e = 0; e < E->experts; e++) {
+            int taken = 0;
+            for (int64_t i = 0; i < j; i++) taken |= ids[i] == e;
+            if (!taken && (best < 0 || scores[e] > scores[best])) best = e;
+        }
+        ids[j] = best;
+        w[j] = scores[best];
+        chosen += scores[best];
+    }
+    for (int64_t j = 0; j < E->top_k; j++) w[j] = (E->renormalize ? w[j] / (chosen + 1e-20f) : w[j]) * E->scaling;
+}
+
+/* out[M, hid] = the MoE MLP of h: rows routed, grouped by expert (one call each), summed back in
+ * expert order, as SparseMoE._grouped does. */
+static void moe_mlp(const DecodeMoE *E, const float *h, int64_t M, int64_t hid, int gelu, float *out, int nthreads) {
+    int64_t k = E->top_k, slots = M * k;
+    int64_t *ids = (int64_t *)malloc(sizeof(int64_t) * (size_t)(slots * 2 + E->experts * 2));
+    int64_t *order = ids + slots, *counts = order + slots, *next = counts + E->experts;
+    float *w = (float *)malloc(sizeof(float) * (size_t)(slots + E->experts + 2 * slots * hid));
+    float *scores = w + slots, *grouped = scores + E->experts, *res = grouped + slots * hid;
+    memset(counts, 0, sizeof(int64_t) * (size_t)E->experts);
+    for (int64_t m = 0; m < M; m++) {
+        moe_route(E, h + m * hid, hid, scores, ids + m * k, w + m * k);
+        for (int64_t j = 0; j < k; j++) counts[ids[m * k + j]]++;
+    }
+    for (int64_t e = 0, start = 0; e < E->experts; e++) {
+        next[e] = start;
+        start += counts[e];
+        E->load[e] += counts[e];
+    }
+    for (int64_t s = 0; s < slots; s++) { /* stable: a row's slots in row order within each expert */
+        int64_t at = next[ids[s]]++;
+        order[at] = s;
+        memcpy(grouped + at * hid, h + (s / k) * hid, sizeof(float) * (size_t)hid);
+    }
+    moe_experts(E->gate_up, E->down, E->experts, counts, grouped, hid, E->inter, gelu, res, nthreads);
+    memset(out, 0, sizeof(float) * (size_t)(M * hid));
+    for (int64_t at = 0; at < slots; at++) {
+        int64_t s = order[at];
+        float *row = out + (s / k) * hid;
+        for (int64_t i = 0; i < hid; i++) row[i] += w[s] * res[at * hid + i];
+    }
+    free(ids);
+    free(w);
 }
 
 /* 0, or -1 if the tensor-parallel group was aborted. */
@@ -1117,9 +1190,13 @@ int decode_layer(const DecodeLayer *L, const DecodeStep *S, float *x, int64_t M,
     int failed = S->tp && shm_all_reduce(S->tp, tmp, M * hid);
     for (int64_t i = 0; i < M * hid; i++) x[i] += tmp[i];
     rms_norm(x, M, hid, hid, L->mlp_norm, L->eps, h);
-    q4_apply(&L->gate_up, h, M, hid, gu, nthreads);
-    gated_act(gu, M, L->inter, (int)L->gelu, act, nthreads);
-    q4_apply(&L->down, act, M, L->inter, tmp, nthreads);
+    if (L->moe) {
+        moe_mlp(L->moe, h, M, hid, (int)L->gelu, tmp, nthreads);
+    } else {
+        q4_apply(&L->gate_up, h, M, hid, gu, nthreads);
+        gated_act(gu, M, L->inter, (int)L->gelu, act, nthreads);
+        q4_apply(&L->down, act, M, L->inter, tmp, nthreads);
+    }
     failed = failed || (S->tp && shm_all_reduce(S->tp, tmp, M * hid));
     for (int64_t i = 0; i < M * hid; i++) x[i] += tmp[i];
     free(h);
@@ -1128,22 +1205,50 @@ int decode_layer(const DecodeLayer *L, const DecodeStep *S, float *x, int64_t M,
 
 /* A mixture-of-experts MLP over tokens already grouped by expert: expert e takes the next
  * counts[e] rows of x [rows, hidden] and writes the same rows of out. One call a layer instead
- * of three (plus Python) per expert with tokens (docs/performance.md, "Mixture of experts"). */
+ * of three (plus Python) per expert with tokens (docs/performance.md, "Mixture of experts").
+ * With a few rows per expert (batched decode) the threads take whole experts, one thread each,
+ * instead of sharing every small matmul: one fork a layer instead of three per expert. */
+static void moe_expert(const Q4Weight *gate_up, const Q4Weight *down, int64_t n, const float *x, int64_t hidden,
+                       int64_t inter, int gelu, float *scratch, float *out, int nthreads) {
+    float *act = scratch + n * 2 * inter;
+    q4_apply(gate_up, x, n, hidden, scratch, nthreads);
+    gated_act(scratch, n, inter, gelu, act, nthreads);
+    q4_apply(down, act, n, inter, out, nthreads);
+}
+
 void moe_experts(const Q4Weight *gate_up, const Q4Weight *down, int64_t E, const int64_t *counts, const float *x,
                  int64_t hidden, int64_t inter, int gelu, float *out, int nthreads) {
-    int64_t most = 0;
-    for (int64_t e = 0; e < E; e++) most = counts[e] > most ? counts[e] : most;
-    float *gu = (float *)malloc(sizeof(float) * (size_t)(most * 3 * inter)), *act = gu + most * 2 * inter;
-    int64_t row = 0;
+    int64_t rows = 0, active = 0, most = 0;
     for (int64_t e = 0; e < E; e++) {
-        int64_t n = counts[e];
-        if (!n) continue;
-        q4_apply(gate_up + e, x + row * hidden, n, hidden, gu, nthreads);
-        gated_act(gu, n, inter, gelu, act, nthreads);
-        q4_apply(down + e, act, n, inter, out + row * hidden, nthreads);
-        row += n;
+        rows += counts[e];
+        active += counts[e] > 0;
+        most = counts[e] > most ? counts[e] : most;
+    }
+    int64_t *first = (int64_t *)malloc(sizeof(int64_t) * (size_t)(2 * E)), *busy = first + E;
+    for (int64_t e = 0, row = 0, n = 0; e < E; e++) {
+        first[e] = row;
+        row += counts[e];
+        if (counts[e]) busy[n++] = e;
+    }
+    /* (at one row an expert, batch-1 decode, the threads sharing each matmul measured no worse) */
+    int by_expert = nthreads > 1 && active >= nthreads && most >= 2 && most <= MOE_ROWS_BY_EXPERT;
+    float *gu = (float *)malloc(sizeof(float) * (size_t)((by_expert ? rows : most) * 3 * inter));
+    if (by_expert) {
+#pragma omp parallel for num_threads(nthreads) schedule(dynamic)
+        for (int64_t i = 0; i < active; i++) {
+            int64_t e = busy[i];
+            moe_expert(gate_up + e, down + e, counts[e], x + first[e] * hidden, hidden, inter, gelu,
+                       gu + first[e] * 3 * inter, out + first[e] * hidden, 1);
+        }
+    } else { /* not inside a parallel region: each matmul gets every thread */
+        for (int64_t i = 0; i < active; i++) {
+            int64_t e = busy[i];
+            moe_expert(gate_up + e, down + e, counts[e], x + first[e] * hidden, hidden, inter, gelu, gu,
+                       out + first[e] * hidden, nthreads);
+        }
     }
     free(gu);
+    free(first);
 }
 
 /* All n layers in turn: the model's whole decode stack for one step in a single call. */

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from nanoinfer.config import ModelConfig
-from nanoinfer.kernels import CpuKernels, Q4Weight, kernels, q4_weight
+from nanoinfer.kernels import CpuKernels, DecodeMoE, Q4Weight, kernels, q4_weight
 from nanoinfer.model.layers import MLP
 from nanoinfer.quant.int4 import Int4Linear
 
@@ -130,6 +130,34 @@ class SparseMoE(nn.Module):
         gate_up = (Q4Weight * len(self.experts))(*tables[0::2])
         down = (Q4Weight * len(self.experts))(*tables[1::2])
         return ours, gate_up, down
+
+    def decode_description(self) -> DecodeMoE | None:
+        """This layer for the C fused decode stack, or None where that cannot run it: it does
+        softmax routing over int4 experts on our kernels, without groups, a correction bias or
+        shared experts (the others run the Python path). Built from the expert tables, which
+        it keeps alive; the router's weight and the load counts are read in place."""
+        r = self.router
+        plain = not r.sigmoid and r.groups == 1 and r.correction_bias is None and self.shared_experts is None
+        if not plain or r.weight.dtype != torch.float32 or r.weight.device.type != "cpu":
+            return None
+        first = self.experts[0]
+        probe = (first.gate_up_proj, first.down_proj)
+        if self._tables_probe != probe:
+            self._tables, self._tables_probe = self._build_tables(), probe
+        if self._tables is None:
+            return None
+        _, gate_up, down = self._tables
+        return DecodeMoE(
+            experts=len(self.experts),
+            top_k=r.top_k,
+            renormalize=int(r.renormalize),
+            inter=self.expert_width,
+            scaling=r.scaling,
+            router=r.weight.data_ptr(),
+            gate_up=gate_up,
+            down=down,
+            load=self.expert_tokens.data_ptr(),
+        )
 
     def reset_load(self) -> None:
         self.expert_tokens.zero_()

@@ -10,7 +10,17 @@ from torch import nn
 
 from nanoinfer.config import ModelConfig
 from nanoinfer.errors import ModelLoadError
-from nanoinfer.kernels import KV_DTYPES, CpuKernels, DecodeLayer, DecodeStep, kernels, kv_half, q4_weight
+from nanoinfer.kernels import (
+    KV_DTYPES,
+    CpuKernels,
+    DecodeLayer,
+    DecodeMoE,
+    DecodeStep,
+    Q4Weight,
+    kernels,
+    kv_half,
+    q4_weight,
+)
 from nanoinfer.model.forward_batch import ForwardBatch, SequenceChunk
 from nanoinfer.model.layers import MLP, Attention, RMSNorm
 from nanoinfer.model.lora import LoRABatch, MultiLoRALinear
@@ -24,8 +34,9 @@ if TYPE_CHECKING:
     from nanoinfer.loading import ModelPackage
     from nanoinfer.model.kv_cache import PagedKVCache
 
-# A layer's fused plan: the kernels and its [qkv, o, gate_up, down] Int4Linear (see DecoderLayer._fused_plan).
-FusedPlan = tuple[CpuKernels, list[Int4Linear]]
+# A layer's fused plan: the kernels, its Int4Linear [qkv, o, gate_up, down] ([qkv, o] for a MoE
+# layer) and its MoE description, if any (see DecoderLayer._fused_plan).
+FusedPlan = tuple[CpuKernels, list[Int4Linear], DecodeMoE | None]
 
 
 class DecoderLayer(nn.Module):
@@ -76,34 +87,45 @@ class DecoderLayer(nn.Module):
         return self._after_attention(x, h)
 
     def _fused_plan(self) -> FusedPlan | None:
-        """(kernels, [qkv, o, gate_up, down] Int4Linear) if this layer can run in the C
-        `decode_layer` (see Transformer._fused_stack), else None."""
-        if not isinstance(self.mlp, MLP) or not isinstance(self.attn, Attention):  # the C layer's shape
+        """(kernels, Int4Linear, MoE description) if this layer can run in the C `decode_layer`
+        (see Transformer._fused_stack), else None."""
+        if not isinstance(self.attn, Attention):  # the C layer's shape
             return None
-        modules = (self.attn.qkv_proj, self.attn.o_proj, self.mlp.gate_up_proj, self.mlp.down_proj)
+        mlp = self.mlp
+        if isinstance(mlp, MLP):
+            modules: tuple[nn.Module, ...] = (self.attn.qkv_proj, self.attn.o_proj, mlp.gate_up_proj, mlp.down_proj)
+        else:  # the first expert stands for all: quantization swaps them together
+            first = cast(MLP, mlp.experts[0])
+            modules = (self.attn.qkv_proj, self.attn.o_proj, first.gate_up_proj, first.down_proj)
         if self._plan_modules != modules:  # first use, or quantized or wrapped for adapters since
             self._plan, self._plan_modules = None, modules
             ours = kernels()
             # Adapter-wrapped projections run fused on their base when no row uses an adapter
             # (Transformer._fused_stack checks the step).
-            bases = [m.base if isinstance(m, MultiLoRALinear) else m for m in modules]
+            own = modules if isinstance(mlp, MLP) else modules[:2]
+            bases = [m.base if isinstance(m, MultiLoRALinear) else m for m in own]
             linears = [lin for lin in bases if isinstance(lin, Int4Linear) and lin.backend == "c"]
-            if ours is not None and self.post_attn_norm is None and len(linears) == len(modules):
-                self._plan = (ours, linears)
+            moe = None if isinstance(mlp, MLP) else mlp.decode_description()
+            fits = isinstance(mlp, MLP) or moe is not None
+            if ours is not None and self.post_attn_norm is None and len(linears) == len(own) and fits:
+                self._plan = (ours, linears, moe)
         return self._plan
 
-    def _describe(self, linears: list[Int4Linear], k_cache: torch.Tensor, v_cache: torch.Tensor) -> DecodeLayer:
-        a, mlp = cast(Attention, self.attn), cast(MLP, self.mlp)  # _fused_plan checked both
+    def _describe(self, plan: FusedPlan, k_cache: torch.Tensor, v_cache: torch.Tensor) -> DecodeLayer:
+        a = cast(Attention, self.attn)  # _fused_plan checked it
         qn, kn = a.q_norm, a.k_norm
-        qkv, o, gate_up, down = (q4_weight(lin.packed, lin.out_features, lin.bias) for lin in linears)
+        _, linears, moe = plan
+        qkv, o, *mlp_weights = (q4_weight(lin.packed, lin.out_features, lin.bias) for lin in linears)
+        gate_up, down = mlp_weights if moe is None else (Q4Weight(), Q4Weight())
+        dense = self.mlp if isinstance(self.mlp, MLP) else None
         return DecodeLayer(
             hidden=self.input_norm.weight.shape[0],
             heads=a.num_heads,
             kv_heads=a.num_kv_heads,
             head_dim=a.head_dim,
-            inter=mlp.intermediate,
+            inter=0 if dense is None else dense.intermediate,
             window=a.window,
-            gelu=int(mlp.gelu),
+            gelu=int(self.mlp.gelu),
             eps=self.input_norm.eps,
             scale=a.scale,
             input_norm=self.input_norm.weight.data_ptr(),
@@ -116,6 +138,7 @@ class DecoderLayer(nn.Module):
             down=down,
             k_cache=k_cache.data_ptr(),
             v_cache=v_cache.data_ptr(),
+            moe=None if moe is None else ctypes.pointer(moe),
         )
 
 
@@ -287,10 +310,14 @@ class Transformer(nn.Module):
         plans = [plan for plan in maybe_plans if plan is not None]
         if len(plans) != len(maybe_plans):
             return None
-        key = (*(t.data_ptr() for t in (*kv.k, *kv.v)), *(lin.packed.data_ptr() for p in plans for lin in p[1]))
+        key = (
+            *(t.data_ptr() for t in (*kv.k, *kv.v)),
+            *(lin.packed.data_ptr() for p in plans for lin in p[1]),
+            *(id(p[2]) for p in plans),
+        )
         if self._stack is None or self._stack_key != key:  # weights or cache moved: rebuild the pointer table
             layers = [
-                layer._describe(p[1], kv.k[i], kv.v[i]) for i, (layer, p) in enumerate(zip(self.decoder_layers, plans))
+                layer._describe(p, kv.k[i], kv.v[i]) for i, (layer, p) in enumerate(zip(self.decoder_layers, plans))
             ]
             self._stack, self._stack_key = (DecodeLayer * len(layers))(*layers), key
         # The RoPE tables live until forward returns, as long as this description is used.
