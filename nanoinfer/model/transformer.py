@@ -89,14 +89,17 @@ class DecoderLayer(nn.Module):
     def _fused_plan(self) -> FusedPlan | None:
         """(kernels, Int4Linear, MoE description) if this layer can run in the C `decode_layer`
         (see Transformer._fused_stack), else None."""
-        if not isinstance(self.attn, Attention):  # the C layer's shape
+        # Called for every layer every fused step: plain dict lookups, not nn.Module's __getattr__.
+        attn, mlp = self._modules["attn"], self._modules["mlp"]
+        if not isinstance(attn, Attention):  # the C layer's shape
             return None
-        mlp = self.mlp
-        if isinstance(mlp, MLP):
-            modules: tuple[nn.Module, ...] = (self.attn.qkv_proj, self.attn.o_proj, mlp.gate_up_proj, mlp.down_proj)
-        else:  # the first expert stands for all: quantization swaps them together
-            first = cast(MLP, mlp.experts[0])
-            modules = (self.attn.qkv_proj, self.attn.o_proj, first.gate_up_proj, first.down_proj)
+        projections = attn._modules
+        experts = mlp._modules if isinstance(mlp, MLP) else cast(SparseMoE, mlp).experts[0]._modules
+        # (a MoE layer's first expert stands for all: quantization swaps them together)
+        modules = cast(
+            "tuple[nn.Module, ...]",
+            (projections["qkv_proj"], projections["o_proj"], experts["gate_up_proj"], experts["down_proj"]),
+        )
         if self._plan_modules != modules:  # first use, or quantized or wrapped for adapters since
             self._plan, self._plan_modules = None, modules
             ours = kernels()
@@ -105,7 +108,7 @@ class DecoderLayer(nn.Module):
             own = modules if isinstance(mlp, MLP) else modules[:2]
             bases = [m.base if isinstance(m, MultiLoRALinear) else m for m in own]
             linears = [lin for lin in bases if isinstance(lin, Int4Linear) and lin.backend == "c"]
-            moe = None if isinstance(mlp, MLP) else mlp.decode_description()
+            moe = None if isinstance(mlp, MLP) else cast(SparseMoE, mlp).decode_description()
             fits = isinstance(mlp, MLP) or moe is not None
             if ours is not None and self.post_attn_norm is None and len(linears) == len(own) and fits:
                 self._plan = (ours, linears, moe)
@@ -142,6 +145,10 @@ class DecoderLayer(nn.Module):
         )
 
 
+def _same_objects(a: tuple[object, ...], b: tuple[object, ...]) -> bool:
+    return len(a) == len(b) and all(x is y for x, y in zip(a, b))
+
+
 class Transformer(nn.Module):
     """embed -> N x DecoderLayer -> final norm -> LM head (on the rows that need logits only).
 
@@ -160,13 +167,15 @@ class Transformer(nn.Module):
         self.layers = nn.ModuleList(
             DecoderLayer(c, i, tp) if lo <= i < hi else nn.Identity() for i in range(c.num_layers)
         )
+        # This rank's layers, kept as a list: every step walks them (the layers are never replaced).
+        self._decoder_layers = [layer for layer in self.layers if isinstance(layer, DecoderLayer)]
         self.norm = RMSNorm(c.hidden_size, c.rms_norm_eps) if ends else None
         # An nn.Linear until quantization swaps in another module (see nanoinfer.quant).
         self.lm_head: nn.Module | None = (
             nn.Linear(c.hidden_size, vocab_rows, bias=False) if ends and not c.tie_word_embeddings else None
         )
         self.rope, self.local_rope = self._make_ropes()
-        self._stack_key: tuple[int, ...] | None = None  # what _fused_stack's pointer table was built for
+        self._stack_key: tuple[object, ...] | None = None  # the cache and plans _fused_stack's table was built for
         self._stack: ctypes.Array[DecodeLayer] | None = None
         # Activations' dtype; weights may be stored narrower (see quant.store_weights_16bit).
         self.activation_dtype = torch.float32
@@ -184,7 +193,7 @@ class Transformer(nn.Module):
     @property
     def decoder_layers(self) -> list[DecoderLayer]:
         """This model's (or pipeline stage's) decoder layers, in order."""
-        return [layer for layer in self.layers if isinstance(layer, DecoderLayer)]
+        return self._decoder_layers
 
     @property
     def dtype(self) -> torch.dtype:
@@ -310,12 +319,11 @@ class Transformer(nn.Module):
         plans = [plan for plan in maybe_plans if plan is not None]
         if len(plans) != len(maybe_plans):
             return None
-        key = (
-            *(t.data_ptr() for t in (*kv.k, *kv.v)),
-            *(lin.packed.data_ptr() for p in plans for lin in p[1]),
-            *(id(p[2]) for p in plans),
-        )
-        if self._stack is None or self._stack_key != key:  # weights or cache moved: rebuild the pointer table
+        # A plan is rebuilt whenever a layer's modules change (quantized, wrapped for adapters), a
+        # cache's tensors are allocated once, and a module moved (`.to`) gets new buffers: the same
+        # objects mean the same pointers. The key holds them, so no address is reused while it stands.
+        key = (kv, *plans, *(lin._buffers["packed"] for p in plans for lin in p[1]))
+        if self._stack is None or self._stack_key is None or not _same_objects(self._stack_key, key):
             layers = [
                 layer._describe(p, kv.k[i], kv.v[i]) for i, (layer, p) in enumerate(zip(self.decoder_layers, plans))
             ]
