@@ -53,7 +53,12 @@ class LoRAManager:
     """Adapters the engine knows, the slots they occupy, and each step's rows -> slots."""
 
     def __init__(
-        self, model: Transformer, max_loras: int, max_lora_rank: int, adapter_filter: AdapterFilter | None = None
+        self,
+        model: Transformer,
+        max_loras: int,
+        max_lora_rank: int,
+        adapter_filter: AdapterFilter | None = None,
+        record_changes: bool = False,
     ) -> None:
         if max_loras < 1 or max_lora_rank < 1:
             raise ValueError("max_loras and max_lora_rank must be at least 1")
@@ -61,7 +66,7 @@ class LoRAManager:
         self.adapter_filter = adapter_filter  # a model-parallel rank's part of each adapter
         # Slot changes since the last step, for the other ranks of a model-parallel group to
         # repeat: ("install", slot, request) or ("clear", slot). None: nobody repeats them.
-        self.changes: list[tuple] | None = None
+        self.changes: list[tuple] | None = [] if record_changes else None
         self.max_lora_rank = max_lora_rank
         self.batch = LoRABatch(max_loras, max_lora_rank, model.device)
         model.lora_batch = self.batch  # rows without adapters keep the fused decode stack

@@ -100,9 +100,10 @@ class LLMEngine:
         self.lora = None
         if config.enable_lora:
             adapter_filter = None if group is None else group.role.adapter_filter(package.config)
-            self.lora = LoRAManager(self.model, config.max_loras, config.max_lora_rank, adapter_filter)
-            if group is not None:
-                self.lora.changes = []  # the other ranks repeat each slot change
+            # under model parallelism the other ranks repeat each slot change
+            self.lora = LoRAManager(
+                self.model, config.max_loras, config.max_lora_rank, adapter_filter, record_changes=group is not None
+            )
         storage: KVStorage = kv
         if group is not None:
             group.connect(group.setup_for(self.model_config, config, kv))

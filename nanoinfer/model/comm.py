@@ -66,7 +66,10 @@ class TorchDistributedComm:
     def all_gather(self, x: torch.Tensor) -> torch.Tensor:
         start = time.perf_counter()
         out = torch.empty((self.world, *x.shape), dtype=x.dtype, device=x.device)
-        dist.all_gather_into_tensor(out, x) if x.is_cuda else dist.all_gather(list(out.unbind(0)), x)
+        if x.is_cuda:
+            dist.all_gather_into_tensor(out, x)
+        else:  # gloo has no all_gather_into_tensor
+            dist.all_gather(list(out.unbind(0)), x)
         self.seconds += time.perf_counter() - start
         return out
 

@@ -172,9 +172,9 @@ def shard_config(config: ModelConfig, plan: ShardPlan) -> ModelConfig:
 
 def shard_weight(name: str, tensor: torch.Tensor, config: ModelConfig, plan: ShardPlan) -> torch.Tensor:
     """The part of canonical weight `name` (of the full model `config`) that rank `plan.rank` holds."""
-    rows, cols = _weight_spans(name, config, plan)
     if name in ("embed.weight", "lm_head.weight"):
         return _vocab_rows(tensor, plan)
+    rows, cols = _weight_spans(name, config, plan)
     if name.endswith(("o_proj.bias", "down_proj.bias")):
         return torch.zeros_like(tensor) if plan.rank else tensor  # a row-parallel bias is added once
     if rows is None and cols is None:
