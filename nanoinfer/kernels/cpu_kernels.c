@@ -29,7 +29,6 @@
 
 #define Q4_GROUP 32
 #define Q8_GROUP 32
-#define MOE_ROWS_BY_EXPERT 16 /* at most this many rows per expert: threads take whole experts */
 
 #ifdef __AVX2__
 static inline float hsum256(__m256 v) {
@@ -1203,11 +1202,45 @@ int decode_layer(const DecodeLayer *L, const DecodeStep *S, float *x, int64_t M,
     return failed ? -1 : 0;
 }
 
+/* Each expert's rows of x times that expert's own int4 weight, into the same rows of out: one
+ * quantization of every row and one parallel pass over every (expert, column chunk) pair, where
+ * a q4_matmul per expert forks and joins the threads (and quantizes) once per expert. With one
+ * row per expert (batch-1 decode) that fork was most of an expert's time. Each thread takes a
+ * contiguous run of pairs holding its share of the rows x chunks: contiguous, so each thread
+ * streams its experts' panels in order (interleaving pairs between threads, as a dynamic schedule
+ * does, measured slower); by rows, because the router loads experts unevenly in prefill
+ * (docs/performance.md, "Mixture of experts"). All experts' weights have the same shape. */
+static void q4_grouped(const Q4Weight *w, const int64_t *busy, int64_t active, const int64_t *counts,
+                       const int64_t *first, const float *x, int64_t rows, int64_t K, float *out, int nthreads) {
+    int64_t G = K / Q4_GROUP, N = w[busy[0]].n, blocks = (N + Q4_COLS - 1) / Q4_COLS;
+    int64_t chunks = (blocks + Q4_CHUNK - 1) / Q4_CHUNK, work = rows * chunks;
+    int8_t *xq = (int8_t *)malloc((size_t)(rows * K));
+    float *xs = (float *)malloc(sizeof(float) * (size_t)(2 * rows * G)), *xsum = xs + rows * G;
+    quantize_groups(x, rows, K, xq, xs, xsum, nthreads);
+#pragma omp parallel for num_threads(nthreads) schedule(static, 1)
+    for (int64_t t = 0; t < nthreads; t++) {
+        int64_t lo = work * t / nthreads, hi = work * (t + 1) / nthreads;
+        for (int64_t item = 0; item < active * chunks; item++) {
+            int64_t e = busy[item / chunks], ch = item % chunks, f = first[e], b = ch * Q4_CHUNK;
+            int64_t start = f * chunks + ch * counts[e]; /* the rows x chunks before this pair */
+            if (start < lo || start >= hi) continue;
+            q4_chunk(xq + f * K, xs + f * G, xsum + f * G, 0, counts[e], K, w[e].w, b,
+                     blocks - b < Q4_CHUNK ? blocks - b : Q4_CHUNK, N, w[e].bias, out + f * N);
+        }
+    }
+    free(xq);
+    free(xs);
+}
+
 /* A mixture-of-experts MLP over tokens already grouped by expert: expert e takes the next
  * counts[e] rows of x [rows, hidden] and writes the same rows of out. One call a layer instead
- * of three (plus Python) per expert with tokens (docs/performance.md, "Mixture of experts").
- * With a few rows per expert (batched decode) the threads take whole experts, one thread each,
- * instead of sharing every small matmul: one fork a layer instead of three per expert. */
+ * of three (plus Python) per expert with tokens. With a few rows per expert (decode) every
+ * expert's gate_up is one grouped matmul, then one activation over all rows, then one grouped
+ * down. With many (prefill) the experts go one at a time, each matmul on every thread: their
+ * intermediate rows then stay in cache, where the grouped form's spill to memory measured ~8%
+ * slower (docs/performance.md, "Mixture of experts"). */
+#define MOE_GROUPED_ROWS 16 /* at most this many rows per expert: the grouped form */
+
 static void moe_expert(const Q4Weight *gate_up, const Q4Weight *down, int64_t n, const float *x, int64_t hidden,
                        int64_t inter, int gelu, float *scratch, float *out, int nthreads) {
     float *act = scratch + n * 2 * inter;
@@ -1218,29 +1251,22 @@ static void moe_expert(const Q4Weight *gate_up, const Q4Weight *down, int64_t n,
 
 void moe_experts(const Q4Weight *gate_up, const Q4Weight *down, int64_t E, const int64_t *counts, const float *x,
                  int64_t hidden, int64_t inter, int gelu, float *out, int nthreads) {
+    int64_t *first = (int64_t *)malloc(sizeof(int64_t) * (size_t)(2 * E)), *busy = first + E;
     int64_t rows = 0, active = 0, most = 0;
     for (int64_t e = 0; e < E; e++) {
+        first[e] = rows;
         rows += counts[e];
-        active += counts[e] > 0;
         most = counts[e] > most ? counts[e] : most;
+        if (counts[e]) busy[active++] = e;
     }
-    int64_t *first = (int64_t *)malloc(sizeof(int64_t) * (size_t)(2 * E)), *busy = first + E;
-    for (int64_t e = 0, row = 0, n = 0; e < E; e++) {
-        first[e] = row;
-        row += counts[e];
-        if (counts[e]) busy[n++] = e;
-    }
-    /* (at one row an expert, batch-1 decode, the threads sharing each matmul measured no worse) */
-    int by_expert = nthreads > 1 && active >= nthreads && most >= 2 && most <= MOE_ROWS_BY_EXPERT;
-    float *gu = (float *)malloc(sizeof(float) * (size_t)((by_expert ? rows : most) * 3 * inter));
-    if (by_expert) {
-#pragma omp parallel for num_threads(nthreads) schedule(dynamic)
-        for (int64_t i = 0; i < active; i++) {
-            int64_t e = busy[i];
-            moe_expert(gate_up + e, down + e, counts[e], x + first[e] * hidden, hidden, inter, gelu,
-                       gu + first[e] * 3 * inter, out + first[e] * hidden, 1);
-        }
-    } else { /* not inside a parallel region: each matmul gets every thread */
+    int grouped = most <= MOE_GROUPED_ROWS;
+    float *gu = (float *)malloc(sizeof(float) * (size_t)((grouped ? rows : most) * 3 * inter));
+    if (active && grouped) {
+        float *act = gu + rows * 2 * inter;
+        q4_grouped(gate_up, busy, active, counts, first, x, rows, hidden, gu, nthreads);
+        gated_act(gu, rows, inter, gelu, act, nthreads);
+        q4_grouped(down, busy, active, counts, first, act, rows, inter, out, nthreads);
+    } else {
         for (int64_t i = 0; i < active; i++) {
             int64_t e = busy[i];
             moe_expert(gate_up + e, down + e, counts[e], x + first[e] * hidden, hidden, inter, gelu, gu,
