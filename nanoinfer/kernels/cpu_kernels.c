@@ -30,6 +30,19 @@
 #define Q4_GROUP 32
 #define Q8_GROUP 32
 
+/* VNNI's dpbusd does a u8 x i8 four-way dot product and its int32 accumulation in one
+ * instruction, where AVX2 needs maddubs (pairs to int16), an int16 add, and a madd by ones per
+ * group: the int4 kernels' inner loop then issues half the instructions, which matters wherever
+ * it is compute-bound (several rows: batched decode, verification, prefill). The int32 sums are
+ * the same integers, so the results are bit-identical (docs/performance.md, "int4 matmul"). */
+#if defined(__AVX512VNNI__) && defined(__AVX512VL__)
+#define Q4_VNNI 1
+#define dpbusd(acc, u, s) _mm256_dpbusd_epi32(acc, u, s)
+#elif defined(__AVXVNNI__)
+#define Q4_VNNI 1
+#define dpbusd(acc, u, s) _mm256_dpbusd_avx_epi32(acc, u, s)
+#endif
+
 #ifdef __AVX2__
 static inline float hsum256(__m256 v) {
     __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
@@ -255,9 +268,9 @@ static inline __attribute__((always_inline)) void q4_tile(
     for (int r = 0; r < R; r++)
         for (int c = 0; c < C; c++) acc[r][c] = _mm256_setzero_ps();
     for (int64_t g = 0; g < G; g++) {
-        __m256i dot16[Q4_ROWS][Q4_CHUNK];
+        __m256i dot[Q4_ROWS][Q4_CHUNK];
         for (int r = 0; r < R; r++)
-            for (int c = 0; c < C; c++) dot16[r][c] = _mm256_setzero_si256();
+            for (int c = 0; c < C; c++) dot[r][c] = _mm256_setzero_si256();
         const uint8_t *wp = chunk + g * record;
         const float *sp = (const float *)(wp + C * 128), *mp = sp + C * Q4_COLS;
         for (int jj = 0; jj < 4; jj++) {
@@ -274,14 +287,23 @@ static inline __attribute__((always_inline)) void q4_tile(
                 memcpy(&quad_hi, xp + 16, 4);
                 __m256i xl = _mm256_set1_epi32(quad_lo), xh = _mm256_set1_epi32(quad_hi);
                 for (int c = 0; c < C; c++)
-                    dot16[r][c] = _mm256_add_epi16(dot16[r][c], _mm256_add_epi16(_mm256_maddubs_epi16(lo[c], xl),
+#ifdef Q4_VNNI
+                    dot[r][c] = dpbusd(dpbusd(dot[r][c], lo[c], xl), hi[c], xh); /* int32 sums */
+#else
+                    dot[r][c] = _mm256_add_epi16(dot[r][c], _mm256_add_epi16(_mm256_maddubs_epi16(lo[c], xl),
                                                                                    _mm256_maddubs_epi16(hi[c], xh)));
+#endif
             }
         }
         for (int c = 0; c < C; c++) {
             __m256 sv = _mm256_loadu_ps(sp + c * Q4_COLS), mv = _mm256_loadu_ps(mp + c * Q4_COLS);
             for (int r = 0; r < R; r++) {
-                __m256 d = _mm256_cvtepi32_ps(_mm256_madd_epi16(dot16[r][c], ones));
+#ifdef Q4_VNNI
+                __m256 d = _mm256_cvtepi32_ps(dot[r][c]);
+                (void)ones;
+#else
+                __m256 d = _mm256_cvtepi32_ps(_mm256_madd_epi16(dot[r][c], ones));
+#endif
                 acc[r][c] = _mm256_fmadd_ps(d, _mm256_mul_ps(sv, _mm256_set1_ps(xs[r * G + g])), acc[r][c]);
                 acc[r][c] = _mm256_fmadd_ps(mv, _mm256_set1_ps(xsum[r * G + g]), acc[r][c]);
             }
@@ -316,8 +338,9 @@ static void q4_tile_any(int R, int C, const int8_t *xq, int64_t K, const float *
 }
 
 /* out[r, 0..8 NB) for R rows of NB adjacent column blocks over all G groups, from Q4_STRIP_FROM
- * rows on: the strip keeps its R x NB int16 group sums in registers, each unpacked weight vector
- * serves R rows, and each activation quad, broadcast straight from memory, serves NB blocks.
+ * rows on: the strip keeps its R x NB group sums (int16; int32 with VNNI) in registers, each
+ * unpacked weight vector serves R rows, and each activation quad, broadcast straight from
+ * memory, serves NB blocks.
  * Three rows of two blocks fill 15 of the 16 registers (6 sums, 6 float accumulators, 2 weight
  * vectors, a broadcast) and need half the broadcasts of the five rows of one block they replaced;
  * larger strips spill. Below 3 rows the 2 x 4 tile wins: its one sequential pass over each
@@ -336,9 +359,9 @@ static inline __attribute__((always_inline)) void q4_strip(
         for (int c = 0; c < NB; c++) acc[r][c] = _mm256_setzero_ps();
     for (int64_t g = 0; g < G; g++) {
         const uint8_t *wp = w + g * record;
-        __m256i dot16[Q4_STRIP][2];
+        __m256i dot[Q4_STRIP][2];
         for (int r = 0; r < R; r++)
-            for (int c = 0; c < NB; c++) dot16[r][c] = _mm256_setzero_si256();
+            for (int c = 0; c < NB; c++) dot[r][c] = _mm256_setzero_si256();
         for (int jj = 0; jj < 4; jj++)
             for (int high = 0; high < 2; high++) { /* low nibbles: k = 4jj..; high ones: k + 16 */
                 __m256i wv[2];
@@ -351,17 +374,26 @@ static inline __attribute__((always_inline)) void q4_strip(
                     memcpy(&quad, xq + r * K + g * Q4_GROUP + jj * 4 + high * 16, 4);
                     __m256i x4 = _mm256_set1_epi32(quad);
                     for (int c = 0; c < NB; c++) {
-                        dot16[r][c] = _mm256_add_epi16(dot16[r][c], _mm256_maddubs_epi16(wv[c], x4));
+#ifdef Q4_VNNI
+                        dot[r][c] = dpbusd(dot[r][c], wv[c], x4); /* int32 sums */
+#else
+                        dot[r][c] = _mm256_add_epi16(dot[r][c], _mm256_maddubs_epi16(wv[c], x4));
+#endif
                         /* Without this gcc 12 reassociates the sums into all the products first
                          * and spills them to the stack (docs/performance.md, "int4 matmul"). */
-                        __asm__("" : "+x"(dot16[r][c]));
+                        __asm__("" : "+x"(dot[r][c]));
                     }
                 }
             }
         for (int c = 0; c < NB; c++) {
             __m256 sv = _mm256_loadu_ps(sp + g * step + c * Q4_COLS), mv = _mm256_loadu_ps(mp + g * step + c * Q4_COLS);
             for (int r = 0; r < R; r++) {
-                __m256 d = _mm256_cvtepi32_ps(_mm256_madd_epi16(dot16[r][c], ones));
+#ifdef Q4_VNNI
+                __m256 d = _mm256_cvtepi32_ps(dot[r][c]);
+                (void)ones;
+#else
+                __m256 d = _mm256_cvtepi32_ps(_mm256_madd_epi16(dot[r][c], ones));
+#endif
                 acc[r][c] = _mm256_fmadd_ps(d, _mm256_mul_ps(sv, _mm256_set1_ps(xs[r * G + g])), acc[r][c]);
                 acc[r][c] = _mm256_fmadd_ps(mv, _mm256_set1_ps(xsum[r * G + g]), acc[r][c]);
             }
