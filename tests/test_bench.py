@@ -167,8 +167,32 @@ def test_http_scenario_and_the_bandwidth_bound(tiny_model, tmp_path, capsys, mon
     # bytes read per decoded token: every weight but the embedding table, which is only looked up
     assert bound["weight_bytes"] == weight_bytes(model) - model.embed.weight.nbytes > 0
     assert bound["read_gb_s"] > 0 and bound["fraction_of_bound"] > 0
+    assert "vLLM is not installed" in ours["vllm_bench_serve"]["2"]["error"]  # its client, reported too
     table = capsys.readouterr().out
     assert "| nanoinfer |" in table and "not run: vLLM is not installed" in table
+    assert "| ttft_p50 | 1 | ≥ 1× | not run | not run | no |" in table  # a target without peers never holds
+    assert "| batch-1 decode / bandwidth bound | 1 | ≥ 80% |" in table
+
+
+def test_http_targets_hold_only_on_the_ratios_measured():
+    """Each target row compares the figures of the run: throughput as ours over theirs, latency
+    as theirs over ours, holding only when every peer's ratio reaches the target."""
+    from nanoinfer.bench.http_serving import target_lines
+
+    def figures(tok_s: float, ttft: float, tpot: float) -> dict:
+        return {"output_tok_s": tok_s, "ttft_p50": ttft, "tpot_p99": tpot}
+
+    result = {
+        "nanoinfer": {"concurrency": {"16": figures(150, 0.5, 0.12)}},
+        "llama-server": {"concurrency": {"16": figures(40, 2.0, 0.5)}},
+        "vllm": {"concurrency": {"16": figures(60, 0.4, 0.6)}},
+    }
+    rows = {tuple(line.split(" | ")[:2]): line for line in target_lines(result, {"fraction_of_bound": 0.5})}
+    assert rows[("| output_tok_s", "16")].endswith("| 3.75× | 2.50× | no |")  # 150 / 60 < 3
+    assert rows[("| ttft_p50", "16")].endswith("| 4.00× | 0.80× | no |")  # vLLM's 0.4 s beats our 0.5 s
+    assert rows[("| tpot_p99", "16")].endswith("| 4.17× | 5.00× | yes |")
+    assert rows[("| ttft_p50", "64")].endswith("| not run | not run | no |")
+    assert rows[("| batch-1 decode / bandwidth bound", "1")].endswith("| 50% | | no |")
 
 
 def test_moe_scenario(tmp_path, capsys, monkeypatch):

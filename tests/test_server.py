@@ -167,6 +167,34 @@ def test_chat_stream_equals_non_stream(client):
     assert all(c.usage is None and c.choices for c in plain)  # no usage chunk unless asked for
 
 
+def test_stream_opens_with_the_first_token_not_before():
+    """The chat role chunk (and a completion's echo) go out with the first output, as vLLM sends
+    them: clients such as `vllm bench serve` time the first chunk as the first token."""
+    import asyncio
+
+    from nanoinfer.outputs import CompletionOutput, RequestOutput
+    from nanoinfer.server.convert import Job
+    from nanoinfer.server.streaming import chat_stream, completion_stream
+
+    produced: list[int] = []
+
+    async def outputs():
+        produced.append(1)  # the engine's first output exists from here on
+        yield 0, RequestOutput("r", [1, 2], [CompletionOutput(0, "Hi", [5], "stop")], finished=True)
+
+    async def first_event(stream) -> str:
+        async for event in stream:
+            assert produced, "a chunk went out before the first token existed"
+            return event
+        raise AssertionError("no events")
+
+    job = Job("j", "m", [[1, 2]], [None], n=1, stream=True, include_usage=False)  # type: ignore[list-item]
+    texts = None  # no logprobs asked for: never read
+    assert '"role":"assistant"' in asyncio.run(first_event(chat_stream(job, outputs(), texts, None)))
+    produced.clear()
+    assert '"text":"echo"' in asyncio.run(first_event(completion_stream(job, outputs(), texts, ["echo"], False)))
+
+
 def test_completions_stream_equals_non_stream(client):
     kwargs = dict(model=SERVED, prompt="The capital of France is", temperature=0, max_tokens=6)
     full = client.completions.create(**kwargs)

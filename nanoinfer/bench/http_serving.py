@@ -32,12 +32,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from nanoinfer.bench.compare import Log, _serving_figures
+import torch
+
+from nanoinfer.bench.compare import Log, _range, _serving_figures
 from nanoinfer.bench.peers import Request, RequestTiming
 
 SERVED_NAME = "bench"
 STARTUP_TIMEOUT_S = 1200  # vLLM compiles for minutes before its first token
 REQUEST_TIMEOUT_S = 600
+# A pause before each server's turn: vLLM's workers poll for a second after their last request
+# (its shared-memory queue's busy loop), which would otherwise land on the next server's turn.
+IDLE_GAP_S = 2.0
 VLLM_VENV = Path(os.environ.get("NANOINFER_VLLM_VENV", ".venv-vllm"))
 
 
@@ -200,6 +205,7 @@ def vllm_server(hf_dir: Path, threads: int, max_num_seqs: int) -> ServerProcess:
     argv = [binary, "serve", str(hf_dir), "--host", "127.0.0.1", "--port", str(port), "--dtype", "float32"]
     argv += ["--served-model-name", SERVED_NAME, "--max-num-seqs", str(max_num_seqs), "--max-model-len", "2048"]
     env = {
+        "VLLM_TARGET_DEVICE": "cpu",
         "VLLM_CPU_OMP_THREADS_BIND": f"0-{threads - 1}",
         "VLLM_CPU_KVCACHE_SPACE": "4",
         "VLLM_LOGGING_LEVEL": "WARNING",
@@ -208,14 +214,16 @@ def vllm_server(hf_dir: Path, threads: int, max_num_seqs: int) -> ServerProcess:
 
 
 def hf_copy(gguf: Path, out: Path) -> Path:
-    """An HF directory of the GGUF's weights and tokenizer (transformers dequantizes it), for vLLM."""
+    """An HF directory of the GGUF's weights (dequantized to float32) and tokenizer, for vLLM.
+    Written by our own exporter: transformers refuses to save a model it loaded from GGUF."""
     if (out / "config.json").exists():
         return out
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from nanoinfer.loading import load_package
+    from nanoinfer.model.transformer import Transformer
+    from nanoinfer.train.export import save_hf_model
 
-    model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
-    model.save_pretrained(out)
-    AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name).save_pretrained(out)
+    package = load_package(gguf)
+    save_hf_model(Transformer.from_package(package, torch.float32), package, out)
     return out
 
 
@@ -254,10 +262,64 @@ def run_http(
             finally:
                 if "llama-server" in servers:
                     servers["llama-server"].stop()
+            if "vllm" in engines and steady["nanoinfer"].error is None:
+                client = vllm_bench_serve(steady["nanoinfer"], log_dir.parent, args, concurrency)
+                results["nanoinfer"].setdefault("vllm_bench_serve", {})[str(concurrency)] = client
+                log(f"vllm bench serve against nanoinfer, c={concurrency}: {_client_line(client)}")
     finally:
         for server in steady.values():
             server.stop()
     return results
+
+
+# What of `vllm bench serve`'s summary the report shows: (its JSON key, our label)
+CLIENT_FIGURES = [
+    ("completed", "completed"),
+    ("failed", "failed"),
+    ("output_throughput", "output tok/s"),
+    ("median_ttft_ms", "TTFT p50 (ms)"),
+    ("p99_ttft_ms", "TTFT p99 (ms)"),
+    ("median_tpot_ms", "TPOT p50 (ms)"),
+    ("p99_tpot_ms", "TPOT p99 (ms)"),
+]
+
+
+def vllm_bench_serve(server: ServerProcess, work_dir: Path, args: argparse.Namespace, concurrency: int) -> dict[str, Any]:
+    """vLLM's own benchmark client (`vllm bench serve`, OpenAI chat backend, from vLLM's venv) run
+    unchanged against `server`: its random dataset over the bench's length ranges, greedy,
+    `ignore_eos`. Its summary (the scalars of its result file), or the error that stopped it."""
+    binary = VLLM_VENV / "bin" / "vllm"
+    if not binary.exists():
+        return {"error": f"vLLM is not installed in {VLLM_VENV} (make bench-peers installs it)"}
+    tokenizer = work_dir / "vllm-model"
+    if not (tokenizer / "tokenizer.json").exists():
+        return {"error": "no HF copy of the model for the client's tokenizer (the model is not a GGUF file)"}
+    (lo_in, hi_in), (lo_out, hi_out) = (_range(args.input_len), _range(args.output_len))
+    ratio = (hi_in - lo_in) / (hi_in + lo_in)  # random-range-ratio r: lengths uniform in len x [1 - r, 1 + r]
+    name = f"vllm-bench-serve-c{concurrency}.json"
+    argv = [str(binary), "bench", "serve", "--backend", "openai-chat", "--base-url", server.url]
+    argv += ["--endpoint", "/v1/chat/completions", "--model", SERVED_NAME, "--tokenizer", str(tokenizer)]
+    argv += ["--dataset-name", "random", "--random-input-len", str((lo_in + hi_in) // 2)]
+    argv += ["--random-output-len", str((lo_out + hi_out) // 2), "--random-range-ratio", f"{ratio:.3f}"]
+    argv += ["--num-prompts", str(args.num_requests), "--max-concurrency", str(concurrency), "--ignore-eos"]
+    argv += ["--temperature", "0", "--save-result", "--result-dir", str(work_dir), "--result-filename", name]
+    log_path = work_dir / "server-logs" / f"vllm-bench-serve-c{concurrency}.log"
+    try:
+        with open(log_path, "wb") as log:
+            done = subprocess.run(argv, stdout=log, stderr=subprocess.STDOUT, timeout=REQUEST_TIMEOUT_S * 2)
+    except (OSError, subprocess.TimeoutExpired) as e:
+        return {"error": f"{type(e).__name__}: {e}"}
+    if done.returncode != 0 or not (work_dir / name).exists():
+        tail = log_path.read_text(errors="replace")[-600:].replace("\n", " | ")
+        return {"error": f"exit code {done.returncode}; log tail: {tail}"}
+    summary = json.loads((work_dir / name).read_text())
+    return {k: v for k, v in summary.items() if not isinstance(v, (list, dict))}
+
+
+def _client_line(client: dict[str, Any]) -> str:
+    if "error" in client:
+        return f"not run: {client['error']}"
+    return ", ".join(f"{label} {client[key]:.1f}" for key, label in CLIENT_FIGURES if key in client)
 
 
 def _our_flags(args: argparse.Namespace) -> list[str]:
@@ -273,8 +335,8 @@ def _our_flags(args: argparse.Namespace) -> list[str]:
     return flags
 
 
-def http_markdown(result: dict[str, Any]) -> list[str]:
-    """The scenario's table: every server at every concurrency, or its error."""
+def http_markdown(result: dict[str, Any], bandwidth: dict[str, float] | None = None) -> list[str]:
+    """The scenario's tables: every server at every concurrency (or its error), then the targets."""
     lines = [
         "## Serving over HTTP",
         "",
@@ -292,6 +354,66 @@ def http_markdown(result: dict[str, Any]) -> list[str]:
                 f"| {name} | {startup} | {c} | {f['output_tok_s']:.1f} | {f['ttft_p50'] * 1000:.0f} / "
                 f"{f['ttft_p99'] * 1000:.0f} | {f['tpot_p50'] * 1000:.1f} / {f['tpot_p99'] * 1000:.1f} |"
             )
+    lines += ["", "Targets (ratios are nanoinfer's advantage: > 1 is better):", "", *target_lines(result, bandwidth)]
+    clients = result.get("nanoinfer", {}).get("vllm_bench_serve", {})
+    if clients:
+        lines += [
+            "",
+            "vLLM's own client (`vllm bench serve`, OpenAI chat backend, random dataset over the same length "
+            "ranges) against `nanoinfer serve`:",
+            "",
+            "| concurrency | " + " | ".join(label for _, label in CLIENT_FIGURES) + " |",
+            "|---:|" + "---:|" * len(CLIENT_FIGURES),
+        ]
+        for c, client in clients.items():
+            if "error" in client:
+                lines.append(f"| {c} | not run: {client['error']} |" + " |" * (len(CLIENT_FIGURES) - 1))
+            else:
+                lines.append(f"| {c} | " + " | ".join(_number(client.get(key)) for key, _ in CLIENT_FIGURES) + " |")
+    return lines
+
+
+def _number(value: Any) -> str:
+    return "–" if value is None else f"{value:.1f}" if isinstance(value, float) else str(value)
+
+
+# Issue 26's targets: (figure, concurrency, {peer: least ratio}); a ratio is our advantage.
+TARGETS: list[tuple[str, str, dict[str, float]]] = [
+    ("output_tok_s", "16", {"llama-server": 3.0, "vllm": 3.0}),
+    ("output_tok_s", "64", {"llama-server": 4.0, "vllm": 3.0}),
+    *[(key, c, {"llama-server": 1.0, "vllm": 1.0}) for c in ("1", "16", "64") for key in ("ttft_p50", "tpot_p99")],
+]
+BOUND_TARGET = 0.8  # batch-1 decode as a fraction of the bandwidth bound
+
+
+def advantage(ours: dict[str, float], theirs: dict[str, float], key: str) -> float:
+    """How much better we are on `key`: throughput ratio, or their latency over ours."""
+    return ours[key] / theirs[key] if key == "output_tok_s" else theirs[key] / ours[key]
+
+
+def target_lines(result: dict[str, Any], bandwidth: dict[str, float] | None) -> list[str]:
+    """Each target against the figures this run measured: the ratio per peer and whether it holds."""
+    lines = ["| figure | concurrency | target | vs llama-server | vs vLLM | holds |", "|---|---:|---|---:|---:|---|"]
+    ours = result.get("nanoinfer", {}).get("concurrency", {})
+    for key, c, least in TARGETS:
+        cells, holds = [], c in ours
+        for peer in ("llama-server", "vllm"):
+            theirs = result.get(peer, {}).get("concurrency", {}).get(c)
+            if c in ours and theirs:
+                ratio = advantage(ours[c], theirs, key)
+                cells.append(f"{ratio:.2f}×")
+                holds = holds and ratio >= least[peer]
+            else:
+                cells.append("not run")
+                holds = False
+        wanted = " / ".join(sorted({f"≥ {v:g}×" for v in least.values()}))
+        lines.append(f"| {key} | {c} | {wanted} | {cells[0]} | {cells[1]} | {'yes' if holds else 'no'} |")
+    if bandwidth is not None:
+        fraction = bandwidth["fraction_of_bound"]
+        lines.append(
+            f"| batch-1 decode / bandwidth bound | 1 | ≥ {BOUND_TARGET:.0%} | {fraction:.0%} | | "
+            f"{'yes' if fraction >= BOUND_TARGET else 'no'} |"
+        )
     return lines
 
 
@@ -334,6 +456,7 @@ def _rounds(
     samples: dict[str, list[dict[str, float]]] = {name: [] for name in live}
     for _ in range(repeats):
         for name, server in live.items():
+            time.sleep(IDLE_GAP_S)
             samples[name].append(_serving_figures(serve_requests(server, requests, concurrency)))
     for name, runs in samples.items():
         figures = {key: sorted(r[key] for r in runs)[len(runs) // 2] for key in runs[0]}

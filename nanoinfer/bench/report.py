@@ -83,7 +83,7 @@ def markdown(results: dict[str, Any]) -> str:
     if "http" in engines.get("nanoinfer", {}):
         from nanoinfer.bench.http_serving import http_markdown
 
-        lines += ["", *http_markdown(engines["nanoinfer"]["http"])]
+        lines += ["", *http_markdown(engines["nanoinfer"]["http"], engines["nanoinfer"].get("bandwidth"))]
     if "bandwidth" in engines.get("nanoinfer", {}):
         b = engines["nanoinfer"]["bandwidth"]
         lines += [

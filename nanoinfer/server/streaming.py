@@ -161,9 +161,12 @@ async def _events(
     """The SSE body shared by chat and completions: chunks, optional usage chunk, then [DONE]."""
     tracker = DeltaTracker(job.n)
     try:
-        for event in first:
-            yield event
+        # The opening chunks (chat's role, an echo) go out with the first output, as vLLM sends
+        # them: clients that time the first chunk as the first token (vllm bench serve) then do.
         async for i, out in outputs:
+            for event in first:
+                yield event
+            first = []
             for delta in tracker.deltas(i, out):
                 yield render(delta)
         if job.include_usage:
@@ -229,7 +232,6 @@ def chat_stream(job: Job, outputs: Outputs, texts: TokenTexts, top: int | None) 
             )
         return "".join(chunk([piece]) for piece in pieces)
 
-    # The role goes first, before any token exists, so the client sees the stream open at once.
     first = [chunk([ChatChunkChoice(index=i, delta={"role": "assistant", "content": ""})]) for i in range(job.n)]
     return _events(job, outputs, first, render, lambda usage: chunk([], usage))
 
