@@ -284,7 +284,9 @@ CLIENT_FIGURES = [
 ]
 
 
-def vllm_bench_serve(server: ServerProcess, work_dir: Path, args: argparse.Namespace, concurrency: int) -> dict[str, Any]:
+def vllm_bench_serve(
+    server: ServerProcess, work_dir: Path, args: argparse.Namespace, concurrency: int
+) -> dict[str, Any]:
     """vLLM's own benchmark client (`vllm bench serve`, OpenAI chat backend, from vLLM's venv) run
     unchanged against `server`: its random dataset over the bench's length ranges, greedy,
     `ignore_eos`. Its summary (the scalars of its result file), or the error that stopped it."""
