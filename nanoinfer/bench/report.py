@@ -47,7 +47,7 @@ def markdown(results: dict[str, Any]) -> str:
             "Ratios are nanoinfer's advantage (>1 means nanoinfer is better: faster or lower latency). Each "
             "figure is the median of its runs after a warm-up; the engines ran in turn within each round.",
             "",
-            "| figure | nanoinfer | " + " | ".join(peers) + " | " + " | ".join(f"vs {p}" for p in peers) + " |",
+            "| " + " | ".join(["figure", "nanoinfer", *peers, *(f"vs {p}" for p in peers)]) + " |",
             "|---|---:|" + "---:|" * (2 * len(peers)),
         ]
     for label, (value, higher) in ours.items():
@@ -59,7 +59,7 @@ def markdown(results: dict[str, Any]) -> str:
                 ratios.append(f"{(value / other if higher else other / value):.2f}×")
             else:
                 ratios.append("–")
-        lines.append(f"| {label} | {value:.1f} | " + " | ".join(cells) + " | " + " | ".join(ratios) + " |")
+        lines.append("| " + " | ".join([label, f"{value:.1f}", *cells, *ratios]) + " |")
     if "shared_prefix" in engines["nanoinfer"]:
         lines += [
             "",
@@ -159,26 +159,41 @@ def chart(results: dict[str, Any], path: Path) -> bool:
         import matplotlib.pyplot as plt
     except ImportError:
         return False
-    engines = list(results["engines"])
-    labels = [label for label, (_, higher) in figures(results["engines"]["nanoinfer"]).items() if higher]
-    if not labels:
+    panels = {engine: figures(result) for engine, result in results["engines"].items()}
+    http = results["engines"]["nanoinfer"].get("http", {})
+    servers = {name: r["concurrency"] for name, r in http.items() if r.get("concurrency")}
+    labels = [label for label, (_, higher) in panels["nanoinfer"].items() if higher]
+    if not labels and not servers:
         return False
-    fig, ax = plt.subplots(figsize=(max(8, 1.6 * len(labels)), 4.5))
-    width = 0.8 / len(engines)
-    for i, engine in enumerate(engines):
-        f = figures(results["engines"][engine])
-        values = [f[label][0] if label in f else 0 for label in labels]
-        bars = ax.bar([x + i * width for x in range(len(labels))], values, width, label=engine)
-        ax.bar_label(bars, fmt="%.0f", fontsize=7)
-    ax.set_xticks([x + width * (len(engines) - 1) / 2 for x in range(len(labels))])
-    ax.set_xticklabels([label.replace(": output tok/s", "").replace(" (tok/s)", "") for label in labels])
-    ax.set_ylabel("tokens / s (higher is better)")
-    ax.set_title(f"{results['model']} on {results['machine']['cores']} CPU cores")
-    ax.legend()
+    plots = [(panels, labels, "in process")] if labels else []
+    if servers:
+        over_http = {
+            name: {f"c={c}": (f["output_tok_s"], True) for c, f in by_c.items()} for name, by_c in servers.items()
+        }
+        plots.append((over_http, list(next(iter(over_http.values()))), "serving over HTTP, output"))
+    width_in = max(8, 1.6 * sum(len(p[1]) for p in plots))
+    fig, axes = plt.subplots(1, len(plots), figsize=(width_in, 4.5), squeeze=False)
+    for ax, (by_engine, keys, title) in zip(axes[0], plots):
+        _bars(ax, by_engine, keys)
+        ax.set_title(title)
+    axes[0][0].set_ylabel("tokens / s (higher is better)")
+    fig.suptitle(f"{results['model']} on {results['machine']['cores']} CPU cores")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return True
+
+
+def _bars(ax: Any, by_engine: dict[str, dict[str, tuple[float, bool]]], labels: list[str]) -> None:
+    """Grouped bars: one group per label, one bar per engine."""
+    width = 0.8 / len(by_engine)
+    for i, (engine, f) in enumerate(by_engine.items()):
+        values = [f[label][0] if label in f else 0 for label in labels]
+        bars = ax.bar([x + i * width for x in range(len(labels))], values, width, label=engine)
+        ax.bar_label(bars, fmt="%.0f", fontsize=7)
+    ax.set_xticks([x + width * (len(by_engine) - 1) / 2 for x in range(len(labels))])
+    ax.set_xticklabels([label.replace(": output tok/s", "").replace(" (tok/s)", "") for label in labels])
+    ax.legend()
 
 
 def write_reports(results: dict[str, Any], out_dir: Path) -> dict[str, Path]:
