@@ -224,7 +224,8 @@ def run_engines(peers: dict[str, Any], args: argparse.Namespace, vocab: list[int
         path = resolve_model_path(args.model)
         requests = make_requests(vocab, args.num_requests, _range(args.input_len), _range(args.output_len))
         gguf = path if path.suffix == ".gguf" else None
-        results["nanoinfer"]["http"] = run_http(args, gguf, requests, log, args.http_peers.split(","))
+        warmup = make_requests(vocab, args.num_requests, (16, 32), (4, 8), seed=9)  # never the measured set
+        results["nanoinfer"]["http"] = run_http(args, gguf, requests, warmup, log, args.http_peers.split(","))
     if "shared_prefix" in scenarios and isinstance(nano, NanoinferPeer):
         results["nanoinfer"]["shared_prefix"] = shared_prefix(nano, args, vocab, log)
     if "spec" in scenarios:

