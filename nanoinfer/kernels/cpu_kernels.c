@@ -256,6 +256,18 @@ static int32_t q4_column_dot(const uint8_t *b, int j, const int8_t *xp) {
 }
 #endif
 
+#ifdef __AVX2__
+/* A group's eight column dot products as floats: int32 sums already with VNNI; without, int16
+ * pair sums that a madd by ones adds up. */
+static inline __m256 group_dots(__m256i dot) {
+#ifdef Q4_VNNI
+    return _mm256_cvtepi32_ps(dot);
+#else
+    return _mm256_cvtepi32_ps(_mm256_madd_epi16(dot, _mm256_set1_epi16(1)));
+#endif
+}
+#endif
+
 /* out[r, 8c..8c+8) for R rows and C column blocks. Products of 4-bit q (0..15) and int8 x
  * (|x| <= 127) fit int16 for a whole group: 16 per lane, at most 16 * 15 * 127 = 30480. */
 static inline __attribute__((always_inline)) void q4_tile(
@@ -263,7 +275,7 @@ static inline __attribute__((always_inline)) void q4_tile(
     const uint8_t *chunk, float *out, int64_t ldo) {
     const int64_t record = C * Q4_RECORD;
 #ifdef __AVX2__
-    const __m256i low4 = _mm256_set1_epi8(0x0F), ones = _mm256_set1_epi16(1);
+    const __m256i low4 = _mm256_set1_epi8(0x0F);
     __m256 acc[Q4_ROWS][Q4_CHUNK];
     for (int r = 0; r < R; r++)
         for (int c = 0; c < C; c++) acc[r][c] = _mm256_setzero_ps();
@@ -298,12 +310,7 @@ static inline __attribute__((always_inline)) void q4_tile(
         for (int c = 0; c < C; c++) {
             __m256 sv = _mm256_loadu_ps(sp + c * Q4_COLS), mv = _mm256_loadu_ps(mp + c * Q4_COLS);
             for (int r = 0; r < R; r++) {
-#ifdef Q4_VNNI
-                __m256 d = _mm256_cvtepi32_ps(dot[r][c]);
-                (void)ones;
-#else
-                __m256 d = _mm256_cvtepi32_ps(_mm256_madd_epi16(dot[r][c], ones));
-#endif
+                __m256 d = group_dots(dot[r][c]);
                 acc[r][c] = _mm256_fmadd_ps(d, _mm256_mul_ps(sv, _mm256_set1_ps(xs[r * G + g])), acc[r][c]);
                 acc[r][c] = _mm256_fmadd_ps(mv, _mm256_set1_ps(xsum[r * G + g]), acc[r][c]);
             }
@@ -352,7 +359,7 @@ static inline __attribute__((always_inline)) void q4_strip(
     const int R, const int NB, const int8_t *xq, int64_t K, const float *xs, const float *xsum, int64_t G,
     const uint8_t *w, const float *sp, const float *mp, int64_t record, float *out, int64_t ldo) {
 #ifdef __AVX2__
-    const __m256i low4 = _mm256_set1_epi8(0x0F), ones = _mm256_set1_epi16(1);
+    const __m256i low4 = _mm256_set1_epi8(0x0F);
     const int64_t step = record / (int64_t)sizeof(float);
     __m256 acc[Q4_STRIP][2];
     for (int r = 0; r < R; r++)
@@ -388,12 +395,7 @@ static inline __attribute__((always_inline)) void q4_strip(
         for (int c = 0; c < NB; c++) {
             __m256 sv = _mm256_loadu_ps(sp + g * step + c * Q4_COLS), mv = _mm256_loadu_ps(mp + g * step + c * Q4_COLS);
             for (int r = 0; r < R; r++) {
-#ifdef Q4_VNNI
-                __m256 d = _mm256_cvtepi32_ps(dot[r][c]);
-                (void)ones;
-#else
-                __m256 d = _mm256_cvtepi32_ps(_mm256_madd_epi16(dot[r][c], ones));
-#endif
+                __m256 d = group_dots(dot[r][c]);
                 acc[r][c] = _mm256_fmadd_ps(d, _mm256_mul_ps(sv, _mm256_set1_ps(xs[r * G + g])), acc[r][c]);
                 acc[r][c] = _mm256_fmadd_ps(mv, _mm256_set1_ps(xsum[r * G + g]), acc[r][c]);
             }
@@ -1240,8 +1242,9 @@ int decode_layer(const DecodeLayer *L, const DecodeStep *S, float *x, int64_t M,
  * row per expert (batch-1 decode) that fork was most of an expert's time. Each thread takes a
  * contiguous run of pairs holding its share of the rows x chunks: contiguous, so each thread
  * streams its experts' panels in order (interleaving pairs between threads, as a dynamic schedule
- * does, measured slower); by rows, because the router loads experts unevenly in prefill
- * (docs/performance.md, "Mixture of experts"). All experts' weights have the same shape. */
+ * does, measured slower); by rows, because in batched decode the router gives experts one to
+ * several rows (docs/performance.md, "Mixture of experts"). All experts' weights have the same
+ * shape. */
 static void q4_grouped(const Q4Weight *w, const int64_t *busy, int64_t active, const int64_t *counts,
                        const int64_t *first, const float *x, int64_t rows, int64_t K, float *out, int nthreads) {
     int64_t G = K / Q4_GROUP, N = w[busy[0]].n, blocks = (N + Q4_COLS - 1) / Q4_COLS;
