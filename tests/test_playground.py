@@ -23,6 +23,8 @@ import pytest
 from playwright.sync_api import Browser, BrowserContext, Page, expect, sync_playwright
 from server_utils import free_socket
 
+from nanoinfer.bench.soak import wait_healthy
+
 MODEL = "smollm2-135m-instruct"
 KEY = "playground-test-key"
 MAX_MODEL_LEN = 1024
@@ -71,16 +73,10 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
 
 def _wait_ready(proc: subprocess.Popen[bytes], url: str, log_path: Path, timeout: float = 180) -> None:
     """Until /health says ok, then one short answer: the first request pays for warm-up, not a test."""
-    deadline = time.monotonic() + timeout
-    while True:
-        assert proc.poll() is None, f"the server exited:\n{log_path.read_text()[-3000:]}"
-        assert time.monotonic() < deadline, f"the server was not ready in {timeout} s:\n{log_path.read_text()[-3000:]}"
-        try:
-            if httpx.get(f"{url}/health", timeout=5).status_code == 200:
-                break
-        except httpx.TransportError:
-            pass
-        time.sleep(0.2)
+    try:
+        wait_healthy(url, proc, time.monotonic() + timeout)
+    except (RuntimeError, TimeoutError) as e:
+        raise AssertionError(f"{e}:\n{log_path.read_text()[-3000:]}") from None
     body = {"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2}
     r = httpx.post(f"{url}/v1/chat/completions", json=body, headers=_auth(), timeout=120)
     assert r.status_code == 200, r.text

@@ -42,12 +42,15 @@ class ModelRunner:
             for c in chunks
         ]
         self.num_forwarded_tokens += sum(len(c.token_ids) for c in seq_chunks)
-        # rows keep chunk order, so each chunk's rows are contiguous
-        rows = None if self.lora is None else [(self.lora.slot_of(c.seq.lora_id), c.num_tokens) for c in chunks]
         if self.model_parallel is not None:
-            lora = None if self.lora is None or rows is None else (self.lora.take_changes(), rows)
+            lora = None if self.lora is None else (self.lora.take_changes(), self._lora_rows(chunks))
             return self.model_parallel.execute(self.model, self.kv_cache, seq_chunks, lora)
         batch = ForwardBatch.build(seq_chunks, self.kv_cache.block_size, self.sliding_window, self.model.device)
-        if self.lora is not None and rows is not None:
-            self.lora.set_rows(rows)
+        if self.lora is not None:
+            self.lora.set_rows(self._lora_rows(chunks))
         return self.model(batch, self.kv_cache)
+
+    def _lora_rows(self, chunks: list[ScheduledChunk]) -> list[tuple[int, int]]:
+        """(adapter slot, rows) per chunk: rows keep chunk order, so each chunk's are contiguous."""
+        assert self.lora is not None
+        return [(self.lora.slot_of(c.seq.lora_id), c.num_tokens) for c in chunks]
