@@ -64,6 +64,26 @@ def test_q4_matmul_int16_sums_do_not_saturate() -> None:
     torch.testing.assert_close(out, x @ w.t())
 
 
+def test_q4_matmul_vnni_sums_equal_avx2_ones(tmp_path) -> None:
+    """On a CPU with VNNI the int4 kernels use dpbusd; the same source built without it (the
+    AVX2 maddubs path) must give bit-identical outputs, tile and strip shapes alike."""
+    if not {"avx512_vnni", "avx_vnni"} & kernels_module.cpu_flags():
+        pytest.skip("this CPU has no VNNI: the AVX2 path is the only one built")
+    import subprocess
+
+    without = tmp_path / "avx2.so"
+    flags = [*kernels_module._FLAGS, "-mno-avx512vnni", "-mno-avxvnni"]
+    cc = find_compiler()
+    assert cc is not None
+    subprocess.run([cc, *flags, "-o", str(without), str(kernels_module.SOURCE), "-lm"], check=True)
+    avx2 = kernels_module.CpuKernels(without)
+    torch.manual_seed(0)
+    for rows, n, k in [(1, 72, 576), (2, 40, 96), (3, 56, 576), (16, 37, 576), (300, 64, 96)]:
+        q, scales, zero_points = quantize_int4(torch.randn(n, k) * 0.05, 32)
+        packed, x = _pack_panels(q, scales, -zero_points * scales), torch.randn(rows, k)
+        assert torch.equal(ours.q4_matmul(x, packed, n), avx2.q4_matmul(x, packed, n)), (rows, n, k)
+
+
 def test_q4_panels_round_trip() -> None:
     q, scales, zero_points = quantize_int4(torch.randn(13, 64), 32)
     packed = _pack_panels(q, scales, -zero_points * scales)
