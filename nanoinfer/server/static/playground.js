@@ -664,25 +664,23 @@ function closeAltsSoon() {
 function wireAlts() {
   const list = $("messages");
   const popup = $("alts");
-  list.addEventListener("mouseover", (e) => {
+  // Pointer and keyboard alike: entering a token opens its alternatives, leaving both it and
+  // the popup closes them.
+  const enter = (e) => {
     const span = e.target.closest(".tok");
     if (span) openAlts(span);
     else if (popup.contains(e.target)) clearTimeout(closeTimer);
-  });
-  list.addEventListener("mouseout", (e) => {
+  };
+  const leave = (e) => {
     const to = e.relatedTarget;
     if (altsFor && !(to && (to === altsFor || popup.contains(to)))) closeAltsSoon();
-  });
+  };
+  list.addEventListener("mouseover", enter);
+  list.addEventListener("mouseout", leave);
   list.addEventListener("focusin", (e) => {
-    if (refocusing) return;
-    const span = e.target.closest(".tok");
-    if (span) openAlts(span);
-    else if (popup.contains(e.target)) clearTimeout(closeTimer);
+    if (!refocusing) enter(e);
   });
-  list.addEventListener("focusout", (e) => {
-    const to = e.relatedTarget;
-    if (altsFor && !(to && (to === altsFor || popup.contains(to)))) closeAltsSoon();
-  });
+  list.addEventListener("focusout", leave);
   list.addEventListener("click", (e) => { // a tap on a phone: no hover there
     const span = e.target.closest(".tok");
     if (span) openAlts(span);
