@@ -36,10 +36,13 @@ def int8_groups(x: torch.Tensor) -> torch.Tensor:
     return (torch.round(groups * (127 / amax)) * (amax / 127)).view_as(x)
 
 
-# rows 1-2: tiles; 3+: 3-row strips and tails of 1-2 rows; 300: two passes over the weights
+# rows 1-2: tiles; 3+: strips of up to 6 rows (3 without AVX-512), the rows spread evenly over
+# them; 300: two passes over the weights
 @pytest.mark.parametrize("rows", [1, 2, 3, 5, 8, 9, 10, 11, 12, 16, 300])
-# Strips take blocks in pairs. 40: a 4-block chunk and a 1-block tail; 37: a partial block;
-# 56: a 3-block chunk (a pair and one); 44: a 2-block chunk whose second block is partial.
+# Blocks of 16 columns, chunks of 2 blocks; strips take vectors in pairs. 64: two whole chunks;
+# 40: a chunk and a half-empty 1-block tail; 37: a tail of 5 columns (a 256-bit build's second
+# vector wholly past N); 72: two chunks and 8 columns; 56: a chunk whose second block is half
+# full; 44: 12 columns in the last block.
 @pytest.mark.parametrize("n", [40, 37, 72, 64, 56, 44])
 @pytest.mark.parametrize("k", [96, 576])
 def test_q4_matmul_matches_dequantized_matmul(rows: int, n: int, k: int) -> None:
@@ -64,30 +67,40 @@ def test_q4_matmul_int16_sums_do_not_saturate() -> None:
     torch.testing.assert_close(out, x @ w.t())
 
 
-def test_q4_matmul_vnni_sums_equal_avx2_ones(tmp_path) -> None:
-    """On a CPU with VNNI the int4 kernels use dpbusd; the same source built without it (the
-    AVX2 maddubs path) must give bit-identical outputs, tile and strip shapes alike."""
-    if not {"avx512_vnni", "avx_vnni"} & kernels_module.cpu_flags():
-        pytest.skip("this CPU has no VNNI: the AVX2 path is the only one built")
+@pytest.mark.parametrize(
+    ("needs", "off"),
+    [
+        ({"avx512_vnni", "avx_vnni"}, ["-mno-avx512vnni", "-mno-avxvnni"]),  # AVX2 maddubs, int16 sums
+        ({"avx512f"}, ["-mno-avx512f"]),  # 256-bit vectors (half a block), VNNI where there is AVX-VNNI
+    ],
+    ids=["without-vnni", "without-avx512"],
+)
+def test_q4_matmul_builds_agree_bit_for_bit(tmp_path, needs: set[str], off: list[str]) -> None:
+    """The int4 kernels' widest build on this CPU (512-bit vectors and dpbusd where it has them)
+    against the same source built without those: the integer sums are the same integers and the
+    float steps the same per lane, so the outputs must be bit-identical, tile and strip shapes,
+    whole and partial blocks alike."""
+    if not needs & kernels_module.cpu_flags():
+        pytest.skip(f"this CPU has none of {sorted(needs)}: the build without them is the only one")
     import subprocess
 
-    without = tmp_path / "avx2.so"
-    flags = [*kernels_module._FLAGS, "-mno-avx512vnni", "-mno-avxvnni"]
+    narrower = tmp_path / "narrower.so"
     cc = find_compiler()
     assert cc is not None
-    subprocess.run([cc, *flags, "-o", str(without), str(kernels_module.SOURCE), "-lm"], check=True)
-    avx2 = kernels_module.CpuKernels(without)
+    subprocess.run([cc, *kernels_module._FLAGS, *off, "-o", str(narrower), str(kernels_module.SOURCE), "-lm"], check=True)
+    other = kernels_module.CpuKernels(narrower)
     torch.manual_seed(0)
-    for rows, n, k in [(1, 72, 576), (2, 40, 96), (3, 56, 576), (16, 37, 576), (300, 64, 96)]:
+    shapes = [(1, 72, 576), (2, 40, 96), (3, 56, 576), (5, 13, 64), (9, 37, 576), (16, 37, 576), (300, 64, 96)]
+    for rows, n, k in shapes:
         q, scales, zero_points = quantize_int4(torch.randn(n, k) * 0.05, 32)
         packed, x = _pack_panels(q, scales, -zero_points * scales), torch.randn(rows, k)
-        assert torch.equal(ours.q4_matmul(x, packed, n), avx2.q4_matmul(x, packed, n)), (rows, n, k)
+        assert torch.equal(ours.q4_matmul(x, packed, n), other.q4_matmul(x, packed, n)), (rows, n, k)
 
 
 def test_q4_panels_round_trip() -> None:
     q, scales, zero_points = quantize_int4(torch.randn(13, 64), 32)
     packed = _pack_panels(q, scales, -zero_points * scales)
-    assert packed.numel() == 2 * 2 * (128 + 64)  # 2 blocks (13 columns padded to 16) x 2 groups
+    assert packed.numel() == 2 * (256 + 128)  # 1 block (13 columns padded to 16) x 2 groups
     q2, scales2, mins2 = _unpack_panels(packed, 13, 64)
     assert torch.equal(q2, q) and torch.equal(scales2, scales) and torch.equal(mins2, -zero_points * scales)
 

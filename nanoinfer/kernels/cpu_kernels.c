@@ -224,199 +224,235 @@ static void quantize_groups(const float *x, int64_t M, int64_t K, int8_t *xq, fl
     }
 }
 
-/* The int4 weight in panels of Q4_COLS output columns: for column block b and group g, 128 bytes
- * in four 32-byte rows jj; byte 4c + i of row jj holds column 8b + c at k = 32g + 4jj + i in its
- * low nibble and at k + 16 in its high one. So one 32-byte load unpacks (and, shift) to two
- * vectors, each 8 columns x 4 consecutive k: maddubs against an activation quad broadcast to all
- * lanes gives 8 columns' partial dot products at once, with no horizontal sums.
+/* The int4 weight in blocks of Q4_COLS = 16 output columns: for column block b and group g, 256
+ * bytes in four 64-byte rows jj; byte 4c + i of row jj holds column 16b + c at k = 32g + 4jj + i
+ * in its low nibble and at k + 16 in its high one. So one 64-byte load unpacks (and, shift) to two
+ * vectors, each 16 columns x 4 consecutive k: a u8 x i8 four-way dot product (dpbusd, or maddubs
+ * without VNNI) against an activation quad broadcast to all lanes gives 16 columns' partial dot
+ * products at once, with no horizontal sums. Without AVX-512 a vector is half a row: 8 columns.
  * Blocks go in chunks of Q4_CHUNK (the last may be short, C blocks), and a chunk is one
- * sequential record per group: C x 128 weight bytes, then C x 8 float scales, C x 8 float mins.
+ * sequential record per group: C x 256 weight bytes, then C x 16 float scales, C x 16 mins.
  * One stream per chunk matters at batch 1, where every weight comes from memory once per step
  * (docs/performance.md, "int4 matmul"). N is padded to a whole block with zero weights, scales
  * and mins.
- * Packed nibbles, not pre-unpacked bytes: with weights stored as int8 q - 8, each maddubs could
- * take its weight straight from memory (x offset to u8, no and/shift), but each row then loads
- * every weight vector itself, 1.5 loads per maddubs against 0.83 here, and the loads bound it
- * (docs/performance.md, "int4 matmul"). */
-#define Q4_COLS 8
-#define Q4_ROWS 2   /* activation rows per tile: the broadcasts are shared by Q4_CHUNK blocks */
-#define Q4_CHUNK 4  /* column blocks per tile: each unpacked weight vector serves Q4_ROWS rows */
-#define Q4_RECORD (128 + 2 * Q4_COLS * 4) /* bytes per block and group: weights, scales, mins */
+ * Packed nibbles, not pre-unpacked bytes: with weights stored as int8 q - 8, each dot product
+ * could take its weight straight from memory (x offset to u8, no and/shift), but each row then
+ * loads every weight vector itself, and the loads bound it (docs/performance.md, "int4 matmul"). */
+#define Q4_COLS 16
+#define Q4_CHUNK 2                      /* blocks per chunk: 32 columns, as many chunks as 2 threads split evenly */
+#define Q4_ROW (Q4_COLS * 4)            /* bytes of one jj row of a block */
+#define Q4_BLOCK (4 * Q4_ROW)           /* weight bytes per block and group */
+#define Q4_RECORD (Q4_BLOCK + 2 * Q4_COLS * 4) /* bytes per block and group: weights, scales, mins */
+#define Q4_ROWS 2 /* activation rows per tile: the broadcasts are shared by the chunk's vectors */
 
-#ifndef __AVX2__
-/* Column j of one block's 128 group bytes against the group's 32 int8 activations (portable path). */
+/* The kernels' vector: 16 columns in a 512-bit register with AVX-512 (BW and VNNI), else 8 in a
+ * 256-bit one. The wide form halves the instructions per weight, which is what bounds the kernel
+ * once several rows share each weight load (docs/performance.md, "int4 matmul: AVX-512"). */
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VNNI__)
+#define Q4_LANES 16
+#define Q4_DOT32 1 /* int32 sums */
+typedef __m512i q4i;
+typedef __m512 q4f;
+#define q4i_load(p) _mm512_loadu_si512((const void *)(p))
+#define q4i_and _mm512_and_si512
+#define q4i_srli16 _mm512_srli_epi16
+#define q4i_set1_8 _mm512_set1_epi8
+#define q4i_set1_32 _mm512_set1_epi32
+#define q4i_zero _mm512_setzero_si512
+#define q4i_dot(acc, u, s) _mm512_dpbusd_epi32(acc, u, s)
+#define q4f_load _mm512_loadu_ps
+#define q4f_store _mm512_storeu_ps
+#define q4f_set1 _mm512_set1_ps
+#define q4f_zero _mm512_setzero_ps
+#define q4f_mul _mm512_mul_ps
+#define q4f_fmadd _mm512_fmadd_ps
+#define q4_sums_to_float(d) _mm512_cvtepi32_ps(d)
+#define Q4_PIN "+v" /* any of the 32 vector registers */
+#elif defined(__AVX2__)
+#define Q4_LANES 8
+typedef __m256i q4i;
+typedef __m256 q4f;
+#define q4i_load(p) _mm256_loadu_si256((const __m256i *)(p))
+#define q4i_and _mm256_and_si256
+#define q4i_srli16 _mm256_srli_epi16
+#define q4i_set1_8 _mm256_set1_epi8
+#define q4i_set1_32 _mm256_set1_epi32
+#define q4i_zero _mm256_setzero_si256
+#ifdef Q4_VNNI
+#define Q4_DOT32 1
+#define q4i_dot(acc, u, s) dpbusd(acc, u, s)
+#define q4_sums_to_float(d) _mm256_cvtepi32_ps(d)
+#else /* int16 sums of products pairs; a madd by ones adds the pairs up at the end of the group */
+#define q4i_dot(acc, u, s) _mm256_add_epi16(acc, _mm256_maddubs_epi16(u, s))
+#define q4_sums_to_float(d) _mm256_cvtepi32_ps(_mm256_madd_epi16(d, _mm256_set1_epi16(1)))
+#endif
+#define q4f_load _mm256_loadu_ps
+#define q4f_store _mm256_storeu_ps
+#define q4f_set1 _mm256_set1_ps
+#define q4f_zero _mm256_setzero_ps
+#define q4f_mul _mm256_mul_ps
+#define q4f_fmadd _mm256_fmadd_ps
+#define Q4_PIN "+x"
+#endif
+
+#ifdef Q4_LANES
+#define Q4_UNITS (Q4_CHUNK * Q4_COLS / Q4_LANES) /* vectors per chunk row */
+/* Byte offset of vector u (Q4_LANES columns) within a group's weight rows: whole blocks, then
+ * the half of one. */
+static inline int64_t q4_unit_at(int u) {
+    return (int64_t)(u * Q4_LANES / Q4_COLS) * Q4_BLOCK + (int64_t)(u * Q4_LANES % Q4_COLS) * 4;
+}
+#endif
+
+#ifndef Q4_LANES
+/* Column j of one block's 256 group bytes against the group's 32 int8 activations (portable path). */
 static int32_t q4_column_dot(const uint8_t *b, int j, const int8_t *xp) {
     int32_t d = 0;
     for (int jj = 0; jj < 4; jj++)
         for (int i = 0; i < 4; i++) {
-            uint8_t byte = b[jj * 32 + j * 4 + i];
+            uint8_t byte = b[jj * Q4_ROW + j * 4 + i];
             d += (byte & 15) * xp[jj * 4 + i] + (byte >> 4) * xp[16 + jj * 4 + i];
         }
     return d;
 }
-#endif
 
-#ifdef __AVX2__
-/* A group's eight column dot products as floats: int32 sums already with VNNI; without, int16
- * pair sums that a madd by ones adds up. */
-static inline __m256 group_dots(__m256i dot) {
-#ifdef Q4_VNNI
-    return _mm256_cvtepi32_ps(dot);
-#else
-    return _mm256_cvtepi32_ps(_mm256_madd_epi16(dot, _mm256_set1_epi16(1)));
-#endif
+/* out[r, c0..c0 + cols) for R rows of a chunk (portable path). */
+static void q4_columns(int R, int c0, int cols, const int8_t *xq, int64_t K, const float *xs, const float *xsum,
+                       int64_t G, const uint8_t *w, const float *sp, const float *mp, int64_t record, float *out,
+                       int64_t ldo) {
+    for (int r = 0; r < R; r++)
+        for (int j = c0; j < c0 + cols; j++) {
+            float total = 0.f;
+            for (int64_t g = 0; g < G; g++) {
+                int32_t d = q4_column_dot(w + g * record + (j / Q4_COLS) * Q4_BLOCK, j % Q4_COLS, xq + r * K + g * Q4_GROUP);
+                const float *sg = (const float *)((const uint8_t *)sp + g * record);
+                const float *mg = (const float *)((const uint8_t *)mp + g * record);
+                total += (float)d * sg[j] * xs[r * G + g] + mg[j] * xsum[r * G + g];
+            }
+            out[r * ldo + j - c0] = total;
+        }
 }
 #endif
 
-/* out[r, 8c..8c+8) for R rows and C column blocks. Products of 4-bit q (0..15) and int8 x
- * (|x| <= 127) fit int16 for a whole group: 16 per lane, at most 16 * 15 * 127 = 30480. */
+/* out[r, 0..U vectors) for R rows and the chunk's first U vectors. Products of 4-bit q (0..15)
+ * and int8 x (|x| <= 127) fit int16 for a whole group: 16 per lane, at most 16 * 15 * 127 = 30480.
+ * (Splitting each vector's sums into two or four independent chains measured no faster at one
+ * row: the weights' stream from memory bounds it there.) */
+#ifdef Q4_LANES
 static inline __attribute__((always_inline)) void q4_tile(
-    const int R, const int C, const int8_t *xq, int64_t K, const float *xs, const float *xsum, int64_t G,
-    const uint8_t *chunk, float *out, int64_t ldo) {
-    const int64_t record = C * Q4_RECORD;
-#ifdef __AVX2__
-    const __m256i low4 = _mm256_set1_epi8(0x0F);
-    __m256 acc[Q4_ROWS][Q4_CHUNK];
+    const int R, const int U, const int8_t *xq, int64_t K, const float *xs, const float *xsum, int64_t G,
+    const uint8_t *chunk, int64_t record, int64_t C, float *out, int64_t ldo) {
+    const q4i low4 = q4i_set1_8(0x0F);
+    q4f acc[Q4_ROWS][Q4_UNITS];
     for (int r = 0; r < R; r++)
-        for (int c = 0; c < C; c++) acc[r][c] = _mm256_setzero_ps();
+        for (int u = 0; u < U; u++) acc[r][u] = q4f_zero();
     for (int64_t g = 0; g < G; g++) {
-        __m256i dot[Q4_ROWS][Q4_CHUNK];
+        q4i dot[Q4_ROWS][Q4_UNITS];
         for (int r = 0; r < R; r++)
-            for (int c = 0; c < C; c++) dot[r][c] = _mm256_setzero_si256();
+            for (int u = 0; u < U; u++) dot[r][u] = q4i_zero();
         const uint8_t *wp = chunk + g * record;
-        const float *sp = (const float *)(wp + C * 128), *mp = sp + C * Q4_COLS;
+        const float *sp = (const float *)(wp + C * Q4_BLOCK), *mp = sp + C * Q4_COLS;
         for (int jj = 0; jj < 4; jj++) {
-            __m256i lo[Q4_CHUNK], hi[Q4_CHUNK];
-            for (int c = 0; c < C; c++) {
-                __m256i raw = _mm256_loadu_si256((const __m256i *)(wp + c * 128 + jj * 32));
-                lo[c] = _mm256_and_si256(raw, low4);
-                hi[c] = _mm256_and_si256(_mm256_srli_epi16(raw, 4), low4);
+            q4i lo[Q4_UNITS], hi[Q4_UNITS];
+            for (int u = 0; u < U; u++) {
+                q4i raw = q4i_load(wp + q4_unit_at(u) + jj * Q4_ROW);
+                lo[u] = q4i_and(raw, low4);
+                hi[u] = q4i_and(q4i_srli16(raw, 4), low4);
             }
             for (int r = 0; r < R; r++) {
                 const int8_t *xp = xq + r * K + g * Q4_GROUP + jj * 4;
                 int32_t quad_lo, quad_hi;
                 memcpy(&quad_lo, xp, 4);
                 memcpy(&quad_hi, xp + 16, 4);
-                __m256i xl = _mm256_set1_epi32(quad_lo), xh = _mm256_set1_epi32(quad_hi);
-                for (int c = 0; c < C; c++)
-#ifdef Q4_VNNI
-                    dot[r][c] = dpbusd(dpbusd(dot[r][c], lo[c], xl), hi[c], xh); /* int32 sums */
-#else
-                    dot[r][c] = _mm256_add_epi16(dot[r][c], _mm256_add_epi16(_mm256_maddubs_epi16(lo[c], xl),
-                                                                                   _mm256_maddubs_epi16(hi[c], xh)));
-#endif
+                q4i xl = q4i_set1_32(quad_lo), xh = q4i_set1_32(quad_hi);
+                for (int u = 0; u < U; u++) dot[r][u] = q4i_dot(q4i_dot(dot[r][u], lo[u], xl), hi[u], xh);
             }
         }
-        for (int c = 0; c < C; c++) {
-            __m256 sv = _mm256_loadu_ps(sp + c * Q4_COLS), mv = _mm256_loadu_ps(mp + c * Q4_COLS);
+        for (int u = 0; u < U; u++) {
+            q4f sv = q4f_load(sp + u * Q4_LANES), mv = q4f_load(mp + u * Q4_LANES);
             for (int r = 0; r < R; r++) {
-                __m256 d = group_dots(dot[r][c]);
-                acc[r][c] = _mm256_fmadd_ps(d, _mm256_mul_ps(sv, _mm256_set1_ps(xs[r * G + g])), acc[r][c]);
-                acc[r][c] = _mm256_fmadd_ps(mv, _mm256_set1_ps(xsum[r * G + g]), acc[r][c]);
+                q4f d = q4_sums_to_float(dot[r][u]);
+                acc[r][u] = q4f_fmadd(d, q4f_mul(sv, q4f_set1(xs[r * G + g])), acc[r][u]);
+                acc[r][u] = q4f_fmadd(mv, q4f_set1(xsum[r * G + g]), acc[r][u]);
             }
         }
     }
     for (int r = 0; r < R; r++)
-        for (int c = 0; c < C; c++) _mm256_storeu_ps(out + r * ldo + c * Q4_COLS, acc[r][c]);
-#else
-    for (int r = 0; r < R; r++)
-        for (int c = 0; c < C; c++)
-            for (int j = 0; j < Q4_COLS; j++) {
-                float total = 0.f;
-                for (int64_t g = 0; g < G; g++) {
-                    const uint8_t *b = chunk + g * record + c * 128;
-                    const float *sp = (const float *)(chunk + g * record + C * 128), *mp = sp + C * Q4_COLS;
-                    int32_t d = q4_column_dot(b, j, xq + r * K + g * Q4_GROUP);
-                    total += (float)d * sp[c * Q4_COLS + j] * xs[r * G + g] + mp[c * Q4_COLS + j] * xsum[r * G + g];
-                }
-                out[r * ldo + c * Q4_COLS + j] = total;
-            }
-#endif
+        for (int u = 0; u < U; u++) q4f_store(out + r * ldo + u * Q4_LANES, acc[r][u]);
 }
 
-/* Constant R and C let the compiler keep the tile in registers; the tails take the smaller ones. */
-static void q4_tile_any(int R, int C, const int8_t *xq, int64_t K, const float *xs, const float *xsum,
-                        int64_t G, const uint8_t *chunk, float *out, int64_t ldo) {
-#define Q4_CASE(r, c) \
-    if (R == r && C == c) return q4_tile(r, c, xq, K, xs, xsum, G, chunk, out, ldo)
-    Q4_CASE(2, 4); Q4_CASE(1, 4); Q4_CASE(2, 3); Q4_CASE(1, 3); Q4_CASE(2, 2); Q4_CASE(1, 2);
+/* Constant R and U let the compiler keep the tile in registers; the tails take the smaller ones. */
+static void q4_tile_any(int R, int U, const int8_t *xq, int64_t K, const float *xs, const float *xsum, int64_t G,
+                        const uint8_t *chunk, int64_t record, int64_t C, float *out, int64_t ldo) {
+#define Q4_CASE(r, u) \
+    if (R == r && U == u) return q4_tile(r, u, xq, K, xs, xsum, G, chunk, record, C, out, ldo)
+    Q4_CASE(2, Q4_UNITS); Q4_CASE(1, Q4_UNITS);
+#if Q4_UNITS > 2
+    Q4_CASE(2, 3); Q4_CASE(1, 3); Q4_CASE(2, 2); Q4_CASE(1, 2);
+#endif
     Q4_CASE(2, 1); Q4_CASE(1, 1);
 #undef Q4_CASE
 }
+#endif
 
-/* out[r, 0..8 NB) for R rows of NB adjacent column blocks over all G groups, from Q4_STRIP_FROM
- * rows on: the strip keeps its R x NB group sums (int16; int32 with VNNI) in registers, each
- * unpacked weight vector serves R rows, and each activation quad, broadcast straight from
- * memory, serves NB blocks.
- * Three rows of two blocks fill 15 of the 16 registers (6 sums, 6 float accumulators, 2 weight
- * vectors, a broadcast) and need half the broadcasts of the five rows of one block they replaced;
- * larger strips spill. Below 3 rows the 2 x 4 tile wins: its one sequential pass over each
- * chunk's record matters more while the weights come from memory. The shapes tried and their
- * timings: docs/performance.md, "int4 matmul". */
+/* out[r, 0..NB vectors) for R rows of NB adjacent vectors over all G groups, from Q4_STRIP_FROM
+ * rows on: the strip keeps its R x NB group sums in registers, each unpacked weight vector serves
+ * R rows, and each activation quad, broadcast straight from memory, serves NB vectors.
+ * With 16 registers (AVX2), three rows of two vectors fill 15 (6 sums, 6 float accumulators, 2
+ * weight vectors, a broadcast) and need half the broadcasts of the five rows of one vector they
+ * replaced; larger strips spill. AVX-512's 32 registers hold six rows. Below 3 rows the tile wins:
+ * its one sequential pass over each chunk's record matters more while the weights come from
+ * memory. The shapes tried and their timings: docs/performance.md, "int4 matmul". */
+#if Q4_LANES == 16
+#define Q4_STRIP 6
+#else
 #define Q4_STRIP 3
+#endif
 #define Q4_STRIP_FROM 3
+#ifdef Q4_LANES
 static inline __attribute__((always_inline)) void q4_strip(
     const int R, const int NB, const int8_t *xq, int64_t K, const float *xs, const float *xsum, int64_t G,
     const uint8_t *w, const float *sp, const float *mp, int64_t record, float *out, int64_t ldo) {
-#ifdef __AVX2__
-    const __m256i low4 = _mm256_set1_epi8(0x0F);
+    const q4i low4 = q4i_set1_8(0x0F);
     const int64_t step = record / (int64_t)sizeof(float);
-    __m256 acc[Q4_STRIP][2];
+    q4f acc[Q4_STRIP][2];
     for (int r = 0; r < R; r++)
-        for (int c = 0; c < NB; c++) acc[r][c] = _mm256_setzero_ps();
+        for (int c = 0; c < NB; c++) acc[r][c] = q4f_zero();
     for (int64_t g = 0; g < G; g++) {
         const uint8_t *wp = w + g * record;
-        __m256i dot[Q4_STRIP][2];
+        q4i dot[Q4_STRIP][2];
         for (int r = 0; r < R; r++)
-            for (int c = 0; c < NB; c++) dot[r][c] = _mm256_setzero_si256();
+            for (int c = 0; c < NB; c++) dot[r][c] = q4i_zero();
         for (int jj = 0; jj < 4; jj++)
             for (int high = 0; high < 2; high++) { /* low nibbles: k = 4jj..; high ones: k + 16 */
-                __m256i wv[2];
+                q4i wv[2];
                 for (int c = 0; c < NB; c++) {
-                    __m256i raw = _mm256_loadu_si256((const __m256i *)(wp + c * 128 + jj * 32));
-                    wv[c] = _mm256_and_si256(high ? _mm256_srli_epi16(raw, 4) : raw, low4);
+                    q4i raw = q4i_load(wp + q4_unit_at(c) + jj * Q4_ROW);
+                    wv[c] = q4i_and(high ? q4i_srli16(raw, 4) : raw, low4);
                 }
                 for (int r = 0; r < R; r++) {
                     int32_t quad;
                     memcpy(&quad, xq + r * K + g * Q4_GROUP + jj * 4 + high * 16, 4);
-                    __m256i x4 = _mm256_set1_epi32(quad);
+                    q4i x4 = q4i_set1_32(quad);
                     for (int c = 0; c < NB; c++) {
-#ifdef Q4_VNNI
-                        dot[r][c] = dpbusd(dot[r][c], wv[c], x4); /* int32 sums */
-#else
-                        dot[r][c] = _mm256_add_epi16(dot[r][c], _mm256_maddubs_epi16(wv[c], x4));
-#endif
+                        dot[r][c] = q4i_dot(dot[r][c], wv[c], x4);
                         /* Without this gcc 12 reassociates the sums into all the products first
                          * and spills them to the stack (docs/performance.md, "int4 matmul"). */
-                        __asm__("" : "+x"(dot[r][c]));
+                        __asm__("" : Q4_PIN(dot[r][c]));
                     }
                 }
             }
         for (int c = 0; c < NB; c++) {
-            __m256 sv = _mm256_loadu_ps(sp + g * step + c * Q4_COLS), mv = _mm256_loadu_ps(mp + g * step + c * Q4_COLS);
+            q4f sv = q4f_load(sp + g * step + c * Q4_LANES), mv = q4f_load(mp + g * step + c * Q4_LANES);
             for (int r = 0; r < R; r++) {
-                __m256 d = group_dots(dot[r][c]);
-                acc[r][c] = _mm256_fmadd_ps(d, _mm256_mul_ps(sv, _mm256_set1_ps(xs[r * G + g])), acc[r][c]);
-                acc[r][c] = _mm256_fmadd_ps(mv, _mm256_set1_ps(xsum[r * G + g]), acc[r][c]);
+                q4f d = q4_sums_to_float(dot[r][c]);
+                acc[r][c] = q4f_fmadd(d, q4f_mul(sv, q4f_set1(xs[r * G + g])), acc[r][c]);
+                acc[r][c] = q4f_fmadd(mv, q4f_set1(xsum[r * G + g]), acc[r][c]);
             }
         }
     }
     for (int r = 0; r < R; r++)
-        for (int c = 0; c < NB; c++) _mm256_storeu_ps(out + r * ldo + c * Q4_COLS, acc[r][c]);
-#else
-    for (int r = 0; r < R; r++)
-        for (int c = 0; c < NB; c++)
-            for (int j = 0; j < Q4_COLS; j++) {
-                float total = 0.f;
-                for (int64_t g = 0; g < G; g++) {
-                    int32_t d = q4_column_dot(w + g * record + c * 128, j, xq + r * K + g * Q4_GROUP);
-                    const float *sg = (const float *)((const uint8_t *)sp + g * record) + c * Q4_COLS;
-                    const float *mg = (const float *)((const uint8_t *)mp + g * record) + c * Q4_COLS;
-                    total += (float)d * sg[j] * xs[r * G + g] + mg[j] * xsum[r * G + g];
-                }
-                out[r * ldo + c * Q4_COLS + j] = total;
-            }
-#endif
+        for (int c = 0; c < NB; c++) q4f_store(out + r * ldo + c * Q4_LANES, acc[r][c]);
 }
 
 /* Constant R and NB let the compiler keep the strip in registers. */
@@ -424,26 +460,50 @@ static void q4_strip_any(int R, int NB, const int8_t *xq, int64_t K, const float
                          const uint8_t *w, const float *sp, const float *mp, int64_t record, float *out, int64_t ldo) {
 #define Q4_STRIP_CASE(r, nb) \
     if (R == r && NB == nb) return q4_strip(r, nb, xq, K, xs, xsum, G, w, sp, mp, record, out, ldo)
+#if Q4_STRIP >= 6
+    Q4_STRIP_CASE(6, 2); Q4_STRIP_CASE(6, 1);
+#endif
+#if Q4_STRIP >= 5
+    Q4_STRIP_CASE(5, 2); Q4_STRIP_CASE(5, 1);
+#endif
+#if Q4_STRIP >= 4
+    Q4_STRIP_CASE(4, 2); Q4_STRIP_CASE(4, 1);
+#endif
     Q4_STRIP_CASE(3, 2); Q4_STRIP_CASE(2, 2); Q4_STRIP_CASE(1, 2);
     Q4_STRIP_CASE(3, 1); Q4_STRIP_CASE(2, 1); Q4_STRIP_CASE(1, 1);
 #undef Q4_STRIP_CASE
 }
+#endif
 
-/* R rows x C blocks of one chunk by strips, two blocks at a time; a block past N goes through
- * `padded` alone. */
-static void q4_strips(int R, int64_t C, const int8_t *xq, int64_t K, const float *xs, const float *xsum, int64_t G,
-                      const uint8_t *chunk, int64_t n0, int64_t N, float *out, float *padded) {
+/* R rows x the chunk's columns [0, width) by strips of two vectors (tiles when `tile`); columns
+ * past N go through `padded` alone. */
+static void q4_rows(int tile, int R, int64_t C, const int8_t *xq, int64_t K, const float *xs, const float *xsum,
+                    int64_t G, const uint8_t *chunk, int64_t width, float *out, int64_t ldo, float *padded) {
     int64_t record = C * Q4_RECORD;
-    for (int64_t c = 0; c < C;) {
-        int64_t n = n0 + c * Q4_COLS;
-        const float *sp = (const float *)(chunk + C * 128) + c * Q4_COLS, *mp = sp + C * Q4_COLS;
-        int NB = c + 2 <= C && n + 2 * Q4_COLS <= N ? 2 : 1, whole = n + Q4_COLS <= N;
-        q4_strip_any(R, NB, xq, K, xs, xsum, G, chunk + c * 128, sp, mp, record, whole ? out + n : padded,
-                     whole ? N : Q4_COLS);
+    const float *sp = (const float *)(chunk + C * Q4_BLOCK), *mp = sp + C * Q4_COLS;
+#ifdef Q4_LANES
+    int units = (int)(C * Q4_COLS / Q4_LANES);
+    if (tile) {
+        int whole = width == C * Q4_COLS;
+        q4_tile_any(R, units, xq, K, xs, xsum, G, chunk, record, C, whole ? out : padded, whole ? ldo : C * Q4_COLS);
         if (!whole)
-            for (int r = 0; r < R; r++) memcpy(out + r * N + n, padded + r * Q4_COLS, sizeof(float) * (size_t)(N - n));
-        c += NB;
+            for (int r = 0; r < R; r++) memcpy(out + r * ldo, padded + r * C * Q4_COLS, sizeof(float) * (size_t)width);
+        return;
     }
+    for (int u = 0; u < units && (int64_t)u * Q4_LANES < width;) { /* a vector wholly past N: none */
+        int64_t n = (int64_t)u * Q4_LANES;
+        int NB = u + 2 <= units && n + 2 * Q4_LANES <= width ? 2 : 1, whole = n + Q4_LANES <= width;
+        q4_strip_any(R, NB, xq, K, xs, xsum, G, chunk + q4_unit_at(u), sp + n, mp + n, record,
+                     whole ? out + n : padded, whole ? ldo : Q4_LANES);
+        if (!whole)
+            for (int r = 0; r < R; r++) memcpy(out + r * ldo + n, padded + r * Q4_LANES, sizeof(float) * (size_t)(width - n));
+        u += NB;
+    }
+#else
+    (void)tile;
+    (void)padded;
+    q4_columns(R, 0, (int)width, xq, K, xs, xsum, G, chunk, sp, mp, record, out, ldo);
+#endif
 }
 
 /* Rows [m0, m1) of one chunk (C blocks from block b); the bias is added here too. */
@@ -451,24 +511,13 @@ static void q4_chunk(const int8_t *xq, const float *xs, const float *xsum, int64
                      const uint8_t *wq, int64_t b, int64_t C, int64_t N, const float *bias, float *out) {
     int64_t G = K / Q4_GROUP, n0 = b * Q4_COLS, width = N - n0 < C * Q4_COLS ? N - n0 : C * Q4_COLS;
     const uint8_t *chunk = wq + b * G * Q4_RECORD;
-    float padded[Q4_ROWS * Q4_CHUNK * Q4_COLS]; /* the last chunk when N is not a whole block */
-    if (m1 - m0 >= Q4_STRIP_FROM) {
-        for (int64_t m = m0; m < m1; m += Q4_STRIP) {
-            int R = m1 - m < Q4_STRIP ? (int)(m1 - m) : Q4_STRIP;
-            q4_strips(R, C, xq + m * K, K, xs + m * G, xsum + m * G, G, chunk, n0, N, out + m * N, padded);
-        }
-    } else {
-        for (int64_t m = m0; m < m1; m += Q4_ROWS) {
-            int R = m1 - m < Q4_ROWS ? (int)(m1 - m) : Q4_ROWS;
-            const int8_t *xr = xq + m * K;
-            if (width == C * Q4_COLS) {
-                q4_tile_any(R, (int)C, xr, K, xs + m * G, xsum + m * G, G, chunk, out + m * N + n0, N);
-            } else {
-                q4_tile_any(R, (int)C, xr, K, xs + m * G, xsum + m * G, G, chunk, padded, C * Q4_COLS);
-                for (int r = 0; r < R; r++)
-                    memcpy(out + (m + r) * N + n0, padded + r * C * Q4_COLS, sizeof(float) * width);
-            }
-        }
+    float padded[Q4_STRIP * Q4_CHUNK * Q4_COLS]; /* the last chunk when N is not a whole block */
+    int tile = m1 - m0 < Q4_STRIP_FROM, most = tile ? Q4_ROWS : Q4_STRIP;
+    int64_t passes = (m1 - m0 + most - 1) / most; /* rows spread evenly: 9 rows by 4 go 3 + 3 + 3 */
+    for (int64_t i = 0, m = m0; i < passes; i++) {
+        int R = (int)((m1 - m0) * (i + 1) / passes - (m - m0));
+        q4_rows(tile, R, C, xq + m * K, K, xs + m * G, xsum + m * G, G, chunk, width, out + m * N + n0, N, padded);
+        m += R;
     }
     if (bias)
         for (int64_t m = m0; m < m1; m++)

@@ -34,6 +34,7 @@ KERNEL_GROUP_SIZES = (32, 64, 128, 256)
 _KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _MIN_SCALE = 1e-12  # a constant group has range 0; any positive scale then maps it exactly
 _KERNEL_OFFSET = 8  # the kernel's fixed integer offset: w = (q - 8) * scale + zero
+BLOCK_BYTES = Q4_COLS * Q4_GROUP // 2  # the C layout's nibbles per block of columns and group
 
 
 def quantize_int4(weight: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -87,8 +88,8 @@ def _unpack_nibbles(packed: torch.Tensor, k: int) -> torch.Tensor:
 def _pack_panels(q: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor) -> torch.Tensor:
     """q [N, K] in 0..15, scales/mins [N, K/32] -> the C kernel's layout as one uint8 tensor.
 
-    Per block of 8 output columns and group g: 128 bytes whose byte 4c + i of 32-byte row jj is
-    q[8b + c, 32g + 4jj + i] | q[8b + c, 32g + 16 + 4jj + i] << 4, and 8 float scales and mins.
+    Per block of 16 output columns and group g: 256 bytes whose byte 4c + i of 64-byte row jj is
+    q[16b + c, 32g + 4jj + i] | q[16b + c, 32g + 16 + 4jj + i] << 4, and 16 float scales and mins.
     Blocks are chunked by Q4_CHUNK (the last chunk may be short); each chunk stores, group by
     group, its blocks' weight bytes, then their scales, then their mins (see cpu_kernels.c).
     """
@@ -97,8 +98,8 @@ def _pack_panels(q: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor) -> t
     pad = blocks * Q4_COLS - n  # zero columns complete the last block
     q, scales, mins = (F.pad(t, (0, 0, 0, pad)) for t in (q.to(torch.uint8), scales.float(), mins.float()))
     v = q.view(blocks, Q4_COLS, groups, 2, 4, 4).permute(0, 2, 3, 4, 1, 5)  # b, g, half, jj, c, i
-    weight = v[:, :, 0] | (v[:, :, 1] << 4)  # [B, G, 4, 8, 4]
-    parts = [weight.reshape(blocks, groups, 128)] + [
+    weight = v[:, :, 0] | (v[:, :, 1] << 4)  # [B, G, 4, Q4_COLS, 4]
+    parts = [weight.reshape(blocks, groups, BLOCK_BYTES)] + [
         t.view(blocks, Q4_COLS, groups).transpose(1, 2).contiguous().view(torch.uint8) for t in (scales, mins)
     ]
     spans = chunk_spans(blocks, Q4_CHUNK)
@@ -114,19 +115,19 @@ def _chunked(t: torch.Tensor, c: int) -> torch.Tensor:
 def _unpack_panels(packed: torch.Tensor, n: int, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Inverse of _pack_panels: (q [N, K] uint8, scales [N, K/32], mins [N, K/32])."""
     blocks, groups = -(-n // Q4_COLS), k // Q4_GROUP
-    record = 128 + 2 * 4 * Q4_COLS  # bytes per block and group
+    record = BLOCK_BYTES + 2 * 4 * Q4_COLS  # bytes per block and group
     pieces, at = [], 0
     for b0, b1, c in chunk_spans(blocks, Q4_CHUNK):
         size = (b1 - b0) * groups * record
         rec = packed[at : at + size].view(-1, groups, c * record)
         at += size
-        w = rec[..., : c * 128].reshape(-1, groups, c, 128)
-        sm = rec[..., c * 128 :].contiguous().view(torch.float32).view(-1, groups, 2, c, Q4_COLS)
+        w = rec[..., : c * BLOCK_BYTES].reshape(-1, groups, c, BLOCK_BYTES)
+        sm = rec[..., c * BLOCK_BYTES :].contiguous().view(torch.float32).view(-1, groups, 2, c, Q4_COLS)
         pieces.append(
-            (w.transpose(1, 2).reshape(-1, groups, 128), sm.permute(0, 3, 2, 1, 4).reshape(-1, 2, groups, Q4_COLS))
+            (w.transpose(1, 2).reshape(-1, groups, BLOCK_BYTES), sm.permute(0, 3, 2, 1, 4).reshape(-1, 2, groups, Q4_COLS))
         )
-    w = torch.cat([p[0] for p in pieces])  # [B, G, 128]
-    sm = torch.cat([p[1] for p in pieces])  # [B, 2, G, 8]
+    w = torch.cat([p[0] for p in pieces])  # [B, G, BLOCK_BYTES]
+    sm = torch.cat([p[1] for p in pieces])  # [B, 2, G, Q4_COLS]
     v = w.view(blocks, groups, 4, Q4_COLS, 4)  # b, g, jj, c, i
     halves = torch.stack([v & 0xF, v >> 4], dim=2)  # b, g, half, jj, c, i
     q = halves.permute(0, 4, 1, 2, 3, 5).reshape(blocks * Q4_COLS, k)[:n]
