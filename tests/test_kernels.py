@@ -76,7 +76,7 @@ def test_q4_matmul_int16_sums_do_not_saturate() -> None:
     ids=["without-vnni", "without-avx512"],
 )
 def test_q4_matmul_builds_agree_bit_for_bit(tmp_path, needs: set[str], off: list[str]) -> None:
-    """The int4 kernels' widest build on this CPU (512-bit vectors and dpbusd where it has them)
+    """The int4 and int8 kernels' widest build on this CPU (512-bit vectors and dpbusd where it has them)
     against the same source built without those: the integer sums are the same integers and the
     float steps the same per lane, so the outputs must be bit-identical, tile and strip shapes,
     whole and partial blocks alike."""
@@ -95,6 +95,9 @@ def test_q4_matmul_builds_agree_bit_for_bit(tmp_path, needs: set[str], off: list
         q, scales, zero_points = quantize_int4(torch.randn(n, k) * 0.05, 32)
         packed, x = _pack_panels(q, scales, -zero_points * scales), torch.randn(rows, k)
         assert torch.equal(ours.q4_matmul(x, packed, n), other.q4_matmul(x, packed, n)), (rows, n, k)
+        q8, scales8 = quantize_int8(torch.randn(n, k), 32)
+        panels = pack_panels(q8, scales8)
+        assert torch.equal(ours.q8_matmul(x, panels, n), other.q8_matmul(x, panels, n)), ("int8", rows, n, k)
 
 
 def test_q4_panels_round_trip() -> None:
@@ -124,17 +127,18 @@ def int16_groups(x: torch.Tensor) -> torch.Tensor:
 
 @pytest.mark.parametrize("n, k, group", [(24, 64, None), (13, 96, 32), (37, 64, 32), (8, 32, None)])
 def test_q8_panels_round_trip(n: int, k: int, group: int | None) -> None:
-    """13 and 37 columns: a padded last panel, and a short last chunk of panels (5 panels = 4 + 1)."""
+    """13 and 37 columns: a padded last panel, and a short last chunk of panels (3 panels = 2 + 1)."""
     q, scales = quantize_int8(torch.randn(n, k), group)
     packed = pack_panels(q, scales)
-    assert packed.numel() == -(-n // 8) * (k // 32) * (256 + 32)
+    assert packed.numel() == -(-n // 16) * (k // 32) * (512 + 64)
     q2, scales2 = unpack_panels(packed, n, k)
     assert torch.equal(q2, q)
     assert torch.equal(scales2, scales.reshape(n, -1).expand(n, k // 32))  # per-channel: repeated per group
 
 
-# 300 rows: past the 256-row pass of activations kept in L2
-@pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 7, 40, 300])
+# strips of up to 6 rows (3 without AVX-512), the rows spread evenly; 300: past the 256-row pass
+# of activations kept in L2
+@pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 7, 9, 13, 40, 300])
 @pytest.mark.parametrize("n, k, group", [(24, 64, None), (37, 96, 32), (61, 1536, None)])
 def test_q8_matmul_matches_its_numerics(rows: int, n: int, k: int, group: int | None) -> None:
     """Activations rounded to int16 per group of 32, int8 weights exact: float32 to rounding order."""

@@ -37,7 +37,7 @@ SOURCE = Path(__file__).with_name("cpu_kernels.c")
 Q4_GROUP = 32  # the group size the C int4 kernel is written for
 Q4_COLS = 16  # output columns per block of its weight layout
 Q4_CHUNK = 2  # blocks per chunk (one sequential record per group)
-Q8_COLS, Q8_GROUP, Q8_CHUNK = 8, 32, 4  # the int8 kernel's columns per panel, k per group, panels per chunk
+Q8_COLS, Q8_GROUP, Q8_CHUNK = 16, 32, 2  # the int8 kernel's columns per panel, k per group, panels per chunk
 
 
 def chunk_spans(count: int, per_chunk: int) -> list[tuple[int, int, int]]:

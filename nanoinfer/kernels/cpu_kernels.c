@@ -267,6 +267,7 @@ typedef __m512 q4f;
 #define q4f_mul _mm512_mul_ps
 #define q4f_fmadd _mm512_fmadd_ps
 #define q4_sums_to_float(d) _mm512_cvtepi32_ps(d)
+#define q4_int32_to_float _mm512_cvtepi32_ps
 #define Q4_PIN "+v" /* any of the 32 vector registers */
 #elif defined(__AVX2__)
 #define Q4_LANES 8
@@ -292,6 +293,7 @@ typedef __m256 q4f;
 #define q4f_zero _mm256_setzero_ps
 #define q4f_mul _mm256_mul_ps
 #define q4f_fmadd _mm256_fmadd_ps
+#define q4_int32_to_float _mm256_cvtepi32_ps
 #define Q4_PIN "+x"
 #endif
 
@@ -573,120 +575,156 @@ static void quantize_groups16(const float *x, int64_t M, int64_t K, int16_t *xq,
 }
 
 /* The int8 weight (w = q * scale, a scale per output column and group of 32; a per-channel
- * weight repeats its scale in every group) in panels of Q8_COLS output columns: for panel p and
- * group g one record of 16 k-pairs x 16 bytes, pair j holding q[8p + c, 32g + 2j + i] at byte
- * 2c + i, then the 8 columns' float scales. Panels go in chunks of Q8_CHUNK (the last may be
+ * weight repeats its scale in every group) in panels of Q8_COLS = 16 output columns: for panel p
+ * and group g one record of 16 k-pairs x 32 bytes, pair j holding q[16p + c, 32g + 2j + i] at
+ * byte 2c + i, then the 16 columns' float scales. Panels go in chunks of Q8_CHUNK (the last may be
  * short, C panels), a chunk group by group: its C records of group 0, then of group 1, ... so each
  * task reads one sequential stream, prefetched Q8_AHEAD groups ahead: at batch 1 the LM head's
  * 32 MB come from memory every step, and without the prefetch it read them slower than the
  * float-activation row kernel it replaced (docs/performance.md, "int8 matmul").
- * Widened to int16, a pair row meets an activation pair broadcast to all lanes in one vpmaddwd:
- * 16 multiply-adds with exact int32 sums (|sum| <= 32 * 127 * 32767 < 2^31 over a group), where a
- * float FMA does 8 and this CPU issues two FMAs a cycle but more integer operations. It beats
- * float32 F.linear at every batch size, so no float copy is kept (docs/performance.md, "int8
- * matmul"; `python -m nanoinfer.bench.kernels`). N is padded to a whole panel. */
-#define Q8_COLS 8
-#define Q8_RECORD (16 * 16 + Q8_COLS * 4)
-#define Q8_STRIP 3  /* rows per strip, two panels wide: 6 int32 sums, 6 float sums, 2 weights, 1 pair */
-#define Q8_CHUNK 4  /* panels per task */
+ * Widened to int16, a pair row meets an activation pair broadcast to all lanes in one multiply-add
+ * of int16 pairs into int32 (`vpdpwssd` with VNNI, `vpmaddwd` and an add without): exact int32
+ * sums (|sum| <= 32 * 127 * 32767 < 2^31 over a group), 2 multiply-adds a lane where a float FMA
+ * does 1. It beats float32 F.linear at every batch size, so no float copy is kept
+ * (docs/performance.md, "int8 matmul"; `python -m nanoinfer.bench.kernels`). As for int4, a
+ * vector is a whole panel row with AVX-512 and half of one (8 columns) without; every build gives
+ * the same integers. N is padded to a whole panel. */
+#define Q8_COLS 16
+#define Q8_PAIRS_BYTES (16 * 2 * Q8_COLS)  /* a record's weight bytes */
+#define Q8_RECORD (Q8_PAIRS_BYTES + Q8_COLS * 4)
+#define Q8_CHUNK 2  /* panels per task: 32 columns */
 #define Q8_AHEAD 3  /* groups */
+#if defined(Q4_LANES) && Q4_LANES == 16
+#define Q8_STRIP 6  /* rows per strip, two vectors wide */
+#else
+#define Q8_STRIP 3  /* 6 int32 sums, 6 float sums, 2 weights, 1 pair: 15 of 16 registers */
+#endif
 
-#ifndef __AVX2__
+#ifdef Q4_LANES
+#if Q4_LANES == 16
+#define q8_widen(p) _mm512_cvtepi8_epi16(_mm256_loadu_si256((const __m256i *)(p)))
+#define q8_dot(acc, w, x) _mm512_dpwssd_epi32(acc, w, x)
+#else
+#define q8_widen(p) _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(p)))
+#define q8_dot(acc, w, x) _mm256_add_epi32(acc, _mm256_madd_epi16(w, x))
+#endif
+/* Byte offset of vector u's pair row 0 (Q4_LANES columns) and of its scales within a chunk's
+ * group: whole panels, then the half of one. */
+static inline int64_t q8_unit_at(int u) {
+    return (int64_t)(u * Q4_LANES / Q8_COLS) * Q8_RECORD + (int64_t)(u * Q4_LANES % Q8_COLS) * 2;
+}
+static inline int64_t q8_scales_at(int u) {
+    return (int64_t)(u * Q4_LANES / Q8_COLS) * Q8_RECORD + Q8_PAIRS_BYTES + (int64_t)(u * Q4_LANES % Q8_COLS) * 4;
+}
+#else
 static int32_t q8_column_dot(const uint8_t *rec, int c, const int16_t *xp) {
     const int8_t *w = (const int8_t *)rec;
     int32_t d = 0;
-    for (int j = 0; j < 16; j++) d += w[j * 16 + 2 * c] * xp[2 * j] + w[j * 16 + 2 * c + 1] * xp[2 * j + 1];
+    for (int j = 0; j < 16; j++)
+        d += w[j * 2 * Q8_COLS + 2 * c] * xp[2 * j] + w[j * 2 * Q8_COLS + 2 * c + 1] * xp[2 * j + 1];
     return d;
 }
 #endif
 
-/* out[r, 8c..8c+8) for R rows and NB adjacent panels over all G groups. */
+/* out[r, 0..NB vectors) for R rows and NB adjacent vectors from vector u over all G groups. */
+#ifdef Q4_LANES
 static inline __attribute__((always_inline)) void q8_strip(
-    const int R, const int NB, const int16_t *xq, int64_t K, const float *xs, int64_t G, const uint8_t *w,
+    const int R, const int NB, const int16_t *xq, int64_t K, const float *xs, int64_t G, const uint8_t *w, int u,
     int64_t gstride, float *out, int64_t ldo) {
-#ifdef __AVX2__
-    __m256 acc[Q8_STRIP][2];
+    q4f acc[Q8_STRIP][2];
     for (int r = 0; r < R; r++)
-        for (int c = 0; c < NB; c++) acc[r][c] = _mm256_setzero_ps();
+        for (int c = 0; c < NB; c++) acc[r][c] = q4f_zero();
     for (int64_t g = 0; g < G; g++) {
-        __m256i dot[Q8_STRIP][2];
+        q4i dot[Q8_STRIP][2];
         for (int r = 0; r < R; r++)
-            for (int c = 0; c < NB; c++) dot[r][c] = _mm256_setzero_si256();
-        for (int line = 0; line < NB * Q8_RECORD; line += 64)
-            _mm_prefetch((const char *)(w + (g + Q8_AHEAD) * gstride + line), _MM_HINT_T0);
+            for (int c = 0; c < NB; c++) dot[r][c] = q4i_zero();
+        for (int c = 0; c < NB; c++)
+            for (int line = 0; line < Q8_RECORD; line += 64)
+                _mm_prefetch((const char *)(w + (g + Q8_AHEAD) * gstride + q8_unit_at(u + c) + line), _MM_HINT_T0);
         for (int j = 0; j < 16; j++) {
-            __m256i wv[2];
-            for (int c = 0; c < NB; c++) {
-                const uint8_t *pairs = w + g * gstride + c * Q8_RECORD + j * 16;
-                wv[c] = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)pairs));
-            }
+            q4i wv[2];
+            for (int c = 0; c < NB; c++) wv[c] = q8_widen(w + g * gstride + q8_unit_at(u + c) + j * 2 * Q8_COLS);
             for (int r = 0; r < R; r++) {
                 int32_t pair;
                 memcpy(&pair, xq + r * K + g * Q8_GROUP + 2 * j, 4);
-                __m256i xp = _mm256_set1_epi32(pair);
+                q4i xp = q4i_set1_32(pair);
                 for (int c = 0; c < NB; c++) {
-                    dot[r][c] = _mm256_add_epi32(dot[r][c], _mm256_madd_epi16(wv[c], xp));
-                    __asm__("" : "+x"(dot[r][c])); /* as in q4_strip */
+                    dot[r][c] = q8_dot(dot[r][c], wv[c], xp);
+                    __asm__("" : Q4_PIN(dot[r][c])); /* as in q4_strip */
                 }
             }
         }
         for (int c = 0; c < NB; c++) {
-            __m256 sv = _mm256_loadu_ps((const float *)(w + g * gstride + c * Q8_RECORD + 16 * 16));
+            q4f sv = q4f_load((const float *)(w + g * gstride + q8_scales_at(u + c)));
             for (int r = 0; r < R; r++)
-                acc[r][c] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot[r][c]),
-                                            _mm256_mul_ps(sv, _mm256_set1_ps(xs[r * G + g])), acc[r][c]);
+                acc[r][c] = q4f_fmadd(q4_int32_to_float(dot[r][c]), q4f_mul(sv, q4f_set1(xs[r * G + g])), acc[r][c]);
         }
     }
     for (int r = 0; r < R; r++)
-        for (int c = 0; c < NB; c++) _mm256_storeu_ps(out + r * ldo + c * Q8_COLS, acc[r][c]);
-#else
-    for (int r = 0; r < R; r++)
-        for (int c = 0; c < NB; c++)
-            for (int j = 0; j < Q8_COLS; j++) {
-                float total = 0.f;
-                for (int64_t g = 0; g < G; g++) {
-                    const uint8_t *rec = w + g * gstride + c * Q8_RECORD;
-                    total += (float)q8_column_dot(rec, j, xq + r * K + g * Q8_GROUP) *
-                             ((const float *)(rec + 16 * 16))[j] * xs[r * G + g];
-                }
-                out[r * ldo + c * Q8_COLS + j] = total;
-            }
-#endif
+        for (int c = 0; c < NB; c++) q4f_store(out + r * ldo + c * Q4_LANES, acc[r][c]);
 }
 
 /* Constant R and NB let the compiler keep the strip in registers. */
 static void q8_strip_any(int R, int NB, const int16_t *xq, int64_t K, const float *xs, int64_t G, const uint8_t *w,
-                         int64_t gstride, float *out, int64_t ldo) {
+                         int u, int64_t gstride, float *out, int64_t ldo) {
 #define Q8_STRIP_CASE(r, nb) \
-    if (R == r && NB == nb) return q8_strip(r, nb, xq, K, xs, G, w, gstride, out, ldo)
+    if (R == r && NB == nb) return q8_strip(r, nb, xq, K, xs, G, w, u, gstride, out, ldo)
+#if Q8_STRIP >= 6
+    Q8_STRIP_CASE(6, 2); Q8_STRIP_CASE(6, 1); Q8_STRIP_CASE(5, 2); Q8_STRIP_CASE(5, 1);
+    Q8_STRIP_CASE(4, 2); Q8_STRIP_CASE(4, 1);
+#endif
     Q8_STRIP_CASE(3, 2); Q8_STRIP_CASE(2, 2); Q8_STRIP_CASE(1, 2);
     Q8_STRIP_CASE(3, 1); Q8_STRIP_CASE(2, 1); Q8_STRIP_CASE(1, 1);
 #undef Q8_STRIP_CASE
 }
+#endif
 
-/* Rows [m0, m1) of the chunk of panels [p0, p1); a panel past N goes through `padded`, the bias
+/* R rows x the chunk's columns [0, width): strips of two vectors; columns past N go through
+ * `padded` alone. */
+static void q8_rows(int R, int64_t C, const int16_t *xq, int64_t K, const float *xs, int64_t G, const uint8_t *chunk,
+                    int64_t width, float *out, int64_t ldo, float *padded) {
+    int64_t gstride = C * Q8_RECORD;
+#ifdef Q4_LANES
+    int units = (int)(C * Q8_COLS / Q4_LANES);
+    for (int u = 0; u < units && (int64_t)u * Q4_LANES < width;) { /* a vector wholly past N: none */
+        int64_t n = (int64_t)u * Q4_LANES;
+        int NB = u + 2 <= units && n + 2 * Q4_LANES <= width ? 2 : 1, whole = n + Q4_LANES <= width;
+        q8_strip_any(R, NB, xq, K, xs, G, chunk, u, gstride, whole ? out + n : padded, whole ? ldo : Q4_LANES);
+        if (!whole)
+            for (int r = 0; r < R; r++) memcpy(out + r * ldo + n, padded + r * Q4_LANES, sizeof(float) * (size_t)(width - n));
+        u += NB;
+    }
+#else
+    (void)padded;
+    for (int r = 0; r < R; r++)
+        for (int64_t j = 0; j < width; j++) {
+            float total = 0.f;
+            for (int64_t g = 0; g < G; g++) {
+                const uint8_t *rec = chunk + g * gstride + (j / Q8_COLS) * Q8_RECORD;
+                total += (float)q8_column_dot(rec, (int)(j % Q8_COLS), xq + r * K + g * Q8_GROUP) *
+                         ((const float *)(rec + Q8_PAIRS_BYTES))[j % Q8_COLS] * xs[r * G + g];
+            }
+            out[r * ldo + j] = total;
+        }
+#endif
+}
+
+/* Rows [m0, m1) of the chunk of panels [p0, p1), the rows spread evenly over the strips; the bias
  * is added here. */
 static void q8_chunk(const int16_t *xq, const float *xs, int64_t m0, int64_t m1, int64_t K, const uint8_t *wq,
                      int64_t p0, int64_t p1, int64_t N, const float *bias, float *out) {
-    int64_t G = K / Q8_GROUP, gstride = (p1 - p0) * Q8_RECORD;
+    int64_t G = K / Q8_GROUP, n0 = p0 * Q8_COLS, width = N - n0 < (p1 - p0) * Q8_COLS ? N - n0 : (p1 - p0) * Q8_COLS;
     const uint8_t *chunk = wq + p0 * G * Q8_RECORD;
     float padded[Q8_STRIP * Q8_COLS];
-    for (int64_t m = m0; m < m1; m += Q8_STRIP) {
-        int R = m1 - m < Q8_STRIP ? (int)(m1 - m) : Q8_STRIP;
-        for (int64_t p = p0; p < p1;) {
-            int64_t n = p * Q8_COLS;
-            int NB = p + 2 <= p1 && n + 2 * Q8_COLS <= N ? 2 : 1, whole = n + Q8_COLS <= N;
-            q8_strip_any(R, NB, xq + m * K, K, xs + m * G, G, chunk + (p - p0) * Q8_RECORD, gstride,
-                         whole ? out + m * N + n : padded, whole ? N : Q8_COLS);
-            if (!whole)
-                for (int r = 0; r < R; r++)
-                    memcpy(out + (m + r) * N + n, padded + r * Q8_COLS, sizeof(float) * (size_t)(N - n));
-            p += NB;
-        }
+    int64_t passes = (m1 - m0 + Q8_STRIP - 1) / Q8_STRIP;
+    for (int64_t i = 0, m = m0; i < passes; i++) {
+        int R = (int)((m1 - m0) * (i + 1) / passes - (m - m0));
+        q8_rows(R, p1 - p0, xq + m * K, K, xs + m * G, G, chunk, width, out + m * N + n0, N, padded);
+        m += R;
     }
     if (bias)
         for (int64_t m = m0; m < m1; m++)
-            for (int64_t n = p0 * Q8_COLS; n < p1 * Q8_COLS && n < N; n++) out[m * N + n] += bias[n];
+            for (int64_t n = n0; n < n0 + width; n++) out[m * N + n] += bias[n];
 }
 
 void q8_matmul(const float *x, int64_t M, int64_t K, const uint8_t *wq, int64_t N, const float *bias, float *out,

@@ -31,7 +31,8 @@ from nanoinfer.kernels import Q8_CHUNK, Q8_COLS, Q8_GROUP, chunk_spans, kernels
 _KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 # A zero row would give scale 0 and 0/0 on quantize; any tiny positive scale maps it to q = 0.
 _MIN_SCALE = 1e-12
-_RECORD = 16 * 16 + 4 * Q8_COLS  # bytes per panel and group: 16 k-pairs of 8 columns, 8 float scales
+_PAIRS = 16 * 2 * Q8_COLS  # weight bytes per panel and group: 16 k-pairs of Q8_COLS columns
+_RECORD = _PAIRS + 4 * Q8_COLS  # and the columns' float scales
 
 
 def quantize_int8(weight: torch.Tensor, group_size: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -57,8 +58,8 @@ def dequantize_int8(q: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype = 
 def pack_panels(q: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
     """q int8 [N, K], scales [N] or [N, K/32] -> the C kernel's layout as one uint8 tensor.
 
-    Per panel of 8 output columns and group g of 32 k: 16 rows of 16 bytes, row j holding
-    q[8p + c, 32g + 2j + i] at byte 2c + i, then the 8 float scales (a per-channel scale is
+    Per panel of 16 output columns and group g of 32 k: 16 rows of 32 bytes, row j holding
+    q[16p + c, 32g + 2j + i] at byte 2c + i, then the 16 float scales (a per-channel scale is
     repeated in every group). Panels are chunked by Q8_CHUNK (the last chunk may be short), and
     a chunk stores its panels' records group by group; zero columns pad the last panel.
     """
@@ -67,7 +68,7 @@ def pack_panels(q: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
     scales = scales.float().reshape(n, -1).expand(n, groups) if scales.dim() == 1 else scales.float()
     pad = panels * Q8_COLS - n
     q, scales = F.pad(q, (0, 0, 0, pad)), F.pad(scales, (0, 0, 0, pad))
-    weight = q.view(panels, Q8_COLS, groups, 16, 2).permute(0, 2, 3, 1, 4).reshape(panels, groups, 256)
+    weight = q.view(panels, Q8_COLS, groups, 16, 2).permute(0, 2, 3, 1, 4).reshape(panels, groups, _PAIRS)
     scale_bytes = scales.view(panels, Q8_COLS, groups).transpose(1, 2).contiguous().view(torch.uint8)
     records = torch.cat([weight.view(torch.uint8), scale_bytes], dim=-1)  # [P, G, record]
     return torch.cat(
@@ -86,8 +87,8 @@ def unpack_panels(packed: torch.Tensor, n: int, k: int) -> tuple[torch.Tensor, t
         for p0, p1, c in chunk_spans(panels, Q8_CHUNK)
     ]
     records = torch.cat([chunk.transpose(1, 2).reshape(-1, groups, _RECORD) for chunk in chunks])
-    q = records[..., :256].view(torch.int8).reshape(-1, groups, 16, Q8_COLS, 2).permute(0, 3, 1, 2, 4)
-    scales = records[..., 256:].contiguous().view(torch.float32).transpose(1, 2)
+    q = records[..., :_PAIRS].view(torch.int8).reshape(-1, groups, 16, Q8_COLS, 2).permute(0, 3, 1, 2, 4)
+    scales = records[..., _PAIRS:].contiguous().view(torch.float32).transpose(1, 2)
     return q.reshape(-1, k)[:n], scales.reshape(-1, groups)[:n]
 
 
