@@ -39,8 +39,9 @@ QUANTIZATIONS = ("none", "int8", "int4")  # nanoinfer.quant.METHODS (not importe
 _KEYS = ("method", "num_speculative_tokens", "prompt_lookup_max", "prompt_lookup_min", "model", "quantization")
 _MAX_BACKOFF_STEPS = 32  # a sequence whose drafts keep missing waits at most this long to retry
 # A one-row decode step costs about this many extra rows' compute (streaming the weights once):
-# measured for SmolLM2's int4 decode stack, 4.3 ms for 1 or 2 rows, +0.66 ms per row past that
-# (docs/performance.md, "Speculative decoding").
+# measured for SmolLM2's int4 decode stack, 4.3 ms for 1 or 2 rows and +0.66 ms per row past that
+# on 256-bit kernels; 2.87 ms and +0.42 ms (6.8) on 512-bit ones (docs/performance.md,
+# "Speculative decoding").
 ROW_COST_RATIO = 6.5
 _RATE_DECAY = 0.5  # weight of the older drafts in a sequence's acceptance rate, per draft
 
