@@ -87,7 +87,8 @@ def test_q4_matmul_builds_agree_bit_for_bit(tmp_path, needs: set[str], off: list
     narrower = tmp_path / "narrower.so"
     cc = find_compiler()
     assert cc is not None
-    subprocess.run([cc, *kernels_module._FLAGS, *off, "-o", str(narrower), str(kernels_module.SOURCE), "-lm"], check=True)
+    command = [cc, *kernels_module._FLAGS, *off, "-o", str(narrower), str(kernels_module.SOURCE), "-lm"]
+    subprocess.run(command, check=True)
     other = kernels_module.CpuKernels(narrower)
     torch.manual_seed(0)
     shapes = [(1, 72, 576), (2, 40, 96), (3, 56, 576), (5, 13, 64), (9, 37, 576), (16, 37, 576), (300, 64, 96)]

@@ -123,9 +123,8 @@ def _unpack_panels(packed: torch.Tensor, n: int, k: int) -> tuple[torch.Tensor, 
         at += size
         w = rec[..., : c * BLOCK_BYTES].reshape(-1, groups, c, BLOCK_BYTES)
         sm = rec[..., c * BLOCK_BYTES :].contiguous().view(torch.float32).view(-1, groups, 2, c, Q4_COLS)
-        pieces.append(
-            (w.transpose(1, 2).reshape(-1, groups, BLOCK_BYTES), sm.permute(0, 3, 2, 1, 4).reshape(-1, 2, groups, Q4_COLS))
-        )
+        weights = w.transpose(1, 2).reshape(-1, groups, BLOCK_BYTES)
+        pieces.append((weights, sm.permute(0, 3, 2, 1, 4).reshape(-1, 2, groups, Q4_COLS)))
     w = torch.cat([p[0] for p in pieces])  # [B, G, BLOCK_BYTES]
     sm = torch.cat([p[1] for p in pieces])  # [B, 2, G, Q4_COLS]
     v = w.view(blocks, groups, 4, Q4_COLS, 4)  # b, g, jj, c, i
