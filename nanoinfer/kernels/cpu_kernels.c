@@ -249,68 +249,69 @@ static void quantize_groups(const float *x, int64_t M, int64_t K, int8_t *xq, fl
  * (docs/performance.md, "int4 matmul"). */
 #define Q4_AHEAD 8
 
-/* The kernels' vector: 16 columns in a 512-bit register with AVX-512 (BW and VNNI), else 8 in a
- * 256-bit one. The wide form halves the instructions per weight, which is what bounds the kernel
- * once several rows share each weight load (docs/performance.md, "int4 matmul: AVX-512"). */
+/* The int4 and int8 kernels' vector (vi: integers, vf: floats): 16 columns in a 512-bit register
+ * with AVX-512 (BW and VNNI), else 8 in a 256-bit one. The wide form halves the instructions per
+ * weight, which is what bounds the kernels once several rows share each weight load
+ * (docs/performance.md, "int4 matmul"). */
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VNNI__)
-#define Q4_LANES 16
+#define VLANES 16
 #define Q4_DOT32 1 /* int32 sums */
-typedef __m512i q4i;
-typedef __m512 q4f;
-#define q4i_load(p) _mm512_loadu_si512((const void *)(p))
-#define q4i_and _mm512_and_si512
-#define q4i_srli16 _mm512_srli_epi16
-#define q4i_set1_8 _mm512_set1_epi8
-#define q4i_set1_32 _mm512_set1_epi32
-#define q4i_zero _mm512_setzero_si512
-#define q4i_dot(acc, u, s) _mm512_dpbusd_epi32(acc, u, s)
-#define q4f_load _mm512_loadu_ps
-#define q4f_store _mm512_storeu_ps
-#define q4f_set1 _mm512_set1_ps
-#define q4f_zero _mm512_setzero_ps
-#define q4f_mul _mm512_mul_ps
-#define q4f_fmadd _mm512_fmadd_ps
+typedef __m512i vi;
+typedef __m512 vf;
+#define vi_load(p) _mm512_loadu_si512((const void *)(p))
+#define vi_and _mm512_and_si512
+#define vi_srli16 _mm512_srli_epi16
+#define vi_set1_8 _mm512_set1_epi8
+#define vi_set1_32 _mm512_set1_epi32
+#define vi_zero _mm512_setzero_si512
+#define vi_dot(acc, u, s) _mm512_dpbusd_epi32(acc, u, s)
+#define vf_load _mm512_loadu_ps
+#define vf_store _mm512_storeu_ps
+#define vf_set1 _mm512_set1_ps
+#define vf_zero _mm512_setzero_ps
+#define vf_mul _mm512_mul_ps
+#define vf_fmadd _mm512_fmadd_ps
 #define q4_sums_to_float(d) _mm512_cvtepi32_ps(d)
-#define q4_int32_to_float _mm512_cvtepi32_ps
-#define Q4_PIN "+v" /* any of the 32 vector registers */
+#define vi_to_float _mm512_cvtepi32_ps
+#define VPIN "+v" /* any of the 32 vector registers */
 #elif defined(__AVX2__)
-#define Q4_LANES 8
-typedef __m256i q4i;
-typedef __m256 q4f;
-#define q4i_load(p) _mm256_loadu_si256((const __m256i *)(p))
-#define q4i_and _mm256_and_si256
-#define q4i_srli16 _mm256_srli_epi16
-#define q4i_set1_8 _mm256_set1_epi8
-#define q4i_set1_32 _mm256_set1_epi32
-#define q4i_zero _mm256_setzero_si256
+#define VLANES 8
+typedef __m256i vi;
+typedef __m256 vf;
+#define vi_load(p) _mm256_loadu_si256((const __m256i *)(p))
+#define vi_and _mm256_and_si256
+#define vi_srli16 _mm256_srli_epi16
+#define vi_set1_8 _mm256_set1_epi8
+#define vi_set1_32 _mm256_set1_epi32
+#define vi_zero _mm256_setzero_si256
 #ifdef Q4_VNNI
 #define Q4_DOT32 1
-#define q4i_dot(acc, u, s) dpbusd(acc, u, s)
+#define vi_dot(acc, u, s) dpbusd(acc, u, s)
 #define q4_sums_to_float(d) _mm256_cvtepi32_ps(d)
 #else /* int16 sums of products pairs; a madd by ones adds the pairs up at the end of the group */
-#define q4i_dot(acc, u, s) _mm256_add_epi16(acc, _mm256_maddubs_epi16(u, s))
+#define vi_dot(acc, u, s) _mm256_add_epi16(acc, _mm256_maddubs_epi16(u, s))
 #define q4_sums_to_float(d) _mm256_cvtepi32_ps(_mm256_madd_epi16(d, _mm256_set1_epi16(1)))
 #endif
-#define q4f_load _mm256_loadu_ps
-#define q4f_store _mm256_storeu_ps
-#define q4f_set1 _mm256_set1_ps
-#define q4f_zero _mm256_setzero_ps
-#define q4f_mul _mm256_mul_ps
-#define q4f_fmadd _mm256_fmadd_ps
-#define q4_int32_to_float _mm256_cvtepi32_ps
-#define Q4_PIN "+x"
+#define vf_load _mm256_loadu_ps
+#define vf_store _mm256_storeu_ps
+#define vf_set1 _mm256_set1_ps
+#define vf_zero _mm256_setzero_ps
+#define vf_mul _mm256_mul_ps
+#define vf_fmadd _mm256_fmadd_ps
+#define vi_to_float _mm256_cvtepi32_ps
+#define VPIN "+x"
 #endif
 
-#ifdef Q4_LANES
-#define Q4_UNITS (Q4_CHUNK * Q4_COLS / Q4_LANES) /* vectors per chunk row */
-/* Byte offset of vector u (Q4_LANES columns) within a group's weight rows: whole blocks, then
+#ifdef VLANES
+#define Q4_UNITS (Q4_CHUNK * Q4_COLS / VLANES) /* vectors per chunk row */
+/* Byte offset of vector u (VLANES columns) within a group's weight rows: whole blocks, then
  * the half of one. */
 static inline int64_t q4_unit_at(int u) {
-    return (int64_t)(u * Q4_LANES / Q4_COLS) * Q4_BLOCK + (int64_t)(u * Q4_LANES % Q4_COLS) * 4;
+    return (int64_t)(u * VLANES / Q4_COLS) * Q4_BLOCK + (int64_t)(u * VLANES % Q4_COLS) * 4;
 }
 #endif
 
-#ifndef Q4_LANES
+#ifndef VLANES
 /* Column j of one block's 256 group bytes against the group's 32 int8 activations (portable path). */
 static int32_t q4_column_dot(const uint8_t *b, int j, const int8_t *xp) {
     int32_t d = 0;
@@ -322,20 +323,21 @@ static int32_t q4_column_dot(const uint8_t *b, int j, const int8_t *xp) {
     return d;
 }
 
-/* out[r, c0..c0 + cols) for R rows of a chunk (portable path). */
-static void q4_columns(int R, int c0, int cols, const int8_t *xq, int64_t K, const float *xs, const float *xsum,
+/* out[r, 0..cols) for R rows of a chunk (portable path). */
+static void q4_columns(int R, int cols, const int8_t *xq, int64_t K, const float *xs, const float *xsum,
                        int64_t G, const uint8_t *w, const float *sp, const float *mp, int64_t record, float *out,
                        int64_t ldo) {
     for (int r = 0; r < R; r++)
-        for (int j = c0; j < c0 + cols; j++) {
+        for (int j = 0; j < cols; j++) {
             float total = 0.f;
             for (int64_t g = 0; g < G; g++) {
-                int32_t d = q4_column_dot(w + g * record + (j / Q4_COLS) * Q4_BLOCK, j % Q4_COLS, xq + r * K + g * Q4_GROUP);
+                const uint8_t *block = w + g * record + (j / Q4_COLS) * Q4_BLOCK;
+                int32_t d = q4_column_dot(block, j % Q4_COLS, xq + r * K + g * Q4_GROUP);
                 const float *sg = (const float *)((const uint8_t *)sp + g * record);
                 const float *mg = (const float *)((const uint8_t *)mp + g * record);
                 total += (float)d * sg[j] * xs[r * G + g] + mg[j] * xsum[r * G + g];
             }
-            out[r * ldo + j - c0] = total;
+            out[r * ldo + j] = total;
         }
 }
 #endif
@@ -344,49 +346,49 @@ static void q4_columns(int R, int c0, int cols, const int8_t *xq, int64_t K, con
  * and int8 x (|x| <= 127) fit int16 for a whole group: 16 per lane, at most 16 * 15 * 127 = 30480.
  * (Splitting each vector's sums into two or four independent chains measured no faster at one
  * row: the weights' stream from memory bounds it there.) */
-#ifdef Q4_LANES
+#ifdef VLANES
 static inline __attribute__((always_inline)) void q4_tile(
     const int R, const int U, const int8_t *xq, int64_t K, const float *xs, const float *xsum, int64_t G,
     const uint8_t *chunk, int64_t record, int64_t C, float *out, int64_t ldo) {
-    const q4i low4 = q4i_set1_8(0x0F);
-    q4f acc[Q4_ROWS][Q4_UNITS];
+    const vi low4 = vi_set1_8(0x0F);
+    vf acc[Q4_ROWS][Q4_UNITS];
     for (int r = 0; r < R; r++)
-        for (int u = 0; u < U; u++) acc[r][u] = q4f_zero();
+        for (int u = 0; u < U; u++) acc[r][u] = vf_zero();
     for (int64_t g = 0; g < G; g++) {
-        q4i dot[Q4_ROWS][Q4_UNITS];
+        vi dot[Q4_ROWS][Q4_UNITS];
         for (int r = 0; r < R; r++)
-            for (int u = 0; u < U; u++) dot[r][u] = q4i_zero();
+            for (int u = 0; u < U; u++) dot[r][u] = vi_zero();
         const uint8_t *wp = chunk + g * record;
         const float *sp = (const float *)(wp + C * Q4_BLOCK), *mp = sp + C * Q4_COLS;
         for (int64_t line = 0; line < record; line += 64) /* see Q4_AHEAD */
             _mm_prefetch((const char *)(wp + Q4_AHEAD * record + line), _MM_HINT_T0);
         for (int jj = 0; jj < 4; jj++) {
-            q4i lo[Q4_UNITS], hi[Q4_UNITS];
+            vi lo[Q4_UNITS], hi[Q4_UNITS];
             for (int u = 0; u < U; u++) {
-                q4i raw = q4i_load(wp + q4_unit_at(u) + jj * Q4_ROW);
-                lo[u] = q4i_and(raw, low4);
-                hi[u] = q4i_and(q4i_srli16(raw, 4), low4);
+                vi raw = vi_load(wp + q4_unit_at(u) + jj * Q4_ROW);
+                lo[u] = vi_and(raw, low4);
+                hi[u] = vi_and(vi_srli16(raw, 4), low4);
             }
             for (int r = 0; r < R; r++) {
                 const int8_t *xp = xq + r * K + g * Q4_GROUP + jj * 4;
                 int32_t quad_lo, quad_hi;
                 memcpy(&quad_lo, xp, 4);
                 memcpy(&quad_hi, xp + 16, 4);
-                q4i xl = q4i_set1_32(quad_lo), xh = q4i_set1_32(quad_hi);
-                for (int u = 0; u < U; u++) dot[r][u] = q4i_dot(q4i_dot(dot[r][u], lo[u], xl), hi[u], xh);
+                vi xl = vi_set1_32(quad_lo), xh = vi_set1_32(quad_hi);
+                for (int u = 0; u < U; u++) dot[r][u] = vi_dot(vi_dot(dot[r][u], lo[u], xl), hi[u], xh);
             }
         }
         for (int u = 0; u < U; u++) {
-            q4f sv = q4f_load(sp + u * Q4_LANES), mv = q4f_load(mp + u * Q4_LANES);
+            vf sv = vf_load(sp + u * VLANES), mv = vf_load(mp + u * VLANES);
             for (int r = 0; r < R; r++) {
-                q4f d = q4_sums_to_float(dot[r][u]);
-                acc[r][u] = q4f_fmadd(d, q4f_mul(sv, q4f_set1(xs[r * G + g])), acc[r][u]);
-                acc[r][u] = q4f_fmadd(mv, q4f_set1(xsum[r * G + g]), acc[r][u]);
+                vf d = q4_sums_to_float(dot[r][u]);
+                acc[r][u] = vf_fmadd(d, vf_mul(sv, vf_set1(xs[r * G + g])), acc[r][u]);
+                acc[r][u] = vf_fmadd(mv, vf_set1(xsum[r * G + g]), acc[r][u]);
             }
         }
     }
     for (int r = 0; r < R; r++)
-        for (int u = 0; u < U; u++) q4f_store(out + r * ldo + u * Q4_LANES, acc[r][u]);
+        for (int u = 0; u < U; u++) vf_store(out + r * ldo + u * VLANES, acc[r][u]);
 }
 
 /* Constant R and U let the compiler keep the tile in registers; the tails take the smaller ones. */
@@ -411,59 +413,59 @@ static void q4_tile_any(int R, int U, const int8_t *xq, int64_t K, const float *
  * replaced; larger strips spill. AVX-512's 32 registers hold six rows. Below 3 rows the tile wins:
  * its one sequential pass over each chunk's record matters more while the weights come from
  * memory. The shapes tried and their timings: docs/performance.md, "int4 matmul". */
-#if Q4_LANES == 16
+#if VLANES == 16
 #define Q4_STRIP 6
 #else
 #define Q4_STRIP 3
 #endif
 #define Q4_STRIP_FROM 3
-#ifdef Q4_LANES
+#ifdef VLANES
 static inline __attribute__((always_inline)) void q4_strip(
     const int R, const int NB, const int8_t *xq, int64_t K, const float *xs, const float *xsum, int64_t G,
     const uint8_t *w, const float *sp, const float *mp, int64_t record, float *out, int64_t ldo) {
-    const q4i low4 = q4i_set1_8(0x0F);
+    const vi low4 = vi_set1_8(0x0F);
     const int64_t step = record / (int64_t)sizeof(float);
-    q4f acc[Q4_STRIP][2];
+    vf acc[Q4_STRIP][2];
     for (int r = 0; r < R; r++)
-        for (int c = 0; c < NB; c++) acc[r][c] = q4f_zero();
+        for (int c = 0; c < NB; c++) acc[r][c] = vf_zero();
     for (int64_t g = 0; g < G; g++) {
         const uint8_t *wp = w + g * record;
         for (int c = 0; c < NB; c++)
             for (int line = 0; line < Q4_BLOCK; line += 64)
                 _mm_prefetch((const char *)(wp + Q4_AHEAD * record + q4_unit_at(c) + line), _MM_HINT_T0);
-        q4i dot[Q4_STRIP][2];
+        vi dot[Q4_STRIP][2];
         for (int r = 0; r < R; r++)
-            for (int c = 0; c < NB; c++) dot[r][c] = q4i_zero();
+            for (int c = 0; c < NB; c++) dot[r][c] = vi_zero();
         for (int jj = 0; jj < 4; jj++)
             for (int high = 0; high < 2; high++) { /* low nibbles: k = 4jj..; high ones: k + 16 */
-                q4i wv[2];
+                vi wv[2];
                 for (int c = 0; c < NB; c++) {
-                    q4i raw = q4i_load(wp + q4_unit_at(c) + jj * Q4_ROW);
-                    wv[c] = q4i_and(high ? q4i_srli16(raw, 4) : raw, low4);
+                    vi raw = vi_load(wp + q4_unit_at(c) + jj * Q4_ROW);
+                    wv[c] = vi_and(high ? vi_srli16(raw, 4) : raw, low4);
                 }
                 for (int r = 0; r < R; r++) {
                     int32_t quad;
                     memcpy(&quad, xq + r * K + g * Q4_GROUP + jj * 4 + high * 16, 4);
-                    q4i x4 = q4i_set1_32(quad);
+                    vi x4 = vi_set1_32(quad);
                     for (int c = 0; c < NB; c++) {
-                        dot[r][c] = q4i_dot(dot[r][c], wv[c], x4);
+                        dot[r][c] = vi_dot(dot[r][c], wv[c], x4);
                         /* Without this gcc 12 reassociates the sums into all the products first
                          * and spills them to the stack (docs/performance.md, "int4 matmul"). */
-                        __asm__("" : Q4_PIN(dot[r][c]));
+                        __asm__("" : VPIN(dot[r][c]));
                     }
                 }
             }
         for (int c = 0; c < NB; c++) {
-            q4f sv = q4f_load(sp + g * step + c * Q4_LANES), mv = q4f_load(mp + g * step + c * Q4_LANES);
+            vf sv = vf_load(sp + g * step + c * VLANES), mv = vf_load(mp + g * step + c * VLANES);
             for (int r = 0; r < R; r++) {
-                q4f d = q4_sums_to_float(dot[r][c]);
-                acc[r][c] = q4f_fmadd(d, q4f_mul(sv, q4f_set1(xs[r * G + g])), acc[r][c]);
-                acc[r][c] = q4f_fmadd(mv, q4f_set1(xsum[r * G + g]), acc[r][c]);
+                vf d = q4_sums_to_float(dot[r][c]);
+                acc[r][c] = vf_fmadd(d, vf_mul(sv, vf_set1(xs[r * G + g])), acc[r][c]);
+                acc[r][c] = vf_fmadd(mv, vf_set1(xsum[r * G + g]), acc[r][c]);
             }
         }
     }
     for (int r = 0; r < R; r++)
-        for (int c = 0; c < NB; c++) q4f_store(out + r * ldo + c * Q4_LANES, acc[r][c]);
+        for (int c = 0; c < NB; c++) vf_store(out + r * ldo + c * VLANES, acc[r][c]);
 }
 
 /* Constant R and NB let the compiler keep the strip in registers. */
@@ -492,8 +494,8 @@ static void q4_rows(int tile, int R, int64_t C, const int8_t *xq, int64_t K, con
                     int64_t G, const uint8_t *chunk, int64_t width, float *out, int64_t ldo, float *padded) {
     int64_t record = C * Q4_RECORD;
     const float *sp = (const float *)(chunk + C * Q4_BLOCK), *mp = sp + C * Q4_COLS;
-#ifdef Q4_LANES
-    int units = (int)(C * Q4_COLS / Q4_LANES);
+#ifdef VLANES
+    int units = (int)(C * Q4_COLS / VLANES);
     if (tile) {
         int whole = width == C * Q4_COLS;
         q4_tile_any(R, units, xq, K, xs, xsum, G, chunk, record, C, whole ? out : padded, whole ? ldo : C * Q4_COLS);
@@ -501,19 +503,20 @@ static void q4_rows(int tile, int R, int64_t C, const int8_t *xq, int64_t K, con
             for (int r = 0; r < R; r++) memcpy(out + r * ldo, padded + r * C * Q4_COLS, sizeof(float) * (size_t)width);
         return;
     }
-    for (int u = 0; u < units && (int64_t)u * Q4_LANES < width;) { /* a vector wholly past N: none */
-        int64_t n = (int64_t)u * Q4_LANES;
-        int NB = u + 2 <= units && n + 2 * Q4_LANES <= width ? 2 : 1, whole = n + Q4_LANES <= width;
+    for (int u = 0; u < units && (int64_t)u * VLANES < width;) { /* a vector wholly past N: none */
+        int64_t n = (int64_t)u * VLANES;
+        int NB = u + 2 <= units && n + 2 * VLANES <= width ? 2 : 1, whole = n + VLANES <= width;
         q4_strip_any(R, NB, xq, K, xs, xsum, G, chunk + q4_unit_at(u), sp + n, mp + n, record,
-                     whole ? out + n : padded, whole ? ldo : Q4_LANES);
+                     whole ? out + n : padded, whole ? ldo : VLANES);
         if (!whole)
-            for (int r = 0; r < R; r++) memcpy(out + r * ldo + n, padded + r * Q4_LANES, sizeof(float) * (size_t)(width - n));
+            for (int r = 0; r < R; r++)
+                memcpy(out + r * ldo + n, padded + r * VLANES, sizeof(float) * (size_t)(width - n));
         u += NB;
     }
 #else
     (void)tile;
     (void)padded;
-    q4_columns(R, 0, (int)width, xq, K, xs, xsum, G, chunk, sp, mp, record, out, ldo);
+    q4_columns(R, (int)width, xq, K, xs, xsum, G, chunk, sp, mp, record, out, ldo);
 #endif
 }
 
@@ -603,27 +606,27 @@ static void quantize_groups16(const float *x, int64_t M, int64_t K, int16_t *xq,
 #define Q8_RECORD (Q8_PAIRS_BYTES + Q8_COLS * 4)
 #define Q8_CHUNK 2  /* panels per task: 32 columns */
 #define Q8_AHEAD 3  /* groups */
-#if defined(Q4_LANES) && Q4_LANES == 16
+#if defined(VLANES) && VLANES == 16
 #define Q8_STRIP 6  /* rows per strip, two vectors wide */
 #else
 #define Q8_STRIP 3  /* 6 int32 sums, 6 float sums, 2 weights, 1 pair: 15 of 16 registers */
 #endif
 
-#ifdef Q4_LANES
-#if Q4_LANES == 16
+#ifdef VLANES
+#if VLANES == 16
 #define q8_widen(p) _mm512_cvtepi8_epi16(_mm256_loadu_si256((const __m256i *)(p)))
 #define q8_dot(acc, w, x) _mm512_dpwssd_epi32(acc, w, x)
 #else
 #define q8_widen(p) _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(p)))
 #define q8_dot(acc, w, x) _mm256_add_epi32(acc, _mm256_madd_epi16(w, x))
 #endif
-/* Byte offset of vector u's pair row 0 (Q4_LANES columns) and of its scales within a chunk's
+/* Byte offset of vector u's pair row 0 (VLANES columns) and of its scales within a chunk's
  * group: whole panels, then the half of one. */
 static inline int64_t q8_unit_at(int u) {
-    return (int64_t)(u * Q4_LANES / Q8_COLS) * Q8_RECORD + (int64_t)(u * Q4_LANES % Q8_COLS) * 2;
+    return (int64_t)(u * VLANES / Q8_COLS) * Q8_RECORD + (int64_t)(u * VLANES % Q8_COLS) * 2;
 }
 static inline int64_t q8_scales_at(int u) {
-    return (int64_t)(u * Q4_LANES / Q8_COLS) * Q8_RECORD + Q8_PAIRS_BYTES + (int64_t)(u * Q4_LANES % Q8_COLS) * 4;
+    return (int64_t)(u * VLANES / Q8_COLS) * Q8_RECORD + Q8_PAIRS_BYTES + (int64_t)(u * VLANES % Q8_COLS) * 4;
 }
 #else
 static int32_t q8_column_dot(const uint8_t *rec, int c, const int16_t *xp) {
@@ -636,41 +639,41 @@ static int32_t q8_column_dot(const uint8_t *rec, int c, const int16_t *xp) {
 #endif
 
 /* out[r, 0..NB vectors) for R rows and NB adjacent vectors from vector u over all G groups. */
-#ifdef Q4_LANES
+#ifdef VLANES
 static inline __attribute__((always_inline)) void q8_strip(
     const int R, const int NB, const int16_t *xq, int64_t K, const float *xs, int64_t G, const uint8_t *w, int u,
     int64_t gstride, float *out, int64_t ldo) {
-    q4f acc[Q8_STRIP][2];
+    vf acc[Q8_STRIP][2];
     for (int r = 0; r < R; r++)
-        for (int c = 0; c < NB; c++) acc[r][c] = q4f_zero();
+        for (int c = 0; c < NB; c++) acc[r][c] = vf_zero();
     for (int64_t g = 0; g < G; g++) {
-        q4i dot[Q8_STRIP][2];
+        vi dot[Q8_STRIP][2];
         for (int r = 0; r < R; r++)
-            for (int c = 0; c < NB; c++) dot[r][c] = q4i_zero();
+            for (int c = 0; c < NB; c++) dot[r][c] = vi_zero();
         for (int c = 0; c < NB; c++)
             for (int line = 0; line < Q8_RECORD; line += 64)
                 _mm_prefetch((const char *)(w + (g + Q8_AHEAD) * gstride + q8_unit_at(u + c) + line), _MM_HINT_T0);
         for (int j = 0; j < 16; j++) {
-            q4i wv[2];
+            vi wv[2];
             for (int c = 0; c < NB; c++) wv[c] = q8_widen(w + g * gstride + q8_unit_at(u + c) + j * 2 * Q8_COLS);
             for (int r = 0; r < R; r++) {
                 int32_t pair;
                 memcpy(&pair, xq + r * K + g * Q8_GROUP + 2 * j, 4);
-                q4i xp = q4i_set1_32(pair);
+                vi xp = vi_set1_32(pair);
                 for (int c = 0; c < NB; c++) {
                     dot[r][c] = q8_dot(dot[r][c], wv[c], xp);
-                    __asm__("" : Q4_PIN(dot[r][c])); /* as in q4_strip */
+                    __asm__("" : VPIN(dot[r][c])); /* as in q4_strip */
                 }
             }
         }
         for (int c = 0; c < NB; c++) {
-            q4f sv = q4f_load((const float *)(w + g * gstride + q8_scales_at(u + c)));
+            vf sv = vf_load((const float *)(w + g * gstride + q8_scales_at(u + c)));
             for (int r = 0; r < R; r++)
-                acc[r][c] = q4f_fmadd(q4_int32_to_float(dot[r][c]), q4f_mul(sv, q4f_set1(xs[r * G + g])), acc[r][c]);
+                acc[r][c] = vf_fmadd(vi_to_float(dot[r][c]), vf_mul(sv, vf_set1(xs[r * G + g])), acc[r][c]);
         }
     }
     for (int r = 0; r < R; r++)
-        for (int c = 0; c < NB; c++) q4f_store(out + r * ldo + c * Q4_LANES, acc[r][c]);
+        for (int c = 0; c < NB; c++) vf_store(out + r * ldo + c * VLANES, acc[r][c]);
 }
 
 /* Constant R and NB let the compiler keep the strip in registers. */
@@ -693,14 +696,15 @@ static void q8_strip_any(int R, int NB, const int16_t *xq, int64_t K, const floa
 static void q8_rows(int R, int64_t C, const int16_t *xq, int64_t K, const float *xs, int64_t G, const uint8_t *chunk,
                     int64_t width, float *out, int64_t ldo, float *padded) {
     int64_t gstride = C * Q8_RECORD;
-#ifdef Q4_LANES
-    int units = (int)(C * Q8_COLS / Q4_LANES);
-    for (int u = 0; u < units && (int64_t)u * Q4_LANES < width;) { /* a vector wholly past N: none */
-        int64_t n = (int64_t)u * Q4_LANES;
-        int NB = u + 2 <= units && n + 2 * Q4_LANES <= width ? 2 : 1, whole = n + Q4_LANES <= width;
-        q8_strip_any(R, NB, xq, K, xs, G, chunk, u, gstride, whole ? out + n : padded, whole ? ldo : Q4_LANES);
+#ifdef VLANES
+    int units = (int)(C * Q8_COLS / VLANES);
+    for (int u = 0; u < units && (int64_t)u * VLANES < width;) { /* a vector wholly past N: none */
+        int64_t n = (int64_t)u * VLANES;
+        int NB = u + 2 <= units && n + 2 * VLANES <= width ? 2 : 1, whole = n + VLANES <= width;
+        q8_strip_any(R, NB, xq, K, xs, G, chunk, u, gstride, whole ? out + n : padded, whole ? ldo : VLANES);
         if (!whole)
-            for (int r = 0; r < R; r++) memcpy(out + r * ldo + n, padded + r * Q4_LANES, sizeof(float) * (size_t)(width - n));
+            for (int r = 0; r < R; r++)
+                memcpy(out + r * ldo + n, padded + r * VLANES, sizeof(float) * (size_t)(width - n));
         u += NB;
     }
 #else
