@@ -197,6 +197,51 @@ def test_top_p_applies_after_top_k():
     assert support(LOG_PROBS, top_k=3, top_p=0.55) == {0}
 
 
+def _reference_support(row: torch.Tensor, top_k: int, top_p: float, min_p: float) -> set[int]:
+    """Top-k, then top-p over the renormalized survivors, then min-p, by a full sort of one row."""
+    values, order = row.sort(descending=True)
+    if 0 < top_k < len(row):
+        values, order = values[:top_k], order[:top_k]
+    probs = torch.softmax(values.double(), dim=0)
+    mass_before = torch.cumsum(probs, dim=0) - probs
+    keep = (mass_before < top_p) & (probs >= min_p * probs[0])
+    return set(order[keep].tolist())
+
+
+def test_partial_sort_filters_match_a_full_sort_batched():
+    """Wide vocabularies take top-k/top-p candidates from a partial sort (CANDIDATES), falling back
+    to a full sort when a nucleus is wider; either way each row's kept set is the full sort's (up
+    to a token at the top-p boundary, where float32 and float64 sums may round apart), whatever
+    its batch neighbours ask: a row without top-k/top-p keeps every token."""
+    from nanoinfer.engine.sampler import CANDIDATES, _filter_top_k_top_p_min_p
+
+    vocab = 20_000
+    torch.manual_seed(0)
+    rows = [  # (logit scale, top_k, top_p, min_p): narrow nuclei fit the candidates, wide ones do not
+        (8.0, 0, 0.9, 0.0),
+        (1.0, 0, 0.9, 0.0),
+        (8.0, CANDIDATES + 200, 0.95, 0.0),
+        (1.0, CANDIDATES + 200, 1.0, 0.0),
+        (3.0, 40, 0.8, 0.05),
+        (1.0, 0, 1.0, 0.1),
+        (1.0, 0, 1.0, 0.0),
+    ]
+    logits = torch.stack([torch.randn(vocab) * scale for scale, *_ in rows])
+    params = [SamplingParams(temperature=1.0, top_k=k, top_p=p, min_p=m) for _, k, p, m in rows]
+    narrow = [0, 2, 3, 4, 5, 6]  # without the wide row every nucleus fits: no fallback
+    for batch in (narrow, list(range(len(rows))), [1], [0]):
+        filtered = logits[batch].clone()
+        _filter_top_k_top_p_min_p(filtered, [params[i] for i in batch])
+        for j, i in enumerate(batch):
+            kept = set(torch.nonzero(torch.isfinite(filtered[j])).flatten().tolist())
+            reference = _reference_support(logits[i], *rows[i][1:])
+            assert len(kept ^ reference) <= 1, (batch, rows[i], len(kept), len(reference))
+            if i == len(rows) - 1:
+                assert len(kept) == vocab  # the last row asked for nothing
+            if i == 1:
+                assert len(kept) > CANDIDATES  # the fallback ran: this nucleus is wider
+
+
 @pytest.mark.parametrize(
     "min_p, kept",
     [(0.0, {0, 1, 2, 3, 4}), (0.1, {0, 1, 2, 3, 4}), (0.2, {0, 1, 2}), (0.26, {0, 1}), (0.6, {0}), (1.0, {0})],
