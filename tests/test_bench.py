@@ -5,9 +5,11 @@ from __future__ import annotations
 import json
 from argparse import Namespace
 
+from nanoinfer.bench import http_serving
 from nanoinfer.bench.compare import main, run_engines
 from nanoinfer.bench.peers import NanoinferPeer, Request, TransformersPeer
 from nanoinfer.bench.report import markdown
+from nanoinfer.kernels import cpu_flags
 from nanoinfer.quant import weight_bytes
 
 
@@ -161,6 +163,7 @@ def test_http_scenario_and_the_bandwidth_bound(tiny_model, tmp_path, capsys, mon
         figures = ours["concurrency"][c]
         assert figures["output_tok_s"] > 0 and 0 < figures["ttft_p50"] <= figures["ttft_p99"]
     assert "vLLM is not installed" in engine["http"]["vllm"]["error"]
+    assert engine["http"]["vllm"]["dtype"] == http_serving.vllm_dtype(cpu_flags())  # reported as it would run
     assert engine["http"]["llama-server"]["error"] == "llama-server needs a GGUF model"  # the tiny model is HF
     bound = engine["bandwidth"]
     model = NanoinferPeer(str(directory)).engine.model  # the bench's engine, built again
@@ -169,7 +172,8 @@ def test_http_scenario_and_the_bandwidth_bound(tiny_model, tmp_path, capsys, mon
     assert bound["read_gb_s"] > 0 and bound["fraction_of_bound"] > 0
     assert "vLLM is not installed" in ours["vllm_bench_serve"]["2"]["error"]  # its client, reported too
     table = capsys.readouterr().out
-    assert "| nanoinfer |" in table and "not run: vLLM is not installed" in table
+    assert "| nanoinfer |" in table and f"| vllm ({engine['http']['vllm']['dtype']}) |" in table
+    assert "not run: vLLM is not installed" in table
     assert "| ttft_p50 | 1 | ≥ 1× / ≥ 1× | not run | not run | no |" in table  # a target without peers never holds
     assert "| batch-1 decode / bandwidth bound | 1 | ≥ 80% |" in table
 
@@ -216,13 +220,10 @@ def test_moe_scenario(tmp_path, capsys, monkeypatch):
     assert "| moe/dense none batch 16 |" in capsys.readouterr().out
 
 
-def test_vllm_runs_bfloat16_only_where_the_cpu_computes_in_it(tmp_path, monkeypatch):
+def test_vllm_runs_bfloat16_only_where_the_cpu_computes_in_it(tmp_path):
     """The issue's rule: float32 where the CPU has no native bf16 (emulated bf16 is far slower)."""
-    from nanoinfer.bench import http_serving
-
     assert http_serving.vllm_dtype(frozenset({"avx2", "avx512f", "avx512_bf16"})) == "bfloat16"
     assert http_serving.vllm_dtype(frozenset({"avx2", "amx_bf16"})) == "bfloat16"
     assert http_serving.vllm_dtype(frozenset({"avx2", "avx512f", "avx512_vnni"})) == "float32"
-    monkeypatch.setattr(http_serving, "cpu_flags", lambda: frozenset({"avx2"}))
-    argv = http_serving.vllm_server(tmp_path, 2, 16).argv
+    argv = http_serving.vllm_server(tmp_path, 2, 16, "float32").argv
     assert argv[argv.index("--dtype") + 1] == "float32"

@@ -75,7 +75,7 @@ def test_q4_matmul_int16_sums_do_not_saturate() -> None:
     ],
     ids=["without-vnni", "without-avx512"],
 )
-def test_q4_matmul_builds_agree_bit_for_bit(tmp_path, needs: set[str], off: list[str]) -> None:
+def test_kernel_builds_agree_bit_for_bit(tmp_path, needs: set[str], off: list[str]) -> None:
     """The int4 and int8 kernels' widest build on this CPU (512-bit vectors and dpbusd where it has them)
     against the same source built without those: the integer sums are the same integers and the
     float steps the same per lane, so the outputs must be bit-identical, tile and strip shapes,

@@ -210,12 +210,12 @@ def vllm_dtype(flags: frozenset[str]) -> str:
     return "bfloat16" if NATIVE_BF16_FLAGS & flags else "float32"
 
 
-def vllm_server(hf_dir: Path, threads: int, max_num_seqs: int) -> ServerProcess:
-    """vLLM's CPU build from its own virtual environment, in the dtype `vllm_dtype` picks."""
+def vllm_server(hf_dir: Path, threads: int, max_num_seqs: int, dtype: str) -> ServerProcess:
+    """vLLM's CPU build from its own virtual environment, in `dtype` (see `vllm_dtype`)."""
     port = free_port()
     binary = str(VLLM_VENV / "bin" / "vllm")
     argv = [binary, "serve", str(hf_dir), "--host", "127.0.0.1", "--port", str(port)]
-    argv += ["--dtype", vllm_dtype(cpu_flags())]
+    argv += ["--dtype", dtype]
     argv += ["--served-model-name", SERVED_NAME, "--max-num-seqs", str(max_num_seqs), "--max-model-len", "2048"]
     argv += ["--no-enable-prefix-caching"]
     env = {
@@ -262,13 +262,14 @@ def run_http(
     most = max(concurrencies)
     longest = max(len(r.prompt_ids) + r.output_len for r in requests) + 16
     steady: dict[str, ServerProcess] = {"nanoinfer": nanoinfer_server(args.model, most, _our_flags(args))}
+    dtype = vllm_dtype(cpu_flags())
     if "vllm" in engines:
-        steady["vllm"] = _vllm_or_error(gguf, args, most, log_dir)
+        steady["vllm"] = _vllm_or_error(gguf, args, most, log_dir, dtype)
     results: dict[str, Any] = {
         name: {"concurrency": {}} for name in [*steady, *(["llama-server"] if "llama-server" in engines else [])]
     }
     if "vllm" in results:
-        results["vllm"]["dtype"] = vllm_dtype(cpu_flags())
+        results["vllm"]["dtype"] = dtype
     try:
         for name, server in steady.items():
             if server.error is None and server.proc is None and not server.start(log_dir):
@@ -447,8 +448,8 @@ def target_lines(result: dict[str, Any], bandwidth: dict[str, float] | None) -> 
     return lines
 
 
-def _vllm_or_error(gguf: Path | None, args: argparse.Namespace, most: int, log_dir: Path) -> ServerProcess:
-    server = vllm_server(log_dir.parent / "vllm-model", args.threads, most)
+def _vllm_or_error(gguf: Path | None, args: argparse.Namespace, most: int, log_dir: Path, dtype: str) -> ServerProcess:
+    server = vllm_server(log_dir.parent / "vllm-model", args.threads, most, dtype)
     if not (VLLM_VENV / "bin" / "vllm").exists():
         server.error = f"vLLM is not installed in {VLLM_VENV} (make bench-peers installs it)"
     elif gguf is None:

@@ -264,7 +264,7 @@ CANDIDATES = 512
 
 def _filter_top_k_top_p_min_p(logits: torch.Tensor, params: Sequence[SamplingParams]) -> None:
     """In place, set to -inf every logit that top-k, then top-p, then min-p drops (per row)."""
-    batch, vocab = logits.shape
+    vocab = logits.shape[1]
     ks = [p.top_k if 0 < p.top_k < vocab else vocab for p in params]
     limited = [k < vocab or p.top_p < 1.0 for k, p in zip(ks, params)]
     use_min_p = any(p.min_p > 0.0 for p in params)
@@ -292,24 +292,23 @@ def _top_k_top_p_drops(
     """[batch, vocab] True where top-k, then top-p (over the top-k survivors renormalized), drop a
     token; rows not `limited` (neither asked) drop none. Candidates from a partial sort when every
     limited row's nucleus fits in it, else a full sort."""
-    batch, vocab = logits.shape
+    vocab = logits.shape[1]
     device = logits.device
     unlimited = torch.tensor([not lim for lim in limited], device=device)
     top_p = torch.tensor([p.top_p for p in params], dtype=torch.float32, device=device)
+    k_of_row = torch.tensor(ks, device=device).unsqueeze(1)
+    has_k = k_of_row < vocab  # its top-k survivors are all among the candidates (count >= k)
+    whole = torch.logsumexp(logits, dim=-1, keepdim=True)  # the normalizer of rows without top-k
     count = min(vocab, max(CANDIDATES, max((k for k in ks if k < vocab), default=0)))
     while True:
         sorted_logits, order = logits.topk(count, dim=-1)
-        ranks = torch.arange(count, device=device).unsqueeze(0)
-        k_drop = ranks >= torch.tensor(ks, device=device).unsqueeze(1)
-        # Normalizer over the top-k survivors: within the candidates when k fits, else the whole row.
-        whole = torch.logsumexp(logits, dim=-1, keepdim=True)
+        k_drop = torch.arange(count, device=device).unsqueeze(0) >= k_of_row
         within = torch.logsumexp(sorted_logits.masked_fill(k_drop, float("-inf")), dim=-1, keepdim=True)
-        k_fits = torch.tensor([k <= count for k in ks], device=device).unsqueeze(1)
-        probs = torch.exp(sorted_logits - torch.where(k_fits, within, whole)).masked_fill(k_drop, 0.0)
+        probs = torch.exp(sorted_logits - torch.where(has_k, within, whole)).masked_fill(k_drop, 0.0)
         # Mass strictly before each token; keep while it is below top_p. The first token has mass
         # 0 < top_p, so it always survives, and the kept set is the smallest with mass >= top_p.
         cumulative = torch.cumsum(probs, dim=-1)
-        covered = unlimited | k_fits.squeeze(1) | (cumulative[:, -1] >= top_p)
+        covered = unlimited | has_k.squeeze(1) | (cumulative[:, -1] >= top_p)
         if count == vocab or bool(covered.all()):
             break
         count = vocab  # some row's nucleus is wider than the candidates

@@ -37,7 +37,11 @@ SOURCE = Path(__file__).with_name("cpu_kernels.c")
 Q4_GROUP = 32  # the group size the C int4 kernel is written for
 Q4_COLS = 16  # output columns per block of its weight layout
 Q4_CHUNK = 2  # blocks per chunk (one sequential record per group)
+Q4_BLOCK_BYTES = Q4_COLS * Q4_GROUP // 2  # a block's nibbles per group
+Q4_RECORD = Q4_BLOCK_BYTES + 2 * 4 * Q4_COLS  # bytes per block and group: nibbles, float scales and mins
 Q8_COLS, Q8_GROUP, Q8_CHUNK = 16, 32, 2  # the int8 kernel's columns per panel, k per group, panels per chunk
+Q8_PAIRS_BYTES = Q8_COLS * Q8_GROUP  # a panel's int8 weights per group: 16 k-pairs of Q8_COLS columns
+Q8_RECORD = Q8_PAIRS_BYTES + 4 * Q8_COLS  # bytes per panel and group: weights, then float scales
 
 
 def chunk_spans(count: int, per_chunk: int) -> list[tuple[int, int, int]]:

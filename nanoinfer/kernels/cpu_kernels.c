@@ -488,6 +488,14 @@ static void q4_strip_any(int R, int NB, const int8_t *xq, int64_t K, const float
 }
 #endif
 
+/* The first `cols` columns of R rows from `padded` (rows `ld` apart) into out (rows `ldo` apart):
+ * a chunk's columns past N were computed into `padded`, as whole vectors. */
+#ifdef VLANES
+static void copy_rows(float *out, int64_t ldo, const float *padded, int64_t ld, int R, int64_t cols) {
+    for (int r = 0; r < R; r++) memcpy(out + r * ldo, padded + r * ld, sizeof(float) * (size_t)cols);
+}
+#endif
+
 /* R rows x the chunk's columns [0, width) by strips of two vectors (tiles when `tile`); columns
  * past N go through `padded` alone. */
 static void q4_rows(int tile, int R, int64_t C, const int8_t *xq, int64_t K, const float *xs, const float *xsum,
@@ -499,8 +507,7 @@ static void q4_rows(int tile, int R, int64_t C, const int8_t *xq, int64_t K, con
     if (tile) {
         int whole = width == C * Q4_COLS;
         q4_tile_any(R, units, xq, K, xs, xsum, G, chunk, record, C, whole ? out : padded, whole ? ldo : C * Q4_COLS);
-        if (!whole)
-            for (int r = 0; r < R; r++) memcpy(out + r * ldo, padded + r * C * Q4_COLS, sizeof(float) * (size_t)width);
+        if (!whole) copy_rows(out, ldo, padded, C * Q4_COLS, R, width);
         return;
     }
     for (int u = 0; u < units && (int64_t)u * VLANES < width;) { /* a vector wholly past N: none */
@@ -508,9 +515,7 @@ static void q4_rows(int tile, int R, int64_t C, const int8_t *xq, int64_t K, con
         int NB = u + 2 <= units && n + 2 * VLANES <= width ? 2 : 1, whole = n + VLANES <= width;
         q4_strip_any(R, NB, xq, K, xs, xsum, G, chunk + q4_unit_at(u), sp + n, mp + n, record,
                      whole ? out + n : padded, whole ? ldo : VLANES);
-        if (!whole)
-            for (int r = 0; r < R; r++)
-                memcpy(out + r * ldo + n, padded + r * VLANES, sizeof(float) * (size_t)(width - n));
+        if (!whole) copy_rows(out + n, ldo, padded, VLANES, R, width - n);
         u += NB;
     }
 #else
@@ -702,9 +707,7 @@ static void q8_rows(int R, int64_t C, const int16_t *xq, int64_t K, const float 
         int64_t n = (int64_t)u * VLANES;
         int NB = u + 2 <= units && n + 2 * VLANES <= width ? 2 : 1, whole = n + VLANES <= width;
         q8_strip_any(R, NB, xq, K, xs, G, chunk, u, gstride, whole ? out + n : padded, whole ? ldo : VLANES);
-        if (!whole)
-            for (int r = 0; r < R; r++)
-                memcpy(out + r * ldo + n, padded + r * VLANES, sizeof(float) * (size_t)(width - n));
+        if (!whole) copy_rows(out + n, ldo, padded, VLANES, R, width - n);
         u += NB;
     }
 #else

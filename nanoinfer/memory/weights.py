@@ -9,7 +9,7 @@ from typing import Any
 import torch
 
 from nanoinfer.config import EngineConfig, ModelConfig
-from nanoinfer.kernels import Q4_COLS, Q4_GROUP, Q8_COLS, Q8_GROUP, kernels
+from nanoinfer.kernels import Q4_COLS, Q4_GROUP, Q4_RECORD, Q8_COLS, Q8_GROUP, Q8_RECORD, kernels
 from nanoinfer.quant import DEFAULT_GROUP_SIZE, HEAD_GROUP_SIZE, METHODS, PROJECTIONS
 from nanoinfer.quant.int4 import choose_int4_backend
 
@@ -144,10 +144,9 @@ def _int4_bytes(out_features: int, in_features: int, rt: Runtime) -> tuple[str, 
     backend = choose_int4_backend(out_features, in_features, group, torch.device(rt.device))
     if backend == "c":  # per block of Q4_COLS columns and group: the nibbles, a float32 scale and min each
         blocks = -(-out_features // Q4_COLS)
-        record = Q4_COLS * Q4_GROUP // 2 + 2 * 4 * Q4_COLS
         return (
             f"int4, groups of {group} (C kernel panels, float32 scale + min)",
-            blocks * (in_features // Q4_GROUP) * record,
+            blocks * (in_features // Q4_GROUP) * Q4_RECORD,
             True,
         )
     groups = -(-in_features // group)
@@ -162,7 +161,7 @@ def _int8_bytes(out_features: int, in_features: int, group: int | None, rt: Runt
     scales = out_features * (in_features // group if group else 1) * rt.act_bytes
     grouping = f"groups of {group}" if group else "per channel"
     if rt.c_kernels and in_features % Q8_GROUP == 0:  # our panels: 8 columns x 32 k of int8, 8 float32 scales
-        panels = -(-out_features // Q8_COLS) * (in_features // Q8_GROUP) * (Q8_COLS * Q8_GROUP + 4 * Q8_COLS)
+        panels = -(-out_features // Q8_COLS) * (in_features // Q8_GROUP) * Q8_RECORD
         return f"int8, {grouping} (C kernel panels)", panels + scales, True
     return f"int8, {grouping}", out_features * in_features + scales, False
 

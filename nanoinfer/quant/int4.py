@@ -28,13 +28,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from nanoinfer.kernels import Q4_CHUNK, Q4_COLS, Q4_GROUP, chunk_spans, kernels
+from nanoinfer.kernels import Q4_BLOCK_BYTES, Q4_CHUNK, Q4_COLS, Q4_GROUP, Q4_RECORD, chunk_spans, kernels
 
 KERNEL_GROUP_SIZES = (32, 64, 128, 256)
 _KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _MIN_SCALE = 1e-12  # a constant group has range 0; any positive scale then maps it exactly
 _KERNEL_OFFSET = 8  # the kernel's fixed integer offset: w = (q - 8) * scale + zero
-BLOCK_BYTES = Q4_COLS * Q4_GROUP // 2  # the C layout's nibbles per block of columns and group
 
 
 def quantize_int4(weight: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -99,7 +98,7 @@ def _pack_panels(q: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor) -> t
     q, scales, mins = (F.pad(t, (0, 0, 0, pad)) for t in (q.to(torch.uint8), scales.float(), mins.float()))
     v = q.view(blocks, Q4_COLS, groups, 2, 4, 4).permute(0, 2, 3, 4, 1, 5)  # b, g, half, jj, c, i
     weight = v[:, :, 0] | (v[:, :, 1] << 4)  # [B, G, 4, Q4_COLS, 4]
-    parts = [weight.reshape(blocks, groups, BLOCK_BYTES)] + [
+    parts = [weight.reshape(blocks, groups, Q4_BLOCK_BYTES)] + [
         t.view(blocks, Q4_COLS, groups).transpose(1, 2).contiguous().view(torch.uint8) for t in (scales, mins)
     ]
     spans = chunk_spans(blocks, Q4_CHUNK)
@@ -115,17 +114,16 @@ def _chunked(t: torch.Tensor, c: int) -> torch.Tensor:
 def _unpack_panels(packed: torch.Tensor, n: int, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Inverse of _pack_panels: (q [N, K] uint8, scales [N, K/32], mins [N, K/32])."""
     blocks, groups = -(-n // Q4_COLS), k // Q4_GROUP
-    record = BLOCK_BYTES + 2 * 4 * Q4_COLS  # bytes per block and group
     pieces, at = [], 0
     for b0, b1, c in chunk_spans(blocks, Q4_CHUNK):
-        size = (b1 - b0) * groups * record
-        rec = packed[at : at + size].view(-1, groups, c * record)
+        size = (b1 - b0) * groups * Q4_RECORD
+        rec = packed[at : at + size].view(-1, groups, c * Q4_RECORD)
         at += size
-        w = rec[..., : c * BLOCK_BYTES].reshape(-1, groups, c, BLOCK_BYTES)
-        sm = rec[..., c * BLOCK_BYTES :].contiguous().view(torch.float32).view(-1, groups, 2, c, Q4_COLS)
-        weights = w.transpose(1, 2).reshape(-1, groups, BLOCK_BYTES)
+        w = rec[..., : c * Q4_BLOCK_BYTES].reshape(-1, groups, c, Q4_BLOCK_BYTES)
+        sm = rec[..., c * Q4_BLOCK_BYTES :].contiguous().view(torch.float32).view(-1, groups, 2, c, Q4_COLS)
+        weights = w.transpose(1, 2).reshape(-1, groups, Q4_BLOCK_BYTES)
         pieces.append((weights, sm.permute(0, 3, 2, 1, 4).reshape(-1, 2, groups, Q4_COLS)))
-    w = torch.cat([p[0] for p in pieces])  # [B, G, BLOCK_BYTES]
+    w = torch.cat([p[0] for p in pieces])  # [B, G, Q4_BLOCK_BYTES]
     sm = torch.cat([p[1] for p in pieces])  # [B, 2, G, Q4_COLS]
     v = w.view(blocks, groups, 4, Q4_COLS, 4)  # b, g, jj, c, i
     halves = torch.stack([v & 0xF, v >> 4], dim=2)  # b, g, half, jj, c, i

@@ -26,13 +26,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from nanoinfer.kernels import Q8_CHUNK, Q8_COLS, Q8_GROUP, chunk_spans, kernels
+from nanoinfer.kernels import Q8_CHUNK, Q8_COLS, Q8_GROUP, Q8_PAIRS_BYTES, Q8_RECORD, chunk_spans, kernels
 
 _KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 # A zero row would give scale 0 and 0/0 on quantize; any tiny positive scale maps it to q = 0.
 _MIN_SCALE = 1e-12
-_PAIRS = 16 * 2 * Q8_COLS  # weight bytes per panel and group: 16 k-pairs of Q8_COLS columns
-_RECORD = _PAIRS + 4 * Q8_COLS  # and the columns' float scales
 
 
 def quantize_int8(weight: torch.Tensor, group_size: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -68,12 +66,12 @@ def pack_panels(q: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
     scales = scales.float().reshape(n, -1).expand(n, groups) if scales.dim() == 1 else scales.float()
     pad = panels * Q8_COLS - n
     q, scales = F.pad(q, (0, 0, 0, pad)), F.pad(scales, (0, 0, 0, pad))
-    weight = q.view(panels, Q8_COLS, groups, 16, 2).permute(0, 2, 3, 1, 4).reshape(panels, groups, _PAIRS)
+    weight = q.view(panels, Q8_COLS, groups, 16, 2).permute(0, 2, 3, 1, 4).reshape(panels, groups, Q8_PAIRS_BYTES)
     scale_bytes = scales.view(panels, Q8_COLS, groups).transpose(1, 2).contiguous().view(torch.uint8)
     records = torch.cat([weight.view(torch.uint8), scale_bytes], dim=-1)  # [P, G, record]
     return torch.cat(
         [
-            records[p0:p1].view(-1, c, groups, _RECORD).transpose(1, 2).reshape(-1)
+            records[p0:p1].view(-1, c, groups, Q8_RECORD).transpose(1, 2).reshape(-1)
             for p0, p1, c in chunk_spans(panels, Q8_CHUNK)
         ]
     )
@@ -83,12 +81,12 @@ def unpack_panels(packed: torch.Tensor, n: int, k: int) -> tuple[torch.Tensor, t
     """Inverse of pack_panels: (q int8 [N, K], scales [N, K/32])."""
     panels, groups = -(-n // Q8_COLS), k // Q8_GROUP
     chunks = [
-        packed[p0 * groups * _RECORD : p1 * groups * _RECORD].view(-1, groups, c, _RECORD)
+        packed[p0 * groups * Q8_RECORD : p1 * groups * Q8_RECORD].view(-1, groups, c, Q8_RECORD)
         for p0, p1, c in chunk_spans(panels, Q8_CHUNK)
     ]
-    records = torch.cat([chunk.transpose(1, 2).reshape(-1, groups, _RECORD) for chunk in chunks])
-    q = records[..., :_PAIRS].view(torch.int8).reshape(-1, groups, 16, Q8_COLS, 2).permute(0, 3, 1, 2, 4)
-    scales = records[..., _PAIRS:].contiguous().view(torch.float32).transpose(1, 2)
+    records = torch.cat([chunk.transpose(1, 2).reshape(-1, groups, Q8_RECORD) for chunk in chunks])
+    q = records[..., :Q8_PAIRS_BYTES].view(torch.int8).reshape(-1, groups, 16, Q8_COLS, 2).permute(0, 3, 1, 2, 4)
+    scales = records[..., Q8_PAIRS_BYTES:].contiguous().view(torch.float32).transpose(1, 2)
     return q.reshape(-1, k)[:n], scales.reshape(-1, groups)[:n]
 
 
