@@ -410,13 +410,17 @@ static void q4_tile_any(int R, int U, const int8_t *xq, int64_t K, const float *
  * R rows, and each activation quad, broadcast straight from memory, serves NB vectors.
  * With 16 registers (AVX2), three rows of two vectors fill 15 (6 sums, 6 float accumulators, 2
  * weight vectors, a broadcast) and need half the broadcasts of the five rows of one vector they
- * replaced; larger strips spill. AVX-512's 32 registers hold six rows. Below 3 rows the tile wins:
- * its one sequential pass over each chunk's record matters more while the weights come from
- * memory. The shapes tried and their timings: docs/performance.md, "int4 matmul". */
+ * replaced; larger strips spill. AVX-512's 32 registers hold six rows, but strips of six ran
+ * 6-21% slower than strips of four from 12 to 64 rows: one strip takes up to five rows, and more
+ * rows go in strips of at most four. Below 3 rows the tile wins: its one sequential pass over each
+ * chunk's record matters more while the weights come from memory. The shapes tried and their
+ * timings: docs/performance.md, "int4 matmul". */
 #if VLANES == 16
-#define Q4_STRIP 6
+#define Q4_STRIP 5
+#define Q4_STRIP_MANY 4
 #else
 #define Q4_STRIP 3
+#define Q4_STRIP_MANY 3
 #endif
 #define Q4_STRIP_FROM 3
 #ifdef VLANES
@@ -531,10 +535,11 @@ static void q4_chunk(const int8_t *xq, const float *xs, const float *xsum, int64
     int64_t G = K / Q4_GROUP, n0 = b * Q4_COLS, width = N - n0 < C * Q4_COLS ? N - n0 : C * Q4_COLS;
     const uint8_t *chunk = wq + b * G * Q4_RECORD;
     float padded[Q4_STRIP * Q4_CHUNK * Q4_COLS]; /* the last chunk when N is not a whole block */
-    int tile = m1 - m0 < Q4_STRIP_FROM, most = tile ? Q4_ROWS : Q4_STRIP;
-    int64_t passes = (m1 - m0 + most - 1) / most; /* rows spread evenly: 9 rows by 4 go 3 + 3 + 3 */
+    int64_t rows = m1 - m0;
+    int tile = rows < Q4_STRIP_FROM, most = tile ? Q4_ROWS : rows <= Q4_STRIP ? Q4_STRIP : Q4_STRIP_MANY;
+    int64_t passes = (rows + most - 1) / most; /* rows spread evenly: 9 rows by 4 go 3 + 3 + 3 */
     for (int64_t i = 0, m = m0; i < passes; i++) {
-        int R = (int)((m1 - m0) * (i + 1) / passes - (m - m0));
+        int R = (int)(rows * (i + 1) / passes - (m - m0));
         q4_rows(tile, R, C, xq + m * K, K, xs + m * G, xsum + m * G, G, chunk, width, out + m * N + n0, N, padded);
         m += R;
     }
