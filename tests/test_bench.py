@@ -64,8 +64,10 @@ def test_engines_run_in_rounds():
     peers = {name: _RecordingPeer(name, calls) for name in ("a", "b")}
     args = Namespace(scenarios="pp512,tg128", repeats=2)
     results = run_engines(peers, args, list(range(100, 200)), log=lambda msg: None)
-    # a warm-up each, then rounds of one run per engine, so drift hits every engine alike
-    assert calls == ["a:prefill", "b:prefill"] * 3 + ["a:decode", "b:decode"] * 3
+    # a warm-up each, then rounds of one run per engine, so drift hits every engine alike; the
+    # rounds alternate direction, so neither engine always runs first
+    ab, ba = ["a:prefill", "b:prefill"], ["b:prefill", "a:prefill"]
+    assert calls == ab + ab + ba + [c.replace("prefill", "decode") for c in ab + ab + ba]
     assert results["a"]["pp512"] == {"tok_s": 1024.0, "samples_s": [0.5, 0.5]}
     assert results["b"]["tg128"]["tok_s"] == 64.0
 

@@ -114,7 +114,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--spec-prompts", type=int, default=None, metavar="N", help="spec: the first N prompts of each set")
     p.add_argument("--spec-max-tokens", type=int, default=128, help="spec: greedy answers stop at EOS or here")
     p.add_argument("--spec-concurrency", type=int, default=16, help="spec: serving clients (0: batch 1 only)")
-    p.add_argument("--spec-requests", type=int, default=32, help="spec: serving requests per set")
+    p.add_argument("--spec-requests", type=int, default=64, help="spec: serving requests per set")
     p.add_argument("--spec-lookup-tokens", type=int, default=10, help="spec: transformers/llama.cpp prompt lookup k")
     p.add_argument("--out", type=Path, default=RESULTS)
     p.add_argument("--quality", action="store_true", help="report perplexity / top-1 agreement per format instead")
@@ -133,13 +133,15 @@ def _interleaved(
     each (the sampler itself unless `warmups` gives a cheaper call). This shared machine's speed
     drifts (docs/performance.md, "Limits of this machine"); in rounds the engines share each
     stretch of it, so the drift moves them together instead of skewing the ratios, as one
-    engine's runs after another's would."""
+    engine's runs after another's would. Rounds alternate direction (A B C, C B A, ...), so no
+    engine always runs first, after the same neighbour, or at the same point of a drift."""
     for name in samplers:
         (warmups or samplers)[name]()
     samples: dict[K, list[Any]] = {name: [] for name in samplers}
-    for _ in range(repeats):
-        for name, sample in samplers.items():
-            samples[name].append(sample())
+    names = list(samplers)
+    for r in range(repeats):
+        for name in names if r % 2 == 0 else names[::-1]:
+            samples[name].append(samplers[name]())
     return samples
 
 

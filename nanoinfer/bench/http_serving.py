@@ -31,13 +31,16 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from nanoinfer.bench.compare import Log, _range, _serving_figures
 from nanoinfer.bench.peers import Request, RequestTiming
 from nanoinfer.kernels import cpu_flags
+
+if TYPE_CHECKING:
+    import httpx
 
 SERVED_NAME = "bench"
 STARTUP_TIMEOUT_S = 1200  # vLLM compiles for minutes before its first token
@@ -121,10 +124,8 @@ async def _first_token(server: ServerProcess, deadline: float) -> None:
         await asyncio.sleep(0.5)
 
 
-async def _timed_request(url: str, request: Request) -> RequestTiming:
+async def _timed_request(client: httpx.AsyncClient, url: str, request: Request) -> RequestTiming:
     """One streamed completion on a fresh connection: when it was sent, its first token, its end."""
-    import httpx
-
     body = {
         "model": SERVED_NAME,
         "prompt": request.prompt_ids,
@@ -135,29 +136,35 @@ async def _timed_request(url: str, request: Request) -> RequestTiming:
     }
     submit = time.perf_counter()
     first: float | None = None
-    async with httpx.AsyncClient(timeout=REQUEST_TIMEOUT_S) as client:
-        async with client.stream("POST", f"{url}/v1/completions", json=body) as reply:
-            if reply.status_code != 200:
-                raise RuntimeError(f"HTTP {reply.status_code}: {(await reply.aread())[:300]!r}")
-            async for line in reply.aiter_lines():
-                if first is None and line.startswith("data:") and line.strip() != "data: [DONE]":
-                    chunk = json.loads(line[5:])
-                    if chunk.get("choices") and chunk["choices"][0].get("text"):
-                        first = time.perf_counter()
+    async with client.stream("POST", f"{url}/v1/completions", json=body) as reply:
+        if reply.status_code != 200:
+            raise RuntimeError(f"HTTP {reply.status_code}: {(await reply.aread())[:300]!r}")
+        async for line in reply.aiter_lines():
+            if first is None and line.startswith("data:") and line.strip() != "data: [DONE]":
+                chunk = json.loads(line[5:])
+                if chunk.get("choices") and chunk["choices"][0].get("text"):
+                    first = time.perf_counter()
     finish = time.perf_counter()
     return RequestTiming(submit, first or finish, finish, request.output_len)
 
 
 async def _closed_loop(url: str, requests: list[Request], concurrency: int) -> list[RequestTiming]:
     """`concurrency` clients, each sending its next request when the last one ends."""
+    import httpx
+
     queue = list(requests)
     timings: list[RequestTiming] = []
+    # One client for the loop: building one costs ~25 ms of CPU (its TLS context), which per
+    # request at c=64 took a core from the server for over a second. No keep-alive, so each
+    # request still opens its own connection, as llama-server needs (it closes idle ones).
+    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=0)
+    async with httpx.AsyncClient(timeout=REQUEST_TIMEOUT_S, limits=limits) as http:
 
-    async def client() -> None:
-        while queue:
-            timings.append(await _timed_request(url, queue.pop(0)))
+        async def client() -> None:
+            while queue:
+                timings.append(await _timed_request(http, url, queue.pop(0)))
 
-    await asyncio.gather(*(client() for _ in range(concurrency)))
+        await asyncio.gather(*(client() for _ in range(concurrency)))
     return timings
 
 
@@ -486,8 +493,10 @@ def _rounds(
     for server in live.values():
         serve_requests(server, warmup, concurrency)
     samples: dict[str, list[dict[str, float]]] = {name: [] for name in live}
-    for _ in range(repeats):
-        for name, server in live.items():
+    names = list(live)
+    for r in range(repeats):
+        for name in names if r % 2 == 0 else names[::-1]:  # as compare._interleaved
+            server = live[name]
             time.sleep(IDLE_GAP_S)
             samples[name].append(_serving_figures(serve_requests(server, requests, concurrency)))
     for name, runs in samples.items():

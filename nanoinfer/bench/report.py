@@ -118,8 +118,8 @@ def spec_markdown(engines: dict[str, Any]) -> list[str]:
         "## Speculative decoding",
         "",
         "Batch 1, greedy chat answers: decode tok/s after the first token (median of the runs after a "
-        "warm-up; every setting of every engine ran in turn within each round); vs baseline is the "
-        "same engine without speculation; acceptance is accepted / proposed draft tokens; "
+        "warm-up; every setting of every engine ran in turn within each round); vs baseline: the "
+        "median over rounds of each round's ratio to the same engine without speculation; acceptance is accepted / proposed draft tokens; "
         "tokens/forward counts decode tokens per target forward pass; identical: every answer equals "
         "the baseline's.",
         "",
@@ -146,7 +146,7 @@ def spec_markdown(engines: dict[str, Any]) -> list[str]:
         ]
         for setting, workloads in settings.items():
             for workload, r in workloads.items():
-                lines.append(f"| {setting} | {workload} | {r['output_tok_s']:.1f} | {r['ratio']:.2f}× |")
+                lines.append(f"| {setting} | {workload} | {r['output_tok_s']:.1f} | {_cell(r['ratio'], '.3f')}× |")
     return lines
 
 

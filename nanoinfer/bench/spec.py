@@ -98,6 +98,14 @@ def _summary(runs: list[Sample], reference: list[list[int]]) -> dict[str, Any]:
     return out
 
 
+def paired_ratio(samples: list[float], baseline: list[float]) -> float | None:
+    """The median of the per-round ratios, each round's run against the baseline's run of the
+    same round. The machine's speed drifts 10-20% between rounds a minute apart, which moves a
+    ratio of medians by as much; within a round the settings share the drift."""
+    ratios = [a / b for a, b in zip(samples, baseline) if b > 0]
+    return statistics.median(ratios) if ratios else None
+
+
 def _peer_samplers(
     peers: dict[str, Any], args: argparse.Namespace, eos: list[int], log: Log
 ) -> dict[str, dict[str, Callable[[list[list[int]], int], Sample]]]:
@@ -173,7 +181,7 @@ def run_spec(peers: dict[str, Any], args: argparse.Namespace, log: Log) -> dict[
             reference = runs[engine, BASELINE][0]["outputs"]
             rows = {s: _summary(samples, reference) for (e, s), samples in runs.items() if e == engine}
             for s, row in rows.items():
-                row["ratio"] = row["tok_s"] / rows[BASELINE]["tok_s"] if rows[BASELINE]["tok_s"] else None
+                row["ratio"] = paired_ratio(row["samples_tok_s"], rows[BASELINE]["samples_tok_s"])
                 results[engine]["batch1"].setdefault(s, {})[workload] = row
                 acc = "" if row["acceptance"] is None else f", acceptance {row['acceptance']:.2f}"
                 tpf = "" if row["tokens_per_forward"] is None else f", {row['tokens_per_forward']:.2f} tok/forward"
@@ -205,9 +213,10 @@ def _serving(
         samplers = {s: partial(_serving_sample, peer, requests, c) for s, peer in settings.items()}
         warmups = {s: partial(peer.serve, warm, c) for s, peer in settings.items()}
         runs = _interleaved(samplers, args.repeats, warmups)
-        tok_s = {s: statistics.median(r["output_tok_s"] for r in samples) for s, samples in runs.items()}
+        tok_s = {s: [r["output_tok_s"] for r in samples] for s, samples in runs.items()}
         for s, samples in runs.items():
-            row = {"output_tok_s": tok_s[s], "ratio": tok_s[s] / tok_s[BASELINE], "samples": samples}
+            ratio = paired_ratio(tok_s[s], tok_s[BASELINE])
+            row = {"output_tok_s": statistics.median(tok_s[s]), "ratio": ratio, "samples": samples}
             out.setdefault(str(c), {}).setdefault(s, {})[workload] = row
-            log(f"nanoinfer: spec serving c={c} {s} {workload} {tok_s[s]:.1f} out tok/s ({row['ratio']:.2f}x)")
+            log(f"nanoinfer: spec serving c={c} {s} {workload} {row['output_tok_s']:.1f} out tok/s ({ratio or 0:.2f}x)")
     return out

@@ -193,8 +193,10 @@ class NgramProposer(Proposer):
             if seq.draft_state is None:
                 seq.draft_state = DraftState()
             state = seq.draft_state
-            new_tokens = seq.token_slice(state.num_tokens, len(seq))  # not the whole list per step
-            seq.draft_ids = self.lookup(state, new_tokens, self.draft_len(state, limit, step, len(seqs)))
+            k = self.draft_len(state, limit, step, len(seqs))
+            # Backing-off sequences (most of a batch on text that does not repeat) cost only the
+            # check above; their new tokens join the haystack at their next lookup.
+            seq.draft_ids = self.lookup(state, seq.token_slice(state.num_tokens, len(seq)), k) if k else []
             seq.draft_probs = None
 
     def lookup(self, state: DraftState, new_tokens: list[int], k: int) -> list[int]:
