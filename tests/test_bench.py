@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import json
+import time
 from argparse import Namespace
 
 from nanoinfer.bench import http_serving
 from nanoinfer.bench.compare import main, run_engines
-from nanoinfer.bench.peers import NanoinferPeer, Request, TransformersPeer
+from nanoinfer.bench.peers import ClosedLoop, NanoinferPeer, Request, TransformersPeer
 from nanoinfer.bench.report import markdown
+from nanoinfer.bench.spec import lockstep_tok_s, run_in_lockstep
 from nanoinfer.kernels import cpu_flags
 from nanoinfer.quant import weight_bytes
 
@@ -57,6 +59,27 @@ class _RecordingPeer:
     def decode(self, ids: list[int], n: int) -> float:
         self.calls.append(f"{self.name}:decode")
         return 2.0
+
+
+def test_closed_loops_in_lockstep_keep_their_own_clocks(tiny_model):
+    """Two engines taking turns step by step: each answers every request as it would alone, and
+    each clock holds only its own steps, so together they are no longer than the run."""
+    directory, _ = tiny_model("llama")
+    peers = {name: NanoinferPeer(str(directory)) for name in ("a", "b")}
+    requests = [Request(list(range(10, 10 + n)), m) for n, m in ((20, 5), (30, 3), (12, 6))]
+    alone = ClosedLoop(peers["a"], requests, 2, stop_at_eos=True)
+    while not alone.done:
+        alone.step()
+    start = time.perf_counter()
+    loops = {name: ClosedLoop(peer, requests, 2, stop_at_eos=True) for name, peer in peers.items()}
+    run_in_lockstep(loops)
+    wall = time.perf_counter() - start
+    for loop in loops.values():
+        assert loop.token_ids == alone.token_ids
+        assert all(0 < len(ids) <= r.output_len for ids, r in zip(loop.token_ids.values(), requests))
+        assert all(t.submit <= t.first_token <= t.finish <= loop.busy_s for t in loop.timings())
+    assert sum(loop.busy_s for loop in loops.values()) <= wall
+    assert set(lockstep_tok_s(peers, requests, 2)) == {"a", "b"}
 
 
 def test_engines_run_in_rounds():

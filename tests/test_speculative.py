@@ -75,11 +75,12 @@ def test_seeded_sampling_is_reproducible_with_speculation(tiny_model):
 def test_ngram_lookup():
     proposer = NgramProposer(SpeculativeConfig(num_speculative_tokens=3, prompt_lookup_max=3, prompt_lookup_min=2))
     state = DraftState()
-    assert proposer.lookup(state, [1, 2, 3, 4, 5, 9, 1, 2, 3], 3) == [4, 5, 9]  # after the earlier [1, 2, 3]
-    assert proposer.lookup(state, [], 2) == [4, 5]  # nothing new since
-    assert proposer.lookup(state, [4], 3) == [5, 9, 1]  # a new token moves the lookup
-    assert proposer.lookup(DraftState(), [7, 8, 9, 10], 3) == []
-    assert proposer.lookup(DraftState(), [256, 1, 256, 1], 3) == [256, 1]  # token-aligned matches only
+    assert proposer.lookup(state, [1, 2, 3, 4, 5, 9, 1, 2, 3], 3) == ([4, 5, 9], 3)  # after the earlier [1, 2, 3]
+    assert proposer.lookup(state, [], 2) == ([4, 5], 3)  # nothing new since
+    assert proposer.lookup(state, [4], 3) == ([5, 9, 1], 3)  # a new token moves the lookup
+    assert proposer.lookup(state, [4, 5], 2) == ([9, 1], 2)  # only [4, 5] recurs: a shorter n-gram
+    assert proposer.lookup(DraftState(), [7, 8, 9, 10], 3) == ([], 0)
+    assert proposer.lookup(DraftState(), [256, 1, 256, 1], 3) == ([256, 1], 2)  # token-aligned matches only
 
 
 def test_draft_length_follows_acceptance_batch_and_backs_off():
@@ -103,6 +104,42 @@ def test_draft_length_follows_acceptance_batch_and_backs_off():
     assert proposer.draft_len(state, 10, 9) == 0 and proposer.draft_len(state, 10, 10) > 0
     proposer.record(state, 2, 1, step=10)
     assert state.misses == 0
+
+
+class _Tokens:
+    """What NgramProposer.propose reads of a Sequence."""
+
+    def __init__(self, ids: list[int]):
+        self.ids, self.draft_state, self.draft_ids, self.draft_probs = ids, None, [], None
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def token_slice(self, start: int, end: int) -> list[int]:
+        return self.ids[start:end]
+
+
+def test_short_matches_are_drafted_only_where_rows_are_cheap():
+    proposer = NgramProposer(SpeculativeConfig(num_speculative_tokens=4, prompt_lookup_max=3, prompt_lookup_min=2))
+    full = [1, 2, 3, 4, 5, 6, 7, 1, 2, 3]  # [1, 2, 3] recurs: a match of full length
+    short = [1, 2, 3, 4, 5, 6, 7, 9, 2, 3]  # only [2, 3] recurs
+
+    def drafts(ids: list[int], batch: int, rate: float = 0.9) -> list[int]:
+        seqs = [_Tokens(ids) for _ in range(batch)]
+        for seq in seqs:
+            seq.draft_state = DraftState(hits=rate, trials=1.0)
+        proposer.propose(seqs, [10] * batch, step=1)  # type: ignore[arg-type]
+        return seqs[0].draft_ids
+
+    assert drafts(full, 1) == [4, 5, 6, 7]
+    assert drafts(full, 16) == [4, 5, 6]  # chance 0.9 ** j beats 16 / 22.5 up to j = 3
+    # A short match counts as a chance of at most SHORT_MATCH_RATE: alone, two positions (0.4 and
+    # 0.16 beat 1 / 7.5), or one at a lower rate (0.3, then 0.09); in a batch of 16, none.
+    assert drafts(short, 1) == [4, 5]
+    assert drafts(short, 1, rate=0.3) == [4]
+    assert drafts(short, 16) == []
+    assert drafts(short, 16, rate=0.5) == []  # not even the probe a low rate gets in a batch
+    assert drafts(full, 16, rate=0.5) == [4]
 
 
 def test_bad_speculative_configs_are_refused(tiny_model):
@@ -158,7 +195,8 @@ def test_sampled_tokens_keep_the_target_distribution(tiny_model):
     params = SamplingParams(temperature=1.0, top_k=3, max_tokens=4, ignore_eos=True)
     counts = []
     for config in (None, SPEC):
-        llm = LLM(str(directory), speculative_config=config, max_num_seqs=256)
+        # Batches of 4: its lookups find short n-grams, drafted only where rows are cheap.
+        llm = LLM(str(directory), speculative_config=config, max_num_seqs=4)
         outs = llm.generate([prompt] * 2000, params)
         counts.append(Counter(tuple(o.token_ids) for o in outs))
         if config is not None:
@@ -269,7 +307,8 @@ def test_draft_model_sampling_keeps_the_target_distribution(tiny_model):
     params = SamplingParams(temperature=1.0, top_k=3, max_tokens=3, ignore_eos=True, repetition_penalty=1.2)
     counts = []
     for config in (None, _draft_config(directory, num_speculative_tokens=2, quantization="int4")):
-        llm = LLM(str(directory), speculative_config=config, max_num_seqs=256)
+        # Batches of 4: its lookups find short n-grams, drafted only where rows are cheap.
+        llm = LLM(str(directory), speculative_config=config, max_num_seqs=4)
         outs = llm.generate([prompt] * 2000, params)
         counts.append(Counter(tuple(o.token_ids) for o in outs))
         if config is not None:

@@ -150,33 +150,10 @@ class NanoinferPeer:
             self.reset_cache()
         if self.llm.replicas is not None:
             return asyncio.run(self._serve_replicated(requests, concurrency))
-        engine = self.engine
-        pending = list(enumerate(requests))
-        timings: dict[int, RequestTiming] = {}
-        live: dict[str, int] = {}
-
-        def submit() -> None:
-            i, req = pending.pop(0)
-            rid = f"bench-{i}-{time.perf_counter_ns()}"
-            engine.add_request(rid, req.prompt_ids, self._params(req.output_len), lora_request=req.lora_request)
-            live[rid] = i
-            timings[i] = RequestTiming(time.perf_counter(), 0.0, 0.0, req.output_len)
-
-        while pending and len(live) < concurrency:
-            submit()
-        while live:
-            outputs = engine.step()
-            now = time.perf_counter()
-            for out in outputs:
-                t = timings[live[out.request_id]]
-                if not t.first_token:
-                    t.first_token = now
-                if out.finished:
-                    t.finish = now
-                    del live[out.request_id]
-                    if pending:
-                        submit()
-        return [timings[i] for i in range(len(requests))]
+        loop = ClosedLoop(self, requests, concurrency)
+        while not loop.done:
+            loop.step()
+        return loop.timings()
 
     async def _serve_replicated(self, requests: list[Request], concurrency: int) -> list[RequestTiming]:
         """The closed loop over data-parallel replicas: `concurrency` clients of the router."""
@@ -199,6 +176,68 @@ class NanoinferPeer:
 
         await asyncio.gather(*[client() for _ in range(concurrency)])
         return [timings[i] for i in range(len(requests))]
+
+
+class ClosedLoop:
+    """`concurrency` closed-loop clients of one NanoinferPeer's engine (no replicas), advanced one
+    engine step at a time: a client sends its next request as soon as its last one finishes.
+
+    Several loops can take turns step by step on one machine (bench.spec), so the clock here is
+    the loop's own: `busy_s` sums the time of its steps and submissions, and every RequestTiming
+    is read from it. Greedy; each request stops at its output_len, or earlier at EOS when
+    `stop_at_eos`. `token_ids[i]` and `token_steps[i]` are request i's tokens and the steps
+    that brought it any."""
+
+    def __init__(self, peer: NanoinferPeer, requests: list[Request], concurrency: int, stop_at_eos: bool = False):
+        from nanoinfer import SamplingParams
+
+        self.engine, self.busy_s = peer.engine, 0.0
+        self.params = [
+            SamplingParams(temperature=0, max_tokens=r.output_len, ignore_eos=not stop_at_eos) for r in requests
+        ]
+        self.pending = list(enumerate(requests))
+        self.records: dict[int, RequestTiming] = {}
+        self.token_ids: dict[int, list[int]] = {}
+        self.token_steps: dict[int, int] = {}
+        self.live: dict[str, int] = {}
+        start = time.perf_counter()
+        while self.pending and len(self.live) < concurrency:
+            self._submit()
+        self.busy_s += time.perf_counter() - start
+
+    @property
+    def done(self) -> bool:
+        return not self.live
+
+    def step(self) -> None:
+        start = time.perf_counter()
+        outputs = self.engine.step()
+        self.busy_s += time.perf_counter() - start
+        for out in outputs:
+            i = self.live[out.request_id]
+            t = self.records[i]
+            if len(out.outputs[0].token_ids) > len(self.token_ids[i]):
+                self.token_ids[i] = out.outputs[0].token_ids
+                self.token_steps[i] += 1
+                t.first_token = t.first_token or self.busy_s
+            if out.finished:
+                t.finish = self.busy_s
+                del self.live[out.request_id]
+                if self.pending:
+                    start = time.perf_counter()
+                    self._submit()
+                    self.busy_s += time.perf_counter() - start
+
+    def timings(self) -> list[RequestTiming]:
+        return [self.records[i] for i in range(len(self.records))]
+
+    def _submit(self) -> None:
+        i, req = self.pending.pop(0)
+        rid = f"bench-{i}-{time.perf_counter_ns()}"
+        self.engine.add_request(rid, req.prompt_ids, self.params[i], lora_request=req.lora_request)
+        self.live[rid] = i
+        self.records[i] = RequestTiming(self.busy_s, 0.0, 0.0, req.output_len)
+        self.token_ids[i], self.token_steps[i] = [], 0
 
 
 class LlamaCppPeer:

@@ -118,9 +118,11 @@ def spec_markdown(engines: dict[str, Any]) -> list[str]:
         "## Speculative decoding",
         "",
         "Batch 1, greedy chat answers: decode tok/s after the first token (median of the runs after a "
-        "warm-up; every setting of every engine ran in turn within each round); vs baseline: the "
-        "median over rounds of each round's ratio to the same engine without speculation; acceptance is accepted / proposed draft tokens; "
-        "tokens/forward counts decode tokens per target forward pass; identical: every answer equals "
+        "warm-up; nanoinfer's settings ran in lockstep, one engine step each in turn, each timed by its "
+        "own steps; another engine's settings ran in turn within each round); vs baseline: the "
+        "median over rounds of each round's ratio to the same engine without speculation; acceptance is "
+        "accepted / proposed draft tokens; tokens/forward counts decode tokens per target forward pass; "
+        "identical: every answer equals "
         "the baseline's.",
         "",
         f"nanoinfer here: {engines['nanoinfer'].get('spec', {}).get('info', {})}, one engine per setting.",
@@ -139,7 +141,8 @@ def spec_markdown(engines: dict[str, Any]) -> list[str]:
     for c, settings in engines["nanoinfer"].get("spec", {}).get("serving", {}).items():
         lines += [
             "",
-            f"nanoinfer serving, concurrency {c}, each answer as long as the baseline's greedy one:",
+            f"nanoinfer serving, concurrency {c}, each answer as long as the baseline's greedy one, "
+            "the settings in lockstep:",
             "",
             "| setting | workload | output tok/s | vs baseline |",
             "|---|---|---:|---:|",

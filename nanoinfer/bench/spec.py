@@ -4,13 +4,14 @@ answers that do not.
     python -m nanoinfer.bench.compare --scenarios spec [--spec-configs JSON]
 
 nanoinfer runs once with speculation off (the baseline) and once per --spec-configs entry, every
-engine loaded up front and the settings interleaved in rounds (compare._interleaved). Batch 1:
-greedy chat answers of up to --spec-max-tokens tokens, decode tok/s after the first token, draft
-acceptance and tokens per target forward from the engine's counters and streams, and whether the
+engine loaded up front. Its settings run in lockstep, one engine step each in turn, each timed by
+its own steps only (`run_in_lockstep`), in --repeats rounds. Batch 1: greedy chat answers of up to
+--spec-max-tokens tokens, one prompt at a time, decode tok/s after the first token, draft
+acceptance and tokens per target forward from the engine's counters and outputs, and whether the
 answers equal the baseline's (speculation is lossless, so they must). Concurrency
 --spec-concurrency: the same prompts, repeated to --spec-requests, served with the baseline's
 answer lengths. transformers (and llama.cpp when selected) run their own prompt lookup beside
-their plain greedy decode on the same batch-1 prompts.
+their plain greedy decode on the same batch-1 prompts, in rounds (compare._interleaved).
 """
 
 from __future__ import annotations
@@ -23,8 +24,8 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
-from nanoinfer.bench.compare import Log, _interleaved, _serving_sample
-from nanoinfer.bench.peers import Completion, LlamaCppPeer, NanoinferPeer, Request, TransformersPeer
+from nanoinfer.bench.compare import Log, _interleaved
+from nanoinfer.bench.peers import ClosedLoop, Completion, LlamaCppPeer, NanoinferPeer, Request, TransformersPeer
 
 WORKLOADS = Path(__file__).parent / "data" / "spec_workloads.json"
 BASELINE = "baseline"
@@ -70,12 +71,39 @@ def _decode_set(complete: Callable[[list[int]], Completion], prompts: list[list[
     }
 
 
-def _nano_sample(peer: NanoinferPeer, prompts: list[list[int]], n: int) -> Sample:
-    before = _counters(peer)
-    sample = _decode_set(partial(peer.complete, n=n), prompts)
-    after = _counters(peer)
-    sample["drafts"], sample["draft_tokens"], sample["accepted_tokens"] = (b - a for a, b in zip(before, after))
-    return sample
+def _nano_batch1(
+    settings: dict[str, NanoinferPeer], prompts: list[list[int]], n: int, repeats: int
+) -> dict[str, list[Sample]]:
+    """{setting: a Sample per round}: every prompt once, one at a time, each setting answering in
+    lockstep with the others (see run_in_lockstep); decode time counts the steps after the first token."""
+    run_in_lockstep(
+        {s: ClosedLoop(peer, [Request(prompts[0], 8)], 1, stop_at_eos=True) for s, peer in settings.items()}
+    )
+    names = list(settings)
+    runs: dict[str, list[Sample]] = {s: [] for s in settings}
+    for r in range(repeats):
+        before = {s: _counters(peer) for s, peer in settings.items()}
+        requests = [Request(ids, n) for ids in prompts]
+        loops = {}
+        for s in names if r % 2 == 0 else names[::-1]:
+            settings[s].reset_cache()
+            loops[s] = ClosedLoop(settings[s], requests, 1, stop_at_eos=True)
+        run_in_lockstep(loops)
+        for s, loop in loops.items():
+            outputs = [loop.token_ids[i] for i in range(len(prompts))]
+            sample: Sample = {
+                "decode_tokens": sum(len(ids) - 1 for ids in outputs),
+                "decode_s": sum(t.finish - t.first_token for t in loop.timings()),
+                "steps": sum(loop.token_steps[i] - 1 for i in range(len(prompts))),
+                "tokens": sum(len(ids) for ids in outputs),
+                "outputs": outputs,
+            }
+            after = _counters(settings[s])
+            sample["drafts"], sample["draft_tokens"], sample["accepted_tokens"] = (
+                b - a for a, b in zip(before[s], after)
+            )
+            runs[s].append(sample)
+    return runs
 
 
 def _summary(runs: list[Sample], reference: list[list[int]]) -> dict[str, Any]:
@@ -170,13 +198,13 @@ def run_spec(peers: dict[str, Any], args: argparse.Namespace, log: Log) -> dict[
     for workload, prompts in workloads.items():
         samplers: dict[tuple[str, str], Callable[[], Sample]] = {}
         warmups: dict[tuple[str, str], Callable[[], Sample]] = {}
-        for s, peer in settings.items():
-            samplers["nanoinfer", s] = partial(_nano_sample, peer, prompts, n)
-            warmups["nanoinfer", s] = partial(_nano_sample, peer, prompts[:1], 8)
         for e, fs in others.items():
             for s, f in fs.items():
                 samplers[e, s], warmups[e, s] = partial(f, prompts, n), partial(f, prompts[:1], 8)
         runs = _interleaved(samplers, args.repeats, warmups)
+        runs.update(
+            {("nanoinfer", s): samples for s, samples in _nano_batch1(settings, prompts, n, args.repeats).items()}
+        )
         for engine in results:
             reference = runs[engine, BASELINE][0]["outputs"]
             rows = {s: _summary(samples, reference) for (e, s), samples in runs.items() if e == engine}
@@ -203,20 +231,46 @@ def _serving(
     log: Log,
 ) -> dict[str, Any]:
     """serving[c][setting][workload]: output tok/s with the baseline's greedy answer lengths, so every
-    setting generates the same tokens (EOS ignored at exactly that length)."""
+    setting generates the same tokens (EOS ignored at exactly that length). Each round serves the
+    request set on every setting at once, in lockstep (`lockstep_tok_s`)."""
     c = args.spec_concurrency
     out: dict[str, Any] = {}
     for workload, prompts in workloads.items():
         lens = answer_lens[workload]
         requests = [Request(prompts[i % len(prompts)], lens[i % len(prompts)]) for i in range(args.spec_requests)]
-        warm = [Request(prompts[0], 4)] * 2
-        samplers = {s: partial(_serving_sample, peer, requests, c) for s, peer in settings.items()}
-        warmups = {s: partial(peer.serve, warm, c) for s, peer in settings.items()}
-        runs = _interleaved(samplers, args.repeats, warmups)
-        tok_s = {s: [r["output_tok_s"] for r in samples] for s, samples in runs.items()}
-        for s, samples in runs.items():
+        lockstep_tok_s(settings, [Request(prompts[0], 4)] * 2, c)  # warm-up
+        names = list(settings)
+        rounds = [
+            lockstep_tok_s(settings, requests, c, names if r % 2 == 0 else names[::-1]) for r in range(args.repeats)
+        ]
+        tok_s = {s: [r[s] for r in rounds] for s in settings}
+        for s in settings:
             ratio = paired_ratio(tok_s[s], tok_s[BASELINE])
-            row = {"output_tok_s": statistics.median(tok_s[s]), "ratio": ratio, "samples": samples}
+            row = {"output_tok_s": statistics.median(tok_s[s]), "ratio": ratio, "samples_tok_s": tok_s[s]}
             out.setdefault(str(c), {}).setdefault(s, {})[workload] = row
             log(f"nanoinfer: spec serving c={c} {s} {workload} {row['output_tok_s']:.1f} out tok/s ({ratio or 0:.2f}x)")
     return out
+
+
+def lockstep_tok_s(
+    settings: dict[str, NanoinferPeer], requests: list[Request], concurrency: int, order: list[str] | None = None
+) -> dict[str, float]:
+    """{setting: output tok/s}: every setting serves `requests` with `concurrency` closed-loop
+    clients, in lockstep with the others (see run_in_lockstep)."""
+    loops = {}
+    for s in order or list(settings):
+        settings[s].reset_cache()
+        loops[s] = ClosedLoop(settings[s], requests, concurrency)
+    run_in_lockstep(loops)
+    tokens = sum(r.output_len for r in requests)
+    return {s: tokens / loop.busy_s for s, loop in loops.items()}
+
+
+def run_in_lockstep(loops: dict[str, ClosedLoop]) -> None:
+    """Run the loops to the end, one engine step each in turn; each loop's clock counts only its own
+    steps. The machine's speed drifts by 10% between runs seconds apart: taking turns step by
+    step, every setting meets the same drift, so their ratios no longer carry it."""
+    while any(not loop.done for loop in loops.values()):
+        for loop in loops.values():
+            if not loop.done:
+                loop.step()

@@ -43,6 +43,11 @@ _MAX_BACKOFF_STEPS = 32  # a sequence whose drafts keep missing waits at most th
 # on 256-bit kernels; 2.87 ms and +0.42 ms (6.8) on 512-bit ones (docs/performance.md,
 # "Speculative decoding").
 ROW_COST_RATIO = 6.5
+# How often the target keeps the first token after an n-gram match shorter than
+# prompt_lookup_max: 0.05-0.47 on the bench's workloads at batch 16, against 0.86-1.0 after a
+# match of full length (docs/performance.md, "Speculative decoding: match length"). So a short
+# match counts as a chance of at most this much, whatever the sequence's recent rate.
+SHORT_MATCH_RATE = 0.4
 _RATE_DECAY = 0.5  # weight of the older drafts in a sequence's acceptance rate, per draft
 
 
@@ -152,21 +157,18 @@ class Proposer(ABC):
         costs almost what a plain decode token does. A position is drafted while its chance beats
         batch / (batch + ROW_COST_RATIO): about 1/7 alone, 3/4 at batch 16. When not even the
         first position is worth it, a one-token probe every 2 x batch steps keeps the rate current
-        (so a sequence that starts repeating its input is noticed) at a bounded cost."""
+        (so a sequence that starts repeating its input is noticed) at a bounded cost. A proposer
+        may send fewer tokens than this once it sees its guess (NgramProposer: short matches)."""
         if step < state.resume_at:
             return 0
         k = max(0, min(self.config.num_speculative_tokens, limit))
-        rate = state.hits / state.trials
-        threshold = batch / (batch + ROW_COST_RATIO)
+        rate, threshold = state.hits / state.trials, break_even(batch)
         if rate < threshold:  # not worth a row: only probe now and then, so the rate can recover
             if step < state.probe_at:
                 return 0
             state.probe_at = step + 2 * batch
             return min(k, 1)
-        n, chance = min(k, 1), rate
-        while n < k and chance * rate >= threshold:
-            n, chance = n + 1, chance * rate
-        return n
+        return positions_worth(rate, k, threshold)
 
     def record(self, state: DraftState, num_draft: int, num_accepted: int, step: int) -> None:
         """Update the sequence's acceptance rate; back off while drafts keep missing.
@@ -185,6 +187,21 @@ class Proposer(ABC):
         state.resume_at = step + min(2**state.misses, _MAX_BACKOFF_STEPS)
 
 
+def break_even(batch: int) -> float:
+    """The chance of being kept above which a draft position is worth its row in a batch of
+    `batch` decoding sequences (Proposer.draft_len)."""
+    return batch / (batch + ROW_COST_RATIO)
+
+
+def positions_worth(rate: float, k: int, threshold: float) -> int:
+    """How many of k draft positions to send when position j is kept with chance rate ** j:
+    those whose chance is at least `threshold`."""
+    n, chance = 0, rate
+    while n < k and chance >= threshold:
+        n, chance = n + 1, chance * rate
+    return n
+
+
 class NgramProposer(Proposer):
     """Prompt lookup: propose what followed the latest earlier occurrence of the last n tokens."""
 
@@ -194,16 +211,22 @@ class NgramProposer(Proposer):
                 seq.draft_state = DraftState()
             state = seq.draft_state
             k = self.draft_len(state, limit, step, len(seqs))
-            # Backing-off sequences (most of a batch on text that does not repeat) cost only the
-            # check above; their new tokens join the haystack at their next lookup.
-            seq.draft_ids = self.lookup(state, seq.token_slice(state.num_tokens, len(seq)), k) if k else []
             seq.draft_probs = None
+            if not k:  # backing off (most of a batch on text that does not repeat): only the check
+                seq.draft_ids = []  # above; the new tokens join the haystack at the next lookup
+                continue
+            drafts, match_len = self.lookup(state, seq.token_slice(state.num_tokens, len(seq)), k)
+            if match_len < self.config.prompt_lookup_max:  # a weaker guess, even for a probe
+                rate = min(state.hits / state.trials, SHORT_MATCH_RATE)
+                drafts = drafts[: positions_worth(rate, k, break_even(len(seqs)))]
+            seq.draft_ids = drafts
 
-    def lookup(self, state: DraftState, new_tokens: list[int], k: int) -> list[int]:
-        """Up to k draft tokens, after adding the sequence's tokens since the last call."""
+    def lookup(self, state: DraftState, new_tokens: list[int], k: int) -> tuple[list[int], int]:
+        """Up to k draft tokens and the length of the n-gram they follow (0: no match), after
+        adding the sequence's tokens since the last call."""
         state.extend(new_tokens)
         if k <= 0:
-            return []
+            return [], 0
         hay, tokens = state.haystack, state.tokens
         for n in range(min(self.config.prompt_lookup_max, len(tokens) - 1), self.config.prompt_lookup_min - 1, -1):
             needle = hay[-4 * n :]
@@ -212,8 +235,8 @@ class NgramProposer(Proposer):
                 at = hay.rfind(needle, 0, at + len(needle) - 1)
             if at != -1:
                 start = at // 4 + n
-                return tokens[start : start + k]
-        return []
+                return tokens[start : start + k], n
+        return [], 0
 
 
 def verify_token(
