@@ -307,8 +307,7 @@ def test_draft_model_sampling_keeps_the_target_distribution(tiny_model):
     params = SamplingParams(temperature=1.0, top_k=3, max_tokens=3, ignore_eos=True, repetition_penalty=1.2)
     counts = []
     for config in (None, _draft_config(directory, num_speculative_tokens=2, quantization="int4")):
-        # Batches of 4: its lookups find short n-grams, drafted only where rows are cheap.
-        llm = LLM(str(directory), speculative_config=config, max_num_seqs=4)
+        llm = LLM(str(directory), speculative_config=config, max_num_seqs=256)
         outs = llm.generate([prompt] * 2000, params)
         counts.append(Counter(tuple(o.token_ids) for o in outs))
         if config is not None:
