@@ -44,10 +44,10 @@ _MAX_BACKOFF_STEPS = 32  # a sequence whose drafts keep missing waits at most th
 # "Speculative decoding").
 ROW_COST_RATIO = 6.5
 # How often the target keeps the first token after an n-gram match shorter than
-# prompt_lookup_max: 0.05-0.47 on the bench's workloads at batch 16, against 0.86-1.0 after a
-# match of full length (docs/performance.md, "Match length, and the settings measured in
-# lockstep"). So a short match counts as a chance of at most this much, whatever the sequence's
-# recent rate.
+# prompt_lookup_max: 0.05-0.47 on the bench's workloads at batch 16 (one small exception: 13 of
+# 14 free-form probes after 3-grams), against 0.86-1.0 after a match of full length
+# (docs/performance.md, "Match length, and the settings measured in lockstep"). So a short match
+# counts as a chance of at most this much, whatever the sequence's recent rate.
 SHORT_MATCH_RATE = 0.4
 _RATE_DECAY = 0.5  # weight of the older drafts in a sequence's acceptance rate, per draft
 
