@@ -126,6 +126,12 @@ def _range(text: str) -> tuple[int, int]:
     return lo, hi
 
 
+def round_order(names: list[K], r: int) -> list[K]:
+    """Round r's order: forward in even rounds, backward in odd ones (A B C, C B A, ...), so no
+    engine always runs first, after the same neighbour, or at the same point of a drift."""
+    return names if r % 2 == 0 else names[::-1]
+
+
 def _interleaved(
     samplers: Mapping[K, Callable[[], Any]], repeats: int, warmups: Mapping[K, Callable[[], Any]] | None = None
 ) -> dict[K, list[Any]]:
@@ -133,14 +139,12 @@ def _interleaved(
     each (the sampler itself unless `warmups` gives a cheaper call). This shared machine's speed
     drifts (docs/performance.md, "Limits of this machine"); in rounds the engines share each
     stretch of it, so the drift moves them together instead of skewing the ratios, as one
-    engine's runs after another's would. Rounds alternate direction (A B C, C B A, ...), so no
-    engine always runs first, after the same neighbour, or at the same point of a drift."""
+    engine's runs after another's would; the rounds alternate direction (round_order)."""
     for name in samplers:
         (warmups or samplers)[name]()
     samples: dict[K, list[Any]] = {name: [] for name in samplers}
-    names = list(samplers)
     for r in range(repeats):
-        for name in names if r % 2 == 0 else names[::-1]:
+        for name in round_order(list(samplers), r):
             samples[name].append(samplers[name]())
     return samples
 

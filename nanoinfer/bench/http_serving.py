@@ -35,7 +35,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from nanoinfer.bench.compare import Log, _range, _serving_figures
+from nanoinfer.bench.compare import Log, _range, _serving_figures, round_order
 from nanoinfer.bench.peers import Request, RequestTiming
 from nanoinfer.kernels import cpu_flags
 
@@ -493,9 +493,8 @@ def _rounds(
     for server in live.values():
         serve_requests(server, warmup, concurrency)
     samples: dict[str, list[dict[str, float]]] = {name: [] for name in live}
-    names = list(live)
     for r in range(repeats):
-        for name in names if r % 2 == 0 else names[::-1]:  # as compare._interleaved
+        for name in round_order(list(live), r):
             server = live[name]
             time.sleep(IDLE_GAP_S)
             samples[name].append(_serving_figures(serve_requests(server, requests, concurrency)))

@@ -107,10 +107,10 @@ class NanoinferPeer:
         else:
             self.engine.prefix_cache.reset()
 
-    def _params(self, n: int) -> SamplingParams:
+    def _params(self, n: int, ignore_eos: bool = True) -> SamplingParams:
         from nanoinfer import SamplingParams
 
-        return SamplingParams(temperature=0, max_tokens=n, ignore_eos=True)
+        return SamplingParams(temperature=0, max_tokens=n, ignore_eos=ignore_eos)
 
     def prefill(self, ids: list[int]) -> float:
         self.reset_cache()  # measure computing the prompt, not finding it cached
@@ -189,12 +189,8 @@ class ClosedLoop:
     that brought it any."""
 
     def __init__(self, peer: NanoinferPeer, requests: list[Request], concurrency: int, stop_at_eos: bool = False):
-        from nanoinfer import SamplingParams
-
         self.engine, self.busy_s = peer.engine, 0.0
-        self.params = [
-            SamplingParams(temperature=0, max_tokens=r.output_len, ignore_eos=not stop_at_eos) for r in requests
-        ]
+        self.params = [peer._params(r.output_len, ignore_eos=not stop_at_eos) for r in requests]
         self.pending = list(enumerate(requests))
         self.records: dict[int, RequestTiming] = {}
         self.token_ids: dict[int, list[int]] = {}

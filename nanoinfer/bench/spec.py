@@ -24,7 +24,7 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
-from nanoinfer.bench.compare import Log, _interleaved
+from nanoinfer.bench.compare import Log, _interleaved, round_order
 from nanoinfer.bench.peers import ClosedLoop, Completion, LlamaCppPeer, NanoinferPeer, Request, TransformersPeer
 
 WORKLOADS = Path(__file__).parent / "data" / "spec_workloads.json"
@@ -79,15 +79,11 @@ def _nano_batch1(
     run_in_lockstep(
         {s: ClosedLoop(peer, [Request(prompts[0], 8)], 1, stop_at_eos=True) for s, peer in settings.items()}
     )
-    names = list(settings)
     runs: dict[str, list[Sample]] = {s: [] for s in settings}
+    requests = [Request(ids, n) for ids in prompts]
     for r in range(repeats):
         before = {s: _counters(peer) for s, peer in settings.items()}
-        requests = [Request(ids, n) for ids in prompts]
-        loops = {}
-        for s in names if r % 2 == 0 else names[::-1]:
-            settings[s].reset_cache()
-            loops[s] = ClosedLoop(settings[s], requests, 1, stop_at_eos=True)
+        loops = _fresh_loops(settings, requests, 1, r, stop_at_eos=True)
         run_in_lockstep(loops)
         for s, loop in loops.items():
             outputs = [loop.token_ids[i] for i in range(len(prompts))]
@@ -239,10 +235,7 @@ def _serving(
         lens = answer_lens[workload]
         requests = [Request(prompts[i % len(prompts)], lens[i % len(prompts)]) for i in range(args.spec_requests)]
         lockstep_tok_s(settings, [Request(prompts[0], 4)] * 2, c)  # warm-up
-        names = list(settings)
-        rounds = [
-            lockstep_tok_s(settings, requests, c, names if r % 2 == 0 else names[::-1]) for r in range(args.repeats)
-        ]
+        rounds = [lockstep_tok_s(settings, requests, c, r) for r in range(args.repeats)]
         tok_s = {s: [r[s] for r in rounds] for s in settings}
         for s in settings:
             ratio = paired_ratio(tok_s[s], tok_s[BASELINE])
@@ -253,17 +246,29 @@ def _serving(
 
 
 def lockstep_tok_s(
-    settings: dict[str, NanoinferPeer], requests: list[Request], concurrency: int, order: list[str] | None = None
+    settings: dict[str, NanoinferPeer], requests: list[Request], concurrency: int, round_index: int = 0
 ) -> dict[str, float]:
     """{setting: output tok/s}: every setting serves `requests` with `concurrency` closed-loop
     clients, in lockstep with the others (see run_in_lockstep)."""
-    loops = {}
-    for s in order or list(settings):
-        settings[s].reset_cache()
-        loops[s] = ClosedLoop(settings[s], requests, concurrency)
+    loops = _fresh_loops(settings, requests, concurrency, round_index)
     run_in_lockstep(loops)
     tokens = sum(r.output_len for r in requests)
     return {s: tokens / loop.busy_s for s, loop in loops.items()}
+
+
+def _fresh_loops(
+    settings: dict[str, NanoinferPeer],
+    requests: list[Request],
+    concurrency: int,
+    round_index: int,
+    stop_at_eos: bool = False,
+) -> dict[str, ClosedLoop]:
+    """A ClosedLoop per setting over an emptied prefix cache, in round_order (the order they step in)."""
+    loops = {}
+    for s in round_order(list(settings), round_index):
+        settings[s].reset_cache()
+        loops[s] = ClosedLoop(settings[s], requests, concurrency, stop_at_eos)
+    return loops
 
 
 def run_in_lockstep(loops: dict[str, ClosedLoop]) -> None:

@@ -207,6 +207,7 @@ class NgramProposer(Proposer):
     """Prompt lookup: propose what followed the latest earlier occurrence of the last n tokens."""
 
     def propose(self, seqs: list[Sequence], limits: list[int], step: int) -> None:
+        threshold = break_even(len(seqs))  # for short matches
         for seq, limit in zip(seqs, limits):
             if seq.draft_state is None:
                 seq.draft_state = DraftState()
@@ -218,8 +219,7 @@ class NgramProposer(Proposer):
                 continue
             drafts, match_len = self.lookup(state, seq.token_slice(state.num_tokens, len(seq)), k)
             if match_len < self.config.prompt_lookup_max:  # a weaker guess, even for a probe
-                rate = min(state.hits / state.trials, SHORT_MATCH_RATE)
-                drafts = drafts[: positions_worth(rate, k, break_even(len(seqs)))]
+                drafts = drafts[: positions_worth(min(state.hits / state.trials, SHORT_MATCH_RATE), k, threshold)]
             seq.draft_ids = drafts
 
     def lookup(self, state: DraftState, new_tokens: list[int], k: int) -> tuple[list[int], int]:
